@@ -1,0 +1,1 @@
+"""Reference PyTorch models and their ONNX export (installed as onnxq.models)."""

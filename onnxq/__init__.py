@@ -1,0 +1,1 @@
+"""onnxq: ONNX graph-rewriting INT8 quantizer."""

@@ -1,0 +1,1 @@
+"""Graph passes of onnxq, one module per pass (installed as onnxq.passes)."""
