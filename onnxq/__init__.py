@@ -1,1 +1,14 @@
-"""onnxq: ONNX graph-rewriting INT8 quantizer."""
+"""onnxq: an ONNX graph-rewriting INT8 quantizer for TensorRT and ONNX Runtime.
+
+    import onnxq
+    qmodel = onnxq.quantize("model.onnx", "calib.npz", output="model.int8.onnx")
+
+Plain quantization needs only onnx, onnxruntime, onnxscript and numpy; torch is imported by the
+passes that optimise something (learned rounding, rotations) and only when they run.
+"""
+
+__version__ = "0.1.0"
+
+from onnxq.api import quantize  # noqa: E402
+
+__all__ = ["quantize", "__version__"]

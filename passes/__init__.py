@@ -1,1 +1,15 @@
-"""Graph passes of onnxq, one module per pass (installed as onnxq.passes)."""
+"""Graph passes of onnxq, one module per pass (installed as onnxq.passes).
+
+Importing this package registers every pass with the pipeline, so recipes can name them. Each
+module's docstring states the pass's kind (exact / approximate / needs-retraining) and the algebra
+or the error bound behind it.
+"""
+
+from onnxq.passes import (  # noqa: F401  (imported for registration)
+    equalize,
+    fold_batchnorm,
+    fold_constants,
+    lift_constants,
+    quantize,
+    upgrade_opset,
+)

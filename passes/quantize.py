@@ -1,0 +1,114 @@
+"""quantize: calibrate activations and insert Q/DQ nodes where the target's rule table says.
+
+Kind: approximate. Each quantized tensor x becomes DQ(Q(x)) = s·clamp(round(x/s) + z) − s·z, so its
+error is at most s/2 inside the calibrated range and saturates outside it; `onnxq compare` measures
+the effect on the outputs. Weights are stored as integers with a DequantizeLinear (per output
+channel by default, per tensor with weights="per-tensor"); biases stay in float.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import onnx_ir as ir
+
+from onnxq.calibrate import CALIBRATORS, Range, calibrate_activations
+from onnxq.errors import OnnxqError
+from onnxq.graph import Namer, const_array, opset_version
+from onnxq.pipeline import GraphPass, Kind, PassContext, register
+from onnxq.qdq import (FLOAT_REASON_KEY, INT8_WEIGHT, QUANTIZED_KEY, IntFormat, Planner, activation_params,
+                       insert_activation_qdq, insert_weight_dq, quantize_weight, tag)
+from onnxq.targets import get_target
+
+INT4_WEIGHT = IntFormat(ir.DataType.INT4, -7, 7)
+
+
+@register
+@dataclass
+class Quantize(GraphPass):
+    name: ClassVar[str] = "quantize"
+    kind: ClassVar[Kind] = Kind.APPROXIMATE
+
+    calibrator: str = "entropy"
+    percentile: float = 99.99
+    weights: str = "per-channel"
+    weight_calibrator: str = "max"
+    weight_bits: int = 8
+    block_size: int = 0
+    bins: int = 2048
+    exclude: list[str] = field(default_factory=list)
+    unknown_ops: str = "error"
+
+    def __post_init__(self):
+        if self.calibrator not in CALIBRATORS:
+            raise ValueError(f"calibrator must be one of {', '.join(CALIBRATORS)}, not {self.calibrator!r}")
+        if self.weights not in ("per-channel", "per-tensor"):
+            raise ValueError(f"weights must be 'per-channel' or 'per-tensor', not {self.weights!r}")
+        if self.weight_bits not in (4, 8):
+            raise ValueError(f"weight_bits must be 4 or 8, not {self.weight_bits}")
+        if self.unknown_ops not in ("error", "float"):
+            raise ValueError("unknown_ops must be 'error' or 'float'")
+
+    def apply(self, model: ir.Model, ctx: PassContext) -> dict:
+        target = get_target(ctx.target)
+        needed = 21 if (self.weight_bits == 4 or self.block_size) else 13
+        if opset_version(model) < needed:
+            raise OnnxqError(f"quantize needs opset >= {needed} (model has {opset_version(model)}): "
+                             "put upgrade_opset before quantize in the recipe")
+        data = ctx.require_calibration(self.name)
+        plan = Planner(model.graph, target.table, exclude=self.exclude, unknown_ops=self.unknown_ops,
+                       target=target.name).run()
+        ranges = calibrate_activations(model, [v.name for v in plan.activations], data, method=self.calibrator,
+                                       symmetric=target.symmetric, percentile=self.percentile, bins=self.bins,
+                                       show_progress=ctx.show_progress)
+        ranges = _share_group_ranges(ranges, plan.scale_groups)
+        graph, namer = model.graph, Namer(model.graph)
+        notes: dict[ir.Node, list[str]] = defaultdict(list)
+
+        for value, slots in plan.activations.items():
+            r = ranges.get(value.name)
+            if r is None or not r.finite or r.amax > 1e30:
+                plan.skipped[value] = f"calibrated range {r} is not usable: kept in float"
+                continue
+            scale, zero_point = activation_params(r.lo, r.hi, target.activation_format, target.symmetric)
+            insert_activation_qdq(graph, namer, value, slots, scale, zero_point, target.activation_format)
+            for node, index in slots:
+                notes[node].append(f"input {index}: {target.activation_format.dtype.name.lower()} per-tensor")
+
+        fmt = INT4_WEIGHT if self.weight_bits == 4 else INT8_WEIGHT
+        for (weight, axis), slots in plan.weights.items():
+            axis = axis if self.weights == "per-channel" or self.block_size else None
+            q, scale = quantize_weight(const_array(weight), axis, fmt, self.weight_calibrator, self.block_size)
+            insert_weight_dq(graph, namer, weight, slots, q, scale, axis, fmt, self.block_size)
+            granularity = (f"blocks of {self.block_size}" if self.block_size else
+                           f"per-channel axis {axis}" if axis is not None else "per-tensor")
+            for node, index in slots:
+                notes[node].append(f"input {index}: weight {fmt.dtype.name.lower()} {granularity}")
+
+        for value, reason in plan.skipped.items():
+            for node, index in value.uses():
+                notes[node].append(f"input {index} kept float: {reason}")
+        for node, lines in notes.items():
+            tag(node, QUANTIZED_KEY, "; ".join(lines))
+        for node, reason in plan.float_reasons.items():
+            if node not in notes:
+                tag(node, FLOAT_REASON_KEY, reason)
+        graph.sort()
+        return {"activations_quantized": len(plan.activations) - len(plan.skipped),
+                "weights_quantized": len(plan.weights), "kept_float": len(plan.float_reasons),
+                "skipped": len(plan.skipped)}
+
+
+def _share_group_ranges(ranges: dict[str, Range], groups: list[set[ir.Value]]) -> dict[str, Range]:
+    """Give every calibrated member of a scale group the union of the members' ranges."""
+    ranges = dict(ranges)
+    for group in groups:
+        members = [v.name for v in group if v.name in ranges and ranges[v.name].finite]
+        if len(members) < 2:
+            continue
+        union = Range(min(ranges[m].lo for m in members), max(ranges[m].hi for m in members))
+        for m in members:
+            ranges[m] = union
+    return ranges
