@@ -385,3 +385,84 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu") -> tuple[PETR, 
     model = PETR(PETRConfig.from_dict(data["config"]))
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in data["state_dict"].items()})
     return model.eval(), data.get("meta", {})
+
+
+# ---------------------------------------------------------------------------------------------
+# Training loss: Hungarian matching with a focal classification cost and an L1 box cost (DETR3D/PETR).
+
+
+def box_targets(gt_boxes: torch.Tensor) -> torch.Tensor:
+    """Ground truth (M, 7) x, y, z, w, l, h, yaw -> regression space (M, 8) x, y, z, log w/l/h, sin, cos."""
+    yaw = gt_boxes[:, 6:7]
+    return torch.cat([gt_boxes[:, :3], gt_boxes[:, 3:6].log(), yaw.sin(), yaw.cos()], dim=1)
+
+
+def focal_cost(logits: torch.Tensor, labels: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0,
+               eps: float = 1e-12) -> torch.Tensor:
+    """Matching cost (Q, M) of predicting class labels[m] with query q (mmdet's FocalLossCost)."""
+    prob = logits.sigmoid()[:, labels]
+    positive = -(prob + eps).log() * alpha * (1 - prob).pow(gamma)
+    negative = -(1 - prob + eps).log() * (1 - alpha) * prob.pow(gamma)
+    return positive - negative
+
+
+def sigmoid_focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0) -> torch.Tensor:
+    """Summed focal loss of logits against 0/1 targets of the same shape."""
+    prob = logits.sigmoid()
+    ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    p_t = prob * targets + (1 - prob) * (1 - targets)
+    weight = (alpha * targets + (1 - alpha) * (1 - targets)) * (1 - p_t).pow(gamma)
+    return (weight * ce).sum()
+
+
+class HungarianLoss(nn.Module):
+    """Per decoder layer and scene, match queries to ground truth one-to-one (Hungarian algorithm on
+    cls_weight · focal cost + box_weight · L1 cost), then focal loss on all queries (unmatched ones
+    are background) and L1 on the matched boxes, each normalised by the number of ground-truth boxes.
+    Weights as in PETR's configs (2.0 and 0.25)."""
+
+    def __init__(self, num_classes: int, cls_weight: float = 2.0, box_weight: float = 0.25):
+        super().__init__()
+        self.num_classes, self.cls_weight, self.box_weight = num_classes, cls_weight, box_weight
+
+    @torch.no_grad()
+    def match(self, logits: torch.Tensor, regs: torch.Tensor, targets: list[torch.Tensor],
+              labels: list[torch.Tensor]) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+        """(query indices, gt indices) for every layer and scene; one host transfer for all costs."""
+        from scipy.optimize import linear_sum_assignment
+
+        costs = []
+        for layer in range(logits.shape[0]):
+            for b in range(logits.shape[1]):
+                cost = self.cls_weight * focal_cost(logits[layer, b], labels[b])
+                cost = cost + self.box_weight * torch.cdist(regs[layer, b], targets[b], p=1)
+                costs.append(cost.flatten())
+        flat = torch.cat(costs).float().cpu().numpy() if costs else None
+        result, offset = [], 0
+        for layer in range(logits.shape[0]):
+            per_scene = []
+            for b in range(logits.shape[1]):
+                q, m = logits.shape[2], len(labels[b])
+                rows, cols = linear_sum_assignment(flat[offset:offset + q * m].reshape(q, m))
+                offset += q * m
+                per_scene.append((torch.as_tensor(rows, device=logits.device), torch.as_tensor(cols, device=logits.device)))
+            result.append(per_scene)
+        return result
+
+    def forward(self, logits: torch.Tensor, regs: torch.Tensor, gt_boxes: list[torch.Tensor],
+                gt_labels: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        """logits (L, B, Q, C), regs (L, B, Q, 8) -> total loss and its parts (summed over layers)."""
+        targets = [box_targets(b) for b in gt_boxes]
+        matches = self.match(logits, regs, targets, gt_labels)
+        num_gt = max(sum(len(l) for l in gt_labels), 1)
+        cls_total, box_total = logits.new_zeros(()), logits.new_zeros(())
+        for layer, per_scene in enumerate(matches):
+            onehot = torch.zeros_like(logits[layer])
+            box_err = logits.new_zeros(())
+            for b, (rows, cols) in enumerate(per_scene):
+                onehot[b, rows, gt_labels[b][cols]] = 1.0
+                box_err = box_err + (regs[layer, b, rows] - targets[b][cols]).abs().sum()
+            cls_total = cls_total + sigmoid_focal_loss(logits[layer], onehot) / num_gt
+            box_total = box_total + box_err / num_gt
+        total = self.cls_weight * cls_total + self.box_weight * box_total
+        return total, {"cls": float(cls_total.detach()), "box": float(box_total.detach())}

@@ -36,6 +36,8 @@ from onnxq.graph import name_anonymous
 from onnxq.progress import progress
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
+_QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
+                  "ConvInteger", "MatMulInteger"}
 
 
 class Kind(str, enum.Enum):
@@ -162,6 +164,9 @@ class PassRecord:
 def run_pipeline(model: ir.Model, passes: list[GraphPass], ctx: PassContext, *, verify_exact: bool = True,
                  exact_tolerance: float = 1e-4, recipe_name: str = "") -> list[PassRecord]:
     """Run `passes` on `model` in place, checking after each; return (and record) what ran."""
+    quantized = sorted({n.op_type for n in model.graph if n.op_type in _QUANTIZED_OPS})
+    if quantized and not read_record(model):
+        raise OnnxqError(f"the model already contains {', '.join(quantized)} nodes: give onnxq the floating-point model")
     strict = strict_inference_passes(model)
     infer_shapes(model)
     probe = ctx.calibration.first() if (verify_exact and ctx.calibration is not None) else None

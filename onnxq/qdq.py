@@ -76,7 +76,7 @@ class Planner:
 
     def activation(self, node: ir.Node, index: int) -> None:
         value = node.inputs[index]
-        if value is None or not self.is_float_data(value):
+        if value is None or not self.is_float_data(value) or _is_dequantized(value):
             return
         if value in self.masked:
             self.plan.skipped[value] = "carries an attention-mask constant (huge magnitude): quantizing it would wipe out the data"
@@ -123,6 +123,11 @@ class Planner:
                         and x.producer().op_type in WEIGHTED_OPS:
                     return True
         return False
+
+
+def _is_dequantized(value: ir.Value) -> bool:
+    producer = value.producer()
+    return producer is not None and producer.op_type == "DequantizeLinear"
 
 
 def mask_tainted(graph: ir.Graph) -> set[ir.Value]:
@@ -174,6 +179,13 @@ INT8 = IntFormat(ir.DataType.INT8, -128, 127)
 UINT8 = IntFormat(ir.DataType.UINT8, 0, 255)
 # Weights use the symmetric range [-127, 127] (tensorrt-qdq.md rule 6).
 INT8_WEIGHT = IntFormat(ir.DataType.INT8, -127, 127)
+INT4 = IntFormat(ir.DataType.INT4, -8, 7)
+UINT4 = IntFormat(ir.DataType.UINT4, 0, 15)
+INT4_WEIGHT = IntFormat(ir.DataType.INT4, -7, 7)
+
+
+def activation_format(bits: int, signed: bool) -> IntFormat:
+    return {(8, True): INT8, (8, False): UINT8, (4, True): INT4, (4, False): UINT4}[(bits, signed)]
 
 
 def activation_params(lo: float, hi: float, fmt: IntFormat, symmetric: bool) -> tuple[float, int]:

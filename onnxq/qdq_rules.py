@@ -133,6 +133,16 @@ class Int8Op(Treatment):
 
 @dataclass(frozen=True)
 class AlreadyQuantized(Treatment):
+    """Q/DQ written by an earlier onnxq pass (e.g. qans) is left as it is."""
+
+    def plan(self, node, p):
+        pass
+
+
+@dataclass(frozen=True)
+class IntegerOperator(Treatment):
+    """QOperator-format ops: onnxq works from floating-point models only."""
+
     def plan(self, node, p):
         p.reject(f"the model already contains {node.op_type} nodes: give onnxq the floating-point model")
 
@@ -172,8 +182,8 @@ CONTROL_AND_SEQUENCE = ("If", "Loop", "Scan", "SequenceAt", "SequenceConstruct",
                         "Optional", "OptionalGetElement", "OptionalHasElement")
 OTHER_COMPUTE = ("RoiAlign", "GridSample", "AffineGrid", "DeformConv", "LSTM", "GRU", "RNN", "Attention", "DFT",
                  "STFT", "Det", "LinearAttention", "CausalConvWithState", "TensorScatter")
-QUANTIZED = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
-             "ConvInteger", "MatMulInteger")
+QDQ = ("QuantizeLinear", "DequantizeLinear")
+QOPERATOR = ("DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger")
 
 _REASONS = {
     NONLINEAR: "nonlinear function: kept in float (recipe full-int8 replaces it with a lookup table)",
@@ -205,7 +215,8 @@ TENSORRT_TABLE = _table({
     ("Concat",): SharedScale(),
     DATA_MOVEMENT: Passthrough(),
     RELU_LIKE: FusedActivation(),
-    QUANTIZED: AlreadyQuantized(),
+    QDQ: AlreadyQuantized(),
+    QOPERATOR: IntegerOperator(),
 })
 
 # ONNX Runtime's CPU provider has integer kernels (QLinear*, or DQ/Q removal) for these.
@@ -220,5 +231,6 @@ ORT_CPU_TABLE = _table({
     _ORT_INT8: Int8Op(),
     _ORT_INT8_MOVES: Int8Op(share_in_out=True),
     ("Concat",): Int8Op(),
-    QUANTIZED: AlreadyQuantized(),
+    QDQ: AlreadyQuantized(),
+    QOPERATOR: IntegerOperator(),
 })

@@ -18,11 +18,10 @@ from onnxq.calibrate import CALIBRATORS, Range, calibrate_activations
 from onnxq.errors import OnnxqError
 from onnxq.graph import Namer, const_array, opset_version
 from onnxq.pipeline import GraphPass, Kind, PassContext, register
-from onnxq.qdq import (FLOAT_REASON_KEY, INT8_WEIGHT, QUANTIZED_KEY, IntFormat, Planner, activation_params,
-                       insert_activation_qdq, insert_weight_dq, quantize_weight, tag)
+from onnxq.qdq import (FLOAT_REASON_KEY, INT4_WEIGHT, INT8_WEIGHT, QUANTIZED_KEY, Planner, activation_format,
+                       activation_params, insert_activation_qdq, insert_weight_dq, quantize_weight, tag)
 from onnxq.targets import get_target
 
-INT4_WEIGHT = IntFormat(ir.DataType.INT4, -7, 7)
 
 
 @register
@@ -36,6 +35,7 @@ class Quantize(GraphPass):
     weights: str = "per-channel"
     weight_calibrator: str = "max"
     weight_bits: int = 8
+    activation_bits: int = 8
     block_size: int = 0
     bins: int = 2048
     exclude: list[str] = field(default_factory=list)
@@ -46,14 +46,14 @@ class Quantize(GraphPass):
             raise ValueError(f"calibrator must be one of {', '.join(CALIBRATORS)}, not {self.calibrator!r}")
         if self.weights not in ("per-channel", "per-tensor"):
             raise ValueError(f"weights must be 'per-channel' or 'per-tensor', not {self.weights!r}")
-        if self.weight_bits not in (4, 8):
-            raise ValueError(f"weight_bits must be 4 or 8, not {self.weight_bits}")
+        if self.weight_bits not in (4, 8) or self.activation_bits not in (4, 8):
+            raise ValueError("weight_bits and activation_bits must be 4 or 8")
         if self.unknown_ops not in ("error", "float"):
             raise ValueError("unknown_ops must be 'error' or 'float'")
 
     def apply(self, model: ir.Model, ctx: PassContext) -> dict:
         target = get_target(ctx.target)
-        needed = 21 if (self.weight_bits == 4 or self.block_size) else 13
+        needed = 21 if (self.weight_bits == 4 or self.activation_bits == 4 or self.block_size) else 13
         if opset_version(model) < needed:
             raise OnnxqError(f"quantize needs opset >= {needed} (model has {opset_version(model)}): "
                              "put upgrade_opset before quantize in the recipe")
@@ -65,6 +65,7 @@ class Quantize(GraphPass):
                                        show_progress=ctx.show_progress)
         ranges = _share_group_ranges(ranges, plan.scale_groups)
         graph, namer = model.graph, Namer(model.graph)
+        act_fmt = activation_format(self.activation_bits, target.activation_format.qmin < 0)
         notes: dict[ir.Node, list[str]] = defaultdict(list)
 
         for value, slots in plan.activations.items():
@@ -72,17 +73,20 @@ class Quantize(GraphPass):
             if r is None or not r.finite or r.amax > 1e30:
                 plan.skipped[value] = f"calibrated range {r} is not usable: kept in float"
                 continue
-            scale, zero_point = activation_params(r.lo, r.hi, target.activation_format, target.symmetric)
-            insert_activation_qdq(graph, namer, value, slots, scale, zero_point, target.activation_format)
+            scale, zero_point = activation_params(r.lo, r.hi, act_fmt, target.symmetric)
+            insert_activation_qdq(graph, namer, value, slots, scale, zero_point, act_fmt)
             for node, index in slots:
-                notes[node].append(f"input {index}: {target.activation_format.dtype.name.lower()} per-tensor")
+                notes[node].append(f"input {index}: {act_fmt.dtype.name.lower()} per-tensor")
 
         fmt = INT4_WEIGHT if self.weight_bits == 4 else INT8_WEIGHT
         for (weight, axis), slots in plan.weights.items():
-            axis = axis if self.weights == "per-channel" or self.block_size else None
-            q, scale = quantize_weight(const_array(weight), axis, fmt, self.weight_calibrator, self.block_size)
-            insert_weight_dq(graph, namer, weight, slots, q, scale, axis, fmt, self.block_size)
-            granularity = (f"blocks of {self.block_size}" if self.block_size else
+            array = const_array(weight)
+            # blocks apply to 2-D (MatMul/Gemm) weights; conv kernels stay per channel
+            block = self.block_size if array.ndim == 2 and axis is not None else 0
+            axis = axis if self.weights == "per-channel" or block else None
+            q, scale = quantize_weight(array, axis, fmt, self.weight_calibrator, block)
+            insert_weight_dq(graph, namer, weight, slots, q, scale, axis, fmt, block)
+            granularity = (f"blocks of {block}" if block else
                            f"per-channel axis {axis}" if axis is not None else "per-tensor")
             for node, index in slots:
                 notes[node].append(f"input {index}: weight {fmt.dtype.name.lower()} {granularity}")

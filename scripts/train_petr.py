@@ -1,0 +1,263 @@
+#!/usr/bin/env python3
+"""Train PETR-tiny on the synthetic multi-view data set, or evaluate a checkpoint.
+
+    # original PETR position embedding (LID depth bins), from scratch
+    python scripts/train_petr.py --steps 6000 --out models/checkpoints/petr_tiny_lid.pt --log scripts/logs/train_lid.log
+    # QFPE variant, fine-tuned from it (the PE module is new, everything else starts from the checkpoint)
+    python scripts/train_petr.py --qfpe --init models/checkpoints/petr_tiny_lid.pt --steps 3000 \
+        --out models/checkpoints/petr_tiny_qfpe.pt --log scripts/logs/train_qfpe.log
+    # evaluation of a checkpoint on the validation split (CPU, rendered once and cached under .cache/)
+    python scripts/train_petr.py --eval-only --init models/checkpoints/petr_tiny_lid.pt --val-scenes 300
+    # tiny end-to-end run on the CPU (under a minute)
+    python scripts/train_petr.py --smoke
+
+Training scenes are rendered on the training device as they are needed: step s uses train scenes
+s·B .. s·B + B - 1, so a run never sees a scene twice and is reproducible from --data-seed. With
+--time-budget the step count is fixed after timing the first steps (the log says which count, so a
+run can be repeated with --steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _import_models():
+    """onnxq.models, or the repository's models/ folder loaded under that name where onnxq is not
+    installed or its package init cannot import (the GPU machine runs from a bare copy of the tree)."""
+    try:
+        from onnxq.models import petr, petr_data, petr_eval  # noqa: F401
+    except ImportError:
+        import types
+
+        for name in [n for n in sys.modules if n == "onnxq" or n.startswith("onnxq.")]:
+            del sys.modules[name]
+        package = types.ModuleType("onnxq")
+        package.__path__ = [str(REPO / "onnxq")]
+        sys.modules["onnxq"] = package
+        spec = importlib.util.spec_from_file_location("onnxq.models", REPO / "models" / "__init__.py",
+                                                      submodule_search_locations=[str(REPO / "models")])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["onnxq.models"] = module
+        spec.loader.exec_module(module)
+    from onnxq.models import petr, petr_data, petr_eval
+    return petr, petr_data, petr_eval
+
+
+petr, petr_data, petr_eval = _import_models()
+
+
+class Log:
+    """Prints to stdout and appends to a log file."""
+
+    def __init__(self, path: str | None):
+        self.file = None
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(path, "a")
+
+    def __call__(self, *parts):
+        line = " ".join(str(p) for p in parts)
+        print(line, flush=True)
+        if self.file:
+            self.file.write(line + "\n")
+            self.file.flush()
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--qfpe", action="store_true", help="use the QFPE position embedding")
+    p.add_argument("--feature-guided-pe", action="store_true", help="PETRv2's SE gating of the PE")
+    p.add_argument("--init", help="checkpoint to start from (its PE weights are skipped if the PE type differs)")
+    p.add_argument("--steps", type=int, default=6000)
+    p.add_argument("--time-budget", type=float, default=None, help="seconds: fix --steps from the speed of the first steps")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--warmup", type=int, default=300)
+    p.add_argument("--grad-clip", type=float, default=35.0)
+    p.add_argument("--seed", type=int, default=0, help="model initialisation seed")
+    p.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic data set (train and val)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--val-scenes", type=int, default=300)
+    p.add_argument("--train-val-scenes", type=int, default=96, help="val scenes evaluated during training")
+    p.add_argument("--eval-every", type=int, default=1000)
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--out", help="checkpoint path")
+    p.add_argument("--log", help="log file (appended)")
+    p.add_argument("--eval-only", action="store_true", help="evaluate --init on the val split and exit")
+    p.add_argument("--json", help="with --eval-only: write the metrics here")
+    p.add_argument("--smoke", action="store_true", help="a few tiny steps on the CPU, end to end")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.device, args.steps, args.batch_size, args.warmup = "cpu", 4, 2, 2
+        args.train_val_scenes, args.val_scenes, args.eval_every, args.log_every = 4, 4, 1000, 1
+    return args
+
+
+def rig_img2lidar(rig, batch: int, device) -> torch.Tensor:
+    return torch.as_tensor(rig.img2lidar(), dtype=torch.float32, device=device)[None].expand(batch, -1, -1, -1)
+
+
+@torch.no_grad()
+def predict(model, data, rig, device, batch_size: int = 16) -> list:
+    """Detections of `model` on every scene of a DetectionBatch."""
+    model.eval()
+    detections = []
+    for start in range(0, len(data.images), batch_size):
+        images = petr_data.images_to_input(data.images[start:start + batch_size].to(device))
+        logits, regs = model(images, rig_img2lidar(rig, len(images), device))
+        boxes = petr.metric_boxes(regs[-1]).cpu().numpy()
+        logits = logits[-1].cpu().numpy()
+        detections += [petr_eval.decode_detections(logits[i], boxes[i]) for i in range(len(images))]
+    return detections
+
+
+def evaluate_model(model, data, rig, device):
+    detections = predict(model, data, rig, device)
+    truths = [petr_eval.GroundTruth(b.cpu().numpy(), l.cpu().numpy()) for b, l in zip(data.gt_boxes, data.gt_labels)]
+    return petr_eval.evaluate(detections, truths, petr_data.CLASS_NAMES)
+
+
+@torch.no_grad()
+def pe_feature_ranges(model, data, rig, device, num_scenes: int = 16) -> dict:
+    """Abs-max and 99.9th percentile of |memory| (image features after input_proj), |PE| (as added to
+    the memory, i.e. after feature gating) and |memory + PE|; and how many INT8 steps the features
+    span under one per-tensor scale for memory + PE (what naive W8A8 quantizes at the K projection)."""
+    model.eval()
+    images = petr_data.images_to_input(data.images[:num_scenes].to(device))
+    feats = model.image_features(images)
+    pe = model.position_embed(rig_img2lidar(rig, len(images), device))
+    if model.feature_guided_pe is not None:
+        pe = model.feature_guided_pe(pe, feats)
+    pe = pe.expand_as(feats)
+
+    def stats(x):
+        a = x.abs().flatten().float()
+        a = a[torch.randperm(len(a), generator=torch.Generator().manual_seed(0))[:4_000_000].to(a.device)]
+        return {"absmax": float(x.abs().max()), "p99.9": float(torch.quantile(a, 0.999)), "std": float(x.std())}
+
+    out = {"memory": stats(feats), "pe": stats(pe), "memory_plus_pe": stats(feats + pe)}
+    step = out["memory_plus_pe"]["absmax"] / 127
+    out["memory_int8_steps_under_sum_scale"] = out["memory"]["p99.9"] / step
+    out["pe_to_memory_absmax_ratio"] = out["pe"]["absmax"] / out["memory"]["absmax"]
+    return out
+
+
+def lr_at(step: int, total: int, base: float, warmup: int) -> float:
+    """Linear warm-up from base/3 (PETR's warmup_ratio), then cosine annealing to base/1000."""
+    if step < warmup:
+        return base * (1 / 3 + (2 / 3) * step / warmup)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base * (1e-3 + (1 - 1e-3) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def build_model(args, log) -> "petr.PETR":
+    torch.manual_seed(args.seed)
+    cfg = petr.PETRConfig(pe_type="qfpe" if args.qfpe else "lid", feature_guided_pe=args.feature_guided_pe)
+    model = petr.PETR(cfg)
+    if args.init:
+        init, meta = petr.load_checkpoint(args.init)
+        source = init.state_dict()
+        own = model.state_dict()
+        loaded = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape
+                  and not (k.startswith("position_embedding.") and init.cfg.pe_type != cfg.pe_type)}
+        model.load_state_dict(loaded, strict=False)
+        skipped = sorted(set(own) - set(loaded))
+        log(f"init from {args.init}: {len(loaded)} tensors loaded; fresh: {skipped}")
+    return model
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    log = Log(args.log)
+    log("=" * 100)
+    log("command:", "python " + " ".join([sys.argv[0]] + (argv if argv is not None else sys.argv[1:])))
+    log(f"torch {torch.__version__}, device {args.device}"
+        + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else ""))
+    device = torch.device(args.device)
+    rig = petr_data.CameraRig()
+
+    if args.eval_only:
+        model, meta = petr.load_checkpoint(args.init)
+        model.to(device)
+        data = petr_data.load_split("val", args.val_scenes, args.data_seed, rig)
+        result = evaluate_model(model, data, rig, device)
+        ranges = pe_feature_ranges(model, data, rig, device)
+        log(f"{args.init} ({petr.count_parameters(model)} parameters) on {args.val_scenes} val scenes:")
+        log(result.summary())
+        log("ranges:", json.dumps(ranges, indent=1))
+        if args.json:
+            Path(args.json).write_text(json.dumps({"eval": result.as_dict(), "ranges": ranges}, indent=1))
+        return result
+
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    model = build_model(args, log).to(device)
+    log(f"config: {model.cfg}")
+    log(f"parameters: {petr.count_parameters(model)}")
+    train_set = petr_data.SyntheticDetectionSet("train", args.data_seed, rig, device)
+    val_set = petr_data.SyntheticDetectionSet("val", args.data_seed, rig, device)
+    val_data = val_set.render(list(range(args.train_val_scenes)))
+    criterion = petr.HungarianLoss(model.cfg.num_classes)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    img2lidar = rig_img2lidar(rig, args.batch_size, device)
+
+    total_steps, start = args.steps, time.time()
+    step_times = []
+    for step in range(10**9):
+        if step >= total_steps:
+            break
+        t0 = time.time()
+        model.train()
+        batch = train_set.render(list(range(step * args.batch_size, (step + 1) * args.batch_size)))
+        lr = lr_at(step, total_steps, args.lr, args.warmup)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        logits, regs = model(petr_data.images_to_input(batch.images), img2lidar)
+        loss, parts = criterion(logits, regs, batch.gt_boxes, batch.gt_labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        optimizer.step()
+        step_times.append(time.time() - t0)
+        if args.time_budget and step == 29:
+            per_step = float(np.median(step_times[5:]))
+            total_steps = max(30, int(args.time_budget / per_step))
+            log(f"time budget {args.time_budget:.0f} s at {per_step * 1000:.1f} ms/step: --steps {total_steps}")
+        if step % args.log_every == 0 or step == total_steps - 1:
+            log(f"step {step:5d}/{total_steps} loss {float(loss):.4f} cls {parts['cls']:.4f} box {parts['box']:.4f} "
+                f"grad {float(grad_norm):.2f} lr {lr:.2e} {np.mean(step_times[-args.log_every:]) * 1000:.0f} ms/step "
+                f"elapsed {time.time() - start:.0f} s")
+        if (step + 1) % args.eval_every == 0 and step + 1 < total_steps:
+            log(f"step {step + 1} val({args.train_val_scenes}): {evaluate_model(model, val_data, rig, device).summary()}")
+
+    result = evaluate_model(model, val_data, rig, device)
+    log(f"final val({args.train_val_scenes} scenes, rendered on {device.type}): {result.summary()}")
+    ranges = pe_feature_ranges(model, val_data, rig, device)
+    log("PE vs image-feature ranges:", json.dumps(ranges, indent=1))
+    if args.out:
+        meta = {"command": " ".join(sys.argv), "steps": total_steps, "batch_size": args.batch_size,
+                "train_seconds": time.time() - start, "device": args.device,
+                "val_subset": {"scenes": args.train_val_scenes, "mAP": result.mAP, "NDS": result.NDS},
+                "ranges": ranges}
+        petr.save_checkpoint(model.cpu(), args.out, meta)
+        log(f"saved {args.out} ({Path(args.out).stat().st_size / 1e6:.2f} MB)")
+    return result
+
+
+if __name__ == "__main__":
+    main()
