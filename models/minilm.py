@@ -92,6 +92,14 @@ def torch_runner(model=None) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
     return run
 
 
+def cached_onnx() -> Path:
+    """The exported model under .cache/models/, exported on first use."""
+    from .cache import cache_dir
+
+    path = cache_dir("models") / "minilm_l6_v2.onnx"
+    return path if path.exists() else export_onnx(path)
+
+
 def export_onnx(path: str | os.PathLike, opset: int = 17) -> Path:
     """Export to ONNX with the legacy (TorchScript) exporter, dynamic batch and sequence axes."""
     import torch

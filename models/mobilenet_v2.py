@@ -70,6 +70,14 @@ def load_model() -> MobileNetV2:
     return model.eval()
 
 
+def cached_onnx(batch: int | None = None) -> Path:
+    """The exported model under .cache/models/, exported on first use."""
+    from .cache import cache_dir
+
+    path = cache_dir("models") / f"mobilenet_v2_{'dyn' if batch is None else f'b{batch}'}.onnx"
+    return path if path.exists() else export_onnx(path, batch=batch)
+
+
 def export_onnx(path: str | os.PathLike, batch: int | None = None, opset: int = 17) -> Path:
     """Export to ONNX: input `input` (N,3,224,224) float32, output `logits` (N,1000).
 

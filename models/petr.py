@@ -328,19 +328,20 @@ class PETR(nn.Module):
         """The PE (B, N, E, H, W): a function of the calibration only (before any feature gating)."""
         return self.position_embedding(img2lidar)
 
-    def forward(self, images: torch.Tensor, img2lidar: torch.Tensor):
-        """images (B, N, 3, H, W), img2lidar (B, N, 4, 4) -> cls logits (L, B, Q, C), boxes (L, B, Q, 8)."""
-        return self.forward_with_pe(images, self.position_embed(img2lidar))
+    def forward(self, images: torch.Tensor, img2lidar: torch.Tensor, all_layers: bool = True):
+        """images (B, N, 3, H, W), img2lidar (B, N, 4, 4) -> class logits (L, B, Q, C) and regression
+        outputs (L, B, Q, 8) of every decoder layer, or of the last only, (B, Q, C) and (B, Q, 8)."""
+        return self.forward_with_pe(images, self.position_embed(img2lidar), all_layers)
 
-    def forward_with_pe(self, images: torch.Tensor, pos_embed: torch.Tensor):
-        """As forward, with the PE given (the deployment form: the PE is computed outside the network)."""
+    def forward_with_pe(self, images: torch.Tensor, pos_embed: torch.Tensor, all_layers: bool = True):
+        """As forward, with the PE (B, N, E, H, W) given: the deployment form, PE computed outside."""
         feats = self.image_features(images)
         if self.feature_guided_pe is not None:
             pos_embed = self.feature_guided_pe(pos_embed, feats)
-        return self.decode(feats, pos_embed)
+        return self.decode(feats, pos_embed, all_layers)
 
-    def decode(self, feats: torch.Tensor, pos_embed: torch.Tensor):
-        """Decoder and heads on memory and PE (B, N, E, H, W) -> per-layer logits and regression outputs."""
+    def decode(self, feats: torch.Tensor, pos_embed: torch.Tensor, all_layers: bool = True):
+        """Decoder and heads on memory and PE, both (B, N, E, H, W); see forward for the outputs."""
         b = feats.shape[0]
         memory = feats.permute(0, 1, 3, 4, 2).flatten(1, 3)  # (B, N·H·W, E)
         memory_pos = pos_embed.permute(0, 1, 3, 4, 2).flatten(1, 3)
@@ -348,13 +349,14 @@ class PETR(nn.Module):
         query_pos = self.query_embedding(pos2posemb3d(reference, self.cfg.embed_dims // 2))
         query_pos = query_pos.unsqueeze(0).expand(b, -1, -1)
         target = torch.zeros_like(query_pos)
-        logits, boxes = [], []
-        for layer in self.layers:
+        logits, regs = [], []
+        for i, layer in enumerate(self.layers):
             target = layer(target, query_pos, memory, memory_pos)
-            out = self.post_norm(target)
-            logits.append(self.cls_branch(out))
-            boxes.append(self._regress(self.reg_branch(out), reference))
-        return torch.stack(logits), torch.stack(boxes)
+            if all_layers or i == len(self.layers) - 1:
+                out = self.post_norm(target)
+                logits.append(self.cls_branch(out))
+                regs.append(self._regress(self.reg_branch(out), reference))
+        return (torch.stack(logits), torch.stack(regs)) if all_layers else (logits[0], regs[0])
 
     def _regress(self, raw: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
         """Centre = sigmoid(offset + inverse_sigmoid(reference)) scaled to the position range, in metres."""

@@ -17,8 +17,19 @@ from onnxq.errors import OnnxqError
 from onnxq.modelio import _PROTOBUF_LIMIT
 
 
-def check_model(model: ir.Model, *, strict: bool, what: str) -> None:
-    """Raise OnnxqError naming `what` (e.g. "after pass 'equalize'") if the model is invalid."""
+def check_model(model: ir.Model, *, strict: bool, what: str, tolerate: str | None = None) -> None:
+    """Raise OnnxqError naming `what` (e.g. "after pass 'equalize'") if the model is invalid.
+
+    `tolerate` is a problem the input model already had (see `input_problem`): passes are held to
+    not making a model worse, not to fixing what the user brought.
+    """
+    problem = find_problem(model, strict=strict)
+    if problem is not None and problem != tolerate:
+        raise OnnxqError(f"model is invalid {what}: {problem}")
+
+
+def find_problem(model: ir.Model, *, strict: bool) -> str | None:
+    """The first ONNX checker or (strict) shape-inference complaint about `model`, or None."""
     proto = ir.to_proto(model)
     try:
         if proto.ByteSize() < _PROTOBUF_LIMIT:
@@ -34,16 +45,16 @@ def check_model(model: ir.Model, *, strict: bool, what: str) -> None:
                     onnx.shape_inference.infer_shapes_path(str(path), str(Path(tmp) / "inferred.onnx"),
                                                            check_type=True, strict_mode=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        raise OnnxqError(f"model is invalid {what}: {str(exc).strip().splitlines()[0]}") from None
+        return str(exc).strip().splitlines()[0]
+    return None
 
 
-def strict_inference_passes(model: ir.Model) -> bool:
-    """Whether strict shape inference accepts the model as given (some exported models fail it)."""
-    try:
-        check_model(model, strict=True, what="")
-        return True
-    except OnnxqError:
-        return False
+def input_problem(model: ir.Model) -> tuple[bool, str | None]:
+    """(strict, problem) for the input model: strict shape inference is used later only if the input
+    passes it; `problem` is the checker complaint the input already has, if any."""
+    if find_problem(model, strict=True) is None:
+        return True, None
+    return False, find_problem(model, strict=False)
 
 
 def infer_shapes(model: ir.Model) -> None:

@@ -177,16 +177,21 @@ def rule_copy_ops(graph):
 def rule_concat_scales(graph):
     out = []
     for n in graph:
-        if n.op_type != "Concat":
-            continue
-        scales = {float(const_array(v.producer().inputs[1])) for v in n.inputs if _from_dq(v)
-                  and const_array(v.producer().inputs[1]) is not None and const_array(v.producer().inputs[1]).size == 1}
-        for user in n.outputs[0].consumers():
-            if user.op_type == "QuantizeLinear" and const_array(user.inputs[1]) is not None:
-                scales.add(float(const_array(user.inputs[1])))
-        if len(scales) > 1:
-            out.append(f"Concat '{n.name}': {len(scales)} different scales")
+        if n.op_type == "Concat":
+            scales = set()
+            for v in [*n.inputs, n.outputs[0]]:
+                scales |= _tensor_scales(v)
+            if len(scales) > 1:
+                out.append(f"Concat '{n.name}': {len(scales)} different scales")
     return out
+
+
+def _tensor_scales(value: ir.Value) -> set[float]:
+    """Per-tensor scales with which `value` is quantized: by the DQ producing it or Qs reading it."""
+    nodes = [value.producer()] if _from_dq(value) else []
+    nodes += [u for u in value.consumers() if u.op_type == "QuantizeLinear"]
+    scales = (const_array(n.inputs[1]) for n in nodes)
+    return {float(s) for s in scales if s is not None and s.size == 1}
 
 
 # (id, title, severity, check, needs the whole model rather than the graph)

@@ -34,7 +34,10 @@ fi
 
 start=$SECONDS
 [[ -x "$VENV/bin/python" ]] || "$PY" -m venv "$VENV"
-pip_quiet() { "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$@"; }
+pip_quiet() {  # drops only pip's notice about this machine's absent local index folders
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$@" \
+    2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+}
 pip_quiet "${DEPS[@]}"
 pip_quiet --no-deps "nvidia-modelopt==$MODELOPT_VERSION"
 # Import check: fails here, not in the middle of a benchmark, if a dependency is missing.

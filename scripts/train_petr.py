@@ -239,7 +239,7 @@ def main(argv=None):
             total_steps = max(30, int(args.time_budget / per_step))
             log(f"time budget {args.time_budget:.0f} s at {per_step * 1000:.1f} ms/step: --steps {total_steps}")
         if step % args.log_every == 0 or step == total_steps - 1:
-            log(f"step {step:5d}/{total_steps} loss {float(loss):.4f} cls {parts['cls']:.4f} box {parts['box']:.4f} "
+            log(f"step {step:5d}/{total_steps} loss {float(loss.detach()):.4f} cls {parts['cls']:.4f} box {parts['box']:.4f} "
                 f"grad {float(grad_norm):.2f} lr {lr:.2e} {np.mean(step_times[-args.log_every:]) * 1000:.0f} ms/step "
                 f"elapsed {time.time() - start:.0f} s")
         if (step + 1) % args.eval_every == 0 and step + 1 < total_steps:

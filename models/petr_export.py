@@ -1,0 +1,104 @@
+"""ONNX export of PETR-tiny, with the position embedding inside the graph or as a graph input.
+
+Two forms, for either PE type (LID or QFPE), legacy exporter, opset 17, batch 1, static shapes:
+
+* ``in_graph`` (form A): inputs ``images`` (1, N, 3, H, W) and ``img2lidar`` (1, N, 4, 4). The PE
+  subgraph is in the graph. img2lidar = inverse(lidar2img) is computed by the caller on the host, as
+  PETR itself does (np.linalg.inv on img_metas), and because aten::linalg_inv has no ONNX export at
+  opset 17. For the LID PE the subgraph reads
+  MatMul(frustum const (W·H·D, 4), Transpose(img2lidar)) -> Slice[:3] -> Sub(range_min) -> Div(range_span)
+  -> Reshape/Transpose to (N, 3·D, H, W) -> Clip(0, 1) -> {Clip(min=1e-5); Sub(1, ·) -> Clip(min=1e-5)}
+  -> Div -> Log -> Conv 1×1 (3·D -> 4E) -> Relu -> Conv 1×1 (4E -> E) -> Reshape/Transpose to tokens.
+  For QFPE: MatMul(ray points const (H·W, 4), Transpose(img2lidar)) -> Slice -> Sub -> Div -> Clip(0, 1)
+  -> Mul(n_anchors - 1) -> Sub(anchor positions) -> Abs -> Sub(1, ·) -> Relu -> per axis MatMul(anchor
+  table) -> Concat -> Transpose -> Conv -> Relu -> Conv.
+* ``input`` (form B): inputs ``images`` and ``pos_embed`` (1, N, E, H, W), the PE computed outside
+  (NVIDIA's petr-trt moves it out of the engine the same way); see `compute_pos_embed`.
+
+In both, every decoder layer's cross-attention computes Add(memory, pe) -> MatMul(k_proj weight) -> Add(bias)
+for its keys, while its values are MatMul(memory, v_proj weight): the place where the PE meets the image
+features. Node names keep the module path (e.g. /layers.0/cross_attn/k_proj/MatMul). Outputs:
+``cls_logits`` (1, Q, C) and ``boxes`` (1, Q, 8) = (x, y, z, w, l, h, sin yaw, cos yaw) of the last layer.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .petr import PETR, metric_boxes
+from .petr_data import CameraRig
+
+PE_FORMS = ("in_graph", "input")
+IMAGES, IMG2LIDAR, POS_EMBED = "images", "img2lidar", "pos_embed"
+CLS_LOGITS, BOXES = "cls_logits", "boxes"
+OPSET = 17
+
+
+class InGraphPE(nn.Module):
+    """Form A: (images, img2lidar) -> (cls_logits, boxes) of the last decoder layer."""
+
+    def __init__(self, model: PETR):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor, img2lidar: torch.Tensor):
+        logits, regs = self.model(images, img2lidar, all_layers=False)
+        return logits, metric_boxes(regs)
+
+
+class PEInput(nn.Module):
+    """Form B: (images, pos_embed) -> (cls_logits, boxes) of the last decoder layer."""
+
+    def __init__(self, model: PETR):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor, pos_embed: torch.Tensor):
+        logits, regs = self.model.forward_with_pe(images, pos_embed, all_layers=False)
+        return logits, metric_boxes(regs)
+
+
+def rig_img2lidar(rig: CameraRig | None = None) -> np.ndarray:
+    """The graph input img2lidar (1, N, 4, 4) float32 for a rig (inverse of lidar2img in float64)."""
+    return (rig or CameraRig()).img2lidar().astype(np.float32)[None]
+
+
+@torch.no_grad()
+def compute_pos_embed(model: PETR, img2lidar: np.ndarray) -> np.ndarray:
+    """The form-B input pos_embed (1, N, E, H, W) float32: the model's PE for this calibration."""
+    model.eval()
+    return model.position_embed(torch.as_tensor(img2lidar, dtype=torch.float32)).numpy()
+
+
+def example_inputs(model: PETR, pe_form: str, images: np.ndarray | None = None,
+                   rig: CameraRig | None = None) -> dict[str, np.ndarray]:
+    """Named graph inputs for one scene: normalised images (1, N, 3, H, W) (zeros if not given) and
+    img2lidar or pos_embed for the rig."""
+    cfg = model.cfg
+    if images is None:
+        images = np.zeros((1, cfg.num_cameras, 3, *cfg.image_hw), dtype=np.float32)
+    img2lidar = rig_img2lidar(rig)
+    second = {IMG2LIDAR: img2lidar} if pe_form == "in_graph" else {POS_EMBED: compute_pos_embed(model, img2lidar)}
+    return {IMAGES: np.asarray(images, dtype=np.float32), **second}
+
+
+def export_onnx(model: PETR, path: str | Path, pe_form: str = "in_graph", rig: CameraRig | None = None) -> Path:
+    """Export `model` (put in eval mode) in form `pe_form` ("in_graph" or "input") to `path`."""
+    if pe_form not in PE_FORMS:
+        raise ValueError(f"pe_form must be one of {PE_FORMS}, not {pe_form!r}")
+    model = model.eval()
+    wrapper = InGraphPE(model) if pe_form == "in_graph" else PEInput(model)
+    inputs = example_inputs(model, pe_form, rig=rig)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the legacy exporter's deprecation and tracer warnings
+        torch.onnx.export(wrapper, tuple(torch.from_numpy(v) for v in inputs.values()), str(path),
+                          input_names=list(inputs), output_names=[CLS_LOGITS, BOXES], opset_version=OPSET,
+                          do_constant_folding=True, dynamo=False)
+    return path

@@ -1,0 +1,38 @@
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests import their graph builders directly
+
+
+def run(model, feed):
+    """Run a ModelProto (or path) in ONNX Runtime on the CPU and return the outputs as a list."""
+    source = model if isinstance(model, (str, Path)) else model.SerializeToString()
+    return ort.InferenceSession(str(source) if isinstance(source, Path) else source,
+                                providers=["CPUExecutionProvider"]).run(None, feed)
+
+
+def rel_change(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a.astype(np.float64) - b).max() / max(np.abs(a).max(), 1e-12))
+
+
+def sqnr_db(ref: np.ndarray, out: np.ndarray) -> float:
+    noise = np.sum((out.astype(np.float64) - ref) ** 2)
+    return float(10 * np.log10(np.sum(ref.astype(np.float64) ** 2) / noise)) if noise > 0 else float("inf")
+
+
+def assert_lint_clean(model):
+    """Every model the test suite produces is linted against the TensorRT rules."""
+    from onnxq.lint import lint
+    from onnxq.modelio import load_model
+
+    failures = [(r.rule, r.violations[:3]) for r in lint(load_model(model)) if r.status == "FAIL"]
+    assert not failures, failures
+
+
+@pytest.fixture
+def tmp(tmp_path):
+    return tmp_path
