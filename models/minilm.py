@@ -120,7 +120,9 @@ def export_onnx(path: str | os.PathLike, opset: int = 17) -> Path:
     dynamic = {name: {0: "batch", 1: "sequence"} for name in (*INPUT_NAMES, OUTPUT_NAME)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TracerWarnings from transformers' shape checks, legacy-exporter notice
-        torch.onnx.export(_Encoder(load_model()), tuple(torch.from_numpy(feeds[n]) for n in INPUT_NAMES),
+        # .eval() on the wrapper too: the exporter restores the wrapper's mode afterwards, and a
+        # fresh Module is in training mode, which would switch BERT's dropout back on recursively.
+        torch.onnx.export(_Encoder(load_model()).eval(), tuple(torch.from_numpy(feeds[n]) for n in INPUT_NAMES),
                           str(path), dynamo=False, opset_version=opset, input_names=list(INPUT_NAMES),
                           output_names=[OUTPUT_NAME], dynamic_axes=dynamic, do_constant_folding=True)
     return path

@@ -28,6 +28,7 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -328,39 +329,49 @@ class PETR(nn.Module):
         """The PE (B, N, E, H, W): a function of the calibration only (before any feature gating)."""
         return self.position_embedding(img2lidar)
 
-    def forward(self, images: torch.Tensor, img2lidar: torch.Tensor, all_layers: bool = True):
+    def forward(self, images: torch.Tensor, img2lidar: torch.Tensor, all_layers: bool = True, queries=None):
         """images (B, N, 3, H, W), img2lidar (B, N, 4, 4) -> class logits (L, B, Q, C) and regression
         outputs (L, B, Q, 8) of every decoder layer, or of the last only, (B, Q, C) and (B, Q, 8)."""
-        return self.forward_with_pe(images, self.position_embed(img2lidar), all_layers)
+        return self.forward_with_pe(images, self.position_embed(img2lidar), all_layers, queries)
 
-    def forward_with_pe(self, images: torch.Tensor, pos_embed: torch.Tensor, all_layers: bool = True):
+    def forward_with_pe(self, images: torch.Tensor, pos_embed: torch.Tensor, all_layers: bool = True, queries=None):
         """As forward, with the PE (B, N, E, H, W) given: the deployment form, PE computed outside."""
         feats = self.image_features(images)
         if self.feature_guided_pe is not None:
             pos_embed = self.feature_guided_pe(pos_embed, feats)
-        return self.decode(feats, pos_embed, all_layers)
+        return self.decode(feats, pos_embed, all_layers, queries)
 
-    def decode(self, feats: torch.Tensor, pos_embed: torch.Tensor, all_layers: bool = True):
-        """Decoder and heads on memory and PE, both (B, N, E, H, W); see forward for the outputs."""
+    def query_geometry(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positional query (1, Q, E) from the reference points (pos2posemb3d + MLP), and the reference
+        points in inverse-sigmoid space (Q, 3). Both depend on weights only: an exported graph gets them
+        as constants."""
+        reference = self.reference_points.weight  # normalised [0, 1] coords, used as is (PETR)
+        query_pos = self.query_embedding(pos2posemb3d(reference, self.cfg.embed_dims // 2))
+        return query_pos.unsqueeze(0), inverse_sigmoid(reference)
+
+    def decode(self, feats: torch.Tensor, pos_embed: torch.Tensor, all_layers: bool = True,
+               queries: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """Decoder and heads on memory and PE, both (B, N, E, H, W); see forward for the outputs.
+        `queries` is query_geometry() precomputed (the export passes it as constants)."""
         b = feats.shape[0]
         memory = feats.permute(0, 1, 3, 4, 2).flatten(1, 3)  # (B, N·H·W, E)
         memory_pos = pos_embed.permute(0, 1, 3, 4, 2).flatten(1, 3)
-        reference = self.reference_points.weight  # normalised [0, 1] coords, used as is (PETR)
-        query_pos = self.query_embedding(pos2posemb3d(reference, self.cfg.embed_dims // 2))
-        query_pos = query_pos.unsqueeze(0).expand(b, -1, -1)
-        target = torch.zeros_like(query_pos)
+        query_pos, reference_logit = queries if queries is not None else self.query_geometry()
+        if query_pos.shape[0] != b:
+            query_pos = query_pos.expand(b, -1, -1)
+        target = torch.zeros_like(query_pos)  # PETR's queries start at zero, positions come from query_pos
         logits, regs = [], []
         for i, layer in enumerate(self.layers):
             target = layer(target, query_pos, memory, memory_pos)
             if all_layers or i == len(self.layers) - 1:
                 out = self.post_norm(target)
                 logits.append(self.cls_branch(out))
-                regs.append(self._regress(self.reg_branch(out), reference))
+                regs.append(self._regress(self.reg_branch(out), reference_logit))
         return (torch.stack(logits), torch.stack(regs)) if all_layers else (logits[0], regs[0])
 
-    def _regress(self, raw: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    def _regress(self, raw: torch.Tensor, reference_logit: torch.Tensor) -> torch.Tensor:
         """Centre = sigmoid(offset + inverse_sigmoid(reference)) scaled to the position range, in metres."""
-        centre = torch.sigmoid(raw[..., :3] + inverse_sigmoid(reference)) * self.range_span + self.range_min
+        centre = torch.sigmoid(raw[..., :3] + reference_logit) * self.range_span + self.range_min
         return torch.cat([centre, raw[..., 3:]], dim=-1)
 
 
@@ -429,26 +440,32 @@ class HungarianLoss(nn.Module):
 
     @torch.no_grad()
     def match(self, logits: torch.Tensor, regs: torch.Tensor, targets: list[torch.Tensor],
-              labels: list[torch.Tensor]) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
-        """(query indices, gt indices) for every layer and scene; one host transfer for all costs."""
+              labels: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per layer, the matched (scene, query, ground-truth) index triples of the whole batch, ground
+        truth indexed into the batch's concatenated boxes. One host transfer for all cost matrices."""
         from scipy.optimize import linear_sum_assignment
 
+        num_layers, num_scenes, num_queries = logits.shape[:3]
         costs = []
-        for layer in range(logits.shape[0]):
-            for b in range(logits.shape[1]):
+        for layer in range(num_layers):
+            for b in range(num_scenes):
                 cost = self.cls_weight * focal_cost(logits[layer, b], labels[b])
                 cost = cost + self.box_weight * torch.cdist(regs[layer, b], targets[b], p=1)
                 costs.append(cost.flatten())
-        flat = torch.cat(costs).float().cpu().numpy() if costs else None
+        flat = torch.cat(costs).float().cpu().numpy()
+        sizes = [len(l) for l in labels]
+        gt_offsets = np.cumsum([0] + sizes)
         result, offset = [], 0
-        for layer in range(logits.shape[0]):
-            per_scene = []
-            for b in range(logits.shape[1]):
-                q, m = logits.shape[2], len(labels[b])
-                rows, cols = linear_sum_assignment(flat[offset:offset + q * m].reshape(q, m))
-                offset += q * m
-                per_scene.append((torch.as_tensor(rows, device=logits.device), torch.as_tensor(cols, device=logits.device)))
-            result.append(per_scene)
+        for layer in range(num_layers):
+            scene_idx, query_idx, gt_idx = [], [], []
+            for b, m in enumerate(sizes):
+                rows, cols = linear_sum_assignment(flat[offset:offset + num_queries * m].reshape(num_queries, m))
+                offset += num_queries * m
+                scene_idx.append(np.full(len(rows), b))
+                query_idx.append(rows)
+                gt_idx.append(cols + gt_offsets[b])
+            result.append(tuple(torch.as_tensor(np.concatenate(i), dtype=torch.int64).to(logits.device, non_blocking=True)
+                                for i in (scene_idx, query_idx, gt_idx)))
         return result
 
     def forward(self, logits: torch.Tensor, regs: torch.Tensor, gt_boxes: list[torch.Tensor],
@@ -456,15 +473,13 @@ class HungarianLoss(nn.Module):
         """logits (L, B, Q, C), regs (L, B, Q, 8) -> total loss and its parts (summed over layers)."""
         targets = [box_targets(b) for b in gt_boxes]
         matches = self.match(logits, regs, targets, gt_labels)
-        num_gt = max(sum(len(l) for l in gt_labels), 1)
+        all_targets, all_labels = torch.cat(targets), torch.cat(gt_labels)
+        num_gt = max(len(all_labels), 1)
         cls_total, box_total = logits.new_zeros(()), logits.new_zeros(())
-        for layer, per_scene in enumerate(matches):
+        for layer, (scene, query, gt) in enumerate(matches):
             onehot = torch.zeros_like(logits[layer])
-            box_err = logits.new_zeros(())
-            for b, (rows, cols) in enumerate(per_scene):
-                onehot[b, rows, gt_labels[b][cols]] = 1.0
-                box_err = box_err + (regs[layer, b, rows] - targets[b][cols]).abs().sum()
+            onehot[scene, query, all_labels[gt]] = 1.0
             cls_total = cls_total + sigmoid_focal_loss(logits[layer], onehot) / num_gt
-            box_total = box_total + box_err / num_gt
+            box_total = box_total + (regs[layer, scene, query] - all_targets[gt]).abs().sum() / num_gt
         total = self.cls_weight * cls_total + self.box_weight * box_total
         return total, {"cls": float(cls_total.detach()), "box": float(box_total.detach())}

@@ -392,13 +392,29 @@ class SyntheticDetectionSet:
     def scenes(self, indices: list[int]) -> list[Scene]:
         return [sample_scene(scene_rng(self.seed, self.split, i)) for i in indices]
 
-    def render(self, indices: list[int]) -> DetectionBatch:
-        """Render scenes `indices`; targets keep the objects at least MIN_VISIBLE_PIXELS pixels see."""
-        batch = SceneBatch.stack(self.scenes(indices), self.renderer.device)
+    def render(self, indices: list[int], scenes: list[Scene] | None = None) -> DetectionBatch:
+        """Render scenes `indices` (sampled here unless given); targets keep the objects that at least
+        MIN_VISIBLE_PIXELS pixels see."""
+        batch = SceneBatch.stack(scenes if scenes is not None else self.scenes(indices), self.renderer.device)
         images, visible = self.renderer.render(batch)
         keep = (batch.labels >= 0) & (visible >= MIN_VISIBLE_PIXELS)
         return DetectionBatch(images, [batch.boxes[i][keep[i]] for i in range(len(indices))],
                               [batch.labels[i][keep[i]] for i in range(len(indices))], list(indices))
+
+
+class SceneStream(torch.utils.data.Dataset):
+    """Item s = the scenes of training step s (indices s·B .. s·B + B - 1), for a DataLoader whose
+    workers sample scenes on the CPU while the GPU renders and trains (use batch_size=None)."""
+
+    def __init__(self, split: str, seed: int, batch_size: int, num_steps: int):
+        self.split, self.seed, self.batch_size, self.num_steps = split, seed, batch_size, num_steps
+
+    def __len__(self) -> int:
+        return self.num_steps
+
+    def __getitem__(self, step: int) -> tuple[list[int], list[Scene]]:
+        indices = list(range(step * self.batch_size, (step + 1) * self.batch_size))
+        return indices, [sample_scene(scene_rng(self.seed, self.split, i)) for i in indices]
 
 
 def load_split(split: str, num_scenes: int, seed: int = 0, rig: CameraRig | None = None,

@@ -39,27 +39,32 @@ CLS_LOGITS, BOXES = "cls_logits", "boxes"
 OPSET = 17
 
 
-class InGraphPE(nn.Module):
-    """Form A: (images, img2lidar) -> (cls_logits, boxes) of the last decoder layer."""
+class _ExportWrapper(nn.Module):
+    """The model with its query geometry (a function of weights only) frozen into buffers, so that
+    the graph holds it as constants instead of the sine embedding and MLP that produce it."""
 
     def __init__(self, model: PETR):
         super().__init__()
         self.model = model
+        with torch.no_grad():
+            query_pos, reference_logit = model.query_geometry()
+        self.register_buffer("query_pos", query_pos.clone())
+        self.register_buffer("reference_logit", reference_logit.clone())
+
+
+class InGraphPE(_ExportWrapper):
+    """Form A: (images, img2lidar) -> (cls_logits, boxes) of the last decoder layer."""
 
     def forward(self, images: torch.Tensor, img2lidar: torch.Tensor):
-        logits, regs = self.model(images, img2lidar, all_layers=False)
+        logits, regs = self.model(images, img2lidar, False, (self.query_pos, self.reference_logit))
         return logits, metric_boxes(regs)
 
 
-class PEInput(nn.Module):
+class PEInput(_ExportWrapper):
     """Form B: (images, pos_embed) -> (cls_logits, boxes) of the last decoder layer."""
 
-    def __init__(self, model: PETR):
-        super().__init__()
-        self.model = model
-
     def forward(self, images: torch.Tensor, pos_embed: torch.Tensor):
-        logits, regs = self.model.forward_with_pe(images, pos_embed, all_layers=False)
+        logits, regs = self.model.forward_with_pe(images, pos_embed, False, (self.query_pos, self.reference_logit))
         return logits, metric_boxes(regs)
 
 
@@ -91,12 +96,14 @@ def export_onnx(model: PETR, path: str | Path, pe_form: str = "in_graph", rig: C
     """Export `model` (put in eval mode) in form `pe_form` ("in_graph" or "input") to `path`."""
     if pe_form not in PE_FORMS:
         raise ValueError(f"pe_form must be one of {PE_FORMS}, not {pe_form!r}")
-    model = model.eval()
-    wrapper = InGraphPE(model) if pe_form == "in_graph" else PEInput(model)
+    model.eval()
+    # The wrapper must be in eval mode too: the exporter restores the wrapper's mode afterwards, and a
+    # wrapper left in training mode would switch the model's BatchNorm layers to training with it.
+    wrapper = (InGraphPE(model) if pe_form == "in_graph" else PEInput(model)).eval()
     inputs = example_inputs(model, pe_form, rig=rig)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the legacy exporter's deprecation and tracer warnings
         torch.onnx.export(wrapper, tuple(torch.from_numpy(v) for v in inputs.values()), str(path),
                           input_names=list(inputs), output_names=[CLS_LOGITS, BOXES], opset_version=OPSET,

@@ -61,6 +61,29 @@ def observe_ranges(model: ir.Model, names: Sequence[str], data: CalibrationSet, 
     return ranges
 
 
+@dataclass
+class ChannelStats:
+    amax: np.ndarray         # per channel (axis 1): max |x|
+    mean_square: np.ndarray  # per channel: mean of x²
+
+
+def observe_channel_stats(model: ir.Model, names: Sequence[str], data: CalibrationSet, *,
+                          show_progress: bool = True) -> dict[str, ChannelStats]:
+    """Per-channel (axis 1) magnitude and mean square of each tensor in `names`, streaming."""
+    amax: dict[str, np.ndarray] = {}
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
+    sess = session(exposing(model, names))
+    batches = progress(data, desc="channel statistics", total=len(data), unit="batch", disable=not show_progress)
+    for _, outputs in run_batches(sess, batches, list(names)):
+        for name, x in outputs.items():
+            flat = np.moveaxis(x, 1, 0).reshape(x.shape[1], -1).astype(np.float64)
+            amax[name] = np.maximum(amax.get(name, 0.0), np.abs(flat).max(axis=1))
+            sums[name] = sums.get(name, 0.0) + np.sum(flat ** 2, axis=1)
+            counts[name] = counts.get(name, 0) + flat.shape[1]
+    return {n: ChannelStats(amax[n], sums[n] / counts[n]) for n in amax}
+
+
 def observe_histograms(model: ir.Model, ranges: dict[str, Range], data: CalibrationSet, *, bins: int = 2048,
                        show_progress: bool = True) -> dict[str, np.ndarray]:
     """Signed histograms with 2×`bins` bins over [-amax, amax] for each finite, non-zero range."""

@@ -157,12 +157,16 @@ def _quantize(args) -> int:
         rows = [(r["name"], r["kind"], r["seconds"], _summary(r["summary"])) for r in read_record(model)]
         print(table(["pass", "kind", "seconds", "result"], rows, title=f"wrote {args.output}"))
         print(f"\nquantized ops: {info.coverage_by_count:.0%} of compute ops, {info.coverage_by_flops:.1%} of FLOPs")
+        if info.nonlinear_replaced:
+            print(f"nonlinear ops replaced or quantized: {info.nonlinear_coverage:.0%} of {info.nonlinear_ops}; worst "
+                  f"replacement error {max(f.get('max_steps', 0) for f in info.fidelity):.2f} INT8 output steps")
         if results:
             failed = [r.rule for r in results if r.status == "FAIL"]
             print(f"tensorrt lint: {'pass' if not failed else 'FAIL (' + ', '.join(failed) + ')'}")
     if args.report:
         _write_json(args.report, {"passes": read_record(model), "coverage_by_count": info.coverage_by_count,
                                   "coverage_by_flops": info.coverage_by_flops,
+                                  "nonlinear_coverage": info.nonlinear_coverage, "fidelity": info.fidelity,
                                   "lint": [vars(r) for r in results]})
     return 0 if passed(results) else 1
 
@@ -220,7 +224,19 @@ def _inspect(args) -> int:
                 title=f"{args.model} (opset {info.opset}, {info.total_gflops:.3f} GFLOPs)"))
     if info.qdq:
         print("\n" + ", ".join(f"{k}: {v}" for k, v in sorted(info.qdq.items())))
-    print(f"\nquantized coverage: {info.coverage_by_count:.1%} of compute ops, {info.coverage_by_flops:.1%} of FLOPs")
+    print(f"\nquantized coverage: {info.coverage_by_count:.1%} of compute ops, {info.coverage_by_flops:.1%} of FLOPs"
+          + (f" (each of the {info.replacements} replaced nonlinear ops counted as one op)" if info.replacements else ""))
+    if info.nonlinear_ops:
+        print(f"nonlinear-op coverage: {info.nonlinear_coverage:.1%} of {info.nonlinear_ops} nonlinear/normalisation ops "
+              f"({info.nonlinear_replaced} replaced by tables or integer subgraphs, {info.nonlinear_quantized} with "
+              "quantized inputs)")
+    if info.fidelity:
+        rows = [(f.get("node", ""), f.get("function", ""), f.get("method", ""),
+                 "-" if f.get("max_steps") is None else f"{f['max_steps']:.3f}",
+                 "-" if f.get("mean_steps") is None else f"{f['mean_steps']:.3f}",
+                 "yes" if f.get("input_quantized") else "no") for f in info.fidelity]
+        print("\n" + table(["node", "function", "replaced by", "max err (steps)", "mean err (steps)", "int input"], rows,
+                           title="replaced nonlinear ops: error over the calibrated range, in INT8 output steps"))
     if info.passes:
         rows = [(i + 1, p["name"], p["kind"], _summary(p["summary"])) for i, p in enumerate(info.passes)]
         print("\n" + table(["#", "pass", "kind", "result"], rows, title="passes applied"))

@@ -3,6 +3,13 @@
 Coverage counts the compute ops (everything but Q/DQ, constants and shape bookkeeping) whose float
 inputs all arrive through DequantizeLinear, by count and by FLOPs; FLOPs come from inferred shapes
 (symbolic dimensions such as batch or sequence length are counted as 1).
+
+Nonlinear ops replaced by lookup tables or integer subgraphs (passes dulut, qans, integer_ops) are
+counted as the one op they replace: the emitted nodes share a `onnxq.replacement` label, and the
+group is quantized when its input is INT8 (or requantized to integers inside the group). Nonlinear
+coverage is the share of the nonlinear and normalisation ops of the original graph (the NONLINEAR and
+NORMALISATION categories of qdq_rules) that were replaced or whose inputs are quantized; `fidelity`
+lists each replacement's measured error in INT8 output steps (model metadata `onnxq.fidelity`).
 """
 
 from __future__ import annotations
@@ -15,10 +22,13 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxq.checks import infer_shapes
+import json
+
 from onnxq.graph import WEIGHTED_OPS, const_array, opset_version
+from onnxq.lut import FIDELITY_KEY, REPLACEMENT_KEY
 from onnxq.pipeline import read_record
 from onnxq.qdq import FLOAT_REASON_KEY, QUANTIZED_KEY
-from onnxq.qdq_rules import NON_NUMERIC
+from onnxq.qdq_rules import NON_NUMERIC, NONLINEAR, NORMALISATION
 
 _BOOKKEEPING = set(NON_NUMERIC) | {"QuantizeLinear", "DequantizeLinear", "Constant", "Identity"}
 _FLOAT = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
@@ -36,6 +46,12 @@ class Inspection:
     passes: list[dict[str, Any]]
     float_reasons: dict[str, list[str]] = field(default_factory=dict)  # reason -> node names
     metadata: dict[str, str] = field(default_factory=dict)
+    nonlinear_ops: int = 0            # nonlinear/normalisation ops of the original graph (replaced ones included)
+    nonlinear_replaced: int = 0       # ... replaced by a lookup table or an integer subgraph
+    nonlinear_quantized: int = 0      # ... still there, with quantized inputs
+    nonlinear_coverage: float = 0.0   # (replaced + quantized) / nonlinear_ops; 1.0 when there are none
+    replacements: int = 0             # replacement groups (each counted as one op in the coverage)
+    fidelity: list[dict[str, Any]] = field(default_factory=list)
 
 
 def is_quantized(node: ir.Node) -> bool:
@@ -81,12 +97,26 @@ def inspect_model(model: ir.Model) -> Inspection:
     counts, quantized, qdq = Counter(), Counter(), Counter()
     total_flops = quant_flops = 0.0
     reasons: dict[str, list[str]] = defaultdict(list)
+    fidelity = json.loads(model.metadata_props.get(FIDELITY_KEY, "[]"))
+    group_quantized = {e.get("replacement"): bool(e.get("input_quantized")) for e in fidelity}
+    groups: dict[str, float] = defaultdict(float)  # replacement label -> FLOPs of its nodes
+    group_ops: Counter = Counter()                  # ops that belong to replacements
+    nonlinear = set(NONLINEAR) | set(NORMALISATION)
+    nl_total = nl_quantized = 0
     for node in model.graph:
         if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
             key = node.op_type + (" (weight)" if const_array(node.inputs[0]) is not None else "")
             qdq[key] += 1
             continue
         counts[node.op_type] += 1
+        label = node.metadata_props.get(REPLACEMENT_KEY)
+        if label:  # part of a replacement: counted once per group below
+            groups[label] += node_flops(node) if node.op_type not in _BOOKKEEPING else 0.0
+            group_ops[node.op_type] += 1
+            continue
+        if node.op_type in nonlinear:
+            nl_total += 1
+            nl_quantized += is_quantized(node)
         if node.op_type in _BOOKKEEPING:
             continue
         flops = node_flops(node)
@@ -101,12 +131,21 @@ def inspect_model(model: ir.Model) -> Inspection:
         for part in note.split("; "):
             if " kept float: " in part:
                 reasons[f"{node.op_type} input {part}"].append(node.name)
-    compute = sum(c for op, c in counts.items() if op not in _BOOKKEEPING)
+    for label, flops in groups.items():
+        total_flops += flops
+        if group_quantized.get(label, False):
+            quantized["(replacement)"] += 1
+            quant_flops += flops
+    compute = sum(c - group_ops[op] for op, c in counts.items() if op not in _BOOKKEEPING) + len(groups)
+    replaced = sum(1 for e in fidelity for op in e.get("replaced_ops", []) if op in nonlinear)
+    nl_total += replaced
 
     return Inspection(
         opset=opset_version(model), op_counts=dict(counts), quantized_op_counts=dict(quantized), qdq=dict(qdq),
         coverage_by_count=sum(quantized.values()) / compute if compute else 0.0,
         coverage_by_flops=quant_flops / total_flops if total_flops else 0.0,
         total_gflops=total_flops / 1e9, passes=read_record(model), float_reasons=dict(reasons),
-        metadata={k: v for k, v in model.metadata_props.items() if not k.startswith("onnxq.pass")},
+        metadata={k: v for k, v in model.metadata_props.items() if not k.startswith("onnxq.pass") and k != FIDELITY_KEY},
+        nonlinear_ops=nl_total, nonlinear_replaced=replaced, nonlinear_quantized=nl_quantized, replacements=len(groups),
+        nonlinear_coverage=(replaced + nl_quantized) / nl_total if nl_total else 1.0, fidelity=fidelity,
     )

@@ -170,6 +170,9 @@ def run_pipeline(model: ir.Model, passes: list[GraphPass], ctx: PassContext, *, 
         raise OnnxqError(f"the model already contains {', '.join(quantized)} nodes: give onnxq the floating-point model")
     strict, known_problem = input_problem(model)
     infer_shapes(model)
+    quantize_step = next((p for p in passes if p.name == "quantize"), None)
+    if quantize_step is not None:  # passes that prepare for quantization tune to its weight granularity
+        ctx.notes.setdefault("weights", quantize_step.weights)
     probe = ctx.calibration.first() if (verify_exact and ctx.calibration is not None) else None
     reference = _outputs(model, probe) if probe is not None else None
     records = []

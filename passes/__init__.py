@@ -6,10 +6,15 @@ or the error bound behind it.
 """
 
 from onnxq.passes import (  # noqa: F401  (imported for registration)
+    dulut,
     equalize,
     fold_batchnorm,
     fold_constants,
+    fold_norm,
+    integer_ops,
     lift_constants,
+    qans,
     quantize,
+    rotate,
     upgrade_opset,
 )

@@ -4,9 +4,11 @@ Kind: exact. For output channel i of the first conv and the matching input chann
 y_i = W1_i·x + b1_i, z = act(y), out = W2[:, i]·z_i + … . Dividing W1_i and b1_i by s_i > 0 and
 multiplying W2[:, i] by s_i leaves `out` unchanged when act commutes with positive scaling:
 ReLU does; Clip(lo, hi) becomes Max(lo/s)→Min(hi/s) with per-channel bounds (ReLU → Min for ReLU6),
-which is exact. Choosing s_i = √(r1_i / r2_i), with r the channel's weight range in each conv,
-gives both convs the same per-channel range √(r1_i·r2_i) (Nagel et al., "Data-Free Quantization",
-2019), which is what lets depthwise CNNs such as MobileNetV2 use per-tensor weight scales.
+which is exact. The choice of s only changes how much INT8 noise reaches `out`: with calibration
+data, s is the candidate with the least modelled noise for the weight granularity in use
+(onnxq.equalization); without, it is the data-free s_i = √(r1_i / r2_i) of Nagel et al. (2019),
+which gives both convs the same per-channel weight range. Either way depthwise CNNs such as
+MobileNetV2 stop losing their small channels to a shared per-tensor scale.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from typing import ClassVar
 import numpy as np
 import onnx_ir as ir
 
+from onnxq.calibrate import observe_channel_stats
+from onnxq.equalization import ChainStats, best_scales, data_free_scales
 from onnxq.graph import Namer, add_initializer, attr, const_array, only_consumer, private_weight, replace_initializer
 from onnxq.pipeline import GraphPass, Kind, PassContext, register
 
@@ -30,31 +34,47 @@ class Equalize(GraphPass):
     name: ClassVar[str] = "equalize"
     kind: ClassVar[Kind] = Kind.EXACT
 
-    iterations: int = 4
+    iterations: int = 4     # rounds of the data-free rule (the data-driven choice needs one)
     max_scale: float = 1e3  # bound s_i so nearly-dead channels are not blown up
+    use_data: bool = True   # choose s from calibration statistics when data is given
+    weights: str = "auto"   # granularity the scales are chosen for; auto: the quantize step's
 
     def apply(self, model: ir.Model, ctx: PassContext) -> dict:
         graph, namer = model.graph, Namer(model.graph)
         for conv1, _, _ in _chains(graph):  # Clip → Relu + per-channel bounds, once, before scaling
             _clip_to_bounds(graph, namer, conv1)
         chains = _chains(graph)
+        stats = self._statistics(model, chains, ctx) if self.use_data and ctx.calibration is not None else None
+        per_channel = (self.weights if self.weights != "auto" else ctx.notes.get("weights", "per-channel")) == "per-channel"
         for conv1, _, conv2 in chains:  # the tensors between the pair now hold rescaled values
             _rename_rescaled(conv1, conv2)
-        for _ in range(self.iterations):
+        for _ in range(1 if stats else self.iterations):
             for conv1, bounds, conv2 in chains:
                 w1 = const_array(private_weight(graph, namer, conv1, 1))
                 w2 = const_array(private_weight(graph, namer, conv2, 1))
-                r1 = np.abs(w1).reshape(w1.shape[0], -1).max(axis=1)
-                r2 = _input_channel_range(w2, attr(conv2, "group", 1))
-                with np.errstate(divide="ignore", invalid="ignore"):
-                    s = np.where((r1 > 0) & (r2 > 0), np.sqrt(r1 / r2), 1.0)
-                s = np.clip(s, 1 / self.max_scale, self.max_scale).astype(np.float32)
+                group = attr(conv2, "group", 1)
+                if stats:
+                    s = best_scales(w1, _by_input_channel(w2, group), stats[conv2.name], per_channel, self.max_scale)
+                else:
+                    r1 = np.abs(w1).reshape(w1.shape[0], -1).max(axis=1)
+                    s = np.clip(data_free_scales(r1, _input_channel_range(w2, group)),
+                                1 / self.max_scale, self.max_scale).astype(np.float32)
                 _scale_output_channels(graph, namer, conv1, 1 / s)
                 _scale_input_channels(conv2, s)
                 for node in bounds:
                     bound = node.inputs[1]
                     replace_initializer(bound, (const_array(bound) / s.reshape(-1, 1, 1)).astype(np.float32))
-        return {"pairs_equalised": len(chains)}
+        return {"pairs_equalised": len(chains), "scales_from": "calibration data" if stats else "weights only"}
+
+    def _statistics(self, model: ir.Model, chains, ctx: PassContext) -> dict[str, ChainStats]:
+        """Per-channel magnitude and mean square of each chain's middle tensor, one streaming sweep."""
+        middle = {conv2.name: conv2.inputs[0].name for _, _, conv2 in chains}
+        first_in = {conv2.name: conv1.inputs[0].name for conv1, _, conv2 in chains}
+        observed = observe_channel_stats(model, sorted(set(middle.values()) | set(first_in.values())),
+                                         ctx.calibration, show_progress=ctx.show_progress)
+        return {key: ChainStats(observed[name].amax, observed[name].mean_square,
+                                float(observed[first_in[key]].mean_square.mean()))
+                for key, name in middle.items()}
 
 
 def _chains(graph: ir.Graph) -> list[tuple[ir.Node, list[ir.Node], ir.Node]]:
@@ -124,6 +144,17 @@ def _clip_to_bounds(graph: ir.Graph, namer: Namer, conv1: ir.Node) -> None:
             graph.remove(node, safe=True)
             node = steps[-1]
         node = only_consumer(node.outputs[0])
+
+
+def _by_input_channel(w2: np.ndarray, group: int) -> np.ndarray:
+    """W2 as (out, in, kernel) over all input channels; grouped convs get zeros outside their group."""
+    cout, cin_per_group = w2.shape[:2]
+    dense = np.zeros((cout, cin_per_group * group, int(np.prod(w2.shape[2:]))), np.float32)
+    rows = cout // group
+    for g in range(group):
+        dense[g * rows:(g + 1) * rows, g * cin_per_group:(g + 1) * cin_per_group] = \
+            w2[g * rows:(g + 1) * rows].reshape(rows, cin_per_group, -1)
+    return dense
 
 
 def _input_channels(conv: ir.Node) -> int:

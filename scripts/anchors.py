@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
@@ -38,6 +38,7 @@ class AnchorResult:
     seconds: float  # wall time of the quantizer call (pre-processing included)
     error: str | None = None  # last lines of the traceback / stderr when it failed
     log: str = ""  # captured output of a subprocess quantizer
+    notes: list[str] = field(default_factory=list)  # fallbacks taken on the way
 
     @property
     def ok(self) -> bool:
@@ -101,7 +102,7 @@ def ort_quantize(
     preprocess: run onnxruntime.quantization.quant_pre_process first (ORT's documented flow:
     symbolic shape inference + basic graph optimisations such as Conv+BatchNormalization fusion).
     """
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quant_pre_process, quantize_static
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     model_path, output = Path(model_path), Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -113,23 +114,38 @@ def ort_quantize(
     name = (f"ort-{'s8' if symmetric_activations else 'u8'}-{'pc' if per_channel else 'pt'}-{calibrate.lower()}"
             + ("" if preprocess else "-nopre"))
     batch = _static_batch(model_path) or batch_size
+    notes: list[str] = []
     start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="ort-anchor-") as tmp:
+        try:
+            source = _pre_process(model_path, Path(tmp) / "preprocessed.onnx", notes) if preprocess else model_path
+            quantize_static(
+                str(source), str(output), _calibration_reader(calib, batch),
+                quant_format=QuantFormat.QDQ, per_channel=per_channel, reduce_range=False,
+                activation_type=QuantType.QInt8 if symmetric_activations else QuantType.QUInt8,
+                weight_type=QuantType.QInt8, calibrate_method=method,
+                nodes_to_exclude=list(nodes_to_exclude), op_types_to_quantize=list(op_types_to_quantize) or None,
+                extra_options=options,
+            )
+        except Exception:  # noqa: BLE001 - an anchor that crashes is a result, not a benchmark failure
+            return AnchorResult(name, None, time.perf_counter() - start, _tail(traceback.format_exc()), notes=notes)
+    return AnchorResult(name, output, time.perf_counter() - start, notes=notes)
+
+
+def _pre_process(model_path: Path, out: Path, notes: list[str]) -> Path:
+    """ORT's quant_pre_process (symbolic shape inference + basic optimisations, e.g. Conv+BN fusion)."""
+    from onnxruntime.quantization import quant_pre_process
+
     try:
-        source = model_path
-        if preprocess:
-            source = output.with_name(output.stem + ".preproc.onnx")
-            quant_pre_process(str(model_path), str(source))
-        quantize_static(
-            str(source), str(output), _calibration_reader(calib, batch),
-            quant_format=QuantFormat.QDQ, per_channel=per_channel, reduce_range=False,
-            activation_type=QuantType.QInt8 if symmetric_activations else QuantType.QUInt8,
-            weight_type=QuantType.QInt8, calibrate_method=method,
-            nodes_to_exclude=list(nodes_to_exclude), op_types_to_quantize=list(op_types_to_quantize) or None,
-            extra_options=options,
-        )
-    except Exception:  # noqa: BLE001 - an anchor that crashes is a result, not a benchmark failure
-        return AnchorResult(name, None, time.perf_counter() - start, _tail(traceback.format_exc()))
-    return AnchorResult(name, output, time.perf_counter() - start)
+        quant_pre_process(str(model_path), str(out))
+    except Exception as exc:  # noqa: BLE001
+        if "Incomplete symbolic shape inference" not in str(exc):
+            raise
+        # ORT's documented remedy (quant_pre_process --auto_merge): conflicting symbolic dims,
+        # e.g. BERT's position-embedding Slice gives Min(512, sequence) against sequence.
+        quant_pre_process(str(model_path), str(out), auto_merge=True)
+        notes.append("quant_pre_process: incomplete symbolic shape inference, redone with auto_merge=True")
+    return out
 
 
 # ----------------------------------------------------------------------------- NVIDIA ModelOpt

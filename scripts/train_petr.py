@@ -1,20 +1,31 @@
 #!/usr/bin/env python3
 """Train PETR-tiny on the synthetic multi-view data set, or evaluate a checkpoint.
 
-    # original PETR position embedding (LID depth bins), from scratch
-    python scripts/train_petr.py --steps 6000 --out models/checkpoints/petr_tiny_lid.pt --log scripts/logs/train_lid.log
-    # QFPE variant, fine-tuned from it (the PE module is new, everything else starts from the checkpoint)
-    python scripts/train_petr.py --qfpe --init models/checkpoints/petr_tiny_lid.pt --steps 3000 \
-        --out models/checkpoints/petr_tiny_qfpe.pt --log scripts/logs/train_qfpe.log
-    # evaluation of a checkpoint on the validation split (CPU, rendered once and cached under .cache/)
-    python scripts/train_petr.py --eval-only --init models/checkpoints/petr_tiny_lid.pt --val-scenes 300
-    # tiny end-to-end run on the CPU (under a minute)
+The committed checkpoints were trained in three stages on one H100 (logs in scripts/logs/, see
+scripts/logs/README.md); to repeat them, run with the step counts the logs fixed:
+
+    # stage 1: original PETR position embedding (LID depth bins), from scratch
+    python scripts/train_petr.py --steps 2996 --lr 2e-4 --out .cache/petr_checkpoints/petr_tiny_lid_stage1.pt
+    # stage 2: both continue from stage 1, the QFPE variant with a fresh PE module (rest initialised from it)
+    python scripts/train_petr.py --init .cache/petr_checkpoints/petr_tiny_lid_stage1.pt --steps 2701 --lr 2e-4 \
+        --warmup 200 --out .cache/petr_checkpoints/petr_tiny_lid_stage2.pt
+    python scripts/train_petr.py --qfpe --init .cache/petr_checkpoints/petr_tiny_lid_stage1.pt --steps 2652 \
+        --lr 2e-4 --warmup 200 --out .cache/petr_checkpoints/petr_tiny_qfpe_stage1.pt
+    # stage 3: one more cosine cycle each
+    python scripts/train_petr.py --init .cache/petr_checkpoints/petr_tiny_lid_stage2.pt --steps 2828 --lr 2e-4 \
+        --warmup 200 --out models/checkpoints/petr_tiny_lid.pt
+    python scripts/train_petr.py --qfpe --init .cache/petr_checkpoints/petr_tiny_qfpe_stage1.pt --steps 2841 \
+        --lr 2e-4 --warmup 200 --out models/checkpoints/petr_tiny_qfpe.pt
+    # evaluation on the validation split (CPU; the split is rendered once and cached under .cache/)
+    python scripts/train_petr.py --eval-only --init models/checkpoints/petr_tiny_lid.pt --val-scenes 300 --device cpu
+    # tiny end-to-end run on the CPU
     python scripts/train_petr.py --smoke
 
-Training scenes are rendered on the training device as they are needed: step s uses train scenes
-s·B .. s·B + B - 1, so a run never sees a scene twice and is reproducible from --data-seed. With
---time-budget the step count is fixed after timing the first steps (the log says which count, so a
-run can be repeated with --steps).
+Training scenes are rendered on the training device as they are needed: step s of a run uses train
+scenes s·B .. s·B + B - 1 (each run starts again at scene 0), so a run is reproducible from
+--data-seed and --seed up to GPU non-determinism. With --time-budget the step count is fixed after
+timing the first 30 steps and logged, so a run can be repeated with --steps (the learning-rate
+schedule is then the same).
 """
 
 from __future__ import annotations
@@ -87,6 +98,7 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--warmup", type=int, default=300)
     p.add_argument("--grad-clip", type=float, default=35.0)
+    p.add_argument("--workers", type=int, default=6, help="scene-sampling workers when training on a GPU")
     p.add_argument("--seed", type=int, default=0, help="model initialisation seed")
     p.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic data set (train and val)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -216,6 +228,11 @@ def main(argv=None):
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     img2lidar = rig_img2lidar(rig, args.batch_size, device)
 
+    # Scenes are sampled (numpy, CPU) by loader workers; rendering and training run on the device.
+    stream = petr_data.SceneStream("train", args.data_seed, args.batch_size, 10**8)
+    workers = 0 if device.type == "cpu" else args.workers
+    loader = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
+                                              prefetch_factor=8 if workers else None))
     total_steps, start = args.steps, time.time()
     step_times = []
     for step in range(10**9):
@@ -223,7 +240,8 @@ def main(argv=None):
             break
         t0 = time.time()
         model.train()
-        batch = train_set.render(list(range(step * args.batch_size, (step + 1) * args.batch_size)))
+        indices, scenes = next(loader)
+        batch = train_set.render(indices, scenes)
         lr = lr_at(step, total_steps, args.lr, args.warmup)
         for group in optimizer.param_groups:
             group["lr"] = lr

@@ -1,0 +1,37 @@
+"""ONNX Runtime CPU latency of one model on fixed feeds (median of timed runs)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+
+def cpu_session(path: str | os.PathLike, threads: int | None = None):
+    """A CPUExecutionProvider session with full graph optimisation (ORT's default level)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def ort_latency_ms(path: str | os.PathLike, feeds: dict[str, np.ndarray], runs: int = 100,
+                   warmup: int = 10, threads: int | None = None) -> dict[str, float]:
+    """{'median_ms', 'p90_ms', 'min_ms'} over `runs` calls after `warmup` untimed ones."""
+    session = cpu_session(path, threads)
+    wanted = {i.name for i in session.get_inputs()}
+    feeds = {k: v for k, v in feeds.items() if k in wanted}
+    for _ in range(warmup):
+        session.run(None, feeds)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        session.run(None, feeds)
+        times.append((time.perf_counter() - start) * 1e3)
+    times = np.asarray(times)
+    return {"median_ms": float(np.median(times)), "p90_ms": float(np.percentile(times, 90)),
+            "min_ms": float(times.min())}
