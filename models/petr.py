@@ -52,10 +52,12 @@ class PETRConfig:
     num_queries: int = 300
     # position embedding
     pe_type: str = "lid"  # "lid" (PETR) or "qfpe" (FQ-PETR)
-    depth_num: int = 64
+    depth_num: int = 64  # PETR's default; 3·64 = 192 encoder input channels
     depth_start: float = 1.0
     position_range: tuple[float, ...] = (-61.2, -61.2, -10.0, 61.2, 61.2, 10.0)
     feature_guided_pe: bool = False  # PETRv2's SE gating of the PE by the image features
+    # FQ-PETR's 30 m prior suits this data too: objects lie 5-50 m away (mean 27.5 m), and at 30 m the ray
+    # point of every feature cell stays inside the position range (z from -9.4 to 9.7 m).
     qfpe_depth: float = 30.0  # LiDAR-prior depth of the single ray point
     qfpe_num_anchors: int = 3
     qfpe_anchor_dims: int = 64

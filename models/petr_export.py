@@ -10,14 +10,16 @@ Two forms, for either PE type (LID or QFPE), legacy exporter, opset 17, batch 1,
   -> Reshape/Transpose to (N, 3·D, H, W) -> Clip(0, 1) -> {Clip(min=1e-5); Sub(1, ·) -> Clip(min=1e-5)}
   -> Div -> Log -> Conv 1×1 (3·D -> 4E) -> Relu -> Conv 1×1 (4E -> E) -> Reshape/Transpose to tokens.
   For QFPE: MatMul(ray points const (H·W, 4), Transpose(img2lidar)) -> Slice -> Sub -> Div -> Clip(0, 1)
-  -> Mul(n_anchors - 1) -> Sub(anchor positions) -> Abs -> Sub(1, ·) -> Relu -> per axis MatMul(anchor
-  table) -> Concat -> Transpose -> Conv -> Relu -> Conv.
+  -> Mul(n_anchors - 1) -> Sub(anchor positions) -> Abs -> Sub(1, ·) -> Relu (the interpolation weights)
+  -> per axis Gather(axis) -> MatMul(anchor table) -> Concat -> Reshape/Transpose -> Conv -> Relu -> Conv.
 * ``input`` (form B): inputs ``images`` and ``pos_embed`` (1, N, E, H, W), the PE computed outside
   (NVIDIA's petr-trt moves it out of the engine the same way); see `compute_pos_embed`.
 
-In both, every decoder layer's cross-attention computes Add(memory, pe) -> MatMul(k_proj weight) -> Add(bias)
-for its keys, while its values are MatMul(memory, v_proj weight): the place where the PE meets the image
-features. Node names keep the module path (e.g. /layers.0/cross_attn/k_proj/MatMul). Outputs:
+In both, the cross-attention keys of every decoder layer are MatMul(Add(memory, pe), k_proj weight) + bias
+and the values MatMul(memory, v_proj weight): the place where the PE meets the image features. The
+three layers' Add(memory, pe) are identical, and the exporter merges them: one Add (named
+/model/layers.0/cross_attn/Add_1) feeds the k_proj MatMul of all layers, its inputs the token-major
+memory and PE (Reshape/Transpose of the (1, N, E, H, W) maps). Node names keep the module path. Outputs:
 ``cls_logits`` (1, Q, C) and ``boxes`` (1, Q, 8) = (x, y, z, w, l, h, sin yaw, cos yaw) of the last layer.
 """
 

@@ -13,6 +13,7 @@ from onnxq.calib_data import load_calibration
 from onnxq.errors import OnnxqError
 from onnxq.modelio import load_model, save_model
 from onnxq.pipeline import PassContext, load_recipe, run_pipeline
+from onnxq.qdq import Planner
 from onnxq.targets import get_target
 
 
@@ -51,6 +52,7 @@ def quantize(model: str | os.PathLike | onnx.ModelProto | ir.Model, calibration_
                 step.__post_init__()
             if allow_unknown_ops:
                 step.unknown_ops = "float"
+    _check_rules_cover(work, passes, target)
     ctx = PassContext(calibration=data, target=target, show_progress=show_progress, log=log)
     run_pipeline(work, passes, ctx, verify_exact=verify_exact, recipe_name=recipe_name)
     proto = ir.to_proto(work)
@@ -62,3 +64,15 @@ def quantize(model: str | os.PathLike | onnx.ModelProto | ir.Model, calibration_
 def default_recipe_for(model: ir.Model) -> str:
     """The built-in recipe onnxq picks when the user names none."""
     return "default"
+
+
+def _check_rules_cover(model: ir.Model, passes, target: str) -> None:
+    """Fail before any work when the quantize step would meet an op it has no rule for."""
+    step = next((p for p in passes if p.name == "quantize"), None)
+    if step is None or step.unknown_ops == "float":
+        return
+    unknown = Planner(model.graph, get_target(target).table, exclude=step.exclude).unknown()
+    if unknown:
+        raise OnnxqError(f"op {unknown[0]} has no QDQ rule for target '{target}'"
+                         f"{f' (nor {len(unknown) - 1} more)' if len(unknown) > 1 else ''}; "
+                         "keep such ops in float with --allow-unknown-ops")

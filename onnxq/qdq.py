@@ -39,6 +39,7 @@ class Plan:
     float_reasons: dict[ir.Node, str] = field(default_factory=dict)
     scale_groups: list[set[ir.Value]] = field(default_factory=list)
     skipped: dict[ir.Value, str] = field(default_factory=dict)  # activations left float after calibration
+    range_of: dict[ir.Value, ir.Value] = field(default_factory=dict)  # quantize with another tensor's range
 
 
 class Planner:
@@ -54,6 +55,16 @@ class Planner:
         self.plan = Plan()
         self.masked = mask_tainted(graph)
         self._group_of: dict[ir.Value, set[ir.Value]] = {}
+
+    def unknown(self) -> list[str]:
+        """Op types (domain::op for custom domains) that have no entry in the rule table."""
+        found = []
+        for node in self.graph:
+            if node.name not in self.exclude and (node.domain not in ("", "ai.onnx") or node.op_type not in self.table):
+                op = f"{node.domain}::{node.op_type}" if node.domain else node.op_type
+                if op not in found:
+                    found.append(op)
+        return found
 
     def run(self) -> Plan:
         for node in list(self.graph):
@@ -88,6 +99,9 @@ class Planner:
             if self.is_float_data(value) and value not in self.masked:
                 for user, index in value.uses():
                     self.plan.activations[value].add((user, index))
+
+    def use_range_of(self, value: ir.Value, source: ir.Value) -> None:
+        self.plan.range_of[value] = source
 
     def weight(self, node: ir.Node, index: int, axis: int | None) -> None:
         self.plan.weights[(node.inputs[index], axis)].append((node, index))

@@ -132,6 +132,23 @@ class Int8Op(Treatment):
 
 
 @dataclass(frozen=True)
+class Int8FusedActivation(Treatment):
+    """ONNX Runtime CPU: ReLU/Clip right after a weighted layer.
+
+    The layer's output is quantized with the activation's output range (zero point at 0 for ReLU),
+    so the unsigned clamp itself applies the activation: ORT drops the ReLU/Clip and the repeated
+    Q/DQ, leaving one integer kernel (QLinearConv, QGemm)."""
+
+    def plan(self, node, p):
+        source = node.inputs[0]
+        if p.is_weighted_output(source) and source.producer().op_type in WEIGHTED and len(source.uses()) == 1:
+            p.use_range_of(source, node.outputs[0])
+            p.output(node)
+        else:
+            Int8Op(share_in_out=True).plan(node, p)
+
+
+@dataclass(frozen=True)
 class AlreadyQuantized(Treatment):
     """Q/DQ written by an earlier onnxq pass (e.g. qans) is left as it is."""
 
@@ -222,7 +239,7 @@ TENSORRT_TABLE = _table({
 # ONNX Runtime's CPU provider has integer kernels (QLinear*, or DQ/Q removal) for these.
 _ORT_INT8 = ("Add", "Mul", "Sigmoid", "LeakyRelu", "GlobalAveragePool", "AveragePool", "Softmax", "Where")
 _ORT_INT8_MOVES = ("Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "MaxPool", "Resize", "Gather", "Slice",
-                   "Split", "Relu", "Clip", "Pad")
+                   "Split", "Pad")
 ORT_CPU_TABLE = _table({
     **_FLOAT,
     DATA_MOVEMENT: Passthrough(),
@@ -230,6 +247,7 @@ ORT_CPU_TABLE = _table({
     WEIGHTED: Weighted(quantize_output=True),
     _ORT_INT8: Int8Op(),
     _ORT_INT8_MOVES: Int8Op(share_in_out=True),
+    ("Relu", "Clip"): Int8FusedActivation(),
     ("Concat",): Int8Op(),
     QDQ: AlreadyQuantized(),
     QOPERATOR: IntegerOperator(),

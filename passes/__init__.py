@@ -16,5 +16,6 @@ from onnxq.passes import (  # noqa: F401  (imported for registration)
     qans,
     quantize,
     rotate,
+    smooth,
     upgrade_opset,
 )

@@ -301,18 +301,21 @@ def _identify(values: np.ndarray, allowed: set[str]) -> str | None:
 
 
 def _upstream(value: ir.Value, depth: int = 4) -> list[ir.Value]:
-    """value and the data tensors it is computed from through elementwise ops with constants."""
-    chain = [value]
+    """value and the tensors it is computed from through elementwise ops (the candidates for x),
+    nearest first."""
+    found, frontier = [value], [value]
     for _ in range(depth):
-        node = value.producer()
-        if node is None or node.op_type not in _BINARY | {"Neg", "Identity"}:
-            break
-        data = [v for v in node.inputs if v is not None and const_array(v) is None]
-        if len(set(data)) != 1:
-            break
-        value = data[0]
-        chain.append(value)
-    return chain
+        nxt = []
+        for v in frontier:
+            node = v.producer()
+            if node is None or node.op_type not in _BINARY | _UNARY:
+                continue
+            for inp in node.inputs:
+                if inp is not None and const_array(inp) is None and inp not in found:
+                    found.append(inp)
+                    nxt.append(inp)
+        frontier = nxt
+    return found
 
 
 def _downstream(value: ir.Value, depth: int = 5) -> list[ir.Value]:

@@ -14,6 +14,7 @@ from typing import ClassVar
 
 import onnx_ir as ir
 
+from onnxq.bias_correction import correct_biases
 from onnxq.calibrate import CALIBRATORS, Range, calibrate_activations
 from onnxq.errors import OnnxqError
 from onnxq.graph import Namer, const_array, opset_version
@@ -40,6 +41,7 @@ class Quantize(GraphPass):
     bins: int = 2048
     exclude: list[str] = field(default_factory=list)
     unknown_ops: str = "error"
+    bias_correction: bool = True
 
     def __post_init__(self):
         if self.calibrator not in CALIBRATORS:
@@ -60,7 +62,8 @@ class Quantize(GraphPass):
         data = ctx.require_calibration(self.name)
         plan = Planner(model.graph, target.table, exclude=self.exclude, unknown_ops=self.unknown_ops,
                        target=target.name).run()
-        ranges = calibrate_activations(model, [v.name for v in plan.activations], data, method=self.calibrator,
+        wanted = {plan.range_of.get(v, v).name for v in plan.activations}
+        ranges = calibrate_activations(model, sorted(wanted), data, method=self.calibrator,
                                        symmetric=target.symmetric, percentile=self.percentile, bins=self.bins,
                                        show_progress=ctx.show_progress)
         ranges = _share_group_ranges(ranges, plan.scale_groups)
@@ -69,7 +72,7 @@ class Quantize(GraphPass):
         notes: dict[ir.Node, list[str]] = defaultdict(list)
 
         for value, slots in plan.activations.items():
-            r = ranges.get(value.name)
+            r = ranges.get(plan.range_of.get(value, value).name)
             if r is None or not r.finite or r.amax > 1e30:
                 plan.skipped[value] = f"calibrated range {r} is not usable: kept in float"
                 continue
@@ -78,6 +81,8 @@ class Quantize(GraphPass):
             for node, index in slots:
                 notes[node].append(f"input {index}: {act_fmt.dtype.name.lower()} per-tensor")
 
+        float_weights = {node.name: const_array(weight) for (weight, _), slots in plan.weights.items()
+                         for node, index in slots if index == 1}
         fmt = INT4_WEIGHT if self.weight_bits == 4 else INT8_WEIGHT
         for (weight, axis), slots in plan.weights.items():
             array = const_array(weight)
@@ -100,7 +105,8 @@ class Quantize(GraphPass):
             if node not in notes:
                 tag(node, FLOAT_REASON_KEY, reason)
         graph.sort()
-        return {"activations_quantized": len(plan.activations) - len(plan.skipped),
+        corrected = correct_biases(model, float_weights, data, show_progress=ctx.show_progress) if self.bias_correction else 0
+        return {"biases_corrected": corrected, "activations_quantized": len(plan.activations) - len(plan.skipped),
                 "weights_quantized": len(plan.weights), "kept_float": len(plan.float_reasons),
                 "skipped": len(plan.skipped)}
 

@@ -48,6 +48,11 @@ def spearman(model_path) -> dict[str, float]:
         for name in text_data.WORD_SETS}
 
 
+def score(result: anchors.AnchorResult) -> dict:
+    """Spearman of a quantizer's output, or its error when the quantizer failed."""
+    return spearman(result.output) if result.ok else {"error": result.error.splitlines()[-1]}
+
+
 def huge_scales(model_path, threshold: float = 1e3) -> list[tuple[str, float]]:
     """(quantized tensor, scale) for every QuantizeLinear whose scale exceeds threshold."""
     graph = onnx.load(str(model_path)).graph
@@ -183,8 +188,8 @@ def main() -> None:
 
     # 1. The ORT flow as documented (pre-process, then symmetric int8 QDQ, MinMax).
     base = anchors.ort_quantize(model, calib, OUT / "minilm_s8_pt.onnx")
-    report["ort_s8_pt_minmax"] = {"spearman": spearman(base.output), "notes": base.notes,
-                                  "huge_scales": huge_scales(base.output)}
+    report["ort_s8_pt_minmax"] = {"spearman": score(base), "notes": base.notes,
+                                  "huge_scales": huge_scales(base.output) if base.ok else None}
     print("ORT s8 per-tensor MinMax:", json.dumps(report["ort_s8_pt_minmax"], indent=1), flush=True)
 
     # 2. Exclusions. nodes_to_exclude on the Adds alone changes nothing: Softmax (quantizable)
@@ -198,12 +203,12 @@ def main() -> None:
     report["exclusions"] = {}
     for i, (label, excluded) in enumerate(variants.items()):
         r = anchors.ort_quantize(model, calib, OUT / f"minilm_excl{i}.onnx", nodes_to_exclude=excluded)
-        report["exclusions"][label] = {"spearman": spearman(r.output), "huge_scales": len(huge_scales(r.output))}
+        report["exclusions"][label] = {"spearman": score(r), "huge_scales": r.ok and len(huge_scales(r.output))}
         print(label, report["exclusions"][label], flush=True)
     unpadded = {k: v[calib["attention_mask"].min(1) == 1] for k, v in calib.items()}
     r = anchors.ort_quantize(model, unpadded, OUT / "minilm_unpadded_calib.onnx")
-    report["calibrated_without_padding"] = {"rows": len(unpadded["input_ids"]), "spearman": spearman(r.output),
-                                            "huge_scales": len(huge_scales(r.output))}
+    report["calibrated_without_padding"] = {"rows": len(unpadded["input_ids"]), "spearman": score(r),
+                                            "huge_scales": r.ok and len(huge_scales(r.output))}
     print("calibration rows without padding only:", report["calibrated_without_padding"], flush=True)
 
     # 3. With the mask path excluded, one op type at a time: where the rest of the loss is.
@@ -212,7 +217,7 @@ def main() -> None:
     for op in ("MatMul", "Add", "Mul", "LayerNormalization", "Gather"):
         r = anchors.ort_quantize(model, calib, OUT / f"minilm_only_{op}.onnx", op_types_to_quantize=[op],
                                  nodes_to_exclude=masked)
-        report["one_op_type"][op] = spearman(r.output)
+        report["one_op_type"][op] = score(r)
         print("only", op, report["one_op_type"][op], flush=True)
     report["residual_outliers"] = residual_outliers(calib)
     for row in report["residual_outliers"]:
@@ -223,7 +228,7 @@ def main() -> None:
                              for method in ("entropy", "percentile", "distribution") for pre in (False, True)]
     mm = anchors.ort_quantize(model, calib, OUT / "minilm_entropy_matmul.onnx", calibrate="entropy",
                               op_types_to_quantize=["MatMul"])
-    report["entropy_matmul_only"] = spearman(mm.output) if mm.ok else mm.error.splitlines()[-1]
+    report["entropy_matmul_only"] = score(mm)
     for row in report["calibrators"]:
         print(row, flush=True)
     print("entropy, MatMul only:", report["entropy_matmul_only"], flush=True)
@@ -239,7 +244,10 @@ def main() -> None:
         for tag, kw in (("s8s8_per_tensor", {}), ("s8s8_per_channel", {"per_channel": True}),
                         ("u8s8_per_channel", {"per_channel": True, "symmetric_activations": False})):
             r = anchors.ort_quantize(path, calib_set, OUT / f"{label}_{tag}.onnx", **kw)
-            variants[tag] = r.output
+            if r.ok:
+                variants[tag] = r.output
+            else:
+                print(label, tag, "failed:", r.error.splitlines()[-1], flush=True)
         report["fused_ops"][label] = {tag: fused_ops(p) for tag, p in variants.items() if tag != "fp32"}
         report["latency_ms"][label] = {f"{t}_threads": interleaved_latency(variants, feeds, threads=t) for t in (1, 2)}
         print(label, json.dumps(report["latency_ms"][label]), json.dumps(report["fused_ops"][label]), flush=True)

@@ -48,7 +48,7 @@ def _import_models():
     """onnxq.models, or the repository's models/ folder loaded under that name where onnxq is not
     installed or its package init cannot import (the GPU machine runs from a bare copy of the tree)."""
     try:
-        from onnxq.models import petr, petr_data, petr_eval  # noqa: F401
+        import onnxq.models  # noqa: F401
     except ImportError:
         import types
 

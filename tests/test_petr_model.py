@@ -15,6 +15,15 @@ CHECKPOINTS = Path(__file__).resolve().parents[1] / "models" / "checkpoints"
 SMALL_RIG = petr_data.CameraRig(image_hw=(64, 176))
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tensors are small: more threads only add synchronisation, which costs seconds on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def small_config(**overrides) -> petr.PETRConfig:
     """A PETR-tiny shrunk for fast tests: 64×176 images (4×11 features), 8 depth bins, 20 queries."""
     values = dict(image_hw=(64, 176), backbone_channels=(8, 8, 16, 16), embed_dims=32, num_heads=4, ffn_dims=64,

@@ -1,0 +1,373 @@
+"""Benchmark (not a test) of fully quantized graphs: issue 4.
+
+1. Function level: every supported function over its benchmark range; DULUT 32+32 against uniform
+   LUTs of 256 and 64 entries and the I-LLM integer form: max and mean error in INT8 output steps.
+2. all-MiniLM-L6-v2: FP32; onnxq W8A8 with GELU/Softmax/LayerNorm left in float; onnxq full-int8
+   (all of them replaced) and variants/ablations; ONNX Runtime quantize_static and NVIDIA ModelOpt.
+   Spearman on WordSim-353 and SimLex-999, mean cosine of the word embeddings to FP32, coverage,
+   TensorRT lint, ORT CPU latency.
+3. SmolLM2-135M: perplexity of FP32, W8A8 (nonlinear ops in float) and full-int8 (SiLU, Softmax,
+   RMSNorm replaced), each with and without the transformer rotation passes; ORT CPU latency.
+
+Run:  python scripts/bench_full_int8.py [--quick] [--skip-smollm2] [--skip-anchors]
+Writes scripts/results/full_int8{,_quick}.json and .md. Derived models are cached under
+.cache/full_int8/ (git-ignored); --quick uses fewer functions, words, windows and runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("ONNXQ_CACHE_DIR", str(REPO / ".cache" / "full_int8"))
+
+from onnxq.integer_ref import di_exp_function, di_sigmoid_function  # noqa: E402
+from onnxq.lut import DEFAULT_RANGES, FUNCTIONS, build_dulut, build_uniform, fidelity, output_step  # noqa: E402
+from onnxq.qdq_rules import NONLINEAR, NORMALISATION  # noqa: E402
+
+_NONLINEAR = set(NONLINEAR) | set(NORMALISATION)
+
+RESULTS = REPO / "scripts" / "results"
+WORK = Path(os.environ["ONNXQ_CACHE_DIR"])
+REPLACING = ("qans", "dulut", "integer_ops")
+FUNCTION_NAMES = ["gelu", "gelu_tanh", "silu", "sigmoid", "softplus", "tanh", "hardswish", "exp"]
+
+
+def log(*args):
+    print(*args, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. Function level
+
+
+def illm_form(name: str, x: np.ndarray, lo: float, hi: float) -> np.ndarray | None:
+    """The integer-only form of `name` the I-LLM family uses (8-bit input), None where it has none.
+
+    exp: DI-Exp; sigmoid: DI-Exp based e(0)/(e(0)+e(-|x|)); SiLU: x_q·σ (DI-SwiGLU); GELU (both
+    forms): x_q·σ(1.702·x), I-ViT's ShiftGELU; tanh: 2σ(2x) - 1."""
+    amax = max(abs(lo), abs(hi))
+    xq = np.clip(np.round(x / (amax / 127)), -127, 127) * (amax / 127)
+    if name == "exp":
+        return di_exp_function(x, lo)
+    if name == "sigmoid":
+        return di_sigmoid_function(x, amax)
+    if name == "silu":
+        return xq * di_sigmoid_function(x, amax)
+    if name in ("gelu", "gelu_tanh"):
+        return xq * di_sigmoid_function(1.702 * x, 1.702 * amax)
+    if name == "tanh":
+        return 2 * di_sigmoid_function(2 * x, 2 * amax) - 1
+    return None
+
+
+def function_table(names: list[str]) -> list[dict]:
+    rows = []
+    for name in names:
+        lo, hi = DEFAULT_RANGES[name]
+        fn = FUNCTIONS[name]
+        start = time.perf_counter()
+        dulut = build_dulut(name, lo, hi, (32, 32))
+        seconds = time.perf_counter() - start
+        row = {"function": name, "range": [lo, hi], "output_step": output_step(fn, lo, hi),
+               "dulut_32_32": _fid(fidelity(dulut, name, lo, hi)), "dulut_seconds": round(seconds, 2),
+               "dulut_warp_only": round(dulut.history[0], 4),
+               "uniform_256": _fid(fidelity(build_uniform(name, lo, hi, 256), name, lo, hi)),
+               "uniform_64": _fid(fidelity(build_uniform(name, lo, hi, 64), name, lo, hi)),
+               "uniform_64_plain": _fid(fidelity(build_uniform(name, lo, hi, 64, fit=False), name, lo, hi)),
+               "uniform_32": _fid(fidelity(build_uniform(name, lo, hi, 32), name, lo, hi))}
+        x = np.linspace(lo, hi, 20001)
+        approx = illm_form(name, x, lo, hi)
+        if approx is not None:
+            err = np.abs(approx - fn(x)) / row["output_step"]
+            row["illm_integer"] = {"max_steps": round(float(err.max()), 4), "mean_steps": round(float(err.mean()), 4)}
+        else:
+            row["illm_integer"] = None
+        rows.append(row)
+        log(f"  {name:10s} DULUT {row['dulut_32_32']['max_steps']:.3f}  U256 {row['uniform_256']['max_steps']:.4f}  "
+            f"U64 {row['uniform_64']['max_steps']:.3f}  I-LLM {approx is not None and row['illm_integer']['max_steps']}")
+    return rows
+
+
+def _fid(f) -> dict:
+    return {"max_steps": round(f.max_steps, 4), "mean_steps": round(f.mean_steps, 4)}
+
+
+# ------------------------------------------------------------------------------------------------
+# Recipes: the built-in full-int8, and what it is compared with
+
+
+def recipe(variant: str) -> list:
+    """Pass list of a variant, derived from the built-in full-int8 recipe (same quantize settings)."""
+    from onnxq.pipeline import load_recipe, make_pass
+
+    _, passes = load_recipe("full-int8")
+    base = [p for p in passes if p.name not in REPLACING]
+    by_name = {p.name: p for p in passes}
+    rot = [make_pass("fold_norm"), make_pass("rotate")]
+    qi = next(i for i, p in enumerate(base) if p.name == "quantize")
+    with_rot = base[:qi] + rot + base[qi:]
+    table = {
+        "w8a8": base,
+        "full-int8": passes,
+        "w8a8+qans": base + [by_name["qans"]],
+        "w8a8+dulut": base + [by_name["dulut"]],
+        "w8a8+integer_norm": base + [by_name["integer_ops"]],
+        "full-int8-lut8": base + [by_name["qans"], make_pass("dulut", {"quantize_input": True}), by_name["integer_ops"]],
+        "full-int8-illm-softmax": base + [by_name["dulut"], make_pass("integer_ops", {"ops": ["softmax", "norm"]})],
+        "w8a8+rotate": with_rot,
+        "full-int8+rotate": with_rot + [p for p in passes if p.name in REPLACING],
+    }
+    return table[variant]
+
+
+def quantize_variant(model_path: Path, calib: dict, variant: str, out: Path, batch_size: int) -> dict:
+    from onnxq.api import quantize
+
+    start = time.perf_counter()
+    quantize(str(model_path), calib, output=str(out), recipe=recipe(variant), batch_size=batch_size,
+             show_progress=False, log=lambda *_: None)
+    seconds = time.perf_counter() - start
+    return {"quantize_seconds": round(seconds, 1), **model_facts(out)}
+
+
+def model_facts(path: Path) -> dict:
+    from onnxq.inspection import inspect_model
+    from onnxq.lint import lint, passed
+    from onnxq.modelio import load_model
+
+    model = load_model(str(path))
+    info = inspect_model(model)
+    results = lint(model)
+    fid = info.fidelity
+    return {"path": str(path), "nodes": sum(info.op_counts.values()) + sum(info.qdq.values()),
+            "coverage_by_count": round(info.coverage_by_count, 4), "coverage_by_flops": round(info.coverage_by_flops, 4),
+            "nonlinear_ops": info.nonlinear_ops, "nonlinear_replaced": info.nonlinear_replaced,
+            "nonlinear_coverage": round(info.nonlinear_coverage, 4),
+            "remaining_nonlinear": sorted({op for op in info.op_counts if op in _NONLINEAR}),
+            "lint": "pass" if passed(results) else "FAIL " + ",".join(r.rule for r in results if r.status == "FAIL"),
+            "fidelity_max_steps": {f: round(max(e["max_steps"] for e in fid if e["function"] == f), 3)
+                                   for f in sorted({e["function"] for e in fid if "max_steps" in e})},
+            "fidelity_mean_steps": {f: round(float(np.mean([e["mean_steps"] for e in fid if e["function"] == f])), 3)
+                                    for f in sorted({e["function"] for e in fid if "mean_steps" in e})}}
+
+
+def latency(path: Path, feeds: dict, runs: int) -> dict:
+    sys.path.insert(0, str(REPO / "scripts"))
+    from latency import ort_latency_ms
+
+    return {k: round(v, 2) for k, v in ort_latency_ms(path, feeds, runs=runs, warmup=max(2, runs // 10)).items()}
+
+
+@contextlib.contextmanager
+def in_directory(path: Path):
+    """ORT's quant_pre_process writes uuid-named external-data files into the working directory."""
+    old = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. MiniLM
+
+
+def minilm_calibration(n_sentences: int, n_words: int) -> dict:
+    """Wiki sentences of the calibration split plus single words from them (the evaluation embeds
+    single words), none of them a WordSim/SimLex word."""
+    from models import minilm, text_data
+
+    sentences = text_data.wiki_sentences("calib")
+    eval_words = {w.lower() for d in text_data.WORD_SETS for pair in text_data.word_pairs(d)[0] for w in pair}
+    vocab = sorted({w.lower() for s in sentences for w in re.findall(r"[A-Za-z]{3,}", s)} - eval_words)
+    words = list(np.random.default_rng(0).choice(vocab, n_words, replace=False))
+    return minilm.tokenize(sentences[:n_sentences] + words, 32)
+
+
+def minilm_eval(path: Path, words: list[str], ref: np.ndarray | None) -> tuple[dict, np.ndarray]:
+    import onnxruntime as ort
+
+    from models import minilm, text_data
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    vectors = minilm.embed(sess, words)
+    index = {w: i for i, w in enumerate(words)}
+    out = {}
+    for dataset in text_data.WORD_SETS:
+        out[dataset] = round(text_data.word_similarity_spearman(lambda ws: vectors[[index[w] for w in ws]], dataset), 4)
+    if ref is not None:
+        out["cosine_to_fp32"] = round(float(np.mean(np.sum(vectors * ref, axis=1))), 5)
+    return out, vectors
+
+
+def _anchors():
+    sys.path.insert(0, str(REPO / "scripts"))
+    import anchors
+
+    return anchors
+
+
+def run_minilm(args) -> dict:
+    from models import minilm, text_data
+
+    fp32 = minilm.cached_onnx()
+    calib = minilm_calibration(32 if args.quick else 96, 48 if args.quick else 160)
+    words = sorted({w for d in text_data.WORD_SETS for pair in text_data.word_pairs(d)[0] for w in pair})
+    feeds = minilm.tokenize(text_data.wiki_sentences("eval")[:8], 64)
+    runs = 10 if args.quick else 40
+    result = {"calibration_samples": int(len(calib["input_ids"])), "eval_words": len(words),
+              "latency_feed": "8 sentences x 64 tokens", "models": {}}
+    scores, ref = minilm_eval(fp32, words, None)
+    result["models"]["fp32"] = {**scores, "cosine_to_fp32": 1.0, "latency_ms": latency(fp32, feeds, runs),
+                                **model_facts(fp32)}
+    log("  fp32", scores)
+    variants = ["w8a8", "full-int8"] if args.quick else [
+        "w8a8", "full-int8", "full-int8-lut8", "full-int8-illm-softmax", "w8a8+qans", "w8a8+dulut",
+        "w8a8+integer_norm"]
+    for variant in variants:
+        out = WORK / "minilm" / f"{variant}.onnx"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        facts = quantize_variant(fp32, calib, variant, out, batch_size=16)
+        scores, _ = minilm_eval(out, words, ref)
+        lat = latency(out, feeds, runs) if variant in ("w8a8", "full-int8", "full-int8-lut8") else None
+        result["models"][f"onnxq {variant}"] = {**scores, "latency_ms": lat, **facts}
+        log(f"  onnxq {variant}", scores, lat)
+    if not args.skip_anchors:
+        anchors = _anchors()
+        with tempfile.TemporaryDirectory(prefix="anchors-") as tmp, in_directory(Path(tmp)):
+            runs_anchor = [("ort s8 per-channel minmax", lambda o: anchors.ort_quantize(
+                               fp32, calib, o, per_channel=True, calibrate="minmax", symmetric_activations=True)),
+                           ("modelopt int8 max", lambda o: anchors.modelopt_quantize(fp32, calib, o,
+                                                                                     calibration_method="max")),
+                           ("modelopt int8 entropy", lambda o: anchors.modelopt_quantize(fp32, calib, o))]
+            for name, fn in runs_anchor[:1] if args.quick else runs_anchor:
+                out = WORK / "minilm" / (name.replace(" ", "_") + ".onnx")
+                res = fn(out)
+                if not res.ok:
+                    result["models"][name] = {"error": res.error.splitlines()[-1] if res.error else "failed"}
+                    log(f"  {name} FAILED: {result['models'][name]['error']}")
+                    continue
+                scores, _ = minilm_eval(res.output, words, ref)
+                result["models"][name] = {**scores, "quantize_seconds": round(res.seconds, 1),
+                                          "latency_ms": latency(res.output, feeds, runs), **model_facts(res.output)}
+                log(f"  {name}", scores)
+    return result
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. SmolLM2
+
+
+def run_smollm2(args) -> dict:
+    from models import smollm2
+
+    fp32 = smollm2.cached_onnx()
+    n_cal, n_eval = (4, 4) if args.quick else (16, 24)
+    calib = smollm2.calibration_feeds(n_cal)
+    windows = smollm2.eval_windows(n_eval)
+    feeds = {"input_ids": windows[:1], "attention_mask": np.ones_like(windows[:1])}
+    runs = 3 if args.quick else 10
+    result = {"calibration_windows": n_cal, "eval_windows": n_eval, "seq_len": int(windows.shape[1]),
+              "latency_feed": f"1 x {windows.shape[1]} tokens", "models": {}}
+    ppl = smollm2.perplexity(str(fp32), windows)
+    result["models"]["fp32"] = {**ppl, "latency_ms": latency(fp32, feeds, runs), **model_facts(fp32)}
+    log("  fp32", ppl)
+    variants = ["w8a8", "full-int8"] if args.quick else ["w8a8", "full-int8", "w8a8+rotate", "full-int8+rotate"]
+    for variant in variants:
+        out = WORK / "smollm2" / f"{variant}.onnx"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            facts = quantize_variant(fp32, calib, variant, out, batch_size=1)
+        except Exception as exc:  # noqa: BLE001 - a failing variant is a result
+            result["models"][f"onnxq {variant}"] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0]}"}
+            log(f"  onnxq {variant} FAILED", result["models"][f"onnxq {variant}"])
+            continue
+        ppl = smollm2.perplexity(str(out), windows)
+        ppl["ppl_vs_fp32"] = round(ppl["ppl"] / result["models"]["fp32"]["ppl"] - 1, 4)
+        lat = latency(out, feeds, runs) if variant in ("w8a8", "full-int8") else None
+        result["models"][f"onnxq {variant}"] = {**ppl, "latency_ms": lat, **facts}
+        log(f"  onnxq {variant}", ppl, lat)
+    return result
+
+
+# ------------------------------------------------------------------------------------------------
+# Report
+
+
+def markdown(res: dict) -> str:
+    lines = [f"# Fully quantized graphs (issue 4){' — quick run' if res['quick'] else ''}", "",
+             f"{res['machine']}; command: `{res['command']}`; {res['seconds']:.0f} s.", ""]
+    lines += ["## Function level: max (mean) error in INT8 output steps, (max f - min f)/255 over the range", "",
+              "| function | range | DULUT 32+32 | warp only | uniform 256 | uniform 64 | uniform 64 (f at grid) | uniform 32 | I-LLM integer |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in res["functions"]:
+        cell = lambda d: "—" if d is None else f"{d['max_steps']:.3f} ({d['mean_steps']:.3f})"  # noqa: E731
+        lines.append(f"| {r['function']} | [{r['range'][0]:g}, {r['range'][1]:g}] | {cell(r['dulut_32_32'])} | "
+                     f"{r['dulut_warp_only']:.3f} | {cell(r['uniform_256'])} | {cell(r['uniform_64'])} | "
+                     f"{cell(r['uniform_64_plain'])} | {cell(r['uniform_32'])} | {cell(r['illm_integer'])} |")
+    for key, title, metrics in (("minilm", "all-MiniLM-L6-v2", ("wordsim353", "simlex999", "cosine_to_fp32")),
+                                ("smollm2", "SmolLM2-135M", ("ppl", "ppl_vs_fp32"))):
+        if key not in res:
+            continue
+        lines += ["", f"## {title}", "", "| model | " + " | ".join(metrics) +
+                  " | nonlinear coverage | coverage (count / FLOPs) | remaining nonlinear ops | worst table/integer error (steps) | lint | latency ms (median) |",
+                  "|---|" + "---|" * (len(metrics) + 6)]
+        for name, m in res[key]["models"].items():
+            if "error" in m:
+                lines.append(f"| {name} | failed: {m['error']} |")
+                continue
+            worst = ", ".join(f"{f} {v:g}" for f, v in m.get("fidelity_max_steps", {}).items()) or "—"
+            lat = m.get("latency_ms")
+            lines.append(f"| {name} | " + " | ".join(str(m.get(k, "—")) for k in metrics) +
+                         f" | {m['nonlinear_coverage']:.0%} | {m['coverage_by_count']:.0%} / {m['coverage_by_flops']:.1%} | "
+                         f"{', '.join(m['remaining_nonlinear']) or 'none'} | {worst} | {m['lint']} | "
+                         f"{lat['median_ms'] if lat else '—'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: fewer functions, samples and runs")
+    parser.add_argument("--skip-minilm", action="store_true")
+    parser.add_argument("--skip-smollm2", action="store_true")
+    parser.add_argument("--skip-anchors", action="store_true", help="no ORT quantize_static / ModelOpt")
+    parser.add_argument("--out", default=str(RESULTS))
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    res = {"quick": args.quick, "command": " ".join(["python scripts/bench_full_int8.py", *(argv or sys.argv[1:])]),
+           "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, onnxruntime "
+                      f"{__import__('onnxruntime').__version__}"}
+    log("function level")
+    res["functions"] = function_table(FUNCTION_NAMES[:3] + ["exp"] if args.quick else FUNCTION_NAMES)
+    if not args.skip_minilm:
+        log("all-MiniLM-L6-v2")
+        res["minilm"] = run_minilm(args)
+    if not args.skip_smollm2:
+        log("SmolLM2-135M")
+        res["smollm2"] = run_smollm2(args)
+    res["seconds"] = time.perf_counter() - start
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = "full_int8_quick" if args.quick else "full_int8"
+    (out / f"{stem}.json").write_text(json.dumps(res, indent=2, default=str))
+    (out / f"{stem}.md").write_text(markdown(res))
+    log(f"wrote {out / stem}.json and .md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
