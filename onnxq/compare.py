@@ -54,7 +54,7 @@ class _Accumulator:
         norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
         self.cos_sum += float(np.sum(np.where(norms > 0, np.sum(a * b, axis=1) / np.maximum(norms, 1e-30), 1.0)))
         self.samples += len(a)
-        if ref.ndim >= 2 and ref.shape[-1] > 1:
+        if ref.ndim in (2, 3) and ref.shape[-1] > 1:  # class scores, or per-token logits
             self.top1_hits += int(np.sum(ref.argmax(-1) == out.argmax(-1)))
             self.top1_total += int(np.prod(ref.shape[:-1]))
 

@@ -13,6 +13,8 @@ from onnxq.passes import (  # noqa: F401  (imported for registration)
     fold_norm,
     integer_ops,
     lift_constants,
+    pe_fold,
+    petr_pe,
     qans,
     quantize,
     rotate,

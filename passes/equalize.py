@@ -41,30 +41,44 @@ class Equalize(GraphPass):
 
     def apply(self, model: ir.Model, ctx: PassContext) -> dict:
         graph, namer = model.graph, Namer(model.graph)
-        for conv1, _, _ in _chains(graph):  # Clip → Relu + per-channel bounds, once, before scaling
-            _clip_to_bounds(graph, namer, conv1)
-        chains = _chains(graph)
-        stats = self._statistics(model, chains, ctx) if self.use_data and ctx.calibration is not None else None
         per_channel = (self.weights if self.weights != "auto" else ctx.notes.get("weights", "per-channel")) == "per-channel"
+        use_data = self.use_data and ctx.calibration is not None
+        chains = self._select(graph, namer, per_channel, use_data, ctx.target)
+        stats = self._statistics(model, chains, ctx) if use_data and chains else None
         for conv1, _, conv2 in chains:  # the tensors between the pair now hold rescaled values
             _rename_rescaled(conv1, conv2)
         for _ in range(1 if stats else self.iterations):
             for conv1, bounds, conv2 in chains:
-                w1 = const_array(private_weight(graph, namer, conv1, 1))
-                w2 = const_array(private_weight(graph, namer, conv2, 1))
-                group = attr(conv2, "group", 1)
-                if stats:
-                    s = best_scales(w1, _by_input_channel(w2, group), stats[conv2.name], per_channel, self.max_scale)
-                else:
-                    r1 = np.abs(w1).reshape(w1.shape[0], -1).max(axis=1)
-                    s = np.clip(data_free_scales(r1, _input_channel_range(w2, group)),
-                                1 / self.max_scale, self.max_scale).astype(np.float32)
+                s = self._scales(graph, namer, conv1, conv2, stats and stats[conv2.name], per_channel)
                 _scale_output_channels(graph, namer, conv1, 1 / s)
                 _scale_input_channels(conv2, s)
                 for node in bounds:
                     bound = node.inputs[1]
                     replace_initializer(bound, (const_array(bound) / s.reshape(-1, 1, 1)).astype(np.float32))
         return {"pairs_equalised": len(chains), "scales_from": "calibration data" if stats else "weights only"}
+
+    def _select(self, graph, namer, per_channel: bool, use_data: bool, target: str):
+        """The chains worth equalising, with their Clips already rewritten into per-channel bounds."""
+        # With per-channel weights, rescaling is free only where the second conv is grouped (each
+        # input channel has its own filters); into a dense conv it trades activation noise for
+        # weight noise, which measured worse on MobileNetV2, so those chains are left alone.
+        chosen = [c for c in _chains(graph) if not (use_data and per_channel and attr(c[2], "group", 1) == 1)]
+        if target == "ort-cpu":  # per-channel bounds (rescaled ReLU6) have no integer kernel in ORT
+            chosen = [c for c in chosen if not _bounded_above(c[0])]
+        for conv1, _, _ in chosen:  # Clip → Relu + per-channel bounds, once, before any scaling
+            _clip_to_bounds(graph, namer, conv1)
+        firsts = {conv1 for conv1, _, _ in chosen}
+        return [c for c in _chains(graph) if c[0] in firsts]
+
+    def _scales(self, graph, namer, conv1, conv2, stats: ChainStats | None, per_channel: bool) -> np.ndarray:
+        w1 = const_array(private_weight(graph, namer, conv1, 1))
+        w2 = const_array(private_weight(graph, namer, conv2, 1))
+        group = attr(conv2, "group", 1)
+        if stats is not None:
+            return best_scales(w1, _by_input_channel(w2, group), stats, per_channel, self.max_scale)
+        r1 = np.abs(w1).reshape(w1.shape[0], -1).max(axis=1)
+        s = data_free_scales(r1, _input_channel_range(w2, group))
+        return np.clip(s, 1 / self.max_scale, self.max_scale).astype(np.float32)
 
     def _statistics(self, model: ir.Model, chains, ctx: PassContext) -> dict[str, ChainStats]:
         """Per-channel magnitude and mean square of each chain's middle tensor, one streaming sweep."""
@@ -95,6 +109,16 @@ def _chains(graph: ir.Graph) -> list[tuple[ir.Node, list[ir.Node], ir.Node]]:
                 and _input_channels(node) == const_array(conv1.inputs[1]).shape[0]:
             found.append((conv1, bounds, node))
     return found
+
+
+def _bounded_above(conv1: ir.Node) -> bool:
+    """Whether a Clip with an upper bound (ReLU6) sits between conv1 and the next conv."""
+    node = only_consumer(conv1.outputs[0])
+    while node is not None and node.op_type in ("Relu", "LeakyRelu", "Clip", *_BOUNDS):
+        if node.op_type == "Min" or (node.op_type == "Clip" and len(node.inputs) > 2 and node.inputs[2] is not None):
+            return True
+        node = only_consumer(node.outputs[0])
+    return False
 
 
 def _rename_rescaled(conv1: ir.Node, conv2: ir.Node) -> None:

@@ -14,6 +14,7 @@ AnchorResult with the output path, wall time and the error text when the quantiz
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -104,7 +105,7 @@ def ort_quantize(
     """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    model_path, output = Path(model_path), Path(output)
+    model_path, output = Path(model_path).resolve(), Path(output).resolve()
     output.parent.mkdir(parents=True, exist_ok=True)
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
               "percentile": CalibrationMethod.Percentile,
@@ -116,7 +117,8 @@ def ort_quantize(
     batch = _static_batch(model_path) or batch_size
     notes: list[str] = []
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="ort-anchor-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="ort-anchor-") as tmp, _working_dir(tmp):
+        # ORT's calibrator writes augmented models (and external-data files) into the working dir
         try:
             source = _pre_process(model_path, Path(tmp) / "preprocessed.onnx", notes) if preprocess else model_path
             quantize_static(
@@ -130,6 +132,16 @@ def ort_quantize(
         except Exception:  # noqa: BLE001 - an anchor that crashes is a result, not a benchmark failure
             return AnchorResult(name, None, time.perf_counter() - start, _tail(traceback.format_exc()), notes=notes)
     return AnchorResult(name, output, time.perf_counter() - start, notes=notes)
+
+
+@contextlib.contextmanager
+def _working_dir(path):
+    previous = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
 
 
 def _pre_process(model_path: Path, out: Path, notes: list[str]) -> Path:
@@ -176,7 +188,7 @@ def modelopt_quantize(
     calibration_method: 'entropy' (ModelOpt's int8 default) or 'max'. ModelOpt quantizes
     weights per channel and activations per tensor, symmetric, and places Q/DQ for TensorRT.
     """
-    model_path, output = Path(model_path), Path(output)
+    model_path, output = Path(model_path).resolve(), Path(output).resolve()
     output.parent.mkdir(parents=True, exist_ok=True)
     python = ensure_modelopt()
     name = f"modelopt-int8-{calibration_method}"

@@ -1,0 +1,172 @@
+"""Benchmark of the core quantizer (not a test): onnxq against ONNX Runtime's quantize_static and
+NVIDIA ModelOpt, on the same models and data, side by side in one run.
+
+    python scripts/bench_core.py [--quick] [--out scripts/results/bench_core]
+
+Models: MobileNetV2 (ImageNet weights; top-1/top-5 agreement with FP32 on 300 crops of photos
+that calibration never sees) and all-MiniLM-L6-v2 (Spearman on WordSim-353 and SimLex-999, mean
+cosine to the FP32 sentence embeddings). Per quantizer: the task metric, quantization wall time,
+the TensorRT lint verdict, and ONNX Runtime CPU latency at batch 1 (one thread, runs alternating
+between the models in one process). Writes <out>.json and <out>.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import anchors  # noqa: E402
+import onnxq  # noqa: E402
+from onnxq.lint import lint, passed  # noqa: E402
+from onnxq.modelio import load_model  # noqa: E402
+from onnxq.models import images, minilm, mobilenet_v2, text_data  # noqa: E402
+from onnxq.models.cache import cache_dir  # noqa: E402
+from onnxq.runtime import latency_ms, session  # noqa: E402
+
+
+@dataclass
+class Row:
+    quantizer: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    seconds: float | None = None
+    lint: str = "-"
+    latency_ms: float | None = None
+    error: str | None = None
+    notes: str = ""
+
+
+def quantizers(fp32: Path, calib: dict[str, np.ndarray], out: Path) -> dict[str, Callable[[], tuple[Path, str]]]:
+    """name → a function that quantizes and returns (path, notes)."""
+
+    def run_onnxq(name: str, **kw):
+        def go():
+            path = out / f"{name}.onnx"
+            onnxq.quantize(fp32, calib, output=path, show_progress=False, log=lambda *_: None, **kw)
+            return path, f"recipe {load_model(path).metadata_props.get('onnxq.recipe')}"
+        return go
+
+    def run_anchor(fn, name: str, **kw):
+        def go():
+            result = fn(fp32, calib, out / f"{name}.onnx", **kw)
+            if not result.ok:
+                raise RuntimeError(result.error.strip().splitlines()[-1])
+            return result.output, "; ".join(getattr(result, "notes", []) or [])
+        return go
+
+    return {
+        "onnxq (per-channel)": run_onnxq("onnxq_pc"),
+        "onnxq (per-tensor)": run_onnxq("onnxq_pt", per_tensor=True),
+        "onnxq --target ort-cpu": run_onnxq("onnxq_ortcpu", target="ort-cpu"),
+        "ORT quantize_static s8 per-tensor": run_anchor(anchors.ort_quantize, "ort_s8_pt"),
+        "ORT quantize_static s8 per-channel": run_anchor(anchors.ort_quantize, "ort_s8_pc", per_channel=True),
+        "ORT quantize_static u8s8 per-channel": run_anchor(anchors.ort_quantize, "ort_u8_pc", per_channel=True,
+                                                           symmetric_activations=False),
+        "ModelOpt INT8": run_anchor(anchors.modelopt_quantize, "modelopt"),
+    }
+
+
+def benchmark(name: str, fp32: Path, calib: dict, evaluate: Callable[[Path], dict], feed: dict, out: Path) -> list[Row]:
+    rows = [Row("FP32", evaluate(fp32), lint="-")]
+    paths = {"FP32": fp32}
+    for label, quantize in quantizers(fp32, calib, out).items():
+        print(f"[{name}] {label} ...", flush=True)
+        row = Row(label)
+        start = time.perf_counter()
+        try:
+            path, row.notes = quantize()
+        except Exception as exc:  # noqa: BLE001  (a quantizer that fails is a result)
+            row.error = str(exc)[:300]
+            rows.append(row)
+            continue
+        row.seconds = round(time.perf_counter() - start, 1)
+        row.metrics = evaluate(path)
+        row.lint = "pass" if passed(lint(load_model(path))) else "FAIL"
+        paths[label] = path
+        rows.append(row)
+    sessions = {label: session(path, threads=1) for label, path in paths.items()}
+    times = latency_ms(sessions, feed, runs=60, warmup=5)
+    for row in rows:
+        row.latency_ms = round(times[row.quantizer], 2) if row.quantizer in times else None
+    return rows
+
+
+def mobilenet(out: Path, quick: bool) -> list[Row]:
+    fp32 = mobilenet_v2.cached_onnx()
+    calib = {"input": images.crops("calib", 32 if quick else 128)}
+    evaluation = images.crops("eval", 60 if quick else 300)
+    reference = session(fp32).run(None, {"input": evaluation})[0]
+
+    def evaluate(path):
+        logits = session(path).run(None, {"input": evaluation})[0]
+        top5 = np.argsort(-logits, axis=1)[:, :5]
+        ref1 = reference.argmax(1)
+        return {"top1_agreement": float(np.mean(logits.argmax(1) == ref1)),
+                "top5_agreement": float(np.mean([r in t for r, t in zip(ref1, top5)]))}
+
+    return benchmark("MobileNetV2", fp32, calib, evaluate, {"input": evaluation[:1]}, out)
+
+
+def minilm_bench(out: Path, quick: bool) -> list[Row]:
+    fp32 = minilm.cached_onnx()
+    calib_sentences = text_data.wiki_sentences("calib")
+    pick = np.random.default_rng(0).choice(len(calib_sentences), 32 if quick else 128, replace=False)
+    calib = minilm.tokenize([calib_sentences[i] for i in pick], max_length=32)
+    eval_sentences = text_data.wiki_sentences("eval")[: 64 if quick else 300]
+    reference = minilm.embed(session(fp32), eval_sentences, max_length=32)
+
+    def evaluate(path):
+        sess = session(path)
+        emb = minilm.embed(sess, eval_sentences, max_length=32)
+        metrics = {f"spearman_{ds}": text_data.word_similarity_spearman(
+            lambda words: minilm.embed(sess, words, max_length=16), ds) for ds in text_data.WORD_SETS}
+        metrics["cosine_to_fp32"] = float(np.mean(np.sum(emb * reference, axis=1)))
+        return metrics
+
+    feed = minilm.tokenize(["quantization keeps the meaning of this sentence intact"], max_length=128)
+    return benchmark("MiniLM", fp32, calib, evaluate, feed, out)
+
+
+def markdown(results: dict[str, list[Row]]) -> str:
+    parts = []
+    for model, rows in results.items():
+        keys = sorted({k for r in rows for k in r.metrics})
+        body = [[r.quantizer, *[f"{r.metrics[k]:.4f}" if k in r.metrics else "-" for k in keys],
+                 "-" if r.seconds is None else r.seconds, r.lint, "-" if r.latency_ms is None else r.latency_ms,
+                 r.error or r.notes] for r in rows]
+        headers = ["quantizer", *keys, "quantize s", "TensorRT lint", "latency ms (b=1, 1 thread)", "notes"]
+        parts.append(f"### {model}\n\n| " + " | ".join(headers) + " |\n|" + "---|" * len(headers) + "\n"
+                     + "\n".join("| " + " | ".join(str(c) for c in row) + " |" for row in body))
+    return "\n\n".join(parts) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer samples, for a smoke run")
+    parser.add_argument("--out", default="scripts/results/bench_core", help="output path without extension")
+    parser.add_argument("--models", default="mobilenet_v2,minilm", help="comma-separated subset")
+    args = parser.parse_args()
+    work = cache_dir("bench_core")
+    runners = {"mobilenet_v2": ("MobileNetV2", mobilenet), "minilm": ("all-MiniLM-L6-v2", minilm_bench)}
+    results = {}
+    for key in args.models.split(","):
+        label, run = runners[key]
+        results[label] = run(work, args.quick)
+        for row in results[label]:
+            print(row, flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({m: [vars(r) for r in rows] for m, rows in results.items()}, indent=2))
+    out.with_suffix(".md").write_text(markdown(results))
+    print("\n" + markdown(results))
+
+
+if __name__ == "__main__":
+    main()
