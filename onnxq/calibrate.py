@@ -4,7 +4,7 @@ Collection streams batch by batch: the tensors to calibrate are exposed as extra
 batch's values update running statistics and are dropped, so memory holds one batch's activations
 at a time whatever the calibration set's size. Two sweeps: the first finds each tensor's range,
 the second fills a fixed-range histogram (2×`bins` bins over [-amax, amax]) for the calibrators
-that need a distribution.
+that need a distribution, from at most MAX_HISTOGRAM_SAMPLES values per tensor and batch.
 
 Calibrators choose a clipping threshold from a one-sided histogram of |x| (symmetric targets) or
 of each tail (asymmetric targets):
@@ -29,6 +29,9 @@ from onnxq.progress import progress
 from onnxq.runtime import exposing, run_batches, session
 
 CALIBRATORS = ("max", "percentile", "entropy", "mse")
+# Per tensor and batch, histograms see at most this many values (a strided subsample); ranges
+# always see every value.
+MAX_HISTOGRAM_SAMPLES = 1 << 18
 
 
 @dataclass
@@ -77,10 +80,10 @@ def observe_channel_stats(model: ir.Model, names: Sequence[str], data: Calibrati
     batches = progress(data, desc="channel statistics", total=len(data), unit="batch", disable=not show_progress)
     for _, outputs in run_batches(sess, batches, list(names)):
         for name, x in outputs.items():
-            flat = np.moveaxis(x, 1, 0).reshape(x.shape[1], -1).astype(np.float64)
-            amax[name] = np.maximum(amax.get(name, 0.0), np.abs(flat).max(axis=1))
-            sums[name] = sums.get(name, 0.0) + np.sum(flat ** 2, axis=1)
-            counts[name] = counts.get(name, 0) + flat.shape[1]
+            x = x.reshape(x.shape[0], x.shape[1], -1)  # (batch, channel, positions)
+            amax[name] = np.maximum(amax.get(name, 0.0), np.abs(x).max(axis=(0, 2)))
+            sums[name] = sums.get(name, 0.0) + np.einsum("bcp,bcp->c", x, x).astype(np.float64)
+            counts[name] = counts.get(name, 0) + x.shape[0] * x.shape[2]
     return {n: ChannelStats(amax[n], sums[n] / counts[n]) for n in amax}
 
 
@@ -96,7 +99,10 @@ def observe_histograms(model: ir.Model, ranges: dict[str, Range], data: Calibrat
     for _, outputs in run_batches(sess, batches, names):
         for name, x in outputs.items():
             amax = ranges[name].amax
-            index = ((x.ravel().astype(np.float64) + amax) * (bins / amax)).astype(np.int64)
+            flat = x.ravel()
+            if flat.size > MAX_HISTOGRAM_SAMPLES:  # a regular subsample keeps large tensors cheap
+                flat = flat[:: -(-flat.size // MAX_HISTOGRAM_SAMPLES)]
+            index = ((flat.astype(np.float64) + amax) * (bins / amax)).astype(np.int64)
             np.clip(index, 0, 2 * bins - 1, out=index)
             hists[name] += np.bincount(index, minlength=2 * bins)
     return hists

@@ -42,8 +42,8 @@ targets:
   ort-cpu    asymmetric UINT8 activations, Q/DQ around every op with an ORT integer kernel (fast on CPU)
 
 calibrators (activations):
-  entropy     TensorRT's KL-divergence threshold (default)   max          largest magnitude seen
-  percentile  99.99th percentile of |x|                        mse          least squared INT8 error
+  percentile  99.99th percentile of |x| (default)            max          largest magnitude seen
+  entropy     TensorRT's KL-divergence threshold             mse          least squared INT8 error
 
 examples:
   onnxq quantize mobilenet.onnx --calib photos.npz -o mobilenet.int8.onnx

@@ -36,30 +36,46 @@ def data_free_scales(r1: np.ndarray, r2: np.ndarray) -> np.ndarray:
         return np.where((r1 > 0) & (r2 > 0), np.sqrt(r1 / r2), 1.0)
 
 
-def chain_noise(s: np.ndarray, w1: np.ndarray, w2_by_input: np.ndarray, stats: ChainStats, per_channel: bool) -> float:
-    """Modelled INT8 noise power at the second conv's output for scales `s` (see module doc).
+@dataclass
+class SecondConv:
+    """The second conv's weight as (out, in-per-group, kernel) and, for each (out, in) slot, the middle
+    channel it reads, so grouped and depthwise convs need no dense expansion."""
 
-    `w2_by_input` is the second conv's weight as (out, in, kernel) with `in` the middle channels
-    (grouped convs expanded to dense, zeros where a group does not read a channel)."""
-    w2 = w2_by_input * s[None, :, None]
+    weight: np.ndarray
+    channel: np.ndarray
+
+    @classmethod
+    def of(cls, w2: np.ndarray, group: int) -> "SecondConv":
+        cout, cin_per_group = w2.shape[:2]
+        first = (np.arange(cout) // (cout // group)) * cin_per_group
+        return cls(w2.reshape(cout, cin_per_group, -1), first[:, None] + np.arange(cin_per_group)[None, :])
+
+    def input_range(self) -> np.ndarray:
+        """max |W2| over everything that reads each middle channel."""
+        r2 = np.zeros(self.channel.max() + 1)
+        np.maximum.at(r2, self.channel.ravel(), np.abs(self.weight).max(axis=2).ravel())
+        return r2
+
+
+def chain_noise(s: np.ndarray, w1: np.ndarray, conv2: SecondConv, stats: ChainStats, per_channel: bool) -> float:
+    """Modelled INT8 noise power at the second conv's output for scales `s` (see module doc)."""
+    w2 = conv2.weight * s[conv2.channel][:, :, None]
+    energy = np.sum(w2 ** 2, axis=2)  # per (out, in) slot
     dz = np.max(stats.amax / s) / 127
-    act = np.sum(w2 ** 2) * dz ** 2 / 12
+    act = np.sum(energy) * dz ** 2 / 12
     row_range = np.abs(w2).reshape(len(w2), -1).max(axis=1)
     d2 = row_range / 127 if per_channel else np.full_like(row_range, row_range.max() / 127)
-    reads = np.any(w2_by_input != 0, axis=2) * w2.shape[2]  # taps of row o on channel i (grouped: 0 outside)
-    weights2 = float(np.sum(d2 ** 2 * (reads @ (stats.mean_square / s ** 2)))) / 12
+    weights2 = np.sum(d2 ** 2 * np.sum(w2.shape[2] * (stats.mean_square / s ** 2)[conv2.channel], axis=1)) / 12
     r1 = np.abs(w1).reshape(len(w1), -1).max(axis=1) / s
     d1 = r1 / 127 if per_channel else np.full_like(r1, r1.max() / 127)
-    fan_in = w1[0].size
-    weights1 = np.sum(np.sum(w2 ** 2, axis=(0, 2)) * d1 ** 2) / 12 * fan_in * stats.input_mean_square
+    weights1 = np.sum(energy * d1[conv2.channel] ** 2) / 12 * w1[0].size * stats.input_mean_square
     return float(act + weights2 + weights1)
 
 
-def best_scales(w1: np.ndarray, w2_by_input: np.ndarray, stats: ChainStats, per_channel: bool,
-                max_scale: float) -> np.ndarray:
+def best_scales(w1: np.ndarray, conv2: SecondConv, stats: ChainStats, per_channel: bool, max_scale: float) -> np.ndarray:
     """The candidate s with the least modelled noise: powers of activation and weight ranges."""
     r1 = np.abs(w1).reshape(len(w1), -1).max(axis=1)
-    r2 = np.abs(w2_by_input).max(axis=(0, 2))
+    r2 = conv2.input_range()
     floor = lambda v: np.maximum(v, v.max() * 1e-6 + 1e-30)  # noqa: E731  (dead channels stay finite)
     a, r1f, r2f = floor(stats.amax), floor(r1), floor(r2)
     candidates = [np.ones_like(a), data_free_scales(r1, r2)]
@@ -69,7 +85,7 @@ def best_scales(w1: np.ndarray, w2_by_input: np.ndarray, stats: ChainStats, per_
     best, best_noise = candidates[0], np.inf
     for s in candidates:
         s = np.clip(s / np.exp(np.mean(np.log(s))), 1 / max_scale, max_scale)
-        noise = chain_noise(s, w1, w2_by_input, stats, per_channel)
+        noise = chain_noise(s, w1, conv2, stats, per_channel)
         if noise < best_noise:
             best, best_noise = s, noise
     return best.astype(np.float32)

@@ -78,18 +78,26 @@ def rule_scales(graph):
     return out
 
 
+def _on_weight(node: ir.Node) -> bool:
+    """Q of a constant, DQ of a constant, or DQ of the Q of a constant: weight (de)quantization."""
+    source = node.inputs[0]
+    if node.op_type == "DequantizeLinear" and source.producer() is not None and source.producer().op_type == "QuantizeLinear":
+        source = source.producer().inputs[0]
+    return const_array(source) is not None
+
+
 def rule_per_axis_weights_only(graph):
     out = []
     for n in _qdq_nodes(graph):
         scale = const_array(n.inputs[1])
-        if scale is not None and scale.size > 1 and not (n.op_type == "DequantizeLinear" and const_array(n.inputs[0]) is not None):
+        if scale is not None and scale.size > 1 and not _on_weight(n):
             out.append(f"{n.name}: per-axis scale on an activation")
     return out
 
 
 def rule_int4_weights_only(graph):
     return [f"{n.name}: INT4 on an activation" for n in _qdq_nodes(graph)
-            if _quantized_type(n) == ir.DataType.INT4 and not (n.op_type == "DequantizeLinear" and const_array(n.inputs[0]) is not None)]
+            if _quantized_type(n) == ir.DataType.INT4 and not _on_weight(n)]
 
 
 def rule_no_qoperator(graph):

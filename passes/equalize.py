@@ -20,7 +20,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxq.calibrate import observe_channel_stats
-from onnxq.equalization import ChainStats, best_scales, data_free_scales
+from onnxq.equalization import ChainStats, SecondConv, best_scales, data_free_scales
 from onnxq.graph import Namer, add_initializer, attr, const_array, only_consumer, private_weight, replace_initializer
 from onnxq.pipeline import GraphPass, Kind, PassContext, register
 
@@ -75,9 +75,9 @@ class Equalize(GraphPass):
         w2 = const_array(private_weight(graph, namer, conv2, 1))
         group = attr(conv2, "group", 1)
         if stats is not None:
-            return best_scales(w1, _by_input_channel(w2, group), stats, per_channel, self.max_scale)
+            return best_scales(w1, SecondConv.of(w2, group), stats, per_channel, self.max_scale)
         r1 = np.abs(w1).reshape(w1.shape[0], -1).max(axis=1)
-        s = data_free_scales(r1, _input_channel_range(w2, group))
+        s = data_free_scales(r1, SecondConv.of(w2, group).input_range())
         return np.clip(s, 1 / self.max_scale, self.max_scale).astype(np.float32)
 
     def _statistics(self, model: ir.Model, chains, ctx: PassContext) -> dict[str, ChainStats]:
@@ -170,26 +170,8 @@ def _clip_to_bounds(graph: ir.Graph, namer: Namer, conv1: ir.Node) -> None:
         node = only_consumer(node.outputs[0])
 
 
-def _by_input_channel(w2: np.ndarray, group: int) -> np.ndarray:
-    """W2 as (out, in, kernel) over all input channels; grouped convs get zeros outside their group."""
-    cout, cin_per_group = w2.shape[:2]
-    dense = np.zeros((cout, cin_per_group * group, int(np.prod(w2.shape[2:]))), np.float32)
-    rows = cout // group
-    for g in range(group):
-        dense[g * rows:(g + 1) * rows, g * cin_per_group:(g + 1) * cin_per_group] = \
-            w2[g * rows:(g + 1) * rows].reshape(rows, cin_per_group, -1)
-    return dense
-
-
 def _input_channels(conv: ir.Node) -> int:
     return const_array(conv.inputs[1]).shape[1] * attr(conv, "group", 1)
-
-
-def _input_channel_range(w2: np.ndarray, group: int) -> np.ndarray:
-    """max |W2| over everything that reads input channel i (grouped convs: only that group's rows)."""
-    cout, cin_per_group = w2.shape[:2]
-    per_group = np.abs(w2).reshape(group, cout // group, cin_per_group, -1).max(axis=(1, 3))
-    return per_group.reshape(-1)
 
 
 def _scale_output_channels(graph: ir.Graph, namer: Namer, conv: ir.Node, factor: np.ndarray) -> None:

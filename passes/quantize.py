@@ -31,10 +31,10 @@ class Quantize(GraphPass):
     name: ClassVar[str] = "quantize"
     kind: ClassVar[Kind] = Kind.APPROXIMATE
 
-    calibrator: str = "entropy"
+    calibrator: str = "percentile"
     percentile: float = 99.99
     weights: str = "per-channel"
-    weight_calibrator: str = "max"
+    weight_calibrator: str = "mse"
     weight_bits: int = 8
     activation_bits: int = 8
     block_size: int = 0
@@ -42,6 +42,7 @@ class Quantize(GraphPass):
     exclude: list[str] = field(default_factory=list)
     unknown_ops: str = "error"
     bias_correction: bool = True
+    float_residual: bool = False  # keep Adds of two activations (the residual stream) in float
 
     def __post_init__(self):
         if self.calibrator not in CALIBRATORS:
@@ -60,8 +61,12 @@ class Quantize(GraphPass):
             raise OnnxqError(f"quantize needs opset >= {needed} (model has {opset_version(model)}): "
                              "put upgrade_opset before quantize in the recipe")
         data = ctx.require_calibration(self.name)
-        plan = Planner(model.graph, target.table, exclude=self.exclude, unknown_ops=self.unknown_ops,
-                       target=target.name).run()
+        residual = [n for n in model.graph if self.float_residual and n.op_type == "Add"
+                    and len(n.inputs) == 2 and all(v is not None and const_array(v) is None for v in n.inputs)]
+        plan = Planner(model.graph, target.table, exclude=[*self.exclude, *(n.name for n in residual)],
+                       unknown_ops=self.unknown_ops, target=target.name).run()
+        for node in residual:  # transformers: one token's massive activations rule out a per-tensor scale
+            plan.float_reasons[node] = "residual-stream Add kept in float (float_residual): its range is set by outlier tokens"
         wanted = {plan.range_of.get(v, v).name for v in plan.activations}
         ranges = calibrate_activations(model, sorted(wanted), data, method=self.calibrator,
                                        symmetric=target.symmetric, percentile=self.percentile, bins=self.bins,

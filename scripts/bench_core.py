@@ -25,7 +25,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import anchors  # noqa: E402
 import onnxq  # noqa: E402
-from onnxq.lint import lint, passed  # noqa: E402
+from onnxq.lint import lint  # noqa: E402
 from onnxq.modelio import load_model  # noqa: E402
 from onnxq.models import images, minilm, mobilenet_v2, text_data  # noqa: E402
 from onnxq.models.cache import cache_dir  # noqa: E402
@@ -88,7 +88,8 @@ def benchmark(name: str, fp32: Path, calib: dict, evaluate: Callable[[Path], dic
             continue
         row.seconds = round(time.perf_counter() - start, 1)
         row.metrics = evaluate(path)
-        row.lint = "pass" if passed(lint(load_model(path))) else "FAIL"
+        failed = [r.rule for r in lint(load_model(path)) if r.status == "FAIL"]
+        row.lint = "pass" if not failed else "FAIL " + ",".join(failed)
         paths[label] = path
         rows.append(row)
     sessions = {label: session(path, threads=1) for label, path in paths.items()}
@@ -153,12 +154,11 @@ def main() -> None:
     parser.add_argument("--out", default="scripts/results/bench_core", help="output path without extension")
     parser.add_argument("--models", default="mobilenet_v2,minilm", help="comma-separated subset")
     args = parser.parse_args()
-    work = cache_dir("bench_core")
     runners = {"mobilenet_v2": ("MobileNetV2", mobilenet), "minilm": ("all-MiniLM-L6-v2", minilm_bench)}
     results = {}
     for key in args.models.split(","):
         label, run = runners[key]
-        results[label] = run(work, args.quick)
+        results[label] = run(cache_dir("bench_core", key), args.quick)
         for row in results[label]:
             print(row, flush=True)
     out = Path(args.out)

@@ -36,6 +36,7 @@ def test_cnn_int8_is_close_to_fp32_and_lints_clean(per_tensor, calibrator):
 
 def test_tensorrt_structure():
     qmodel = quantize(mobilenet_block_model(), CALIB, show_progress=False)
+    assert_lint_clean(qmodel)
     graph = ir.from_proto(qmodel).graph
     for node in graph:
         if node.op_type in ("Conv", "Gemm"):  # both inputs through DQ; bias stays float
@@ -60,6 +61,7 @@ def test_tensorrt_structure():
 
 def test_per_tensor_weights_have_scalar_scales():
     qmodel = quantize(mobilenet_block_model(), CALIB, per_tensor=True, show_progress=False)
+    assert_lint_clean(qmodel)
     initializers = {t.name for t in qmodel.graph.initializer}
     weight_dqs = [n for n in q_dq_of(qmodel, "DequantizeLinear") if n.input[0] in initializers]
     assert len(weight_dqs) == 5  # 4 convs + the classifier
@@ -68,6 +70,7 @@ def test_per_tensor_weights_have_scalar_scales():
 
 def test_metadata_records_what_ran_and_names_stay_meaningful():
     qmodel = quantize(mobilenet_block_model(), CALIB, show_progress=False)
+    assert_lint_clean(qmodel)
     props = {p.key: p.value for p in qmodel.metadata_props}
     record = json.loads(props["onnxq.passes"])
     assert [r["name"] for r in record] == ["lift_constants", "fold_constants", "upgrade_opset", "fold_batchnorm",
@@ -104,6 +107,7 @@ def test_other_mask_constants(mask_value):
     calib = {"hidden": np.random.default_rng(0).normal(size=(4, 8, 16)).astype(np.float32),
              "attention_mask": np.ones((4, 8), np.int64)}
     qmodel = quantize(model, calib, show_progress=False)
+    assert_lint_clean(qmodel)
     assert "scores/Add" not in {n.name for n in qmodel.graph.node if n.input[0].endswith("_dequantized")}
 
 
@@ -146,6 +150,7 @@ def test_weights_in_constant_nodes_quantize():
 def test_fixed_batch_model():
     model = mobilenet_block_model(batch=4)
     qmodel = quantize(model, CALIB, show_progress=False)
+    assert_lint_clean(qmodel)
     feed = {"input": EVAL["input"][:4]}
     assert sqnr_db(run(model, feed)[0], run(qmodel, feed)[0]) > 25
 
