@@ -158,9 +158,18 @@ def rule_weighted_inputs(graph):
 
 
 def rule_weighted_output_not_quantized(graph):
-    return [f"{n.name}: Q directly on the output of {n.inputs[0].producer().op_type} '{n.inputs[0].producer().name}'"
-            for n in graph if n.op_type == "QuantizeLinear" and n.inputs[0].producer() is not None
-            and n.inputs[0].producer().op_type in WEIGHTED_OPS]
+    """A Q right on a weighted layer's output is needed only when the next weighted layer (or a
+    residual Add) reads it; before anything else (an activation, a norm) it costs a fusion."""
+    out = []
+    for n in graph:
+        producer = n.inputs[0].producer() if n.op_type == "QuantizeLinear" else None
+        if producer is None or producer.op_type not in WEIGHTED_OPS:
+            continue
+        readers = [u for dq in n.outputs[0].consumers() for u in dq.outputs[0].consumers()]
+        if not any(u.op_type in WEIGHTED_OPS or u.op_type == "Add" for u in readers):
+            out.append(f"{n.name}: Q on the output of {producer.op_type} '{producer.name}' read only by "
+                       f"{sorted({u.op_type for u in readers})}")
+    return out
 
 
 def rule_residual_add(graph):
