@@ -62,8 +62,14 @@ def quantize(model: str | os.PathLike | onnx.ModelProto | ir.Model, calibration_
 
 
 def default_recipe_for(model: ir.Model) -> str:
-    """The built-in recipe onnxq picks when the user names none."""
-    return "default"
+    """The built-in recipe onnxq picks when the user names none: transformer-w8a8 when
+    onnxq.structure finds attention (Softmax between activation MatMuls) and a norm, else default."""
+    from onnxq.structure import is_transformer
+
+    try:
+        return "transformer-w8a8" if is_transformer(model) else "default"
+    except Exception:  # recognition must never stop a quantization: fall back to the generic recipe
+        return "default"
 
 
 def _check_rules_cover(model: ir.Model, passes, target: str) -> None:

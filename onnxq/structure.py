@@ -34,7 +34,8 @@ from typing import Iterable
 import numpy as np
 import onnx_ir as ir
 
-from onnxq.graph import attr, const_array
+from onnxq.graph import attr
+from onnxq.graph import const_array as _const_array
 
 __all__ = ["Linear", "Norm", "Attention", "MLP", "Embedding", "ResidualStream", "Structure", "Rejection",
            "analyse", "find_linears", "find_norms", "find_softmaxes", "is_transformer"]
@@ -259,6 +260,19 @@ class Structure:
 
 # ----------------------------------------------------------------------------------------------------
 # small helpers
+
+
+def const_array(value: ir.Value | None) -> np.ndarray | None:
+    """onnxq.graph.const_array, also through Identity nodes (the legacy exporter writes one for every
+    initializer it de-duplicates; fold_constants removes them later)."""
+    for _ in range(4):
+        if value is None:
+            return None
+        producer = value.producer()
+        if producer is None or producer.op_type != "Identity":
+            return _const_array(value)
+        value = producer.inputs[0]
+    return None
 
 
 def _scalar(value: ir.Value | None) -> float | None:
@@ -815,14 +829,23 @@ def _gelu_input(model: ir.Model, value: ir.Value) -> tuple[ir.Value, list[ir.Nod
             continue
         b = match.bindings
         half, one, root2 = _scalar(b.get("half")), _scalar(b.get("one")), _scalar(b.get("root2"))
-        if half is None or one != 1.0 or not math.isclose(half, 0.5, rel_tol=1e-6) or root2 is None:
+        if half is None or one != 1.0 or not math.isclose(half, 0.5, rel_tol=1e-6):
             continue
+        if root2 is None:  # S-GELU (after smooth): a per-channel divisor √2/s inside erf
+            vector = _vector_const(b.get("root2"))
+            if vector is None or not np.all(vector > 0):
+                continue
+            root2 = math.sqrt(2) if any(n.op_type == "Div" for n in match.nodes if n.outputs[0].consumers()
+                                        and n.outputs[0].consumers()[0].op_type == "Erf") else 1 / math.sqrt(2)
+            scaled = True
+        else:
+            scaled = False
         divisor = next((n for n in match.nodes if n.op_type in ("Div", "Mul") and n.outputs[0].consumers()
                         and n.outputs[0].consumers()[0].op_type == "Erf"), None)
         if divisor is None:
             continue
-        ok = (divisor.op_type == "Div" and math.isclose(root2, math.sqrt(2), rel_tol=1e-5)) or \
-             (divisor.op_type == "Mul" and math.isclose(root2, 1 / math.sqrt(2), rel_tol=1e-5))
+        ok = scaled or (divisor.op_type == "Div" and math.isclose(root2, math.sqrt(2), rel_tol=1e-5)) or \
+            (divisor.op_type == "Mul" and math.isclose(root2, 1 / math.sqrt(2), rel_tol=1e-5))
         if ok:
             return b["x"], list(match.nodes), divisor
     return None
@@ -896,8 +919,11 @@ def find_residual_stream(graph: ir.Graph, linears: list[Linear], norms: list[Nor
     value = start.output
     for _ in range(10_000):
         nxt = None
-        for user, index in _data_readers(value):
-            if user in norm_nodes and norm_nodes[user].input is value:
+        aliases = _cast_aliases(value)  # float→float Casts of a stream tensor are the same stream tensor
+        stream.values.extend(aliases[1:])
+        readers = [(u, i) for a in aliases for u, i in _data_readers(a) if u not in (a.producer() for a in aliases[1:])]
+        for user, index in readers:
+            if user in norm_nodes and norm_nodes[user].input in aliases:
                 norm = norm_nodes[user]
                 if norm not in stream.norms:
                     stream.norms.append(norm)
@@ -915,12 +941,13 @@ def find_residual_stream(graph: ir.Graph, linears: list[Linear], norms: list[Nor
                     stream.problems.append(f"the stream forks at '{value.name}'")
                 nxt = user
                 continue
-            if user in (lin.node for lin in by_input.get(value, [])):
-                stream.readers.append(next(lin for lin in by_input[value] if lin.node is user))
+            direct = [lin for a in aliases for lin in by_input.get(a, []) if lin.node is user]
+            if direct:
+                stream.readers.append(direct[0])
                 continue
             stream.problems.append(f"'{value.name}' is read by {user.op_type} '{user.name}' (neither a norm, "
                                    "a residual Add nor a linear layer)")
-        if value.is_graph_output():
+        if any(a.is_graph_output() for a in aliases):
             stream.problems.append(f"stream tensor '{value.name}' is a graph output")
         if nxt is not None:
             stream.adds.append(nxt)
@@ -928,7 +955,7 @@ def find_residual_stream(graph: ir.Graph, linears: list[Linear], norms: list[Nor
             stream.values.append(value)
             continue
         # no residual Add: the stream may pass through a (post-)norm whose output carries on
-        post = norm_of_input.get(value)
+        post = next((norm_of_input[a] for a in aliases if a in norm_of_input), None)
         if post is not None and any(u.op_type == "Add" for u, _ in _data_readers(post.output)):
             stream.pre_norm = False
             stream.values.append(post.output)
@@ -949,7 +976,7 @@ def find_residual_stream(graph: ir.Graph, linears: list[Linear], norms: list[Nor
         if norm.output.is_graph_output():
             stream.final_norm = norm
             stream.problems.append(f"norm '{norm.name}' output is a graph output (the model returns hidden states)")
-    if stream.norms and stream.norms[-1].input is stream.values[-1]:
+    if stream.norms and stream.norms[-1].input in stream.values[-3:]:
         stream.final_norm = stream.norms[-1]
     if stream.final_norm is not None:
         heads = [lin for lin in by_input.get(stream.final_norm.output, []) if _feeds_output(lin.output)]
@@ -960,11 +987,18 @@ def find_residual_stream(graph: ir.Graph, linears: list[Linear], norms: list[Nor
                                   "so their γ/β reach the stream itself and cannot be folded away; a rotation R "
                                   "would need γ⊙(x̂R) + β = (γ⊙x̂ + β)R, which holds only for γ constant and β "
                                   "a multiple of R's fixed vector")
-    for norm in stream.norms:
-        if norm.kind == "layer" and stream.pre_norm:
-            # LayerNorm subtracts the mean: exact only for rotations that fix the all-ones vector
-            pass
     return stream
+
+
+def _cast_aliases(value: ir.Value) -> list[ir.Value]:
+    """`value` and the outputs of the float→float Casts / Identities that read it (recursively)."""
+    out, i = [value], 0
+    while i < len(out):
+        for user in out[i].consumers():
+            if (_is_float_cast(user) or user.op_type in _PASS_THROUGH) and user.outputs[0] not in out:
+                out.append(user.outputs[0])
+        i += 1
+    return out
 
 
 def _feeds_output(value: ir.Value, depth: int = 4) -> bool:

@@ -16,10 +16,14 @@ every function gets the exact table; the bound then also counts the input's roun
 
 Functions are recognised by value, not by op pattern: around each anchor op (Gelu, Erf, Tanh,
 Sigmoid, Softplus, HardSwish, HardSigmoid, Swish, Exp) the pass tries the regions between a tensor x
-upstream and a tensor y downstream that are computed from x and scalar constants only, evaluates
-each on test points and keeps the largest one that equals a known function. So the Erf and the tanh
-forms of GELU, x·σ(x), x·σ(1.702x) and the single ops are all found, whatever the exporter's operand
-order or association.
+upstream and a tensor y downstream that are computed from x and constants only, evaluates each on
+test points and keeps the largest one that equals a known function. So the Erf and the tanh forms of
+GELU, x·σ(x), x·σ(1.702x) and the single ops are all found, whatever the exporter's operand order or
+association. Per-channel constants are allowed when every channel computes f(a_j·x)/a_j (what the
+smooth pass leaves of GELU/SiLU: S-GELU); the table then reads a·x and the output is divided by a.
+
+Run it after `quantize` (recipe full-int8 does): the Q/DQ rule tables then never see the emitted ops
+(the ort-cpu table would otherwise put Q/DQ on the index arithmetic).
 
 The emitted ops are Clip, Sub, Mul, Floor, Min, Cast (to INT32), Gather, Add and Max/Relu for the
 tails: all parse in TensorRT (tensorrt-qdq.md, methods.md §14.1) and run in ONNX Runtime. Tables are
@@ -37,13 +41,13 @@ from typing import Any, ClassVar
 import numpy as np
 import onnx_ir as ir
 
-from onnxq.calibrate import observe_ranges
-from onnxq.errors import OnnxqError
+from onnxq.calibrate import Range, observe_ranges
 from onnxq.graph import Namer, add_initializer, attr, const_array
-from onnxq.lut import (FIDELITY_KEY, FUNCTIONS, REPLACEMENT_KEY, DualLUT, Fidelity, Function, UniformLUT, erf, build_dulut, build_uniform, fidelity,
-                       get_function)
+from onnxq.lut import (FIDELITY_KEY, FUNCTIONS, REPLACEMENT_KEY, DualLUT, Fidelity, Function, UniformLUT, build_dulut,
+                       build_uniform, erf, fidelity, get_function)
 from onnxq.pipeline import GraphPass, Kind, PassContext, register
 from onnxq.qdq import INT8, activation_params
+from onnxq.runtime import exposing, run_batches, session
 
 
 ANCHORS = ("Gelu", "Erf", "Tanh", "Sigmoid", "Softplus", "HardSwish", "HardSigmoid", "Swish", "Exp")
@@ -205,12 +209,15 @@ class Region:
     y: ir.Value
     nodes: list[ir.Node]
     function: str
+    scale: np.ndarray | None = None  # per-channel a: y = f(a·x) / a (smoothing's S-GELU / S-SiLU), else None
 
 
-_TEST_X = np.linspace(-6.0, 6.0, 97)
+_TEST_X = np.linspace(-6.0, 6.0, 97)[:, None]  # test points (column: channels broadcast along the last axis)
+_CURVE_X = np.array([-1e-2, 0.0, 1e-2])[:, None]  # where the per-channel scale is read off
 _UNARY = {"Erf", "Tanh", "Sigmoid", "Exp", "Softplus", "HardSwish", "HardSigmoid", "Gelu", "Relu", "Neg", "Sqrt",
           "Reciprocal", "Identity", "Swish", "Abs"}
 _BINARY = {"Add", "Sub", "Mul", "Div", "Pow"}
+_SCALABLE = ("gelu", "gelu_tanh", "quick_gelu", "silu", "softplus")  # f''(0) != 0: the scale can be read off
 
 
 def _eval_node(node: ir.Node, args: list[np.ndarray]) -> np.ndarray:
@@ -240,20 +247,32 @@ def _eval_node(node: ir.Node, args: list[np.ndarray]) -> np.ndarray:
     return table[op](a)
 
 
-def _evaluate(y: ir.Value, x: ir.Value) -> tuple[np.ndarray, list[ir.Node]] | None:
-    """y as a function of x on the test points, with the nodes that compute it; None if y depends on
-    anything but x and scalar constants, or on an op the evaluator does not know."""
+def _constant(v: ir.Value) -> np.ndarray | None:
+    """A float constant usable elementwise: a scalar, or a vector along the last axis."""
+    const = const_array(v)
+    if const is None or const.dtype.kind != "f":
+        return None
+    if const.size == 1:
+        return const.astype(np.float64).reshape(())
+    if const.ndim >= 1 and const.size == const.shape[-1]:
+        return const.astype(np.float64).reshape(-1)
+    return None
+
+
+def _evaluate(y: ir.Value, x: ir.Value, points: np.ndarray = _TEST_X) -> tuple[np.ndarray, list[ir.Node]] | None:
+    """y as a function of x at `points` (T x 1, or T x C when per-channel constants take part), with the
+    nodes that compute it; None if y depends on anything but x and constants, or on an unknown op."""
     memo: dict[ir.Value, np.ndarray] = {}
     nodes: list[ir.Node] = []
 
     def value_of(v: ir.Value) -> np.ndarray | None:
         if v is x:
-            return _TEST_X
+            return points
         if v in memo:
             return memo[v]
-        const = const_array(v)
+        const = _constant(v)
         if const is not None:
-            return const.astype(np.float64).reshape(()) if const.size == 1 and const.dtype.kind == "f" else None
+            return const
         node = v.producer()
         if node is None or node.domain not in ("", "ai.onnx") or len(node.outputs) != 1 \
                 or node.op_type not in _UNARY | _BINARY or len(nodes) > 16:
@@ -265,12 +284,15 @@ def _evaluate(y: ir.Value, x: ir.Value) -> tuple[np.ndarray, list[ir.Node]] | No
                 return None
             args.append(arg)
         with np.errstate(all="ignore"):
-            memo[v] = _eval_node(node, args)
+            try:
+                memo[v] = _eval_node(node, args)
+            except ValueError:  # vectors that do not broadcast
+                return None
         nodes.append(node)
         return memo[v]
 
     result = value_of(y)
-    if result is None or not nodes or np.shape(result) != _TEST_X.shape:
+    if result is None or not nodes or np.ndim(result) != 2 or result.shape[0] != len(points):
         return None
     return result, nodes
 
@@ -288,16 +310,40 @@ def _closed(nodes: list[ir.Node], y: ir.Value) -> bool:
 
 
 def _identify(values: np.ndarray, allowed: set[str]) -> str | None:
-    """The allowed function the values match (to float32 constants' precision), the closest if several."""
-    if not np.all(np.isfinite(values)):
+    """The allowed function the values (T x 1) match (to float32 constants' precision), the closest if several."""
+    if values.shape[1] != 1 or not np.all(np.isfinite(values)):
         return None
+    values = values[:, 0]
     best, best_err = None, np.inf
     for name in sorted(allowed):
-        ref = FUNCTIONS[name](_TEST_X)
+        ref = FUNCTIONS[name](_TEST_X[:, 0])
         err = np.abs(values - ref).max() / (1.0 + np.abs(ref).max())
         if err <= 1e-5 and err < best_err:
             best, best_err = name, err
     return best
+
+
+def _identify_scaled(y: ir.Value, x: ir.Value, values: np.ndarray, allowed: set[str]) -> tuple[str, np.ndarray] | None:
+    """(f, a) when every channel j computes f(a_j·x) / a_j, a_j > 0 (smoothing folded into the function)."""
+    if values.shape[1] == 1 or not np.all(np.isfinite(values)):
+        return None
+    curve = _evaluate(y, x, _CURVE_X)
+    if curve is None or curve[0].shape != (3, values.shape[1]):
+        return None
+    c = curve[0]
+    h = _CURVE_X[2, 0]
+    second = (c[0] - 2 * c[1] + c[2]) / h ** 2
+    for name in sorted(set(allowed) & set(_SCALABLE)):
+        fn = FUNCTIONS[name]
+        f2 = float((fn(np.array([-h, 0.0, h])) @ np.array([1.0, -2.0, 1.0])) / h ** 2)
+        a = second / f2
+        if not np.all(np.isfinite(a)) or np.any(a <= 0):
+            continue
+        t = _TEST_X[:, 0][:, None]
+        ref = fn(t * a) / a
+        if np.abs(values - ref).max() / (1.0 + np.abs(ref).max()) <= 1e-4:
+            return name, a
+    return None
 
 
 def _upstream(value: ir.Value, depth: int = 4) -> list[ir.Value]:
@@ -342,9 +388,11 @@ def find_functions(graph: ir.Graph, allowed: set[str], exclude: set[str] = froze
                 found = _evaluate(y, x)
                 if found is None or anchor not in found[1] or not _closed(found[1], y):
                     continue
-                name = _identify(found[0], allowed)
+                name, scale = _identify(found[0], allowed), None
+                if name is None:
+                    name, scale = _identify_scaled(y, x, found[0], allowed) or (None, None)
                 if name is not None and (best is None or len(found[1]) > len(best.nodes)):
-                    best = Region(x, y, found[1], name)
+                    best = Region(x, y, found[1], name, scale)
             if best is not None:
                 break
         if best is not None and not taken.intersection(best.nodes):
@@ -386,12 +434,15 @@ class Dulut(GraphPass):
         regions = find_functions(graph, set(self.functions), set(self.exclude))
         if not regions:
             return {"replaced": 0}
-        need_range = [r for r in regions if self.quantize_input or not (self.lut8 and dq_params(r.x))]
+        need_range = [r for r in regions if self.quantize_input or r.scale is not None
+                      or not (self.lut8 and dq_params(r.x))]
         ranges = {}
         if need_range:
             data = ctx.require_calibration(self.name)
-            ranges = observe_ranges(model, sorted({r.x.name for r in need_range}), data,
+            ranges = observe_ranges(model, sorted({r.x.name for r in need_range if r.scale is None}), data,
                                     show_progress=ctx.show_progress, desc="dulut: input ranges")
+            scaled = [r for r in need_range if r.scale is not None]
+            ranges.update(_scaled_ranges(model, scaled, data))
         entries, counts, skipped = [], {"dulut": 0, "uniform": 0, "lut8": 0}, []
         replaced: dict[ir.Value, ir.Value] = {}  # a region's output that is the next region's input
         input_names = [r.x.name for r in regions]   # before replacements rename anything
@@ -421,7 +472,10 @@ class Dulut(GraphPass):
         ops = [n.op_type for n in region.nodes]
         label = anchor.name or region.y.name
         b = Builder(model.graph, namer, label, f"{region.function} ({'/'.join(ops)}) '{label}'")
-        params = dq_params(region.x) if self.lut8 and not self.quantize_input else None
+        params = dq_params(region.x) if self.lut8 and not self.quantize_input and region.scale is None else None
+        x = region.x
+        if region.scale is not None:  # f(a·x)/a per channel: the table reads a·x
+            x = b.op("Mul", x, b.const("channel_scale", region.scale), suffix="scaled_input")
         if params is not None:  # the input is INT8 already: exact table on its codes
             scale, zp, qmin = params
             table = code_table(fn, scale, zp, qmin)
@@ -436,7 +490,7 @@ class Dulut(GraphPass):
             if self.quantize_input:
                 scale, _ = activation_params(lo, hi, INT8, True)
                 table = code_table(fn, scale, 0, -128)
-                y = emit_lut8(b, b.qdq(region.x, scale), table, scale, 0, -128)
+                y = emit_lut8(b, b.qdq(x, scale), table, scale, 0, -128)
                 fid = fidelity(lambda v: table[(np.clip(np.round(v / np.float32(scale)), -128, 127) + 128).astype(int)],
                                fn, lo, hi)
                 method = "lut8 (input quantized here)"
@@ -447,14 +501,33 @@ class Dulut(GraphPass):
                 else:
                     lut = build_uniform(fn, lo, hi, self.entries[0])
                     method = f"uniform {self.entries[0]}"
-                y = emit_dulut(b, region.x, lut)
+                y = emit_dulut(b, x, lut)
                 fid = fidelity(lut, fn, lo, hi)
+        if region.scale is not None:
+            y = b.op("Mul", y, b.const("channel_unscale", 1.0 / region.scale), suffix="unscaled")
+            method += " (per-channel input scale)"
         b.finish(region.nodes[0], region.y, y, remove=region.nodes)
         region.y = y
         return {"pass": self.name, "node": label, "function": region.function, "replaced_ops": ops,
                 "method": method, "range": [round(fid.lo, 6), round(fid.hi, 6)], "output_step": fid.step,
                 "max_steps": round(fid.max_steps, 4), "mean_steps": round(fid.mean_steps, 4),
                 "input_quantized": params is not None or self.quantize_input, "replacement": b.replaces}
+
+
+def _scaled_ranges(model: ir.Model, regions: list[Region], data) -> dict[str, Range]:
+    """Range of a·x for each per-channel-scaled region (keyed by x's name), over the calibration set."""
+    if not regions:
+        return {}
+    scales = {r.x.name: r.scale for r in regions}
+    out: dict[str, Range] = {}
+    sess = session(exposing(model, sorted(scales)))
+    for _, outputs in run_batches(sess, data, sorted(scales)):
+        for name, x in outputs.items():
+            v = x * scales[name]
+            lo, hi = float(v.min()), float(v.max())
+            r = out.get(name)
+            out[name] = Range(lo, hi) if r is None else Range(min(r.lo, lo), max(r.hi, hi))
+    return out
 
 
 def code_table(fn: Function, scale: float, zero_point: int, qmin: int) -> np.ndarray:

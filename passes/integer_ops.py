@@ -29,7 +29,7 @@ import onnx_ir as ir
 from onnxq.graph import Namer, attr, opset_version
 from onnxq.integer_ref import NormParams, SoftmaxParams, di_exp_step, di_norm, di_softmax
 from onnxq.passes.dulut import Builder, record_fidelity
-from onnxq.passes.qans import sample_rows
+from onnxq.passes.qans import sample_rows, softmax_nodes
 from onnxq.pipeline import GraphPass, Kind, PassContext, register
 
 F32 = np.float32
@@ -77,6 +77,7 @@ class IntegerOps(GraphPass):
     max_row: int = 1024       # longest softmax row the integer sums are sized for
     norm_bits: int = 12       # DI-Norm per-token requantization width
     rows: int = 2048          # calibration rows sampled per op for the fidelity figures
+    attention_only: bool = False  # softmax: only those onnxq.structure places in attention
     exclude: list[str] = field(default_factory=list)
 
     def __post_init__(self):
@@ -88,8 +89,7 @@ class IntegerOps(GraphPass):
     def apply(self, model: ir.Model, ctx: PassContext) -> dict:
         graph, namer = model.graph, Namer(model.graph)
         opset = opset_version(model)
-        softmaxes = [n for n in graph if "softmax" in self.ops and n.op_type == "Softmax" and n.domain in ("", "ai.onnx")
-                     and n.name not in self.exclude and n.inputs[0].dtype == ir.DataType.FLOAT]
+        softmaxes = softmax_nodes(model, self.attention_only, self.exclude) if "softmax" in self.ops else []
         norms = [m for m in find_norms(model) if "norm" in self.ops and m.label not in self.exclude]
         if not softmaxes and not norms:
             return {"replaced": 0}

@@ -54,6 +54,7 @@ class Qans(GraphPass):
     entries: list[int] = field(default_factory=lambda: [32, 32])  # DULUT sizes for exp: dulut
     max_row: int = 2048               # longest softmax row the division is sized for
     rows: int = 4096                  # calibration rows sampled per Softmax (β search and fidelity)
+    attention_only: bool = False      # only the Softmaxes onnxq.structure places in attention (QKᵀ → PV)
     exclude: list[str] = field(default_factory=list)
 
     def __post_init__(self):
@@ -64,8 +65,7 @@ class Qans(GraphPass):
 
     def apply(self, model: ir.Model, ctx: PassContext) -> dict:
         graph, namer = model.graph, Namer(model.graph)
-        nodes = [n for n in graph if n.op_type == "Softmax" and n.domain in ("", "ai.onnx")
-                 and n.name not in self.exclude and n.inputs[0].dtype == ir.DataType.FLOAT]
+        nodes = softmax_nodes(model, self.attention_only, self.exclude)
         if not nodes:
             return {"replaced": 0}
         data = ctx.require_calibration(self.name)
@@ -132,6 +132,17 @@ class Qans(GraphPass):
         p = b.op("Mul", b.op("Mul", e, multiplier, suffix="scaled"), b.const("two_minus_r", 2.0 ** -r), suffix="probs")
         b.finish(node, out, p, remove=[node])
         return e_rows / np.maximum(e_rows.sum(axis=-1, keepdims=True), 1e-300), b.replaces
+
+
+def softmax_nodes(model: ir.Model, attention_only: bool, exclude) -> list[ir.Node]:
+    """FLOAT Softmax nodes of the main graph (those in attention only, when asked)."""
+    if attention_only:
+        from onnxq.structure import find_softmaxes
+
+        candidates = find_softmaxes(model)
+    else:
+        candidates = [n for n in model.graph if n.op_type == "Softmax" and n.domain in ("", "ai.onnx")]
+    return [n for n in candidates if n.name not in exclude and n.inputs[0].dtype == ir.DataType.FLOAT]
 
 
 def exp_table(scale: float, offset: float) -> np.ndarray:

@@ -109,35 +109,47 @@ def _fid(f) -> dict:
 # Recipes: the built-in full-int8, and what it is compared with
 
 
-def recipe(variant: str) -> list:
-    """Pass list of a variant, derived from the built-in full-int8 recipe (same quantize settings)."""
+def recipe(variant: str, residual_adds: list[str] = ()) -> list:
+    """Pass list of a variant, derived from the built-in full-int8 recipe (same quantize settings).
+
+    "w8a8" drops the replacing passes (nonlinear ops stay float); "nonlinear-only" drops quantize
+    (FP32 linear layers, every nonlinear op replaced: the replacements' own cost); "-no-smooth" drops
+    smooth; "+rotate" adds fold_norm + rotate before quantize; "+float-residual" keeps the residual
+    Adds (`residual_adds`) out of quantization."""
     from onnxq.pipeline import load_recipe, make_pass
 
     _, passes = load_recipe("full-int8")
-    base = [p for p in passes if p.name not in REPLACING]
+    name, *mods = variant.split("+")
+    if name.endswith("-no-smooth"):
+        name = name[:-len("-no-smooth")]
+        passes = [p for p in passes if p.name != "smooth"]
     by_name = {p.name: p for p in passes}
-    rot = [make_pass("fold_norm"), make_pass("rotate")]
-    qi = next(i for i, p in enumerate(base) if p.name == "quantize")
-    with_rot = base[:qi] + rot + base[qi:]
-    table = {
-        "w8a8": base,
-        "full-int8": passes,
-        "w8a8+qans": base + [by_name["qans"]],
-        "w8a8+dulut": base + [by_name["dulut"]],
-        "w8a8+integer_norm": base + [by_name["integer_ops"]],
-        "full-int8-lut8": base + [by_name["qans"], make_pass("dulut", {"quantize_input": True}), by_name["integer_ops"]],
-        "full-int8-illm-softmax": base + [by_name["dulut"], make_pass("integer_ops", {"ops": ["softmax", "norm"]})],
-        "w8a8+rotate": with_rot,
-        "full-int8+rotate": with_rot + [p for p in passes if p.name in REPLACING],
-    }
-    return table[variant]
+    if "rotate" in mods:  # rotation first, then smoothing (OSTQuant's order)
+        at = next(i for i, p in enumerate(passes) if p.name in ("smooth", "quantize"))
+        passes = passes[:at] + [make_pass("fold_norm"), make_pass("rotate")] + passes[at:]
+    if "float-residual" in mods:
+        by_name["quantize"].exclude = list(residual_adds)
+    base = [p for p in passes if p.name not in REPLACING]
+    keep = {"w8a8": (), "full-int8": REPLACING, "nonlinear-only": REPLACING, "w8a8+qans": ("qans",),
+            "w8a8+dulut": ("dulut",), "w8a8+integer_norm": ("integer_ops",)}
+    if name == "full-int8-lut8":
+        extra = [by_name["qans"], make_pass("dulut", {"quantize_input": True}), by_name["integer_ops"]]
+    elif name == "full-int8-illm-softmax":
+        extra = [by_name["dulut"], make_pass("integer_ops", {"ops": ["softmax", "norm"]})]
+    else:
+        key = name + ("+" + mods[0] if mods and mods[0] in ("qans", "dulut", "integer_norm") else "")
+        extra = [p for p in passes if p.name in keep[key]]
+    if name == "nonlinear-only":
+        base = [p for p in base if p.name != "quantize"]
+    return base + extra
 
 
-def quantize_variant(model_path: Path, calib: dict, variant: str, out: Path, batch_size: int) -> dict:
+def quantize_variant(model_path: Path, calib: dict, variant: str, out: Path, batch_size: int,
+                     residual_adds: list[str] = ()) -> dict:
     from onnxq.api import quantize
 
     start = time.perf_counter()
-    quantize(str(model_path), calib, output=str(out), recipe=recipe(variant), batch_size=batch_size,
+    quantize(str(model_path), calib, output=str(out), recipe=recipe(variant, residual_adds), batch_size=batch_size,
              show_progress=False, log=lambda *_: None)
     seconds = time.perf_counter() - start
     return {"quantize_seconds": round(seconds, 1), **model_facts(out)}
@@ -236,14 +248,14 @@ def run_minilm(args) -> dict:
                                 **model_facts(fp32)}
     log("  fp32", scores)
     variants = ["w8a8", "full-int8"] if args.quick else [
-        "w8a8", "full-int8", "full-int8-lut8", "full-int8-illm-softmax", "w8a8+qans", "w8a8+dulut",
-        "w8a8+integer_norm"]
+        "w8a8", "full-int8", "nonlinear-only", "full-int8-lut8", "full-int8-illm-softmax", "w8a8+qans", "w8a8+dulut",
+        "w8a8+integer_norm", "w8a8-no-smooth", "full-int8-no-smooth"]
     for variant in variants:
         out = WORK / "minilm" / f"{variant}.onnx"
         out.parent.mkdir(parents=True, exist_ok=True)
         facts = quantize_variant(fp32, calib, variant, out, batch_size=16)
         scores, _ = minilm_eval(out, words, ref)
-        lat = latency(out, feeds, runs) if variant in ("w8a8", "full-int8", "full-int8-lut8") else None
+        lat = latency(out, feeds, runs) if variant in ("w8a8", "full-int8", "full-int8-lut8", "nonlinear-only") else None
         result["models"][f"onnxq {variant}"] = {**scores, "latency_ms": lat, **facts}
         log(f"  onnxq {variant}", scores, lat)
     if not args.skip_anchors:
@@ -272,6 +284,20 @@ def run_minilm(args) -> dict:
 # 3. SmolLM2
 
 
+def _residual_adds(path: Path) -> list[str]:
+    """Names of the residual-stream Adds (onnxq.structure) after the recipe's canonical passes: quantizing
+    their residual input per tensor (TensorRT rule 11) wipes out a stream with massive activations."""
+    from onnxq import structure
+    from onnxq.modelio import load_model
+    from onnxq.pipeline import PassContext, run_pipeline
+
+    model = load_model(str(path))
+    run_pipeline(model, [p for p in recipe("w8a8") if p.name in ("lift_constants", "fold_constants", "upgrade_opset")],
+                 PassContext(show_progress=False), verify_exact=False)
+    stream = structure.analyse(model).stream
+    return [n.name for n in stream.adds] if stream is not None else []
+
+
 def run_smollm2(args) -> dict:
     from models import smollm2
 
@@ -286,19 +312,23 @@ def run_smollm2(args) -> dict:
     ppl = smollm2.perplexity(str(fp32), windows)
     result["models"]["fp32"] = {**ppl, "latency_ms": latency(fp32, feeds, runs), **model_facts(fp32)}
     log("  fp32", ppl)
-    variants = ["w8a8", "full-int8"] if args.quick else ["w8a8", "full-int8", "w8a8+rotate", "full-int8+rotate"]
+    variants = ["w8a8", "full-int8"] if args.quick else [
+        "nonlinear-only", "w8a8", "full-int8", "w8a8+float-residual", "full-int8+float-residual",
+        "w8a8+rotate+float-residual", "full-int8+rotate+float-residual"]
+    residual_adds = _residual_adds(fp32)
+    result["residual_adds_kept_float"] = len(residual_adds)
     for variant in variants:
         out = WORK / "smollm2" / f"{variant}.onnx"
         out.parent.mkdir(parents=True, exist_ok=True)
         try:
-            facts = quantize_variant(fp32, calib, variant, out, batch_size=1)
+            facts = quantize_variant(fp32, calib, variant, out, batch_size=1, residual_adds=residual_adds)
         except Exception as exc:  # noqa: BLE001 - a failing variant is a result
             result["models"][f"onnxq {variant}"] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0]}"}
             log(f"  onnxq {variant} FAILED", result["models"][f"onnxq {variant}"])
             continue
         ppl = smollm2.perplexity(str(out), windows)
         ppl["ppl_vs_fp32"] = round(ppl["ppl"] / result["models"]["fp32"]["ppl"] - 1, 4)
-        lat = latency(out, feeds, runs) if variant in ("w8a8", "full-int8") else None
+        lat = latency(out, feeds, runs) if variant in ("w8a8", "full-int8", "nonlinear-only") else None
         result["models"][f"onnxq {variant}"] = {**ppl, "latency_ms": lat, **facts}
         log(f"  onnxq {variant}", ppl, lat)
     return result
@@ -323,7 +353,12 @@ def markdown(res: dict) -> str:
                                 ("smollm2", "SmolLM2-135M", ("ppl", "ppl_vs_fp32"))):
         if key not in res:
             continue
-        lines += ["", f"## {title}", "", "| model | " + " | ".join(metrics) +
+        lines += ["", f"## {title}", ""]
+        if res[key].get("residual_adds_kept_float"):
+            lines += [f"`+float-residual`: the {res[key]['residual_adds_kept_float']} residual-stream Adds are excluded from "
+                      "quantization (their residual input stays float); `nonlinear-only`: no quantize step, every "
+                      "nonlinear op replaced (the replacements' own cost).", ""]
+        lines += ["| model | " + " | ".join(metrics) +
                   " | nonlinear coverage | coverage (count / FLOPs) | remaining nonlinear ops | worst table/integer error (steps) | lint | latency ms (median) |",
                   "|---|" + "---|" * (len(metrics) + 6)]
         for name, m in res[key]["models"].items():
@@ -336,7 +371,39 @@ def markdown(res: dict) -> str:
                          f" | {m['nonlinear_coverage']:.0%} | {m['coverage_by_count']:.0%} / {m['coverage_by_flops']:.1%} | "
                          f"{', '.join(m['remaining_nonlinear']) or 'none'} | {worst} | {m['lint']} | "
                          f"{lat['median_ms'] if lat else '—'} |")
+    lines += ["", "## Checks against the issue's \"done when\"", ""] + [f"- {c}" for c in checks(res)]
     return "\n".join(lines) + "\n"
+
+
+def checks(res: dict) -> list[str]:
+    out = []
+    funcs = res["functions"]
+    worst = max(funcs, key=lambda r: r["dulut_32_32"]["max_steps"])
+    out.append(f"every function's DULUT 32+32 below one INT8 output step: "
+               f"{'yes' if worst['dulut_32_32']['max_steps'] < 1 else 'NO'} (worst {worst['function']} "
+               f"{worst['dulut_32_32']['max_steps']:.3f} steps)")
+    exp = next((r for r in funcs if r["function"] == "exp"), None)
+    if exp:
+        out.append(f"DULUT beats a uniform 64-entry table on exp: "
+                   f"{'yes' if exp['dulut_32_32']['max_steps'] < exp['uniform_64']['max_steps'] else 'NO'} "
+                   f"({exp['dulut_32_32']['max_steps']:.3f} vs {exp['uniform_64']['max_steps']:.3f} steps)")
+    if "minilm" in res:
+        m = res["minilm"]["models"]
+        fq, fp = m.get("onnxq full-int8", {}), m["fp32"]
+        if "error" not in fq and fq:
+            deltas = {d: round(fq[d] - fp[d], 4) for d in ("wordsim353", "simlex999")}
+            ok = all(abs(v) <= 0.01 for v in deltas.values())
+            out.append(f"fully quantized MiniLM within 0.01 Spearman of FP32: {'yes' if ok else 'NO'} {deltas}; "
+                       f"nonlinear coverage {fq['nonlinear_coverage']:.0%}; lint {fq['lint']}")
+    if "smollm2" in res:
+        m = res["smollm2"]["models"]
+        rows = {k: v for k, v in m.items() if "full-int8" in k and "error" not in v}
+        if rows:
+            best = min(rows, key=lambda k: rows[k]["ppl"])
+            out.append(f"fully quantized SmolLM2 within 3% of FP32 perplexity: "
+                       f"{'yes' if rows[best]['ppl_vs_fp32'] <= 0.03 else 'NO'} (best: {best}, "
+                       f"{rows[best]['ppl']:.2f} vs {m['fp32']['ppl']:.2f}, {rows[best]['ppl_vs_fp32']:+.1%})")
+    return out
 
 
 def main(argv=None) -> int:
@@ -346,7 +413,12 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-smollm2", action="store_true")
     parser.add_argument("--skip-anchors", action="store_true", help="no ORT quantize_static / ModelOpt")
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--render", metavar="JSON", help="only rewrite the markdown of an existing results file")
     args = parser.parse_args(argv)
+    if args.render:
+        path = Path(args.render)
+        path.with_suffix(".md").write_text(markdown(json.loads(path.read_text())))
+        return 0
     start = time.perf_counter()
     res = {"quick": args.quick, "command": " ".join(["python scripts/bench_full_int8.py", *(argv or sys.argv[1:])]),
            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, onnxruntime "

@@ -6,7 +6,6 @@ import math
 
 import numpy as np
 import onnx
-import onnx_ir as ir
 import pytest
 from conftest import assert_lint_clean, run
 from onnx import TensorProto, helper, numpy_helper
@@ -229,3 +228,27 @@ def test_inspect_prints_fidelity(tmp_path, capsys):
     assert main(["inspect", str(path)]) == 0
     text = capsys.readouterr().out
     assert "nonlinear-op coverage: 100.0% of 1" in text and "dulut 32+32" in text and "INT8 output steps" in text
+
+
+def test_per_channel_scaled_gelu_from_smoothing():
+    """smooth folds s into GELU's Erf divisor: x·½(1 + erf(x/(√2/s))) = GELU(s·x)/s per channel."""
+    rng = np.random.default_rng(0)
+    s = rng.uniform(0.3, 3.0, 8).astype(np.float32)
+    inits = [_c("div", math.sqrt(2) / s), _c("one", 1.0), _c("half", 0.5)]
+    nodes = [helper.make_node("Div", ["x", "div"], ["d"], name="sgelu/Div"),
+             helper.make_node("Erf", ["d"], ["e"], name="sgelu/Erf"),
+             helper.make_node("Add", ["e", "one"], ["a"], name="sgelu/Add"),
+             helper.make_node("Mul", ["x", "a"], ["m"], name="sgelu/Mul"),
+             helper.make_node("Mul", ["m", "half"], ["y"], name="sgelu/Mul_1")]
+    graph = helper.make_graph(nodes, "sgelu", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    data = {"x": (rng.normal(size=(64, 8)) * 2).astype(np.float32)}
+    out = quantize(model, data, recipe=["dulut"], batch_size=16, show_progress=False, log=lambda *_: None)
+    (entry,) = _fidelity(out).values()
+    assert entry["function"] == "gelu" and "per-channel" in entry["method"] and entry["max_steps"] < 1
+    assert "Erf" not in {n.op_type for n in out.graph.node}
+    x = (rng.normal(size=(32, 8)) * 2).astype(np.float32)
+    ref, got = run(model, {"x": x})[0], run(out, {"x": x})[0]
+    step = entry["output_step"] / s  # the table's step, per channel, in output units
+    assert np.all(np.abs(got - ref) <= step)

@@ -5,6 +5,7 @@ import json
 import math
 
 import numpy as np
+import onnx
 import pytest
 from builders import attention_model
 from conftest import assert_lint_clean, run
@@ -107,3 +108,13 @@ def test_bad_options():
         make_pass("qans", {"exp": "poly"})
     with pytest.raises(OnnxqError):
         make_pass("qans", {"beta": -1.0})
+
+
+def test_attention_only_uses_structure():
+    """With attention_only, only Softmaxes between the QKᵀ and PV MatMuls (onnxq.structure) are rewritten."""
+    from onnxq.modelio import load_model
+    from onnxq.passes.qans import softmax_nodes
+
+    model = load_model(onnx.shape_inference.infer_shapes(attention_model(seq=SEQ)))  # the pass sees typed values
+    assert [n.name for n in softmax_nodes(model, True, [])] == ["softmax"]
+    assert softmax_nodes(model, True, ["softmax"]) == []
