@@ -56,6 +56,22 @@ def tokenize(texts: Sequence[str], max_length: int = MAX_LENGTH, tokenizer=None)
     return {name: enc[name].astype(np.int64) for name in INPUT_NAMES}
 
 
+def calibration_feeds(n_sentences: int = 96, n_words: int = 160, max_length: int = MAX_LENGTH) -> dict[str, np.ndarray]:
+    """Calibration feeds that look like what the model embeds: wiki sentences of the calibration
+    split plus single words taken from them (the word-similarity evaluation embeds single words;
+    a calibration set of sentences only leaves the [CLS] word [SEP] rows' ranges unseen). None of
+    the words is a WordSim-353 or SimLex-999 word."""
+    import re
+
+    from .text_data import WORD_SETS, wiki_sentences, word_pairs
+
+    sentences = wiki_sentences("calib")
+    eval_words = {w.lower() for d in WORD_SETS for pair in word_pairs(d)[0] for w in pair}
+    vocab = sorted({w.lower() for s in sentences for w in re.findall(r"[A-Za-z]{3,}", s)} - eval_words)
+    words = list(np.random.default_rng(0).choice(vocab, n_words, replace=False))
+    return tokenize(sentences[:n_sentences] + words, max_length)
+
+
 def mean_pool(last_hidden_state: np.ndarray, attention_mask: np.ndarray, normalize: bool = True) -> np.ndarray:
     """Masked mean over the sequence axis -> (batch, hidden), L2-normalised by default."""
     mask = attention_mask[..., None].astype(np.float32)

@@ -44,9 +44,9 @@ def quantize(model: str | os.PathLike | onnx.ModelProto | ir.Model, calibration_
     data = load_calibration(calibration_data, work, batch_size=batch_size, limit=max_samples)
     recipe_name, passes = load_recipe(recipe, default=default_recipe_for(work))
     for step in passes:
+        if per_tensor is not None and step.name in ("quantize", "smooth"):  # smooth's α search models the weights
+            step.weights = "per-tensor" if per_tensor else "per-channel"
         if step.name == "quantize":
-            if per_tensor is not None:
-                step.weights = "per-tensor" if per_tensor else "per-channel"
             if calibrator is not None:
                 step.calibrator = calibrator
                 step.__post_init__()

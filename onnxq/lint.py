@@ -147,14 +147,41 @@ def _from_dq(value: ir.Value | None) -> bool:
     return value is not None and value.producer() is not None and value.producer().op_type == "DequantizeLinear"
 
 
+def _is_weight(value: ir.Value | None) -> bool:
+    """A constant, or the DQ of a constant (stored quantized, or quantized by a Q of a constant)."""
+    if value is None:
+        return False
+    if const_array(value) is not None:
+        return True
+    dq = value.producer()
+    if dq is None or dq.op_type != "DequantizeLinear":
+        return False
+    q = dq.inputs[0].producer()
+    return const_array(dq.inputs[0]) is not None or (q is not None and q.op_type == "QuantizeLinear"
+                                                     and const_array(q.inputs[0]) is not None)
+
+
+def _is_activation_product(node: ir.Node) -> bool:
+    """A MatMul of two activations (attention's Q·Kᵀ and P·V): no weight on either side."""
+    return node.op_type == "MatMul" and not any(_is_weight(v) for v in node.inputs[:2])
+
+
 def rule_weighted_inputs(graph):
     out = []
     for n in graph:
-        if n.op_type in WEIGHTED_OPS:
+        if n.op_type in WEIGHTED_OPS and not _is_activation_product(n):
             for i, v in enumerate(n.inputs[:2]):
                 if v is not None and not _from_dq(v):
                     out.append(f"{n.op_type} '{n.name}': input {i} '{v.name}' not quantized")
     return out
+
+
+def rule_activation_products(graph):
+    """TensorRT runs an activation×activation MatMul in higher precision when its inputs carry no
+    Q/DQ (ModelOpt itself leaves attention BMMs unquantized beyond 512 keys): allowed, but said."""
+    return [f"MatMul '{n.name}': input {i} '{v.name}' not quantized (runs in float)"
+            for n in graph if _is_activation_product(n)
+            for i, v in enumerate(n.inputs[:2]) if v is not None and not _from_dq(v)]
 
 
 def rule_weighted_output_not_quantized(graph):
@@ -222,7 +249,8 @@ RULES: list[tuple[str, str, str, Callable, bool]] = [
     ("R5", "opset >= 13", "error", rule_opset, True),
     ("R6", "INT8 weights within [-127, 127]", "warning", rule_weight_range, False),
     ("QDQ", "every Q feeds only DQs with the same scale and zero point", "error", rule_q_dq_pairs, False),
-    ("R8", "every input of Conv/ConvTranspose/Gemm/MatMul is quantized", "error", rule_weighted_inputs, False),
+    ("R8", "every input of a weighted Conv/ConvTranspose/Gemm/MatMul is quantized", "error", rule_weighted_inputs, False),
+    ("R8b", "activation x activation MatMuls (attention) are quantized", "warning", rule_activation_products, False),
     ("R9", "weighted-layer outputs are not quantized directly", "warning", rule_weighted_output_not_quantized, False),
     ("R11", "residual input of an Add after a weighted layer is quantized", "warning", rule_residual_add, False),
     ("R15", "no Q/DQ on data-movement ops", "warning", rule_copy_ops, False),

@@ -21,5 +21,6 @@ from onnxq.passes import (  # noqa: F401  (imported for registration)
     quantize,
     rotate,
     smooth,
+    split_range,
     upgrade_opset,
 )

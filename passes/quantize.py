@@ -81,7 +81,8 @@ class Quantize(GraphPass):
             if r is None or not r.finite or r.amax > 1e30:
                 plan.skipped[value] = f"calibrated range {r} is not usable: kept in float"
                 continue
-            scale, zero_point = activation_params(r.lo, r.hi, act_fmt, target.symmetric)
+            margin = _range_margin(value)
+            scale, zero_point = activation_params(r.lo * margin, r.hi * margin, act_fmt, target.symmetric)
             insert_activation_qdq(graph, namer, value, slots, scale, zero_point, act_fmt)
             for node, index in slots:
                 notes[node].append(f"input {index}: {act_fmt.dtype.name.lower()} per-tensor")
@@ -114,6 +115,17 @@ class Quantize(GraphPass):
         return {"biases_corrected": corrected, "activations_quantized": len(plan.activations) - len(plan.skipped),
                 "weights_quantized": len(plan.weights), "kept_float": len(plan.float_reasons),
                 "skipped": len(plan.skipped)}
+
+
+def _range_margin(value: ir.Value) -> float:
+    """Headroom a pass asked for on its output (node metadata `onnxq.range_margin`), 1 otherwise.
+
+    split_range tags the sparse outlier part of a split input: calibration sees few of its values,
+    so evaluation data exceeds the calibrated max there, and a coarser step costs little on a
+    tensor that is zero almost everywhere (zero stays exact)."""
+    node = value.producer()
+    text = node.metadata_props.get("onnxq.range_margin") if node is not None else None
+    return float(text) if text else 1.0
 
 
 def _share_group_ranges(ranges: dict[str, Range], groups: list[set[ir.Value]]) -> dict[str, Range]:

@@ -36,7 +36,6 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxq import structure as st
-from onnxq.errors import OnnxqError
 from onnxq.graph import Namer, add_initializer, const_array, replace_initializer
 from onnxq.pipeline import GraphPass, Kind, PassContext, register
 from onnxq.progress import progress
@@ -347,88 +346,3 @@ def find_sites(s: st.Structure, kinds: list[str]) -> list[Site]:
             if len(mlp.down.input.uses()) == 1:
                 sites.append(MLPSite("mlp", mlp.down.input, [mlp.down], mlp=mlp))
     return sites
-
-
-# ----------------------------------------------------------------------------------------------------
-# range split: the companion pass for tensors that no channel scaling can flatten
-
-
-@register
-@dataclass
-class SplitRange(GraphPass):
-    """split_range: x·Y = clip(x, −t, t)·Y + (x − clip(x, −t, t))·Y, each part its own quantized MatMul.
-
-    Kind: exact (in float the two parts sum to x, and matrix products distribute over the sum).
-    Per-channel smoothing cannot help a tensor whose values are heavy-tailed *within* channels or
-    tokens: SwiGLU down-projection inputs (rare large products, the massive first-token activations)
-    and attention probabilities (one attention-sink column near 1, everything else ≪ 1/127). A
-    per-tensor INT8 scale set by the rare large values rounds the bulk to a few levels. Split at the
-    threshold t (a percentile of |x| on calibration data), the inlier part gets a scale t/127 and
-    the outlier part, zero except at the rare large values, a scale set by those; zero stays exactly
-    zero under symmetric quantization, so the outlier part adds error only where it is non-zero.
-    Cost: a second MatMul sharing the same other input (the weight, or V), a Clip, a Sub and an Add.
-    """
-
-    name: ClassVar[str] = "split_range"
-    kind: ClassVar[Kind] = Kind.EXACT
-
-    sites: list[str] = field(default_factory=lambda: ["down", "probs"])
-    down_percentile: float = 99.9
-    probs_percentile: float = 99.0
-    sample_rows: int = 256
-    seed: int = 0
-
-    def apply(self, model: ir.Model, ctx: PassContext) -> dict:
-        s = st.analyse(model)
-        graph, namer = model.graph, Namer(model.graph)
-        targets: list[tuple[str, ir.Node, float]] = []
-        if "down" in self.sites:
-            targets += [("down", m.down.node, self.down_percentile) for m in s.mlps]
-        if "probs" in self.sites:
-            targets += [("probs", a.pv, self.probs_percentile) for a in s.attentions]
-        if not targets:
-            return {"split": 0}
-        names = sorted({node.inputs[0].name for _, node, _ in targets})
-        stats = collect(model, names, ctx.require_calibration(self.name), self.sample_rows, self.seed,
-                        show_progress=ctx.show_progress)
-        done = 0
-        for kind, node, pct in targets:
-            x = node.inputs[0]
-            t = float(np.percentile(np.abs(stats.rows(x.name)), pct))
-            if not t > 0 or t >= float(stats.amax[x.name].max()):
-                continue
-            split_input(graph, namer, node, t)
-            done += 1
-        graph.sort()
-        return {"split": done, "of": len(targets)}
-
-
-def split_input(graph: ir.Graph, namer: Namer, node: ir.Node, t: float) -> None:
-    """Rewrite node = MatMul(x, y) as MatMul(clip(x), y) + MatMul(x − clip(x), y)."""
-    x, y, out = node.inputs[0], node.inputs[1], node.outputs[0]
-    base = node.name or x.name
-    lo = add_initializer(graph, namer, f"{base}_split_lo", np.array(-t, np.float32))
-    hi = add_initializer(graph, namer, f"{base}_split_hi", np.array(t, np.float32))
-    clip = ir.node("Clip", [x, lo, hi], name=namer.fresh(f"{base}_split_Clip"))
-    clip.outputs[0].name = namer.fresh(f"{x.name}_inliers")
-    sub = ir.node("Sub", [x, clip.outputs[0]], name=namer.fresh(f"{base}_split_Sub"))
-    sub.outputs[0].name = namer.fresh(f"{x.name}_outliers")
-    inliers = ir.node("MatMul", [clip.outputs[0], y], name=namer.fresh(f"{base}_inliers"))
-    for v in (clip.outputs[0], sub.outputs[0]):
-        v.dtype, v.shape = x.dtype, x.shape
-    inliers.outputs[0].dtype, inliers.outputs[0].shape = out.dtype, out.shape
-    graph.insert_before(node, [clip, sub, inliers])
-    node.replace_input_with(0, sub.outputs[0])
-    uses = list(out.uses())
-    add = ir.node("Add", [inliers.outputs[0], out], name=namer.fresh(f"{base}_split_Add"))
-    add.outputs[0].dtype, add.outputs[0].shape = out.dtype, out.shape
-    graph.insert_after(node, add)
-    for user, index in uses:
-        user.replace_input_with(index, add.outputs[0])
-    name = out.name
-    out.name = namer.fresh(f"{name}_outlier_part")
-    inliers.outputs[0].name = namer.fresh(f"{name}_inlier_part")
-    if out.is_graph_output():
-        st._swap_graph_output(graph, out, add.outputs[0])
-    else:
-        add.outputs[0].name = name

@@ -21,7 +21,6 @@ import contextlib
 import json
 import os
 import platform
-import re
 import sys
 import tempfile
 import time
@@ -199,15 +198,9 @@ def in_directory(path: Path):
 
 
 def minilm_calibration(n_sentences: int, n_words: int) -> dict:
-    """Wiki sentences of the calibration split plus single words from them (the evaluation embeds
-    single words), none of them a WordSim/SimLex word."""
-    from models import minilm, text_data
+    from models import minilm
 
-    sentences = text_data.wiki_sentences("calib")
-    eval_words = {w.lower() for d in text_data.WORD_SETS for pair in text_data.word_pairs(d)[0] for w in pair}
-    vocab = sorted({w.lower() for s in sentences for w in re.findall(r"[A-Za-z]{3,}", s)} - eval_words)
-    words = list(np.random.default_rng(0).choice(vocab, n_words, replace=False))
-    return minilm.tokenize(sentences[:n_sentences] + words, 32)
+    return minilm.calibration_feeds(n_sentences, n_words, 32)
 
 
 def minilm_eval(path: Path, words: list[str], ref: np.ndarray | None) -> tuple[dict, np.ndarray]:

@@ -116,3 +116,20 @@ def test_warnings_do_not_fail(clean):
     add.input[0] = "stem.act"  # residual input read in float: slower, not wrong
     s = status(bad)
     assert s["R11"] == "warn" and passed(lint(ir.from_proto(bad)))
+
+
+def test_attention_products_in_float_warn_but_weighted_matmuls_must_be_quantized():
+    """R8 is TensorRT's rule for weighted layers; Q·Kᵀ and P·V left in float only warn (R8b)."""
+    from builders import attention_model
+
+    seq = 8
+    calib = {"hidden": np.random.default_rng(0).normal(size=(8, seq, 16)).astype(np.float32),
+             "attention_mask": np.ones((8, seq), np.int64)}
+    model = quantize(attention_model(seq=seq), calib, show_progress=False,
+                     recipe=[{"quantize": {"exclude": ["scores/MatMul", "context/MatMul"]}}])
+    assert status(model)["R8"] == "pass" and status(model)["R8b"] == "warn"
+    assert status(quantize(attention_model(seq=seq), calib, show_progress=False, recipe=["quantize"]))["R8b"] == "pass"
+    broken = copy(model)
+    dense = next(n for n in broken.graph.node if n.name == "query/MatMul")
+    dense.input[0] = "hidden"  # the weighted projection now reads the float input
+    assert status(broken)["R8"] == "FAIL"

@@ -290,14 +290,15 @@ def test_petr_recipes_run(tmp_path, recipe):
     path = export(lid, tmp_path, "in_graph")
     data = feeds(lid, "in_graph", 4)
     proto = onnxq.quantize(str(path), data, recipe=passes, per_tensor=True, show_progress=False, log=lambda *a: None)
-    # TensorRT lint: clean but for rule R8 on the attention products the recipes keep in float on purpose
+    # TensorRT lint: clean; the attention products the recipes keep in float on purpose only warn (R8b)
     from onnxq.lint import lint
 
     excluded = next(p for p in passes if p.name == "quantize").exclude
-    for result in lint(load_model(proto)):
-        if result.status == "FAIL":
-            assert result.rule == "R8", (result.rule, result.violations[:3])
-            assert all(v.split("'")[1] in excluded for v in result.violations), result.violations[:3]
+    results = {r.rule: r for r in lint(load_model(proto))}
+    assert all(r.status != "FAIL" for r in results.values()), [(r.rule, r.violations[:2]) for r in results.values()
+                                                               if r.status == "FAIL"]
+    assert results["R8b"].status == "warn"
+    assert all(v.split("'")[1] in excluded for v in results["R8b"].violations), results["R8b"].violations[:3]
     got = outputs(proto, one(data))
     assert all(np.isfinite(g).all() for g in got)
     ops = {n.op_type for n in proto.graph.node}

@@ -1,0 +1,275 @@
+"""Benchmark (not a test) of the transformer passes: onnxq's W8A8 / W4A8 / W4A4 recipes against ONNX
+Runtime quantize_static and NVIDIA ModelOpt, on the same models and data, side by side in one run.
+
+    python scripts/bench_transformers.py [--quick] [--models smollm2,minilm] [--out scripts/results/transformers]
+
+Models and metrics:
+* SmolLM2-135M (LLaMA architecture, RMSNorm, SwiGLU, grouped-query attention): perplexity on
+  256-token windows of held-out enwiki articles; calibration windows come from disjoint articles.
+* all-MiniLM-L6-v2 (post-LN BERT): Spearman on WordSim-353 and SimLex-999, mean cosine of sentence
+  embeddings to FP32; calibration = wiki sentences plus single words (the evaluation embeds single
+  words), none of them an evaluation word.
+
+onnxq variants (every pass before `quantize` is exact and verified by the pipeline; the largest
+relative change it measured is reported): plain W8A8 (canonical passes + INT8 Q/DQ), +smooth
+(smooth, split_range), +rotate (fold_norm, rotate), +both (the built-in transformer-w8a8 recipe),
+each with per-channel and per-tensor weights; transformer-w4a8 and transformer-w4a4.
+Activations are per-tensor INT8 everywhere (the TensorRT setting).
+
+Each quantizer runs in a subprocess of its own, so its wall time and peak memory (max RSS of the
+process and of any subprocess it starts) are its own. Writes <out>.json and <out>.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+WORK = REPO / ".cache" / "bench_transformers"
+
+CANONICAL = ("lift_constants", "fold_constants", "upgrade_opset", "fold_batchnorm", "equalize")
+# which passes of the transformer-w8a8 recipe each ablation keeps (besides CANONICAL and quantize)
+ABLATIONS = {"plain": (), "+smooth": ("smooth", "split_range"), "+rotate": ("fold_norm", "rotate"),
+             "+both": ("fold_norm", "rotate", "smooth", "split_range")}
+
+
+def log(*args):
+    print(*args, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# recipes
+
+
+def onnxq_steps(variant: str, weights: str) -> list:
+    """Pass objects of an onnxq variant: 'w8a8 <ablation>' or the name of a built-in recipe."""
+    from onnxq.pipeline import load_recipe
+
+    if variant.startswith("w8a8 "):
+        keep = ABLATIONS[variant.split(" ", 1)[1]]
+        _, passes = load_recipe("transformer-w8a8")
+        passes = [p for p in passes if p.name in CANONICAL or p.name == "quantize" or p.name in keep]
+    else:
+        _, passes = load_recipe(variant)
+    for p in passes:
+        if p.name in ("quantize", "smooth") and hasattr(p, "weights"):
+            p.weights = weights
+    return passes
+
+
+# ------------------------------------------------------------------------------------------------
+# one quantizer in a subprocess: wall time and peak memory are its own
+
+
+def worker(spec: dict) -> dict:
+    calib = dict(np.load(spec["calib"]))
+    start = time.perf_counter()
+    if spec["kind"] == "onnxq":
+        from onnxq.api import quantize
+
+        quantize(spec["source"], calib, output=spec["output"], recipe=onnxq_steps(spec["variant"], spec["weights"]),
+                 batch_size=spec["batch_size"], show_progress=False, log=lambda *_: None)
+        error = None
+    else:
+        import anchors
+
+        with tempfile.TemporaryDirectory(prefix="anchor-") as tmp:
+            os.chdir(tmp)  # ORT's calibrator writes helper files into the working directory
+            if spec["kind"] == "ort":
+                result = anchors.ort_quantize(spec["source"], calib, spec["output"], per_channel=spec["per_channel"],
+                                              batch_size=spec["batch_size"])
+            else:
+                result = anchors.modelopt_quantize(spec["source"], calib, spec["output"], timeout_s=1200)
+        error = None if result.ok else (result.error or "failed").strip().splitlines()[-1][:300]
+    peak_kb = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+    return {"quantize_seconds": round(time.perf_counter() - start, 1), "peak_memory_mb": round(peak_kb / 1024),
+            "error": error}
+
+
+def quantize_in_subprocess(spec: dict) -> dict:
+    spec_file = Path(spec["output"]).with_suffix(".spec.json")
+    spec_file.write_text(json.dumps(spec))
+    proc = subprocess.run([sys.executable, __file__, "--worker", str(spec_file)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()
+        return {"error": tail[-1][:300] if tail else f"exit status {proc.returncode}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def model_facts(path: Path) -> dict:
+    """TensorRT lint verdict and the largest change any exact pass made (measured by the pipeline)."""
+    from onnxq.lint import lint
+    from onnxq.modelio import load_model
+    from onnxq.pipeline import read_record
+
+    model = load_model(str(path))
+    failed = sorted({r.rule for r in lint(model) if r.status == "FAIL"})
+    exact = [r.get("max_rel_change") for r in read_record(model) if r.get("kind") == "exact"]
+    exact = [x for x in exact if x is not None]
+    return {"lint": "pass" if not failed else "FAIL " + ",".join(failed),
+            "exact_passes_max_rel_change": float(f"{max(exact):.2e}") if exact else None}
+
+
+def quantizers(w8a8: list[tuple[str, str]], w4: bool) -> list[tuple[str, dict]]:
+    rows = [(f"onnxq W8A8 {ab} ({w})", {"kind": "onnxq", "variant": f"w8a8 {ab}", "weights": w}) for ab, w in w8a8]
+    if w4:
+        rows += [("onnxq W4A8 +rotate (transformer-w4a8)", {"kind": "onnxq", "variant": "transformer-w4a8", "weights": "per-channel"}),
+                 ("onnxq W4A4 +rotate (transformer-w4a4)", {"kind": "onnxq", "variant": "transformer-w4a4", "weights": "per-channel"})]
+    rows += [("ORT quantize_static s8 per-tensor", {"kind": "ort", "per_channel": False}),
+             ("ORT quantize_static s8 per-channel", {"kind": "ort", "per_channel": True}),
+             ("ModelOpt INT8", {"kind": "modelopt"})]
+    return rows
+
+
+ALL_W8A8 = [(ab, w) for w in ("per-channel", "per-tensor") for ab in ABLATIONS]
+
+
+def run_model(name: str, fp32: Path, calib: dict, evaluate, batch_size: int, w8a8: list[tuple[str, str]], w4: bool,
+              skip_anchors: bool) -> list[dict]:
+    work = WORK / name
+    work.mkdir(parents=True, exist_ok=True)
+    calib_file = work / "calib.npz"
+    np.savez(calib_file, **calib)
+    rows = [{"quantizer": "FP32", **evaluate(fp32)}]
+    log(f"[{name}] FP32", rows[0])
+    for label, spec in quantizers(w8a8, w4):
+        if skip_anchors and spec["kind"] != "onnxq":
+            continue
+        if ONLY and not any(pat in label for pat in ONLY):
+            continue
+        out = work / (label.replace(" ", "_").replace("(", "").replace(")", "").replace("+", "") + ".onnx")
+        out.unlink(missing_ok=True)
+        spec = {**spec, "source": str(fp32), "calib": str(calib_file), "output": str(out), "batch_size": batch_size}
+        info = quantize_in_subprocess(spec)
+        row = {"quantizer": label, **info}
+        if not info.get("error") and out.exists():
+            row.update(evaluate(out))
+            row.update(model_facts(out))
+        rows.append(row)
+        log(f"[{name}] {label}", {k: v for k, v in row.items() if k != "quantizer"})
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------
+# models
+
+
+def smollm2_rows(quick: bool, skip_anchors: bool) -> tuple[list[dict], dict]:
+    from onnxq.models import smollm2
+
+    n_cal, n_eval = (2, 2) if quick else (4, 6)
+    fp32 = smollm2.cached_onnx()
+    windows = smollm2.eval_windows(n_eval)
+    reference = {}
+
+    def evaluate(path):
+        ppl = smollm2.perplexity(str(path), windows)["ppl"]
+        reference.setdefault("ppl", ppl)
+        return {"ppl": round(ppl, 3), "ppl_increase_pct": round(100 * (ppl / reference["ppl"] - 1), 2)}
+
+    # the ablations with per-channel weights, the full recipe also per tensor (each SmolLM2 quantization
+    # takes minutes on 2 cores; MiniLM gets every combination)
+    w8a8 = [(ab, "per-channel") for ab in ABLATIONS] + [("+both", "per-tensor")]
+    rows = run_model("smollm2", fp32, smollm2.calibration_feeds(n_cal), evaluate, 1, w8a8, True, skip_anchors)
+    return rows, {"calibration": f"{n_cal} windows x {smollm2.SEQ_LEN} tokens (calibration articles)",
+                  "evaluation": f"{n_eval} windows x {smollm2.SEQ_LEN} tokens (evaluation articles)"}
+
+
+def minilm_rows(quick: bool, skip_anchors: bool) -> tuple[list[dict], dict]:
+    from onnxq.models import minilm, text_data
+    from onnxq.runtime import session
+
+    fp32 = minilm.cached_onnx()
+    calib = minilm.calibration_feeds(32 if quick else 96, 48 if quick else 160)
+    sentences = text_data.wiki_sentences("eval")[: 64 if quick else 300]
+    reference = minilm.embed(session(fp32), sentences, max_length=32)
+
+    def evaluate(path):
+        sess = session(path)
+        emb = minilm.embed(sess, sentences, max_length=32)
+        out = {ds: round(text_data.word_similarity_spearman(lambda ws: minilm.embed(sess, ws, max_length=16), ds), 4)
+               for ds in text_data.WORD_SETS}
+        out["cosine_to_fp32"] = round(float(np.mean(np.sum(emb * reference, axis=1))), 4)
+        return out
+
+    rows = run_model("minilm", fp32, calib, evaluate, 16, ALL_W8A8, True, skip_anchors)
+    return rows, {"calibration": f"{len(calib['input_ids'])} samples: wiki sentences + single words (32 tokens)",
+                  "evaluation": f"WordSim-353 / SimLex-999 word pairs; cosine over {len(sentences)} held-out sentences"}
+
+
+# ------------------------------------------------------------------------------------------------
+# report
+
+
+def markdown(results: dict, command: str, seconds: float) -> str:
+    lines = ["# Transformers: onnxq W8A8/W4A8/W4A4 vs ORT quantize_static vs ModelOpt\n",
+             f"`{command}` — {os.cpu_count()} CPU cores, total {seconds:.0f} s. Activations per-tensor INT8 in "
+             "every quantized row; `exact Δ` is the largest relative output change any exact pass made "
+             "(measured by the pipeline on a calibration batch).\n"]
+    for model, block in results.items():
+        rows = block["rows"]
+        metrics = [k for k in rows[0] if k != "quantizer"]
+        headers = ["quantizer", *metrics, "quantize s", "peak MB", "TensorRT lint", "exact Δ", "error"]
+        lines += [f"## {model}\n", f"Calibration: {block['setup']['calibration']}. Evaluation: {block['setup']['evaluation']}.\n",
+                  "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+        for r in rows:
+            cells = [r["quantizer"], *[r.get(m, "") for m in metrics], r.get("quantize_seconds", ""),
+                     r.get("peak_memory_mb", ""), r.get("lint", "" if r["quantizer"] == "FP32" else "-"),
+                     r.get("exact_passes_max_rel_change", "") or "", r.get("error") or ""]
+            lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+ONLY: list[str] = []
+
+
+def write_results(results: dict, out: str, argv, start: float) -> str:
+    command = "python scripts/bench_transformers.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"command": command, "results": results}, indent=2))
+    text = markdown(results, command.strip(), time.perf_counter() - start)
+    out.with_suffix(".md").write_text(text)
+    return text
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer windows and samples, for a smoke run")
+    parser.add_argument("--models", default="minilm,smollm2", help="comma-separated subset of minilm,smollm2")
+    parser.add_argument("--skip-anchors", action="store_true", help="leave out ORT quantize_static and ModelOpt")
+    parser.add_argument("--out", default="scripts/results/transformers", help="output path without extension")
+    parser.add_argument("--only", default="", help="comma-separated substrings: run only the quantizers whose label "
+                        "contains one (FP32 always runs), e.g. '+both,ORT' to fit a time budget")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(json.loads(Path(args.worker).read_text()))))
+        return 0
+    ONLY[:] = [p for p in args.only.split(",") if p]
+    start = time.perf_counter()
+    runners = {"smollm2": ("SmolLM2-135M", smollm2_rows), "minilm": ("all-MiniLM-L6-v2", minilm_rows)}
+    results = {}
+    for key in args.models.split(","):
+        label, run = runners[key]
+        rows, setup = run(args.quick, args.skip_anchors)
+        results[label] = {"setup": setup, "rows": rows}
+        text = write_results(results, args.out, argv, start)  # after each model: a cut-short run keeps what it has
+    print("\n" + text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
