@@ -65,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("onnxq: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`onnxq inspect m.onnx | head`): nothing to report
+        sys.stderr.close()
+        return 0
     except Exception as exc:  # a bug in onnxq: say so in one line unless asked for the traceback
         if os.environ.get("ONNXQ_DEBUG"):
             raise

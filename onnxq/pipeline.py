@@ -116,7 +116,7 @@ def load_recipe(recipe: str | Path | list | None, *, default: str = "default") -
     if recipe is None:
         recipe = default
     if isinstance(recipe, list):
-        return "<python>", [_step(s) for s in recipe]
+        return "<python>", _steps(recipe)
     path = Path(recipe)
     if not path.exists():
         builtin = RECIPE_DIR / f"{recipe}.yaml"
@@ -132,7 +132,23 @@ def load_recipe(recipe: str | Path | list | None, *, default: str = "default") -
     steps = spec.get("passes") if isinstance(spec, dict) else spec
     if not isinstance(steps, list) or not steps:
         raise OnnxqError(f"{path}: a recipe needs a non-empty list under 'passes'")
-    return path.stem, [_step(s) for s in steps]
+    return path.stem, _steps(steps, seen=(path.stem,))
+
+
+def _steps(specs: list, seen: tuple[str, ...] = ()) -> list[GraphPass]:
+    """Passes of a step list; a step `{include: NAME}` stands for every pass of recipe NAME, so a
+    recipe that extends another (full-int8 extends transformer-w8a8) never copies its pass list."""
+    passes: list[GraphPass] = []
+    for spec in specs:
+        if isinstance(spec, dict) and set(spec) == {"include"}:
+            name = str(spec["include"])
+            if name in seen:
+                raise OnnxqError(f"recipe '{name}' includes itself")
+            included, steps = load_recipe(name)
+            passes += steps if included not in seen else []
+        else:
+            passes.append(_step(spec))
+    return passes
 
 
 def _step(spec: Any) -> GraphPass:

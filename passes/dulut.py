@@ -108,7 +108,20 @@ class Builder:
         new.name = name
         new.dtype, new.shape = old.dtype, old.shape
         if remove:
+            _shape_readers_to(new, old, remove)
             self.graph.remove(list(remove), safe=True)
+
+
+def _shape_readers_to(new: ir.Value, old: ir.Value, remove) -> None:
+    """Shape readers of a removed intermediate with the replaced value's shape (the exporter reads the
+    shape of a norm's x·rsqrt product, say) read the replacement instead: its shape is the same."""
+    for node in remove:
+        for value in node.outputs:
+            if value is old or value.shape is None or value.shape != old.shape:
+                continue
+            for user, index in list(value.uses()):
+                if user.op_type == "Shape" and user not in remove:
+                    user.replace_input_with(index, new)
 
 
 _BOOLEAN_OPS = {"Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "Not", "And", "Or"}

@@ -123,7 +123,7 @@ def recipe(variant: str, residual_adds: list[str] = ()) -> list:
         name = name[:-len("-no-smooth")]
         passes = [p for p in passes if p.name != "smooth"]
     by_name = {p.name: p for p in passes}
-    if "rotate" in mods:  # rotation first, then smoothing (OSTQuant's order)
+    if "rotate" in mods and "rotate" not in by_name:  # rotation first, then smoothing (OSTQuant's order)
         at = next(i for i, p in enumerate(passes) if p.name in ("smooth", "quantize"))
         passes = passes[:at] + [make_pass("fold_norm"), make_pass("rotate")] + passes[at:]
     if "float-residual" in mods:
@@ -230,7 +230,7 @@ def run_minilm(args) -> dict:
     from models import minilm, text_data
 
     fp32 = minilm.cached_onnx()
-    calib = minilm_calibration(32 if args.quick else 96, 48 if args.quick else 160)
+    calib = minilm_calibration(96, 160)  # the calibration set of bench_transformers, also in --quick
     words = sorted({w for d in text_data.WORD_SETS for pair in text_data.word_pairs(d)[0] for w in pair})
     feeds = minilm.tokenize(text_data.wiki_sentences("eval")[:8], 64)
     runs = 10 if args.quick else 40
@@ -259,7 +259,7 @@ def run_minilm(args) -> dict:
                            ("modelopt int8 max", lambda o: anchors.modelopt_quantize(fp32, calib, o,
                                                                                      calibration_method="max")),
                            ("modelopt int8 entropy", lambda o: anchors.modelopt_quantize(fp32, calib, o))]
-            for name, fn in runs_anchor[:1] if args.quick else runs_anchor:
+            for name, fn in runs_anchor:  # cheap on MiniLM: every anchor, also in --quick
                 out = WORK / "minilm" / (name.replace(" ", "_") + ".onnx")
                 res = fn(out)
                 if not res.ok:
@@ -417,7 +417,7 @@ def main(argv=None) -> int:
            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, onnxruntime "
                       f"{__import__('onnxruntime').__version__}"}
     log("function level")
-    res["functions"] = function_table(FUNCTION_NAMES[:3] + ["exp"] if args.quick else FUNCTION_NAMES)
+    res["functions"] = function_table(FUNCTION_NAMES)  # every function, also in --quick (seconds)
     if not args.skip_minilm:
         log("all-MiniLM-L6-v2")
         res["minilm"] = run_minilm(args)
