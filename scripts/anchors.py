@@ -117,7 +117,7 @@ def ort_quantize(
     batch = _static_batch(model_path) or batch_size
     notes: list[str] = []
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="ort-anchor-") as tmp, _working_dir(tmp):
+    with tempfile.TemporaryDirectory(prefix="ort-anchor-") as tmp, working_dir(tmp):
         # ORT's calibrator writes augmented models (and external-data files) into the working dir
         try:
             source = _pre_process(model_path, Path(tmp) / "preprocessed.onnx", notes) if preprocess else model_path
@@ -135,7 +135,8 @@ def ort_quantize(
 
 
 @contextlib.contextmanager
-def _working_dir(path):
+def working_dir(path):
+    """Run the block in `path` (ORT's quantizer writes helper files into the working directory)."""
     previous = os.getcwd()
     os.chdir(path)
     try:

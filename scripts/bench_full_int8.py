@@ -17,7 +17,6 @@ Writes scripts/results/full_int8{,_quick}.json and .md. Derived models are cache
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -182,17 +181,6 @@ def latency(path: Path, feeds: dict, runs: int) -> dict:
     return {k: round(v, 2) for k, v in ort_latency_ms(path, feeds, runs=runs, warmup=max(2, runs // 10)).items()}
 
 
-@contextlib.contextmanager
-def in_directory(path: Path):
-    """ORT's quant_pre_process writes uuid-named external-data files into the working directory."""
-    old = os.getcwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(old)
-
-
 # ------------------------------------------------------------------------------------------------
 # 2. MiniLM
 
@@ -253,7 +241,7 @@ def run_minilm(args) -> dict:
         log(f"  onnxq {variant}", scores, lat)
     if not args.skip_anchors:
         anchors = _anchors()
-        with tempfile.TemporaryDirectory(prefix="anchors-") as tmp, in_directory(Path(tmp)):
+        with tempfile.TemporaryDirectory(prefix="anchors-") as tmp, anchors.working_dir(tmp):
             runs_anchor = [("ort s8 per-channel minmax", lambda o: anchors.ort_quantize(
                                fp32, calib, o, per_channel=True, calibrate="minmax", symmetric_activations=True)),
                            ("modelopt int8 max", lambda o: anchors.modelopt_quantize(fp32, calib, o,

@@ -31,7 +31,6 @@ The val split is cached under .cache/petr_synth/; an empty cache is re-rendered 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -232,22 +231,11 @@ def onnxq_variant(source: Path, calib: dict, out: Path, steps: list) -> dict:
     return {"quantize_seconds": round(seconds, 1), "passes": [r["name"] for r in record], "pass_summaries": summaries}
 
 
-@contextlib.contextmanager
-def in_directory(path: Path):
-    """ORT's quant_pre_process writes helper files into the working directory."""
-    old = os.getcwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(old)
-
-
 def anchor_variant(kind: str, source: Path, calib: dict, out: Path) -> dict:
     sys.path.insert(0, str(REPO / "scripts"))
     import anchors
 
-    with tempfile.TemporaryDirectory(prefix="petr-anchor-") as tmp, in_directory(Path(tmp)):
+    with tempfile.TemporaryDirectory(prefix="petr-anchor-") as tmp, anchors.working_dir(tmp):
         if kind == "ort":
             result = anchors.ort_quantize(source, calib, out)  # symmetric INT8, per-tensor weights, MinMax
         else:

@@ -84,8 +84,7 @@ def worker(spec: dict) -> dict:
     else:
         import anchors
 
-        with tempfile.TemporaryDirectory(prefix="anchor-") as tmp:
-            os.chdir(tmp)  # ORT's calibrator writes helper files into the working directory
+        with tempfile.TemporaryDirectory(prefix="anchor-") as tmp, anchors.working_dir(tmp):
             if spec["kind"] == "ort":
                 result = anchors.ort_quantize(spec["source"], calib, spec["output"], per_channel=spec["per_channel"],
                                               batch_size=spec["batch_size"])
