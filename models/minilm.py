@@ -95,6 +95,17 @@ def embed(model: Any, texts: Sequence[str], max_length: int = MAX_LENGTH, batch_
     return np.concatenate(out).astype(np.float32)
 
 
+def quality(model: Any, sentences: Sequence[str], reference: np.ndarray) -> dict[str, float]:
+    """Spearman ρ on every word-similarity set (each word embedded alone, 16 tokens) and the mean cosine
+    of the sentence embeddings (32 tokens) to `reference`, the FP32 model's embeddings of `sentences`."""
+    from .text_data import WORD_SETS, word_similarity_spearman
+
+    run = _runner(model)
+    out = {ds: word_similarity_spearman(lambda words: embed(run, words, max_length=16), ds) for ds in WORD_SETS}
+    out["cosine_to_fp32"] = float(np.mean(np.sum(embed(run, sentences, max_length=32) * reference, axis=1)))
+    return out
+
+
 def torch_runner(model=None) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
     """A callable for embed() that runs the PyTorch model (the FP32 reference)."""
     import torch

@@ -111,12 +111,14 @@ def builtin_recipes() -> list[str]:
     return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
 
 
-def load_recipe(recipe: str | Path | list | None, *, default: str = "default") -> tuple[str, list[GraphPass]]:
-    """Resolve `recipe` (file, built-in name, list of steps, or None for `default`) into passes."""
+def load_recipe(recipe: str | Path | list | None, *, default: str = "default",
+                _including: tuple[str, ...] = ()) -> tuple[str, list[GraphPass]]:
+    """Resolve `recipe` (file, built-in name, list of steps, or None for `default`) into passes.
+    `_including`: the recipes whose `include` steps led here (to stop include cycles)."""
     if recipe is None:
         recipe = default
     if isinstance(recipe, list):
-        return "<python>", _steps(recipe)
+        return "<python>", _steps(recipe, _including)
     path = Path(recipe)
     if not path.exists():
         builtin = RECIPE_DIR / f"{recipe}.yaml"
@@ -132,20 +134,19 @@ def load_recipe(recipe: str | Path | list | None, *, default: str = "default") -
     steps = spec.get("passes") if isinstance(spec, dict) else spec
     if not isinstance(steps, list) or not steps:
         raise OnnxqError(f"{path}: a recipe needs a non-empty list under 'passes'")
-    return path.stem, _steps(steps, seen=(path.stem,))
+    return path.stem, _steps(steps, _including + (path.stem,))
 
 
-def _steps(specs: list, seen: tuple[str, ...] = ()) -> list[GraphPass]:
+def _steps(specs: list, including: tuple[str, ...]) -> list[GraphPass]:
     """Passes of a step list; a step `{include: NAME}` stands for every pass of recipe NAME, so a
     recipe that extends another (full-int8 extends transformer-w8a8) never copies its pass list."""
     passes: list[GraphPass] = []
     for spec in specs:
         if isinstance(spec, dict) and set(spec) == {"include"}:
             name = str(spec["include"])
-            if name in seen:
-                raise OnnxqError(f"recipe '{name}' includes itself")
-            included, steps = load_recipe(name)
-            passes += steps if included not in seen else []
+            if Path(name).stem in including:
+                raise OnnxqError(f"recipe '{name}' includes itself (through {' -> '.join(including)})")
+            passes += load_recipe(name, _including=including)[1]
         else:
             passes.append(_step(spec))
     return passes

@@ -69,12 +69,12 @@ class SplitRange(GraphPass):
         done = 0
         for kind, node, pct in targets:
             x = node.inputs[0]
-            t = best_threshold(stats.rows(x.name), float(stats.amax[x.name].max()), const_array(node.inputs[1]),
+            amax = float(stats.amax[x.name].max())
+            t = best_threshold(stats.rows(x.name), amax, const_array(node.inputs[1]),
                                pct if isinstance(pct, list) else [pct])
             if t is None:
                 continue
             thresholds = [t]
-            amax = float(stats.amax[x.name].max())
             while kind == "down" and self.down_ratio > 1 and thresholds[-1] * self.down_ratio < amax:
                 thresholds.append(thresholds[-1] * self.down_ratio)
             split_input(graph, namer, node, thresholds, self.outlier_margin if kind == "down" else 1.0)

@@ -123,12 +123,8 @@ def minilm_bench(out: Path, quick: bool) -> list[Row]:
     reference = minilm.embed(session(fp32), eval_sentences, max_length=32)
 
     def evaluate(path):
-        sess = session(path)
-        emb = minilm.embed(sess, eval_sentences, max_length=32)
-        metrics = {f"spearman_{ds}": text_data.word_similarity_spearman(
-            lambda words: minilm.embed(sess, words, max_length=16), ds) for ds in text_data.WORD_SETS}
-        metrics["cosine_to_fp32"] = float(np.mean(np.sum(emb * reference, axis=1)))
-        return metrics
+        scores = minilm.quality(session(path), eval_sentences, reference)
+        return {k if k == "cosine_to_fp32" else f"spearman_{k}": v for k, v in scores.items()}
 
     feed = minilm.tokenize(["quantization keeps the meaning of this sentence intact"], max_length=128)
     return benchmark("MiniLM", fp32, calib, evaluate, feed, out)

@@ -195,12 +195,7 @@ def minilm_rows(quick: bool, skip_anchors: bool) -> tuple[list[dict], dict]:
     reference = minilm.embed(session(fp32), sentences, max_length=32)
 
     def evaluate(path):
-        sess = session(path)
-        emb = minilm.embed(sess, sentences, max_length=32)
-        out = {ds: round(text_data.word_similarity_spearman(lambda ws: minilm.embed(sess, ws, max_length=16), ds), 4)
-               for ds in text_data.WORD_SETS}
-        out["cosine_to_fp32"] = round(float(np.mean(np.sum(emb * reference, axis=1))), 4)
-        return out
+        return {k: round(v, 4) for k, v in minilm.quality(session(path), sentences, reference).items()}
 
     rows = run_model("minilm", fp32, calib, evaluate, 16, ALL_W8A8, True, skip_anchors)
     return rows, {"calibration": f"{len(calib['input_ids'])} samples: wiki sentences + single words (32 tokens)",

@@ -36,3 +36,14 @@ def assert_lint_clean(model):
 @pytest.fixture
 def tmp(tmp_path):
     return tmp_path
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """Small torch models: more threads only add synchronisation, which costs seconds on a busy machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

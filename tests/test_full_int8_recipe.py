@@ -16,6 +16,13 @@ NONLINEAR = {"Gelu", "Erf", "Tanh", "Sigmoid", "Softmax", "Softplus", "Exp", "La
              "SimplifiedLayerNormalization", "Sqrt", "Pow", "Reciprocal", "HardSwish"}
 
 
+def test_include_cycles_are_a_clear_error(tmp_path):
+    (tmp_path / "a.yaml").write_text(f"passes: [{{include: {tmp_path / 'b.yaml'}}}]\n")
+    (tmp_path / "b.yaml").write_text(f"passes: [lift_constants, {{include: {tmp_path / 'a.yaml'}}}]\n")
+    with pytest.raises(OnnxqError, match="includes itself"):
+        load_recipe(str(tmp_path / "a.yaml"))
+
+
 def test_full_int8_includes_the_transformer_recipe():
     _, w8a8 = load_recipe("transformer-w8a8")
     _, full = load_recipe("full-int8")

@@ -15,13 +15,7 @@ CHECKPOINTS = Path(__file__).resolve().parents[1] / "models" / "checkpoints"
 SMALL_RIG = petr_data.CameraRig(image_hw=(64, 176))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are small: more threads only add synchronisation, which costs seconds on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def small_config(**overrides) -> petr.PETRConfig:

@@ -21,12 +21,7 @@ SMALL_RIG = petr_data.CameraRig(image_hw=(64, 176))
 CANONICAL = ["lift_constants", "fold_constants", {"upgrade_opset": {"opset": 19}}, "fold_batchnorm"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def small_model(seed=0, **overrides) -> petr.PETR:
@@ -198,8 +193,6 @@ def test_pe_fold_takes_the_pe_out_of_the_quantized_key_input(tmp_path):
 
 def random_rigs(n, seed=0) -> np.ndarray:
     """(n, N, 4, 4) img2lidar of the small rig with the cameras moved and turned a little."""
-    from onnxq.passes.qfpe import _rel  # noqa: F401  (module import check)
-
     rng = np.random.default_rng(seed)
     cams = []
     for _ in range(n):

@@ -2,7 +2,6 @@
 here: exact in float; after `quantize` the top part's scale is the margin times its calibrated max."""
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 from onnx import TensorProto, helper, numpy_helper
 

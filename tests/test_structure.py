@@ -1,7 +1,6 @@
 """onnxq.structure on small transformer graphs: torch exports (legacy and dynamo) and onnx.helper norms."""
 
 import numpy as np
-import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
