@@ -20,6 +20,7 @@ from onnxq.targets import get_target
 def quantize(model: str | os.PathLike | onnx.ModelProto | ir.Model, calibration_data: Any, *,
              output: str | os.PathLike | None = None, recipe: str | os.PathLike | list | None = None,
              target: str = "tensorrt", per_tensor: bool | None = None, calibrator: str | None = None,
+             rounding: str | None = None,
              batch_size: int = 1, max_samples: int | None = None, allow_unknown_ops: bool = False,
              verify_exact: bool = True, show_progress: bool = True, log=print) -> onnx.ModelProto:
     """Quantize `model` with `calibration_data` and return the QDQ model (written to `output` if given).
@@ -31,8 +32,8 @@ def quantize(model: str | os.PathLike | onnx.ModelProto | ir.Model, calibration_
         recipe: built-in recipe name, YAML/JSON file, or list of steps; None picks the best built-in
             recipe for the model.
         target: "tensorrt" (symmetric INT8 for TensorRT) or "ort-cpu" (ONNX Runtime int8 kernels).
-        per_tensor / calibrator: override the recipe's quantize step (weights per tensor; activation
-            calibrator max | percentile | entropy | mse).
+        per_tensor / calibrator / rounding: override the recipe's quantize step (weights per tensor;
+            activation calibrator max | percentile | entropy | mse; weight rounding nearest | gptq).
     """
     get_target(target)
     source_path = model if isinstance(model, (str, os.PathLike)) else None
@@ -47,9 +48,9 @@ def quantize(model: str | os.PathLike | onnx.ModelProto | ir.Model, calibration_
         if per_tensor is not None and step.name in ("quantize", "smooth"):  # smooth's α search models the weights
             step.weights = "per-tensor" if per_tensor else "per-channel"
         if step.name == "quantize":
-            if calibrator is not None:
-                step.calibrator = calibrator
-                step.__post_init__()
+            step.calibrator = calibrator or step.calibrator
+            step.rounding = rounding or step.rounding
+            step.__post_init__()
             if allow_unknown_ops:
                 step.unknown_ops = "float"
     _check_rules_cover(work, passes, target)

@@ -36,6 +36,10 @@ what happens:
 
 recipes (--recipe NAME or a YAML/JSON file; `onnxq recipes` lists them):
   default          canonicalise, fold BatchNorm, equalise Conv chains, INT8 Q/DQ
+  transformer-w8a8 picked by itself for a recognised transformer: fold norms, rotate, smooth what is not
+                   rotated, split heavy-tailed inputs, INT8 Q/DQ (also transformer-w4a8, transformer-w4a4)
+  full-int8        transformer-w8a8 + every nonlinear op as a lookup table or integer subgraph
+  petr-w8a8, petr-w8a8-pe-fold, petr-full-int8   PETR camera position embedding handled (QFPE / folded)
 
 targets:
   tensorrt   symmetric INT8, zero point 0, Q/DQ on weighted-layer inputs (TensorRT explicit quantization)
@@ -45,10 +49,16 @@ calibrators (activations):
   percentile  99.99th percentile of |x| (default)            max          largest magnitude seen
   entropy     TensorRT's KL-divergence threshold             mse          least squared INT8 error
 
+weight rounding (--rounding):
+  nearest     each weight to its nearest integer (default of the INT8 recipes; fast)
+  gptq        integers chosen so each layer's output on its calibration inputs moves least (GPTQ);
+              the transformer W4 recipes use it (SmolLM2 W4A8 perplexity +121% -> +31%)
+
 examples:
   onnxq quantize mobilenet.onnx --calib photos.npz -o mobilenet.int8.onnx
   onnxq quantize mobilenet.onnx --calib photos.npz -o m.int8.onnx --per-tensor --calibrator mse
-  onnxq quantize bert.onnx --calib sentences.npz -o bert.int8.onnx --target ort-cpu"""
+  onnxq quantize bert.onnx --calib sentences.npz -o bert.int8.onnx --target ort-cpu
+  onnxq quantize llm.onnx --calib windows.npz -o llm.w4a8.onnx --recipe transformer-w4a8"""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,6 +103,9 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--target", default="tensorrt", choices=["tensorrt", "ort-cpu"], help="deployment target (default tensorrt)")
     q.add_argument("--per-tensor", action="store_true", help="one scale per weight tensor instead of per output channel")
     q.add_argument("--calibrator", choices=["max", "percentile", "entropy", "mse"], help="activation calibrator (default: the recipe's)")
+    q.add_argument("--rounding", choices=["nearest", "gptq"],
+                   help="weight rounding (default: the recipe's): gptq chooses the integers against each layer's "
+                        "calibration inputs (GPTQ; slower, uses torch; matters most at 4 bits)")
     q.add_argument("--batch-size", type=int, default=1, help="calibration batch size for models with a dynamic batch (default 1)")
     q.add_argument("--max-samples", type=int, help="use at most this many calibration samples")
     q.add_argument("--allow-unknown-ops", action="store_true", help="keep ops with no QDQ rule in float instead of failing")
@@ -150,7 +163,7 @@ def _quantize(args) -> int:
 
     log = (lambda *_: None) if args.quiet else print
     proto = quantize(args.model, args.calib, output=args.output, recipe=args.recipe, target=args.target,
-                     per_tensor=True if args.per_tensor else None, calibrator=args.calibrator, batch_size=args.batch_size,
+                     per_tensor=True if args.per_tensor else None, calibrator=args.calibrator, rounding=args.rounding, batch_size=args.batch_size,
                      max_samples=args.max_samples, allow_unknown_ops=args.allow_unknown_ops,
                      verify_exact=not args.no_verify, show_progress=not args.quiet, log=log)
     model = load_model(proto)

@@ -3,7 +3,9 @@
 Kind: approximate. Each quantized tensor x becomes DQ(Q(x)) = s·clamp(round(x/s) + z) − s·z, so its
 error is at most s/2 inside the calibrated range and saturates outside it; `onnxq compare` measures
 the effect on the outputs. Weights are stored as integers with a DequantizeLinear (per output
-channel by default, per tensor with weights="per-tensor"); biases stay in float.
+channel by default, per tensor with weights="per-tensor"); biases stay in float. With
+rounding="gptq" the integers are chosen against each layer's calibration inputs (onnxq.gptq) at the
+same scales, so the format is unchanged.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+import numpy as np
 import onnx_ir as ir
 
+from onnxq import gptq
 from onnxq.bias_correction import correct_biases
 from onnxq.calibrate import CALIBRATORS, Range, calibrate_activations
 from onnxq.errors import OnnxqError
@@ -34,7 +38,7 @@ class Quantize(GraphPass):
     calibrator: str = "percentile"
     percentile: float = 99.99
     weights: str = "per-channel"
-    weight_calibrator: str = "mse"
+    weight_calibrator: str = "mse"  # max | mse | auto (max per channel or block, mse per tensor)
     weight_bits: int = 8
     activation_bits: int = 8
     block_size: int = 0
@@ -42,6 +46,7 @@ class Quantize(GraphPass):
     exclude: list[str] = field(default_factory=list)
     unknown_ops: str = "error"
     bias_correction: bool = True
+    rounding: str = "nearest"  # or "gptq": integers chosen for the layer's output error (onnxq.gptq)
     float_residual: bool = False  # keep Adds of two activations (the residual stream) in float
 
     def __post_init__(self):
@@ -51,8 +56,12 @@ class Quantize(GraphPass):
             raise ValueError(f"weights must be 'per-channel' or 'per-tensor', not {self.weights!r}")
         if self.weight_bits not in (4, 8) or self.activation_bits not in (4, 8):
             raise ValueError("weight_bits and activation_bits must be 4 or 8")
+        if self.weight_calibrator not in ("max", "mse", "auto"):
+            raise ValueError(f"weight_calibrator must be max, mse or auto, not {self.weight_calibrator!r}")
         if self.unknown_ops not in ("error", "float"):
             raise ValueError("unknown_ops must be 'error' or 'float'")
+        if self.rounding not in ("nearest", "gptq"):
+            raise ValueError(f"rounding must be 'nearest' or 'gptq', not {self.rounding!r}")
 
     def apply(self, model: ir.Model, ctx: PassContext) -> dict:
         target = get_target(ctx.target)
@@ -90,12 +99,19 @@ class Quantize(GraphPass):
         float_weights = {node.name: const_array(weight) for (weight, _), slots in plan.weights.items()
                          for node, index in slots if index == 1}
         fmt = INT4_WEIGHT if self.weight_bits == 4 else INT8_WEIGHT
+        hessians, gptq_readers = self._gptq_statistics(model, plan, data, ctx)
         for (weight, axis), slots in plan.weights.items():
             array = const_array(weight)
             # blocks apply to 2-D (MatMul/Gemm) weights; conv kernels stay per channel
             block = self.block_size if array.ndim == 2 and axis is not None else 0
             axis = axis if self.weights == "per-channel" or block else None
-            q, scale = quantize_weight(array, axis, fmt, self.weight_calibrator, block)
+            method = self.weight_calibrator
+            if method == "auto":  # clipping pays per tensor (one outlier sets the step); per channel it costs
+                method = "max" if axis is not None else "mse"
+            q, scale = quantize_weight(array, axis, fmt, method, block)
+            if weight.name in hessians:
+                q = gptq.gptq_round(array, _per_element(scale, array.shape, axis, block), hessians[weight.name], fmt,
+                                    gptq_readers[weight.name][0])
             insert_weight_dq(graph, namer, weight, slots, q, scale, axis, fmt, block)
             granularity = (f"blocks of {block}" if block else
                            f"per-channel axis {axis}" if axis is not None else "per-tensor")
@@ -114,7 +130,26 @@ class Quantize(GraphPass):
         corrected = correct_biases(model, float_weights, data, show_progress=ctx.show_progress) if self.bias_correction else 0
         return {"biases_corrected": corrected, "activations_quantized": len(plan.activations) - len(plan.skipped),
                 "weights_quantized": len(plan.weights), "kept_float": len(plan.float_reasons),
-                "skipped": len(plan.skipped)}
+                "skipped": len(plan.skipped), "gptq_rounded": len(hessians)}
+
+    def _gptq_statistics(self, model: ir.Model, plan, data, ctx: PassContext) -> tuple[dict, dict]:
+        """GPTQ's H per weight name, over the inputs as quantized so far (weights still float); only for
+        weights whose every reader GPTQ supports. Empty unless rounding is gptq."""
+        if self.rounding != "gptq":
+            return {}, {}
+        readers = {weight.name: [node for node, _ in slots] for (weight, _), slots in plan.weights.items()
+                   if all(index == 1 and gptq.supported(node) for node, index in slots)}
+        model.graph.sort()
+        return gptq.collect_hessians(model, readers, data, show_progress=ctx.show_progress), readers
+
+
+def _per_element(scale: np.ndarray, shape: tuple, axis: int | None, block: int) -> np.ndarray:
+    """The weight's scale broadcast to the weight's shape (per tensor, per channel or per block)."""
+    if block:  # scales have the weight's rank, one entry per block along the input axis
+        return np.repeat(scale, block, axis=1 - axis)
+    if axis is None:
+        return np.broadcast_to(scale, shape)
+    return np.broadcast_to(scale.reshape([-1 if i == axis else 1 for i in range(len(shape))]), shape)
 
 
 def _range_margin(value: ir.Value) -> float:

@@ -40,6 +40,9 @@ from onnxq import structure as st
 from onnxq.graph import Namer, add_initializer, const_array, private_weight, replace_initializer
 from onnxq.pipeline import GraphPass, Kind, PassContext, register
 
+# Node metadata on every linear layer whose input rotate has rotated: smooth leaves those inputs alone.
+INPUT_ROTATED_KEY = "onnxq.input_rotated"
+
 
 @register
 @dataclass
@@ -230,6 +233,7 @@ def rotate_stream(graph: ir.Graph, namer: Namer, s: st.Structure, r: np.ndarray,
         st.rename(lin.output, suffix, namer)
     for lin in stream.readers:
         st.set_weight_io(graph, namer, lin, r.T @ lin.weight_io().astype(np.float64))
+        lin.node.metadata_props[INPUT_ROTATED_KEY] = "residual stream"
     for value in stream.values:
         st.rename(value, suffix, namer)
     for norm in stream.norms:
@@ -258,6 +262,7 @@ def rotate_heads(graph: ir.Graph, namer: Namer, att: st.Attention, rs: list[np.n
         block = slice(h * d, (h + 1) * d)
         wo[block, :] = rs[att.kv_head_of(h)].T @ wo[block, :]
     st.set_weight_io(graph, namer, att.o, wo)
+    att.o.node.metadata_props[INPUT_ROTATED_KEY] = "per-head V/O"
     for value in (att.v.node.outputs[0], att.v.output, *(n.outputs[0] for n in att.v_path), att.pv.outputs[0],
                   *(n.outputs[0] for n in att.o_path)):
         st.rename(value, suffix, namer)
@@ -275,4 +280,5 @@ def insert_online_rotation(graph: ir.Graph, namer: Namer, down: st.Linear, r: np
     graph.insert_before(down.node, node)
     down.node.replace_input_with(0, node.outputs[0])
     st.set_weight_io(graph, namer, down, r.T @ down.weight_io().astype(np.float64))
+    down.node.metadata_props[INPUT_ROTATED_KEY] = label
     return node

@@ -190,7 +190,7 @@ def pe_ranges(path: Path, val, folded_bias_absmax: float | None = None) -> dict:
 
 
 def recipe_steps(name: str, *, qans: bool = True, weights: str = "per-tensor", fold_after_qfpe: bool = False,
-                 attention_float: bool = False) -> list:
+                 attention_float: bool = False, rounding: str | None = None) -> list:
     """A built-in recipe's passes with the quantize step's weight granularity (and ablations)."""
     from onnxq.pipeline import load_recipe
 
@@ -199,6 +199,7 @@ def recipe_steps(name: str, *, qans: bool = True, weights: str = "per-tensor", f
     for step in passes:
         if step.name == "quantize":
             step.weights = weights
+            step.rounding = rounding or step.rounding
             if attention_float:
                 step.exclude = list(attention_products())
         if step.name == "qans" and not qans:
@@ -293,6 +294,8 @@ def run(args) -> tuple[dict, dict]:
         ("w8a8_pe_fold", lid, recipe_steps("petr-w8a8-pe-fold")),
         ("w8a8_qfpe", lid, recipe_steps("petr-w8a8")),
         ("full_int8", lid, recipe_steps("petr-full-int8")),
+        ("w8a8_pe_fold_nearest", lid, recipe_steps("petr-w8a8-pe-fold", rounding="nearest")),
+        ("w8a8_qfpe_nearest", lid, recipe_steps("petr-w8a8", rounding="nearest")),
     ]
     if args.extras:
         variants += [
@@ -363,7 +366,8 @@ def markdown(results: dict, meta: dict) -> str:
     ref_of = lambda k: "fp32_qfpe" if ("qfpe" in k or k == "full_int8") else "fp32_pe"  # noqa: E731
     lines = [f"# PETR-tiny quantization benchmark ({meta['val_scenes']} val scenes)", "",
              f"`{meta['command']}`, {meta['machine']}, total {meta['total_seconds']:.0f} s. Calibration: {meta['calibration']}. "
-             "W8A8 rows: per-tensor weights and activations unless the name says per_channel.", "",
+             "W8A8 rows: per-tensor weights and activations unless the name says per_channel; "
+             "the recipes round weights with GPTQ, `_nearest` rows round to nearest instead.", "",
              "| variant | mAP | NDS | Δ mAP (pts) vs its FP32 | AP@0.5/1/2/4 m | k_proj input absmax (FP32) | features' INT8 steps at k_proj | lint (TensorRT) | ORT CPU ms | quantize s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for key, e in results.items():

@@ -79,7 +79,7 @@ def worker(spec: dict) -> dict:
         from onnxq.api import quantize
 
         quantize(spec["source"], calib, output=spec["output"], recipe=onnxq_steps(spec["variant"], spec["weights"]),
-                 batch_size=spec["batch_size"], show_progress=False, log=lambda *_: None)
+                 rounding=spec.get("rounding"), batch_size=spec["batch_size"], show_progress=False, log=lambda *_: None)
         error = None
     else:
         import anchors
@@ -124,6 +124,8 @@ def quantizers(w8a8: list[tuple[str, str]], w4: bool) -> list[tuple[str, dict]]:
     rows = [(f"onnxq W8A8 {ab} ({w})", {"kind": "onnxq", "variant": f"w8a8 {ab}", "weights": w}) for ab, w in w8a8]
     if w4:
         rows += [("onnxq W4A8 +rotate (transformer-w4a8)", {"kind": "onnxq", "variant": "transformer-w4a8", "weights": "per-channel"}),
+                 ("onnxq W4A8 +rotate, round-to-nearest", {"kind": "onnxq", "variant": "transformer-w4a8", "weights": "per-channel",
+                                                          "rounding": "nearest"}),
                  ("onnxq W4A4 +rotate (transformer-w4a4)", {"kind": "onnxq", "variant": "transformer-w4a4", "weights": "per-channel"})]
     rows += [("ORT quantize_static s8 per-tensor", {"kind": "ort", "per_channel": False}),
              ("ORT quantize_static s8 per-channel", {"kind": "ort", "per_channel": True}),

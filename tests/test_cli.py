@@ -28,6 +28,15 @@ def cli(capsys, *argv):
     return code, out.out, out.err
 
 
+def test_gptq_rounding_from_the_command_line(files, capsys):
+    out = files / "model.gptq.onnx"
+    code, _, _ = cli(capsys, "quantize", files / "model.onnx", "--calib", files / "calib.npz", "-o", out,
+                     "--rounding", "gptq", "--report", files / "report.json", "-q")
+    assert code == 0
+    summary = json.loads((files / "report.json").read_text())["passes"][-1]["summary"]
+    assert summary["gptq_rounded"] == 4  # stem, expand and project Convs and the Gemm; the depthwise Conv stays nearest
+
+
 def test_full_session(files, capsys):
     out = files / "model.int8.onnx"
     code, text, _ = cli(capsys, "quantize", files / "model.onnx", "--calib", files / "calib.npz", "-o", out,

@@ -117,6 +117,15 @@ def test_smooth_sites_and_shared_post_norm(models):
     assert rec[1].summary["sites"] == 5 + 2 + 2
 
 
+def test_smooth_leaves_rotated_inputs_alone(models):
+    _, rec = run_exact(models["llama"], "llama", ["fold_norm", "rotate", "smooth"])
+    assert rec[2].summary["left_rotated"] == 5 + 2 and rec[2].summary["sites"] == 2  # only the MLP down inputs
+    _, rec = run_exact(models["llama"], "llama", ["fold_norm", "rotate", {"smooth": {"skip_rotated": False}}])
+    assert rec[2].summary["left_rotated"] == 0 and rec[2].summary["sites"] == 5 + 2 + 2
+    _, rec = run_exact(models["bert"], "bert", ["rotate", "smooth"])  # post-norm: only V/O was rotated
+    assert rec[1].summary["left_rotated"] == 2 and rec[1].summary["sites"] == 4 + 2
+
+
 def test_hadamard_sizes():
     from onnxq.passes.rotate import hadamard
 

@@ -1,0 +1,113 @@
+"""GPTQ rounding of weights: integer values chosen so the layer's output error is small, not each weight's.
+
+Rounding to nearest minimises ‖W − Ŵ‖ weight by weight, but what matters is the layer's output over
+its real inputs, ‖X·Ŵ − X·W‖² = tr((Ŵ − W)ᵀ·H·(Ŵ − W)) with H = XᵀX. GPTQ (Frantar et al., 2022)
+rounds the input rows one at a time and spreads each row's rounding error over the rows not yet
+rounded, in proportion to H⁻¹ (the optimal compensation for a quadratic loss), using the upper
+Cholesky factor of H⁻¹ so the whole matrix costs one factorisation. The scales stay those the quantize
+step chose (max or mse), so the deployed format is unchanged: only the integers differ.
+
+X is each layer's input in the model as deployed: after the activation Q/DQ the quantize step has just
+inserted, so the compensation also absorbs part of the input's rounding error. H is accumulated batch
+by batch (a d_in × d_in matrix per weight; memory never holds the calibration set's activations).
+Handles MatMul with a 2-D weight, Gemm (transA = 0) and 2-D Conv with group = 1 (inputs unfolded into
+patches, one row per output position); other readers keep round-to-nearest. Torch does the linear
+algebra and is imported only when this rounding is asked for.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxq.calib_data import CalibrationSet
+from onnxq.progress import progress
+from onnxq.qdq import IntFormat
+from onnxq.runtime import exposing, run_batches, session
+
+DAMPING = 0.01  # fraction of mean(diag H) added to the diagonal: keeps H invertible, as in the paper
+BLOCK = 128  # rows rounded per lazy update of the rest of the matrix
+
+
+def supported(node: ir.Node) -> bool:
+    """Whether `node` is a weight reader whose input rows GPTQ can form."""
+    attrs = node.attributes
+    if node.op_type == "MatMul":
+        return node.inputs[1].shape is not None and len(node.inputs[1].shape) == 2
+    if node.op_type == "Gemm":
+        return attrs.get_int("transA", 0) == 0
+    if node.op_type == "Conv":
+        shape = node.inputs[1].shape
+        return attrs.get_int("group", 1) == 1 and shape is not None and len(shape) == 4
+    return False
+
+
+def collect_hessians(model: ir.Model, readers: dict[str, list[ir.Node]], data: CalibrationSet, *,
+                     show_progress: bool = True) -> dict[str, np.ndarray]:
+    """H = Σ XᵀX (float64) per weight key, over the inputs of that weight's reader nodes."""
+    import torch
+
+    inputs = sorted({node.inputs[0].name for nodes in readers.values() for node in nodes})
+    sess = session(exposing(model, inputs))
+    hessians: dict[str, torch.Tensor] = {}
+    batches = progress(data, desc="GPTQ statistics", total=len(data), unit="batch", disable=not show_progress)
+    for _, out in run_batches(sess, batches, inputs):
+        for key, nodes in readers.items():
+            for node in nodes:
+                rows = _input_rows(node, torch.from_numpy(np.asarray(out[node.inputs[0].name], dtype=np.float32)), torch)
+                rows = rows.to(torch.float64)
+                h = rows.T @ rows
+                hessians[key] = hessians[key] + h if key in hessians else h
+    return {key: h.numpy() for key, h in hessians.items()}
+
+
+def _input_rows(node: ir.Node, x, torch):
+    """The layer input as a matrix whose rows each meet the weight as one vector (d_in columns)."""
+    if node.op_type == "Conv":
+        attrs = node.attributes
+        kernel = tuple(node.inputs[1].shape[2:])
+        pads = attrs.get_ints("pads", [0, 0, 0, 0])
+        if pads[0] != pads[2] or pads[1] != pads[3]:  # unfold pads symmetrically; pad by hand otherwise
+            x = torch.nn.functional.pad(x, (pads[1], pads[3], pads[0], pads[2]))
+            pads = [0, 0, 0, 0]
+        patches = torch.nn.functional.unfold(x, kernel, dilation=tuple(attrs.get_ints("dilations", [1, 1])),
+                                             padding=(pads[0], pads[1]), stride=tuple(attrs.get_ints("strides", [1, 1])))
+        return patches.transpose(1, 2).reshape(-1, patches.shape[1])  # (N·positions, C·kh·kw)
+    return x.reshape(-1, x.shape[-1])
+
+
+def gptq_round(weight: np.ndarray, scale: np.ndarray, hessian: np.ndarray, fmt: IntFormat, node: ir.Node) -> np.ndarray:
+    """Integer weights (weight's layout and the format's dtype), GPTQ-rounded; `scale` has the weight's
+    shape (each weight's own step: per tensor, per channel and per block alike)."""
+    import torch
+
+    w_oi, restore = _as_out_by_in(weight, node)
+    s = torch.tensor(np.array(_as_out_by_in(np.broadcast_to(scale, weight.shape), node)[0], dtype=np.float64))
+    w = torch.tensor(np.array(w_oi, dtype=np.float64))
+    h = torch.tensor(np.array(hessian, dtype=np.float64))
+    dead = torch.diag(h) == 0  # inputs never non-zero on calibration data: nothing to compensate with
+    h[dead, dead] = 1.0
+    h += DAMPING * torch.mean(torch.diag(h)) * torch.eye(h.shape[0], dtype=h.dtype)
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    q = torch.zeros_like(w)
+    n = w.shape[1]
+    for start in range(0, n, BLOCK):
+        stop = min(start + BLOCK, n)
+        errors = torch.zeros((w.shape[0], stop - start), dtype=w.dtype)
+        for i in range(start, stop):
+            q[:, i] = torch.clamp(torch.round(w[:, i] / s[:, i]), fmt.qmin, fmt.qmax)
+            err = (w[:, i] - q[:, i] * s[:, i]) / u[i, i]
+            w[:, i:stop] -= err[:, None] * u[i, i:stop][None, :]
+            errors[:, i - start] = err
+        w[:, stop:] -= errors @ u[start:stop, stop:]
+    return restore(q.numpy()).astype(fmt.numpy)
+
+
+def _as_out_by_in(weight: np.ndarray, node: ir.Node):
+    """(weight as an out × in matrix, function mapping such a matrix back to the weight's layout)."""
+    if node.op_type == "MatMul":  # y = x·W, W is in × out
+        return weight.T, lambda m: m.T
+    if node.op_type == "Gemm" and node.attributes.get_int("transB", 0) == 0:
+        return weight.T, lambda m: m.T
+    shape = weight.shape  # Gemm transB = 1 (out × in) or Conv (out × C × kh × kw, unfold's order)
+    return weight.reshape(shape[0], -1), lambda m: m.reshape(shape)

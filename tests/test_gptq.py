@@ -1,0 +1,108 @@
+"""GPTQ rounding: lower layer output error than round-to-nearest at the same scales, end to end too."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from builders import attention_model, mobilenet_block_model, random_images
+from conftest import assert_lint_clean, run, sqnr_db
+from onnxq import gptq, quantize
+from onnxq.qdq import INT4_WEIGHT, INT8_WEIGHT, quantize_weight
+
+torch = pytest.importorskip("torch")
+
+
+def _reader(op: str, weight_shape, **attrs) -> ir.Node:
+    return ir.node(op, [ir.Value(name="x"), ir.Value(name="w", shape=ir.Shape(weight_shape))], attrs)
+
+
+def _rel(out, ref) -> float:
+    return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+
+
+@pytest.mark.parametrize("fmt", [INT8_WEIGHT, INT4_WEIGHT], ids=["int8", "int4"])
+def test_matmul_output_error_drops_on_held_out_inputs(fmt):
+    rng = np.random.default_rng(0)
+    mixing = rng.normal(size=(64, 64))  # correlated input channels, as real activations have
+    x_fit, x_held = rng.normal(size=(2000, 64)) @ mixing, rng.normal(size=(500, 64)) @ mixing
+    w = rng.normal(size=(64, 32)).astype(np.float32)
+    nearest, scale = quantize_weight(w, 1, fmt, "max")
+    rounded = gptq.gptq_round(w, scale, x_fit.T @ x_fit, fmt, _reader("MatMul", w.shape))
+    assert rounded.dtype == nearest.dtype and rounded.shape == w.shape
+    assert fmt.qmin <= rounded.min() and rounded.max() <= fmt.qmax
+    err_nearest = _rel(x_held @ (nearest * scale), x_held @ w)
+    err_gptq = _rel(x_held @ (rounded * scale), x_held @ w)
+    assert err_gptq < 0.85 * err_nearest, (err_gptq, err_nearest)
+
+
+def test_conv_rows_reproduce_the_convolution_and_error_drops():
+    rng = np.random.default_rng(1)
+    x = torch.nn.functional.conv2d(torch.randn(4, 8, 12, 12), torch.randn(8, 8, 3, 3), padding=1).relu()
+    w = rng.normal(size=(16, 8, 3, 3)).astype(np.float32)
+    node = _reader("Conv", w.shape, pads=[1, 0, 1, 2], strides=[2, 1])  # asymmetric padding, strided
+    reference = torch.nn.functional.conv2d(torch.nn.functional.pad(x, (0, 2, 1, 1)), torch.from_numpy(w), stride=(2, 1))
+    rows = gptq._input_rows(node, x, torch)
+    n, c, h, wd = reference.shape
+    from_rows = (rows @ torch.from_numpy(w).reshape(16, -1).T).reshape(n, h, wd, c).permute(0, 3, 1, 2)
+    assert float((from_rows - reference).abs().max()) < 1e-4 * float(reference.abs().max())
+
+    nearest, scale = quantize_weight(w, 0, INT4_WEIGHT, "max")
+    hessian = (rows.double().T @ rows.double()).numpy()
+    rounded = gptq.gptq_round(w, scale[:, None, None, None], hessian, INT4_WEIGHT, node)
+    errors = []
+    for q in (nearest, rounded):
+        dequantized = torch.from_numpy(q.astype(np.float32) * scale[:, None, None, None])
+        out = torch.nn.functional.conv2d(torch.nn.functional.pad(x, (0, 2, 1, 1)), dequantized, stride=(2, 1))
+        errors.append(float((out - reference).norm() / reference.norm()))
+    assert errors[1] < 0.9 * errors[0], errors
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_quantize_with_gptq_is_closer_to_fp32(seed):
+    model = mobilenet_block_model(channels=16, seed=seed)
+    calib, held_out = {"input": random_images(32, seed=1)}, {"input": random_images(8, seed=2)}
+    reference = run(model, held_out)[0]
+    sqnr = {}
+    for rounding in ("nearest", "gptq"):
+        steps = ["fold_batchnorm", {"upgrade_opset": {"opset": 21}},
+                 {"quantize": {"weight_bits": 4, "calibrator": "max", "rounding": rounding}}]
+        qmodel = quantize(model, calib, recipe=steps, show_progress=False, log=lambda *_: None)
+        assert_lint_clean(qmodel)
+        sqnr[rounding] = sqnr_db(reference, run(qmodel, held_out)[0])
+    assert sqnr["gptq"] > sqnr["nearest"] + 1.0, sqnr
+
+
+def test_blocked_int4_matmuls_with_gptq_are_closer_to_fp32():
+    model = attention_model(hidden=64, heads=4, seq=16)
+    mixing = np.random.default_rng(3).normal(size=(64, 64)) / 8  # correlated hidden channels
+
+    def feeds(n, seed):
+        hidden = np.random.default_rng(seed).normal(size=(n, 16, 64)) @ mixing
+        return {"hidden": hidden.astype(np.float32), "attention_mask": np.ones((n, 16), np.int64)}
+
+    calib, held_out = feeds(64, 1), feeds(16, 2)
+    reference = run(model, held_out)[0]
+    sqnr = {}
+    for rounding in ("nearest", "gptq"):
+        steps = [{"upgrade_opset": {"opset": 21}},
+                 {"quantize": {"weight_bits": 4, "block_size": 16, "calibrator": "max", "rounding": rounding}}]
+        qmodel = quantize(model, calib, recipe=steps, show_progress=False, log=lambda *_: None)
+        sqnr[rounding] = sqnr_db(reference, run(qmodel, held_out)[0])
+    assert sqnr["gptq"] > sqnr["nearest"] + 1.0, sqnr
+
+
+def test_bad_rounding_is_refused():
+    with pytest.raises(Exception, match="rounding must be"):
+        quantize(mobilenet_block_model(), {"input": random_images(2)}, recipe=[{"quantize": {"rounding": "stochastic"}}],
+                 show_progress=False)
+
+
+def test_plain_quantization_does_not_import_torch():
+    code = ("import sys; sys.path.insert(0, 'tests'); from builders import attention_model, mobilenet_block_model, random_images; "
+            "from onnxq import quantize; quantize(mobilenet_block_model(), {'input': random_images(4)}, show_progress=False, "
+            "log=lambda *_: None); assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)
