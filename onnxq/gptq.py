@@ -44,21 +44,34 @@ def supported(node: ir.Node) -> bool:
 
 def collect_hessians(model: ir.Model, readers: dict[str, list[ir.Node]], data: CalibrationSet, *,
                      show_progress: bool = True) -> dict[str, np.ndarray]:
-    """H = Σ XᵀX (float64) per weight key, over the inputs of that weight's reader nodes."""
+    """H = Σ XᵀX (float64) per weight key, over the inputs of that weight's reader nodes. Readers of one
+    input (Q/K/V, gate/up) share one matrix: memory grows with distinct inputs, not with weights."""
     import torch
 
-    inputs = sorted({node.inputs[0].name for nodes in readers.values() for node in nodes})
+    sources = {_row_source(node): node for nodes in readers.values() for node in nodes}
+    inputs = sorted({node.inputs[0].name for node in sources.values()})
     sess = session(exposing(model, inputs))
-    hessians: dict[str, torch.Tensor] = {}
+    totals: dict[tuple, torch.Tensor] = {}
     batches = progress(data, desc="GPTQ statistics", total=len(data), unit="batch", disable=not show_progress)
     for _, out in run_batches(sess, batches, inputs):
-        for key, nodes in readers.items():
-            for node in nodes:
-                rows = _input_rows(node, torch.from_numpy(np.asarray(out[node.inputs[0].name], dtype=np.float32)), torch)
-                rows = rows.to(torch.float64)
-                h = rows.T @ rows
-                hessians[key] = hessians[key] + h if key in hessians else h
-    return {key: h.numpy() for key, h in hessians.items()}
+        for source, node in sources.items():
+            x = torch.from_numpy(np.asarray(out[node.inputs[0].name], dtype=np.float32))
+            rows = _input_rows(node, x, torch).to(torch.float64)
+            totals[source] = totals[source] + rows.T @ rows if source in totals else rows.T @ rows
+    hessians = {}
+    for key, nodes in readers.items():
+        parts = [totals[_row_source(node)] for node in nodes]
+        hessians[key] = (parts[0] if len(parts) == 1 else sum(parts[1:], parts[0])).numpy()
+    return hessians
+
+
+def _row_source(node: ir.Node) -> tuple:
+    """What determines a reader's input rows: the input tensor, and for Conv the patch geometry."""
+    if node.op_type != "Conv":
+        return (node.inputs[0].name,)
+    attrs = node.attributes
+    return (node.inputs[0].name, tuple(node.inputs[1].shape[2:]), tuple(attrs.get_ints("pads", [0, 0, 0, 0])),
+            tuple(attrs.get_ints("strides", [1, 1])), tuple(attrs.get_ints("dilations", [1, 1])))
 
 
 def _input_rows(node: ir.Node, x, torch):
