@@ -284,6 +284,7 @@ def run_smollm2(args) -> dict:
 
     fp32 = smollm2.cached_onnx()
     n_cal, n_eval = (4, 4) if args.quick else (16, 24)
+    n_eval = args.smollm2_eval_windows or n_eval
     calib = smollm2.calibration_feeds(n_cal)
     windows = smollm2.eval_windows(n_eval)
     feeds = {"input_ids": windows[:1], "attention_mask": np.ones_like(windows[:1])}
@@ -393,7 +394,9 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-minilm", action="store_true")
     parser.add_argument("--skip-smollm2", action="store_true")
     parser.add_argument("--skip-anchors", action="store_true", help="no ORT quantize_static / ModelOpt")
-    parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--smollm2-eval-windows", type=int, default=0,
+                        help="SmolLM2 evaluation windows of 256 tokens (default 24; 4 with --quick)")
+    parser.add_argument("--out", default=str(RESULTS), help="folder for full_int8{,_quick}.json and .md")
     parser.add_argument("--render", metavar="JSON", help="only rewrite the markdown of an existing results file")
     args = parser.parse_args(argv)
     if args.render:

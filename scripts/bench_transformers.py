@@ -170,6 +170,7 @@ def smollm2_rows(quick: bool, skip_anchors: bool) -> tuple[list[dict], dict]:
     from onnxq.models import smollm2
 
     n_cal, n_eval = (2, 2) if quick else (4, 6)
+    n_cal = SMOLLM2_CALIB_WINDOWS[0] or n_cal
     fp32 = smollm2.cached_onnx()
     windows = smollm2.eval_windows(n_eval)
     reference = {}
@@ -229,6 +230,7 @@ def markdown(results: dict, command: str, seconds: float) -> str:
 
 
 ONLY: list[str] = []
+SMOLLM2_CALIB_WINDOWS = [0]  # --smollm2-calib-windows (0: the default)
 
 
 def write_results(results: dict, out: str, argv, start: float) -> str:
@@ -249,12 +251,15 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="scripts/results/transformers", help="output path without extension")
     parser.add_argument("--only", default="", help="comma-separated substrings: run only the quantizers whose label "
                         "contains one (FP32 always runs), e.g. '+both,ORT' to fit a time budget")
+    parser.add_argument("--smollm2-calib-windows", type=int, default=0,
+                        help="SmolLM2 calibration windows of 256 tokens (default 4; 2 with --quick)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(json.loads(Path(args.worker).read_text()))))
         return 0
     ONLY[:] = [p for p in args.only.split(",") if p]
+    SMOLLM2_CALIB_WINDOWS[0] = args.smollm2_calib_windows
     start = time.perf_counter()
     runners = {"smollm2": ("SmolLM2-135M", smollm2_rows), "minilm": ("all-MiniLM-L6-v2", minilm_rows)}
     results = {}
