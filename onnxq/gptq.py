@@ -9,7 +9,7 @@ step chose (max or mse), so the deployed format is unchanged: only the integers 
 
 X is each layer's input in the model as deployed: after the activation Q/DQ the quantize step has just
 inserted, so the compensation also absorbs part of the input's rounding error. H is accumulated batch
-by batch (a d_in × d_in matrix per weight; memory never holds the calibration set's activations).
+by batch (a d_in × d_in matrix per distinct input; memory never holds the calibration set's activations).
 Handles MatMul with a 2-D weight, Gemm (transA = 0) and 2-D Conv with group = 1 (inputs unfolded into
 patches, one row per output position); other readers keep round-to-nearest. Torch does the linear
 algebra and is imported only when this rounding is asked for.
@@ -67,24 +67,24 @@ def collect_hessians(model: ir.Model, readers: dict[str, list[ir.Node]], data: C
 
 def _row_source(node: ir.Node) -> tuple:
     """What determines a reader's input rows: the input tensor, and for Conv the patch geometry."""
-    if node.op_type != "Conv":
-        return (node.inputs[0].name,)
+    return (node.inputs[0].name, *(_conv_geometry(node) if node.op_type == "Conv" else ()))
+
+
+def _conv_geometry(node: ir.Node) -> tuple[tuple, tuple, tuple, tuple]:
+    """(kernel, pads, strides, dilations) of a 2-D Conv."""
     attrs = node.attributes
-    return (node.inputs[0].name, tuple(node.inputs[1].shape[2:]), tuple(attrs.get_ints("pads", [0, 0, 0, 0])),
+    return (tuple(node.inputs[1].shape[2:]), tuple(attrs.get_ints("pads", [0, 0, 0, 0])),
             tuple(attrs.get_ints("strides", [1, 1])), tuple(attrs.get_ints("dilations", [1, 1])))
 
 
 def _input_rows(node: ir.Node, x, torch):
     """The layer input as a matrix whose rows each meet the weight as one vector (d_in columns)."""
     if node.op_type == "Conv":
-        attrs = node.attributes
-        kernel = tuple(node.inputs[1].shape[2:])
-        pads = attrs.get_ints("pads", [0, 0, 0, 0])
+        kernel, pads, strides, dilations = _conv_geometry(node)
         if pads[0] != pads[2] or pads[1] != pads[3]:  # unfold pads symmetrically; pad by hand otherwise
             x = torch.nn.functional.pad(x, (pads[1], pads[3], pads[0], pads[2]))
-            pads = [0, 0, 0, 0]
-        patches = torch.nn.functional.unfold(x, kernel, dilation=tuple(attrs.get_ints("dilations", [1, 1])),
-                                             padding=(pads[0], pads[1]), stride=tuple(attrs.get_ints("strides", [1, 1])))
+            pads = (0, 0, 0, 0)
+        patches = torch.nn.functional.unfold(x, kernel, dilation=dilations, padding=pads[:2], stride=strides)
         return patches.transpose(1, 2).reshape(-1, patches.shape[1])  # (N·positions, C·kh·kw)
     return x.reshape(-1, x.shape[-1])
 

@@ -222,13 +222,24 @@ def quantize_weight(w: np.ndarray, axis: int | None, fmt: IntFormat = INT8_WEIGH
         return _quantize_blocked(w, axis, fmt, method, block_size)
     reduce_axes = tuple(i for i in range(w.ndim) if i != axis) if axis is not None else None
     amax = np.abs(w).max(axis=reduce_axes, keepdims=axis is not None)
+    if method == "auto":  # clipping pays per tensor (one outlier sets the step); per channel it costs
+        method = "max" if axis is not None else "mse"
     if method == "mse":
         amax = _mse_weight_amax(w, amax, reduce_axes, fmt)
     elif method != "max":
-        raise OnnxqError(f"unknown weight calibrator '{method}' (choose max or mse)")
+        raise OnnxqError(f"unknown weight calibrator '{method}' (choose max, mse or auto)")
     scale = np.where(amax > 0, amax / fmt.qmax, 1.0).astype(np.float32)
     q = np.clip(np.round(w / scale), fmt.qmin, fmt.qmax).astype(fmt.numpy)
     return q, (scale.reshape(-1) if axis is not None else scale.reshape(()))
+
+
+def scale_per_element(scale: np.ndarray, shape: tuple, axis: int | None, block_size: int = 0) -> np.ndarray:
+    """quantize_weight's scales broadcast to the weight's shape (per tensor, per channel or per block)."""
+    if block_size:  # scales have the weight's rank, one entry per block along the input axis
+        return np.repeat(scale, block_size, axis=1 - axis)
+    if axis is None:
+        return np.broadcast_to(scale, shape)
+    return np.broadcast_to(scale.reshape([-1 if i == axis else 1 for i in range(len(shape))]), shape)
 
 
 def _mse_weight_amax(w, amax, reduce_axes, fmt, steps: int = 40):

@@ -14,7 +14,6 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-import numpy as np
 import onnx_ir as ir
 
 from onnxq import gptq
@@ -24,7 +23,7 @@ from onnxq.errors import OnnxqError
 from onnxq.graph import Namer, const_array, opset_version
 from onnxq.pipeline import GraphPass, Kind, PassContext, register
 from onnxq.qdq import (FLOAT_REASON_KEY, INT4_WEIGHT, INT8_WEIGHT, QUANTIZED_KEY, Planner, activation_format,
-                       activation_params, insert_activation_qdq, insert_weight_dq, quantize_weight, tag)
+                       activation_params, insert_activation_qdq, insert_weight_dq, quantize_weight, scale_per_element, tag)
 from onnxq.targets import get_target
 
 
@@ -105,13 +104,10 @@ class Quantize(GraphPass):
             # blocks apply to 2-D (MatMul/Gemm) weights; conv kernels stay per channel
             block = self.block_size if array.ndim == 2 and axis is not None else 0
             axis = axis if self.weights == "per-channel" or block else None
-            method = self.weight_calibrator
-            if method == "auto":  # clipping pays per tensor (one outlier sets the step); per channel it costs
-                method = "max" if axis is not None else "mse"
-            q, scale = quantize_weight(array, axis, fmt, method, block)
+            q, scale = quantize_weight(array, axis, fmt, self.weight_calibrator, block)
             if weight.name in hessians:
-                q = gptq.gptq_round(array, _per_element(scale, array.shape, axis, block), hessians[weight.name], fmt,
-                                    gptq_readers[weight.name][0])
+                q = gptq.gptq_round(array, scale_per_element(scale, array.shape, axis, block), hessians[weight.name],
+                                    fmt, gptq_readers[weight.name][0])
             insert_weight_dq(graph, namer, weight, slots, q, scale, axis, fmt, block)
             granularity = (f"blocks of {block}" if block else
                            f"per-channel axis {axis}" if axis is not None else "per-tensor")
@@ -141,15 +137,6 @@ class Quantize(GraphPass):
                    if all(index == 1 and gptq.supported(node) for node, index in slots)}
         model.graph.sort()
         return gptq.collect_hessians(model, readers, data, show_progress=ctx.show_progress), readers
-
-
-def _per_element(scale: np.ndarray, shape: tuple, axis: int | None, block: int) -> np.ndarray:
-    """The weight's scale broadcast to the weight's shape (per tensor, per channel or per block)."""
-    if block:  # scales have the weight's rank, one entry per block along the input axis
-        return np.repeat(scale, block, axis=1 - axis)
-    if axis is None:
-        return np.broadcast_to(scale, shape)
-    return np.broadcast_to(scale.reshape([-1 if i == axis else 1 for i in range(len(shape))]), shape)
 
 
 def _range_margin(value: ir.Value) -> float:

@@ -185,3 +185,14 @@ def test_caller_model_is_not_modified():
     before = model.SerializeToString()
     quantize(model, CALIB, show_progress=False)
     assert model.SerializeToString() == before
+
+
+def test_auto_weight_calibrator_clips_per_tensor_only():
+    from onnxq.qdq import INT8_WEIGHT, quantize_weight
+
+    w = np.random.default_rng(0).standard_t(3, size=(64, 32)).astype(np.float32)  # heavy tails: mse clips
+    for axis in (1, None):
+        auto = quantize_weight(w, axis, INT8_WEIGHT, "auto")[1]
+        expected = quantize_weight(w, axis, INT8_WEIGHT, "max" if axis is not None else "mse")[1]
+        np.testing.assert_array_equal(auto, expected)
+    assert quantize_weight(w, None, INT8_WEIGHT, "mse")[1] < quantize_weight(w, None, INT8_WEIGHT, "max")[1]
