@@ -24,7 +24,11 @@ by default (skip_rotated): the rotation has already spread their outlier channel
 α is searched per site on calibration data: s_j = max|X_j|^α / max_k|W_jk|^(1−α) for α in a grid
 (and s = 1), choosing the one whose simulated quantized output error Σ_readers ‖Q(X/s)·Q(diag(s)W) −
 X·W‖² / ‖X·W‖² is smallest, with per-tensor activation scales from the streamed per-channel maxima
-and the weight format of the recipe (per-channel or per-tensor, INT8 or INT4, blocked). Statistics
+and the weight format of the recipe (per-channel or per-tensor, INT8 or INT4, blocked). Where 1/s
+lands in a linear layer's weight columns (V for V → O, up for the MLP), that layer's relative weight
+error in its original units is added: with per-tensor weights one column grown by a tiny s would
+set the whole tensor's scale (PETR-tiny's ReLU MLPs, whose dead units have no activation to
+smooth, went from 0.59 mAP to 0.00 before this term). Channels never non-zero keep s = 1. Statistics
 stream batch by batch (per-channel maxima plus a fixed-size row sample per site), so memory holds
 one batch of activations and the samples, never the whole calibration set's activations.
 """
@@ -119,7 +123,10 @@ class Smooth(GraphPass):
         refs = [x @ w for w in weights]
         energies = [max(float(np.sum(r.astype(np.float64) ** 2)), 1e-30) for r in refs]
         a = site.group_max(np.maximum(amax, 1e-8))  # per smoothing channel
+        dead = a <= 1e-8
         wmax = site.group_max(np.maximum(np.max([np.abs(w).max(axis=1) for w in weights], axis=0), 1e-8))
+        writer = site.writer()
+        w_writer = writer.weight_io().astype(np.float32) if writer is not None else None
 
         def error(scale_channels: np.ndarray) -> float:
             per_act = site.expand(scale_channels)
@@ -129,6 +136,10 @@ class Smooth(GraphPass):
             for w, ref, energy in zip(weights, refs, energies):
                 wq = self._quant_weight(per_act[:, None] * w)
                 total += float(np.sum((xq @ wq - ref).astype(np.float64) ** 2)) / energy
+            if w_writer is not None:
+                # the writer's output columns carry 1/s: with per-tensor weights a wide spread of s
+                # leaves its small columns a few INT8 steps (PETR's ReLU MLPs lost all accuracy)
+                total += _relative_weight_error(w_writer, scale_channels, self._quant_weight)
             return total
 
         candidates = [self.alpha] if self.alpha is not None else list(np.linspace(0.0, 1.0, self.alphas))
@@ -137,6 +148,7 @@ class Smooth(GraphPass):
             sc = np.power(a, alpha) / np.power(wmax, 1.0 - alpha)
             sc = sc / math.exp(float(np.mean(np.log(sc))))
             sc = np.clip(sc, 1.0 / self.max_scale, self.max_scale)
+            sc[dead] = 1.0  # a channel never non-zero has nothing to smooth; a tiny s would blow up its writer column
             err = error(sc)
             if err < best_err or (self.alpha is not None and best is None):
                 best_err, best, best_alpha = err, sc, float(alpha)
@@ -153,6 +165,13 @@ class Smooth(GraphPass):
         else:
             scale = max(float(np.abs(w).max()), 1e-12) / qmax
         return np.clip(np.round(w / scale), -qmax, qmax) * scale
+
+
+def _relative_weight_error(w: np.ndarray, scales: np.ndarray, quant) -> float:
+    """‖(Q(W·diag(1/s)) − W·diag(1/s))·diag(s)‖² / ‖W‖²: the writer's weight error in its original units."""
+    scaled = w / scales[None, :]
+    err = (quant(scaled) - scaled) * scales[None, :]
+    return float(np.sum(err.astype(np.float64) ** 2)) / max(float(np.sum(w.astype(np.float64) ** 2)), 1e-30)
 
 
 def _fake_quant(x: np.ndarray, amax: float, bits: int) -> np.ndarray:
@@ -211,6 +230,10 @@ class Site:
 
     def expand(self, scales: np.ndarray) -> np.ndarray:
         return scales
+
+    def writer(self) -> st.Linear | None:
+        """The linear layer whose weight columns take the 1/s (one per smoothing channel), if any."""
+        return None
 
     def apply(self, graph: ir.Graph, namer: Namer, scales: np.ndarray) -> None:
         raise NotImplementedError
@@ -291,6 +314,9 @@ class VOSite(Site):
         a = self.att
         return np.repeat(scales.reshape(a.num_kv_heads, 1, a.head_dim), a.group_size, axis=1).reshape(-1)
 
+    def writer(self):
+        return self.att.v
+
     def apply(self, graph, namer, scales):
         a = self.att
         inv = 1.0 / scales.astype(np.float64)
@@ -307,10 +333,17 @@ class VOSite(Site):
 class MLPSite(Site):
     mlp: st.MLP = None
 
+    def folds_into_up(self) -> bool:
+        m = self.mlp
+        return m.kind in ("swiglu", "geglu", "relu") or (m.kind == "gelu" and m.gelu_divisor is not None)
+
+    def writer(self):
+        return self.mlp.up if self.folds_into_up() else None
+
     def apply(self, graph, namer, scales):
         m = self.mlp
         inv = 1.0 / scales.astype(np.float64)
-        if m.kind in ("swiglu", "geglu", "relu") or (m.kind == "gelu" and m.gelu_divisor is not None):
+        if self.folds_into_up():
             st.set_weight_io(graph, namer, m.up, m.up.weight_io().astype(np.float64) * inv[None, :])
             if m.up.bias is not None:
                 st.set_bias(graph, namer, m.up, m.up.bias_array().astype(np.float64) * inv)
