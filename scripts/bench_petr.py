@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """Benchmark (not a test) of PETR-tiny quantization: the position-embedding passes and recipes.
 
-From the committed checkpoints (models/checkpoints/petr_tiny_{lid,qfpe}.pt), on the CPU:
+From the committed checkpoints on the CPU: models/checkpoints/petr_tiny_lid.pt (original PE),
+petr_tiny_qfpe_qat.pt (the QFPE fine-tune continued quantization-aware; what the petr-w8a8 and
+petr-full-int8 recipes swap in) and petr_tiny_qfpe.pt (the plain QFPE fine-tune, rows `*_qfpe_ptq`):
 
-* FP32: the original-PE (LID) model and the QFPE model, each exported in form A (PE computed in the
+* FP32: the original-PE (LID) model and both QFPE models, each exported in form A (PE computed in the
   graph from img2lidar) and run in ONNX Runtime;
 * per-tensor W8A8 (weights and activations per tensor, as FQ-PETR) of the original-PE model with
   onnxq's default recipe (no PE handling); with recipe petr-w8a8-pe-fold (pe_fold + QANS); with
@@ -49,6 +51,8 @@ CALIB_SCENES = 32
 RANGE_SCENES = 16
 K_PROJ = "/model/layers.0/cross_attn/k_proj/MatMul"
 
+QFPE_CHECKPOINT = "petr_tiny_qfpe_qat.pt"  # what petr-w8a8 and petr-full-int8 swap in
+QFPE_PTQ_CHECKPOINT = "petr_tiny_qfpe.pt"
 REQUIRED = ("fp32_pe", "fp32_qfpe", "w8a8_naive", "w8a8_pe_fold", "w8a8_qfpe", "full_int8", "ort_quantize_static", "modelopt")
 
 
@@ -79,11 +83,12 @@ def export_models() -> dict[str, Path]:
     from onnxq.models import petr, petr_export
 
     paths = {}
-    for pe_type in ("lid", "qfpe"):
-        model, _ = petr.load_checkpoint(CHECKPOINTS / f"petr_tiny_{pe_type}.pt")
+    # "qfpe" is the recipes' checkpoint (QFPE fine-tuned quantization-aware); "qfpe_ptq" the plain QFPE fine-tune
+    for key, checkpoint in (("lid", "petr_tiny_lid.pt"), ("qfpe", QFPE_CHECKPOINT), ("qfpe_ptq", QFPE_PTQ_CHECKPOINT)):
+        model, _ = petr.load_checkpoint(CHECKPOINTS / checkpoint)
         for form in ("in_graph", "input"):
-            paths[f"{pe_type}_{form}"] = petr_export.export_onnx(model, WORK / f"petr_tiny_{pe_type}_{form}.onnx", form)
-        if pe_type == "lid":
+            paths[f"{key}_{form}"] = petr_export.export_onnx(model, WORK / f"petr_tiny_{key}_{form}.onnx", form)
+        if key == "lid":
             paths["pos_embed_lid"] = WORK / "pos_embed_lid.npy"
             np.save(paths["pos_embed_lid"], petr_export.compute_pos_embed(model, petr_export.rig_img2lidar()))
     return paths
@@ -190,7 +195,8 @@ def pe_ranges(path: Path, val, folded_bias_absmax: float | None = None) -> dict:
 
 
 def recipe_steps(name: str, *, qans: bool = True, weights: str = "per-tensor", fold_after_qfpe: bool = False,
-                 attention_float: bool = False, rounding: str | None = None) -> list:
+                 attention_float: bool = False, rounding: str | None = None, checkpoint: str | None = None,
+                 weight_calibrator: str | None = None) -> list:
     """A built-in recipe's passes with the quantize step's weight granularity (and ablations)."""
     from onnxq.pipeline import load_recipe
 
@@ -200,8 +206,11 @@ def recipe_steps(name: str, *, qans: bool = True, weights: str = "per-tensor", f
         if step.name == "quantize":
             step.weights = weights
             step.rounding = rounding or step.rounding
+            step.weight_calibrator = weight_calibrator or step.weight_calibrator
             if attention_float:
                 step.exclude = list(attention_products())
+        if step.name == "qfpe" and checkpoint:
+            step.checkpoint = str(CHECKPOINTS / checkpoint)
         if step.name == "qans" and not qans:
             continue
         out.append(step)
@@ -286,6 +295,7 @@ def run(args) -> tuple[dict, dict]:
     # FP32
     record("fp32_pe", lid)
     record("fp32_qfpe", qfpe_model)
+    record("fp32_qfpe_ptq", paths["qfpe_ptq_in_graph"])
 
     q = WORK / "quantized"
     q.mkdir(exist_ok=True)
@@ -295,7 +305,11 @@ def run(args) -> tuple[dict, dict]:
         ("w8a8_qfpe", lid, recipe_steps("petr-w8a8")),
         ("full_int8", lid, recipe_steps("petr-full-int8")),
         ("w8a8_pe_fold_nearest", lid, recipe_steps("petr-w8a8-pe-fold", rounding="nearest")),
-        ("w8a8_qfpe_nearest", lid, recipe_steps("petr-w8a8", rounding="nearest")),
+        ("w8a8_qfpe_gptq_mse", lid, recipe_steps("petr-w8a8", rounding="gptq", weight_calibrator="mse")),
+        # the plain QFPE fine-tune, with the weight rounding that suits a checkpoint not trained for it
+        ("w8a8_qfpe_ptq", lid, recipe_steps("petr-w8a8", checkpoint=QFPE_PTQ_CHECKPOINT, rounding="gptq", weight_calibrator="mse")),
+        ("full_int8_qfpe_ptq", lid, recipe_steps("petr-full-int8", checkpoint=QFPE_PTQ_CHECKPOINT, rounding="gptq",
+                                                 weight_calibrator="mse")),
     ]
     if args.extras:
         variants += [
@@ -362,12 +376,15 @@ def run(args) -> tuple[dict, dict]:
 
 
 def markdown(results: dict, meta: dict) -> str:
-    fp = {k: results.get(k, {}).get("mAP") for k in ("fp32_pe", "fp32_qfpe")}
-    ref_of = lambda k: "fp32_qfpe" if ("qfpe" in k or k == "full_int8") else "fp32_pe"  # noqa: E731
+    fp = {k: results.get(k, {}).get("mAP") for k in ("fp32_pe", "fp32_qfpe", "fp32_qfpe_ptq")}
+    ref_of = lambda k: ("fp32_qfpe_ptq" if k.endswith("_ptq") else  # noqa: E731
+                        "fp32_qfpe" if ("qfpe" in k or k.startswith("full_int8")) else "fp32_pe")
     lines = [f"# PETR-tiny quantization benchmark ({meta['val_scenes']} val scenes)", "",
              f"`{meta['command']}`, {meta['machine']}, total {meta['total_seconds']:.0f} s. Calibration: {meta['calibration']}. "
              "W8A8 rows: per-tensor weights and activations unless the name says per_channel; "
-             "the recipes round weights with GPTQ, `_nearest` rows round to nearest instead.", "",
+             "petr-w8a8-pe-fold rounds weights with GPTQ (`_nearest`: to nearest); petr-w8a8 and petr-full-int8 "
+             "round the QAT checkpoint's weights to nearest at max scales (`_gptq_mse`: GPTQ at mse scales); "
+             "`_ptq` rows: the plain QFPE checkpoint, GPTQ at mse scales.", "",
              "| variant | mAP | NDS | Δ mAP (pts) vs its FP32 | AP@0.5/1/2/4 m | k_proj input absmax (FP32) | features' INT8 steps at k_proj | lint (TensorRT) | ORT CPU ms | quantize s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for key, e in results.items():

@@ -16,6 +16,10 @@ scripts/logs/README.md); to repeat them, run with the step counts the logs fixed
         --warmup 200 --out models/checkpoints/petr_tiny_lid.pt
     python scripts/train_petr.py --qfpe --init .cache/petr_checkpoints/petr_tiny_qfpe_stage1.pt --steps 2841 \
         --lr 2e-4 --warmup 200 --out models/checkpoints/petr_tiny_qfpe.pt
+    # stage 4 (QFPE only): quantization-aware fine-tune, per-tensor INT8 layer inputs and weights simulated
+    # (models/petr_qat.py); the petr-w8a8 and petr-full-int8 recipes swap in this checkpoint
+    python scripts/train_petr.py --qfpe --qat --qat-weights --init models/checkpoints/petr_tiny_qfpe.pt --steps 2262 \
+        --lr 1.5e-4 --warmup 100 --out models/checkpoints/petr_tiny_qfpe_qat.pt
     # evaluation on the validation split (CPU; the split is rendered once and cached under .cache/)
     python scripts/train_petr.py --eval-only --init models/checkpoints/petr_tiny_lid.pt --val-scenes 300 --device cpu
     # tiny end-to-end run on the CPU
@@ -62,11 +66,11 @@ def _import_models():
         module = importlib.util.module_from_spec(spec)
         sys.modules["onnxq.models"] = module
         spec.loader.exec_module(module)
-    from onnxq.models import petr, petr_data, petr_eval
-    return petr, petr_data, petr_eval
+    from onnxq.models import petr, petr_data, petr_eval, petr_qat
+    return petr, petr_data, petr_eval, petr_qat
 
 
-petr, petr_data, petr_eval = _import_models()
+petr, petr_data, petr_eval, petr_qat = _import_models()
 
 
 class Log:
@@ -110,6 +114,9 @@ def parse_args(argv=None):
     p.add_argument("--log", help="log file (appended)")
     p.add_argument("--eval-only", action="store_true", help="evaluate --init on the val split and exit")
     p.add_argument("--json", help="with --eval-only: write the metrics here")
+    p.add_argument("--qat", action="store_true",
+                   help="quantization-aware: fake-quantize every Linear/Conv2d input to per-tensor INT8 (models/petr_qat.py)")
+    p.add_argument("--qat-weights", action="store_true", help="with --qat, also fake-quantize Linear and biased Conv2d weights")
     p.add_argument("--smoke", action="store_true", help="a few tiny steps on the CPU, end to end")
     args = p.parse_args(argv)
     if args.smoke:
@@ -224,6 +231,7 @@ def main(argv=None):
     train_set = petr_data.SyntheticDetectionSet("train", args.data_seed, rig, device)
     val_set = petr_data.SyntheticDetectionSet("val", args.data_seed, rig, device)
     val_data = val_set.render(list(range(args.train_val_scenes)))
+    hooks = petr_qat.attach(model, weights=args.qat_weights) if args.qat else []
     criterion = petr.HungarianLoss(model.cfg.num_classes)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     img2lidar = rig_img2lidar(rig, args.batch_size, device)
@@ -263,6 +271,9 @@ def main(argv=None):
         if (step + 1) % args.eval_every == 0 and step + 1 < total_steps:
             log(f"step {step + 1} val({args.train_val_scenes}): {evaluate_model(model, val_data, rig, device).summary()}")
 
+    if args.qat:
+        log(f"final val({args.train_val_scenes} scenes), INT8 inputs simulated: {evaluate_model(model, val_data, rig, device).summary()}")
+        petr_qat.detach(hooks)  # the checkpoint is an ordinary float model
     result = evaluate_model(model, val_data, rig, device)
     log(f"final val({args.train_val_scenes} scenes, rendered on {device.type}): {result.summary()}")
     ranges = pe_feature_ranges(model, val_data, rig, device)

@@ -231,7 +231,8 @@ def test_pos_embed_input_equals_the_in_graph_pe():
 # --- committed checkpoints ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name,pe_type", [("petr_tiny_lid.pt", "lid"), ("petr_tiny_qfpe.pt", "qfpe")])
+@pytest.mark.parametrize("name,pe_type", [("petr_tiny_lid.pt", "lid"), ("petr_tiny_qfpe.pt", "qfpe"),
+                                          ("petr_tiny_qfpe_qat.pt", "qfpe")])
 def test_committed_checkpoints_load_and_detect(name, pe_type):
     path = CHECKPOINTS / name
     if not path.exists():
@@ -247,3 +248,34 @@ def test_committed_checkpoints_load_and_detect(name, pe_type):
     dets = [petr_eval.decode_detections(logits[i].numpy(), boxes[i].numpy()) for i in range(4)]
     truths = [petr_eval.GroundTruth(b.numpy(), l.numpy()) for b, l in zip(data.gt_boxes, data.gt_labels)]
     assert petr_eval.evaluate(dets, truths, petr_data.CLASS_NAMES).mAP > 0.3  # chance is ~0
+
+
+# --- quantization-aware fine-tuning (models/petr_qat.py) ------------------------------------------
+
+
+def test_qat_hooks_quantize_on_a_grid_and_leave_a_plain_float_model():
+    from onnxq.models import petr_qat
+
+    model = small_model()
+    layer = model.query_embedding[0]
+    seen = []
+    layer.register_forward_hook(lambda m, args, out: seen.append(args[0].detach().clone()))
+    x = torch.randn(5, layer.in_features) * 3
+    keys = set(model.state_dict())
+    float_weight = layer.weight.detach().clone()
+
+    state = petr_qat.attach(model, weights=True)
+    model.train()
+    y_q = layer(x)
+    steps = seen[-1] / (x.abs().max() / 127)  # the hooked input lies on the INT8 grid of its own |max|
+    assert torch.allclose(steps, steps.round(), atol=1e-3) and not torch.equal(seen[-1], x)
+    w = layer.weight  # parametrized: per-tensor INT8 grid
+    assert torch.allclose(w / (float_weight.abs().max() / 127), (w / (float_weight.abs().max() / 127)).round(), atol=1e-3)
+    y_q.sum().backward()  # straight-through: gradients reach the float weight
+    assert layer.parametrizations.weight.original.grad is not None
+
+    petr_qat.detach(state)
+    assert set(model.state_dict()) == keys and torch.equal(layer.weight, float_weight)
+    seen.clear()
+    layer(x)
+    assert torch.equal(seen[-1], x)  # hooks gone

@@ -211,11 +211,16 @@ def test_qfpe_subgraph_matches_the_pytorch_module(float_geometry):
     with torch.no_grad():  # trained-looking anchors (init is uniform ±0.5)
         model.position_embedding.anchors.mul_(3.0)
     inv = random_rigs(2)
-    got = run(onnx_model(qfpe_pe_model(model, float_geometry, batch=2)), {"img2lidar": inv})[0]
+    proto = onnx_model(qfpe_pe_model(model, float_geometry, batch=2))
+    got = run(proto, {"img2lidar": inv})[0]
     with torch.no_grad():
         ref = model.position_embed(torch.from_numpy(inv)).flatten(0, 1).numpy()
     assert got.shape == ref.shape == (2 * 6, 32, 4, 11)
     assert rel_change(ref, got) < 1e-5
+    # float geometry: the ray projection and anchor interpolation are elementwise, which INT8 quantizers
+    # leave in float; only the encoder's two 1×1 convs carry weights to quantize
+    weighted = sorted(n.op_type for n in proto.graph.node if n.op_type in ("MatMul", "Gemm", "Conv"))
+    assert weighted == (["Conv", "Conv"] if float_geometry else ["Conv", "Conv", "MatMul", "MatMul", "MatMul", "MatMul"])
 
 
 def onnx_model(ir_model) -> onnx.ModelProto:
