@@ -2,7 +2,8 @@
 
 Post-training W8A8 of PETR-tiny stops about 3 mAP points short of FP32 even with the PE folded away
 (scripts/results/petr.md): the loss is spread over every per-tensor activation quantizer, each costing
-a fraction of a point (ablations in the closing note), so no single rewrite recovers it. Fine-tuning
+a fraction of a point (keeping any one category in float recovers 0.3 to 1.6), so no single rewrite
+recovers it. Fine-tuning
 with the quantizer in the loop lets the weights adapt to it. QFPE needs fine-tuning anyway (FQ-PETR
 fine-tunes it for a full schedule), so this is one more stage of that fine-tune, not a new cost.
 

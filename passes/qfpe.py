@@ -12,8 +12,8 @@ What it does, on a form-A graph (PE computed in the graph from img2lidar; onnxq/
 1. The PE subgraph up to its 1×1-conv encoder output (B·N, E, H, W) is replaced by the QFPE
    subgraph, authored here as onnx_ir nodes with the checkpoint's anchors and encoder:
    ray points (H·W, 4) at the prior depth → lidar frame through img2lidar → normalise by the position
-   range → Clip(0, 1)·(n_anchors - 1) = t → hat weights Relu(1 - |t - k|) → per axis Gather + MatMul by
-   that axis's anchor table → Concat → Reshape/Transpose → Conv 1×1 → Relu → Conv 1×1. The same
+   range → Clip(0, 1)·(n_anchors - 1) = t → hat weights Relu(1 - |t - k|) → per axis Gather and the
+   weighted sum of that axis's anchor table → Concat → Reshape/Transpose → Conv 1×1 → Relu → Conv 1×1. The same
    operations as models/petr.py's QFPEPositionEmbedding (tests/test_petr_passes.py checks the two agree).
    The lidar-frame points are written, by default (`float_geometry`), as the 4-term sum
    Σ_j ray[:, j] · img2lidar[..., :3, j] of broadcast Mul/Add instead of a MatMul: per-tensor INT8
