@@ -119,6 +119,8 @@ def parse_args(argv=None):
     p.add_argument("--qat-weights", action="store_true", help="with --qat, also fake-quantize Linear and biased Conv2d weights")
     p.add_argument("--smoke", action="store_true", help="a few tiny steps on the CPU, end to end")
     args = p.parse_args(argv)
+    if args.qat_weights and not args.qat:
+        p.error("--qat-weights only applies with --qat")
     if args.smoke:
         args.device, args.steps, args.batch_size, args.warmup = "cpu", 4, 2, 2
         args.train_val_scenes, args.val_scenes, args.eval_every, args.log_every = 4, 4, 1000, 1
@@ -231,7 +233,7 @@ def main(argv=None):
     train_set = petr_data.SyntheticDetectionSet("train", args.data_seed, rig, device)
     val_set = petr_data.SyntheticDetectionSet("val", args.data_seed, rig, device)
     val_data = val_set.render(list(range(args.train_val_scenes)))
-    hooks = petr_qat.attach(model, weights=args.qat_weights) if args.qat else []
+    fake_quant = petr_qat.attach(model, weights=args.qat_weights) if args.qat else None
     criterion = petr.HungarianLoss(model.cfg.num_classes)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     img2lidar = rig_img2lidar(rig, args.batch_size, device)
@@ -273,7 +275,7 @@ def main(argv=None):
 
     if args.qat:
         log(f"final val({args.train_val_scenes} scenes), INT8 inputs simulated: {evaluate_model(model, val_data, rig, device).summary()}")
-        petr_qat.detach(hooks)  # the checkpoint is an ordinary float model
+        petr_qat.detach(fake_quant)  # the checkpoint is an ordinary float model
     result = evaluate_model(model, val_data, rig, device)
     log(f"final val({args.train_val_scenes} scenes, rendered on {device.type}): {result.summary()}")
     ranges = pe_feature_ranges(model, val_data, rig, device)
