@@ -11,6 +11,7 @@ from onnxq.passes import (  # noqa: F401  (imported for registration)
     fold_batchnorm,
     fold_constants,
     fold_norm,
+    fold_position_bias,
     integer_ops,
     klt_rotate,
     lift_constants,

@@ -43,6 +43,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 from onnxq.calib_data import CalibrationSet
 from onnxq.errors import OnnxqError
 from onnxq.graph import Namer, add_initializer, const_array
+from onnxq.passes.fold_position_bias import Linear, fold_into_bias
 from onnxq.petr_pe import PESite, find_pe, stats
 from onnxq.pipeline import GraphPass, Kind, PassContext, register
 
@@ -71,27 +72,10 @@ class PeFold(GraphPass):
         graph, namer = model.graph, Namer(model.graph)
         folded, bias_absmax = 0, 0.0
         for add_site, pe in zip(site.adds, pe_values):
-            pe64 = pe.astype(np.float64)
             for proj in add_site.key_projections:
-                w = const_array(proj.weight).astype(np.float64)
-                bias = const_array(proj.bias_add.inputs[proj.bias_index]).astype(np.float64) if proj.bias_add else 0.0
-                c = (pe64 @ w + bias).astype(np.float32)
+                lin = Linear(proj.matmul, const_array(proj.weight), proj.bias_add, proj.bias_index)
+                c = fold_into_bias(graph, namer, lin, add_site.memory, pe, tag="pe_folded")
                 bias_absmax = max(bias_absmax, float(np.abs(c).max()))
-                base = proj.bias_add.inputs[proj.bias_index].name if proj.bias_add else f"{proj.matmul.name}_bias"
-                c_value = add_initializer(graph, namer, f"{base}_pe_folded", c)
-                proj.matmul.replace_input_with(0, add_site.memory)
-                out = proj.matmul.outputs[0]
-                key_name = out.name
-                out.name = namer.fresh(f"{key_name}_pe_folded")  # x·W_k, no longer (x + pe)·W_k
-                if proj.bias_add is not None:
-                    proj.bias_add.replace_input_with(proj.bias_index, c_value)
-                else:  # no bias: K = x·W_k + C needs an Add of its own, which takes K's name
-                    users = list(out.uses())
-                    add = ir.node("Add", [out, c_value], name=namer.fresh(f"{proj.matmul.name}_pe_bias"))
-                    add.outputs[0].name, add.outputs[0].dtype = key_name, out.dtype
-                    graph.insert_after(proj.matmul, add)
-                    for user, index in users:
-                        user.replace_input_with(index, add.outputs[0])
                 folded += 1
             if add_site.other_readers:  # keep memory + pe for them, the PE now a constant
                 pe_const = add_initializer(graph, namer, f"{add_site.pe.name}_folded", pe)

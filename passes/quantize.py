@@ -10,6 +10,7 @@ same scales, so the format is unchanged.
 
 from __future__ import annotations
 
+import importlib.util
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -132,6 +133,9 @@ class Quantize(GraphPass):
         """GPTQ's H per weight name, over the inputs as quantized so far (weights still float); only for
         weights whose every reader GPTQ supports. Empty unless rounding is gptq."""
         if self.rounding != "gptq":
+            return {}, {}
+        if importlib.util.find_spec("torch") is None:  # torch is optional; the recipe still runs
+            ctx.log("quantize: GPTQ rounding needs torch (pip install 'onnxq[torch]'): weights rounded to nearest")
             return {}, {}
         readers = {weight.name: [node for node, _ in slots] for (weight, _), slots in plan.weights.items()
                    if all(index == 1 and gptq.supported(node) for node, index in slots)}
