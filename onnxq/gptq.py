@@ -113,7 +113,20 @@ def gptq_round(weight: np.ndarray, scale: np.ndarray, hessian: np.ndarray, fmt: 
             w[:, i:stop] -= err[:, None] * u[i, i:stop][None, :]
             errors[:, i - start] = err
         w[:, stop:] -= errors @ u[start:stop, stop:]
+    # GPTQ's updates assume small rounding errors; where scales clip hard (mse, per tensor) the pushed-on
+    # clip errors can end worse than plain rounding under GPTQ's own objective. Keep whichever is better.
+    original = torch.tensor(np.array(w_oi, dtype=np.float64))
+    nearest = torch.clamp(torch.round(original / s), fmt.qmin, fmt.qmax)
+    h0 = torch.tensor(np.array(hessian, dtype=np.float64))
+    if _output_error(original, nearest * s, h0) < _output_error(original, q * s, h0):
+        q = nearest
     return restore(q.numpy()).astype(fmt.numpy)
+
+
+def _output_error(w, w_hat, h) -> float:
+    """Σ over calibration rows of ‖x·(W − Ŵ)ᵀ‖², from H = Σ xᵀx (out × in weights)."""
+    e = w - w_hat
+    return float(((e @ h) * e).sum())
 
 
 def _as_out_by_in(weight: np.ndarray, node: ir.Node):
