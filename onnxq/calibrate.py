@@ -190,28 +190,48 @@ def fold_symmetric(signed_hist: np.ndarray) -> np.ndarray:
     return signed_hist[half:] + signed_hist[:half][::-1]
 
 
+@dataclass
+class ActivationStatistics:
+    """What calibration saw of each tensor: its raw range and, when asked for, its signed histogram.
+    Collected once, they give every calibrator's ranges (the `auto` choice tries several)."""
+    raw: dict[str, Range]
+    histograms: dict[str, np.ndarray]
+
+    def ranges(self, method: str, *, symmetric: bool = True, percentile: float = 99.99) -> dict[str, Range]:
+        """Calibrated range of each tensor: [-t, t] when symmetric, [lo, hi] otherwise."""
+        if method not in CALIBRATORS:
+            raise OnnxqError(f"unknown calibrator '{method}' (choose from {', '.join(CALIBRATORS)})")
+        if method == "max":
+            return {n: (Range(-r.amax, r.amax) if symmetric else r) for n, r in self.raw.items()}
+        result = {}
+        for name, r in self.raw.items():
+            h, edge = self.histograms.get(name), r.amax
+            if h is None:
+                result[name] = r  # zero or non-finite range: the planner decides what to do with it
+            elif symmetric:
+                t = one_sided_threshold(fold_symmetric(h), edge, method, percentile=percentile)
+                result[name] = Range(-t, t)
+            else:
+                half = len(h) // 2
+                hi = one_sided_threshold(h[half:], edge, method, percentile=percentile)
+                lo = -one_sided_threshold(h[:half][::-1], edge, method, percentile=percentile)
+                result[name] = Range(min(lo, 0.0), max(hi, 0.0))
+        return result
+
+
+def collect_statistics(model: ir.Model, names: Sequence[str], data: CalibrationSet, *, histograms: bool,
+                       bins: int = 2048, show_progress: bool = True) -> ActivationStatistics:
+    """Ranges of `names` over the calibration set, and their histograms when `histograms`."""
+    raw = observe_ranges(model, names, data, show_progress=show_progress)
+    hists = observe_histograms(model, raw, data, bins=bins, show_progress=show_progress) if histograms else {}
+    return ActivationStatistics(raw, hists)
+
+
 def calibrate_activations(model: ir.Model, names: Sequence[str], data: CalibrationSet, *, method: str,
                           symmetric: bool = True, percentile: float = 99.99, bins: int = 2048,
                           show_progress: bool = True) -> dict[str, Range]:
     """Calibrated range of each tensor in `names`: [-t, t] when symmetric, [lo, hi] otherwise."""
     if method not in CALIBRATORS:
         raise OnnxqError(f"unknown calibrator '{method}' (choose from {', '.join(CALIBRATORS)})")
-    raw = observe_ranges(model, names, data, show_progress=show_progress)
-    if method == "max":
-        return {n: (Range(-r.amax, r.amax) if symmetric else r) for n, r in raw.items()}
-    hists = observe_histograms(model, raw, data, bins=bins, show_progress=show_progress)
-    result = {}
-    for name, r in raw.items():
-        if name not in hists:
-            result[name] = r  # zero or non-finite range: the planner decides what to do with it
-            continue
-        h, edge = hists[name], r.amax
-        if symmetric:
-            t = one_sided_threshold(fold_symmetric(h), edge, method, percentile=percentile)
-            result[name] = Range(-t, t)
-        else:
-            half = len(h) // 2
-            hi = one_sided_threshold(h[half:], edge, method, percentile=percentile)
-            lo = -one_sided_threshold(h[:half][::-1], edge, method, percentile=percentile)
-            result[name] = Range(min(lo, 0.0), max(hi, 0.0))
-    return result
+    stats = collect_statistics(model, names, data, histograms=method != "max", bins=bins, show_progress=show_progress)
+    return stats.ranges(method, symmetric=symmetric, percentile=percentile)

@@ -48,11 +48,13 @@ targets:
 calibrators (activations):
   percentile  99.99th percentile of |x| (default)            max          largest magnitude seen
   entropy     TensorRT's KL-divergence threshold             mse          least squared INT8 error
+  auto        each of the above tried on a copy; the one whose outputs stay nearest FP32 is kept
 
 weight rounding (--rounding):
-  nearest     each weight to its nearest integer (default of the INT8 recipes; fast)
-  gptq        integers chosen so each layer's output on its calibration inputs moves least (GPTQ);
-              the transformer W4 recipes use it (SmolLM2 W4A8 perplexity +121% -> +31%)
+  nearest     each weight to its nearest integer (default of the default recipe; fast)
+  gptq        integers chosen so each layer's output on its calibration inputs moves least (GPTQ),
+              damping picked per layer on held-out batches; the transformer and PETR pe-fold recipes
+              use it (SmolLM2 W4A8 perplexity +121% -> +31%)
 
 examples:
   onnxq quantize mobilenet.onnx --calib photos.npz -o mobilenet.int8.onnx
@@ -102,7 +104,7 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--recipe", help="built-in recipe name or YAML/JSON recipe file (default: chosen for the model)")
     q.add_argument("--target", default="tensorrt", choices=["tensorrt", "ort-cpu"], help="deployment target (default tensorrt)")
     q.add_argument("--per-tensor", action="store_true", help="one scale per weight tensor instead of per output channel")
-    q.add_argument("--calibrator", choices=["max", "percentile", "entropy", "mse"], help="activation calibrator (default: the recipe's)")
+    q.add_argument("--calibrator", choices=["max", "percentile", "entropy", "mse", "auto"], help="activation calibrator (default: the recipe's)")
     q.add_argument("--rounding", choices=["nearest", "gptq"],
                    help="weight rounding (default: the recipe's): gptq chooses the integers against each layer's "
                         "calibration inputs (GPTQ; slower, uses torch; matters most at 4 bits)")

@@ -19,7 +19,8 @@ import onnx_ir as ir
 
 from onnxq import gptq
 from onnxq.bias_correction import correct_biases
-from onnxq.calibrate import CALIBRATORS, Range, calibrate_activations
+from onnxq.calibrate import CALIBRATORS, Range, collect_statistics
+from onnxq.calibrator_choice import choose_calibrator
 from onnxq.errors import OnnxqError
 from onnxq.graph import Namer, const_array, opset_version
 from onnxq.pipeline import GraphPass, Kind, PassContext, register
@@ -47,11 +48,12 @@ class Quantize(GraphPass):
     unknown_ops: str = "error"
     bias_correction: bool = True
     rounding: str = "nearest"  # or "gptq": integers chosen for the layer's output error (onnxq.gptq)
+    gptq_dampings: tuple[float, ...] = gptq.DAMPINGS  # tried per layer on held-out calibration batches
     float_residual: bool = False  # keep Adds of two activations (the residual stream) in float
 
     def __post_init__(self):
-        if self.calibrator not in CALIBRATORS:
-            raise ValueError(f"calibrator must be one of {', '.join(CALIBRATORS)}, not {self.calibrator!r}")
+        if self.calibrator not in (*CALIBRATORS, "auto"):
+            raise ValueError(f"calibrator must be one of {', '.join(CALIBRATORS)} or auto, not {self.calibrator!r}")
         if self.weights not in ("per-channel", "per-tensor"):
             raise ValueError(f"weights must be 'per-channel' or 'per-tensor', not {self.weights!r}")
         if self.weight_bits not in (4, 8) or self.activation_bits not in (4, 8):
@@ -60,6 +62,9 @@ class Quantize(GraphPass):
             raise ValueError(f"weight_calibrator must be max, mse or auto, not {self.weight_calibrator!r}")
         if self.unknown_ops not in ("error", "float"):
             raise ValueError("unknown_ops must be 'error' or 'float'")
+        self.gptq_dampings = tuple(self.gptq_dampings) if isinstance(self.gptq_dampings, (list, tuple)) else (self.gptq_dampings,)
+        if not self.gptq_dampings or not all(isinstance(d, (int, float)) and d > 0 for d in self.gptq_dampings):
+            raise ValueError(f"gptq_dampings must be positive numbers, not {self.gptq_dampings!r}")
         if self.rounding not in ("nearest", "gptq"):
             raise ValueError(f"rounding must be 'nearest' or 'gptq', not {self.rounding!r}")
 
@@ -70,31 +75,26 @@ class Quantize(GraphPass):
             raise OnnxqError(f"quantize needs opset >= {needed} (model has {opset_version(model)}): "
                              "put upgrade_opset before quantize in the recipe")
         data = ctx.require_calibration(self.name)
-        residual = [n for n in model.graph if self.float_residual and n.op_type == "Add"
-                    and len(n.inputs) == 2 and all(v is not None and const_array(v) is None for v in n.inputs)]
-        plan = Planner(model.graph, target.table, exclude=[*self.exclude, *(n.name for n in residual)],
-                       unknown_ops=self.unknown_ops, target=target.name).run()
-        for node in residual:  # transformers: one token's massive activations rule out a per-tensor scale
-            plan.float_reasons[node] = "residual-stream Add kept in float (float_residual): its range is set by outlier tokens"
+        plan = self._plan(model, target)
         wanted = {plan.range_of.get(v, v).name for v in plan.activations}
-        ranges = calibrate_activations(model, sorted(wanted), data, method=self.calibrator,
-                                       symmetric=target.symmetric, percentile=self.percentile, bins=self.bins,
-                                       show_progress=ctx.show_progress)
-        ranges = _share_group_ranges(ranges, plan.scale_groups)
-        graph, namer = model.graph, Namer(model.graph)
+        stats = collect_statistics(model, sorted(wanted), data, histograms=self.calibrator != "max", bins=self.bins,
+                                   show_progress=ctx.show_progress)
         act_fmt = activation_format(self.activation_bits, target.activation_format.qmin < 0)
-        notes: dict[ir.Node, list[str]] = defaultdict(list)
+        calibrator, choice = self.calibrator, {}
+        if calibrator == "auto":
+            def trial(copy: ir.Model, ranges: dict[str, Range]) -> None:
+                self._insert_activations(copy, self._plan(copy, target), ranges, act_fmt, target.symmetric)
 
-        for value, slots in plan.activations.items():
-            r = ranges.get(plan.range_of.get(value, value).name)
-            if r is None or not r.finite or r.amax > 1e30:
-                plan.skipped[value] = f"calibrated range {r} is not usable: kept in float"
-                continue
-            margin = _range_margin(value)
-            scale, zero_point = activation_params(r.lo * margin, r.hi * margin, act_fmt, target.symmetric)
-            insert_activation_qdq(graph, namer, value, slots, scale, zero_point, act_fmt)
-            for node, index in slots:
-                notes[node].append(f"input {index}: {act_fmt.dtype.name.lower()} per-tensor")
+            calibrator, ranges, errors = choose_calibrator(model, stats, trial, data, symmetric=target.symmetric,
+                                                           percentile=self.percentile, show_progress=ctx.show_progress)
+            choice = {"calibrator_chosen": calibrator,
+                      "calibrator_output_error": {k: float(f"{v:.3e}") for k, v in errors.items()}}
+            ctx.log(f"quantize: calibrator auto -> {calibrator} (relative output error, activations only: "
+                    + ", ".join(f"{k} {v:.2e}" for k, v in errors.items()) + ")")
+        else:
+            ranges = stats.ranges(calibrator, symmetric=target.symmetric, percentile=self.percentile)
+        notes = self._insert_activations(model, plan, ranges, act_fmt, target.symmetric)
+        graph, namer = model.graph, Namer(model.graph)
 
         float_weights = {node.name: const_array(weight) for (weight, _), slots in plan.weights.items()
                          for node, index in slots if index == 1}
@@ -108,7 +108,7 @@ class Quantize(GraphPass):
             q, scale = quantize_weight(array, axis, fmt, self.weight_calibrator, block)
             if weight.name in hessians:
                 q = gptq.gptq_round(array, scale_per_element(scale, array.shape, axis, block), hessians[weight.name],
-                                    fmt, gptq_readers[weight.name][0])
+                                    fmt, gptq_readers[weight.name][0], self.gptq_dampings)
             insert_weight_dq(graph, namer, weight, slots, q, scale, axis, fmt, block)
             granularity = (f"blocks of {block}" if block else
                            f"per-channel axis {axis}" if axis is not None else "per-tensor")
@@ -127,7 +127,36 @@ class Quantize(GraphPass):
         corrected = correct_biases(model, float_weights, data, show_progress=ctx.show_progress) if self.bias_correction else 0
         return {"biases_corrected": corrected, "activations_quantized": len(plan.activations) - len(plan.skipped),
                 "weights_quantized": len(plan.weights), "kept_float": len(plan.float_reasons),
-                "skipped": len(plan.skipped), "gptq_rounded": len(hessians)}
+                "skipped": len(plan.skipped), "gptq_rounded": len(hessians), **choice}
+
+    def _plan(self, model: ir.Model, target) -> Planner:
+        """Which tensors get Q/DQ, by the target's rule table; residual Adds float if asked."""
+        residual = [n for n in model.graph if self.float_residual and n.op_type == "Add"
+                    and len(n.inputs) == 2 and all(v is not None and const_array(v) is None for v in n.inputs)]
+        plan = Planner(model.graph, target.table, exclude=[*self.exclude, *(n.name for n in residual)],
+                       unknown_ops=self.unknown_ops, target=target.name).run()
+        for node in residual:  # transformers: one token's massive activations rule out a per-tensor scale
+            plan.float_reasons[node] = "residual-stream Add kept in float (float_residual): its range is set by outlier tokens"
+        return plan
+
+    @staticmethod
+    def _insert_activations(model: ir.Model, plan, ranges: dict[str, Range], act_fmt,
+                            symmetric: bool) -> dict[ir.Node, list[str]]:
+        """Q/DQ on every planned activation with a usable range; the notes for each reader."""
+        ranges = _share_group_ranges(ranges, plan.scale_groups)
+        graph, namer = model.graph, Namer(model.graph)
+        notes: dict[ir.Node, list[str]] = defaultdict(list)
+        for value, slots in plan.activations.items():
+            r = ranges.get(plan.range_of.get(value, value).name)
+            if r is None or not r.finite or r.amax > 1e30:
+                plan.skipped[value] = f"calibrated range {r} is not usable: kept in float"
+                continue
+            margin = _range_margin(value)
+            scale, zero_point = activation_params(r.lo * margin, r.hi * margin, act_fmt, symmetric)
+            insert_activation_qdq(graph, namer, value, slots, scale, zero_point, act_fmt)
+            for node, index in slots:
+                notes[node].append(f"input {index}: {act_fmt.dtype.name.lower()} per-tensor")
+        return notes
 
     def _gptq_statistics(self, model: ir.Model, plan, data, ctx: PassContext) -> tuple[dict, dict]:
         """GPTQ's H per weight name, over the inputs as quantized so far (weights still float); only for

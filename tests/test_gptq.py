@@ -106,3 +106,27 @@ def test_plain_quantization_does_not_import_torch():
             "from onnxq import quantize; quantize(mobilenet_block_model(), {'input': random_images(4)}, show_progress=False, "
             "log=lambda *_: None); assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)
+
+
+def _output_error(x, w, q, scale) -> float:
+    return float(np.linalg.norm(x @ (q * scale) - x @ w) ** 2)
+
+
+@pytest.mark.parametrize("rows", [60, 1000])
+def test_damping_chosen_on_held_out_batches_generalises(rows):
+    """Few calibration rows for 128 inputs: GPTQ at the paper's damping fits H's noise and ends worse than
+    round-to-nearest on new inputs; many rows: it wins. The split H picks the right damping in both."""
+    rng = np.random.default_rng(0)
+    mixing = rng.normal(size=(128, 128))
+    x, x_new = rng.normal(size=(rows, 128)) @ mixing, rng.normal(size=(3000, 128)) @ mixing
+    w = rng.standard_t(3, size=(128, 32)).astype(np.float32)
+    nearest, scale = quantize_weight(w, None, INT8_WEIGHT, "mse")
+    step, node = np.broadcast_to(scale, w.shape), _reader("MatMul", w.shape)
+    new_error = {"nearest": _output_error(x_new, w, nearest, scale)}
+    for damping in gptq.DAMPINGS:
+        new_error[damping] = _output_error(x_new, w, gptq.gptq_round(w, step, x.T @ x, INT8_WEIGHT, node, (damping,)), scale)
+    split = gptq.SplitHessian(x[0::2].T @ x[0::2], x[1::2].T @ x[1::2])
+    chosen = _output_error(x_new, w, gptq.gptq_round(w, step, split, INT8_WEIGHT, node), scale)
+    if rows == 60:
+        assert new_error[0.01] > new_error["nearest"], new_error
+    assert chosen <= 1.001 * min(new_error.values()), (chosen, new_error)
