@@ -75,7 +75,7 @@ class Qans(GraphPass):
             rows = samples.get(node.inputs[0].name)
             if rows is None or not len(rows):
                 continue
-            beta = self.beta or choose_beta(rows, self.candidates, self.centre)
+            beta = self.beta or choose_beta(rows, self.candidates, self.centre, floor_is_zero=self.exp != "float")
             p_hat, replacement = self._rewrite(model, namer, node, beta, opset_version(model), rows)
             ref = _softmax(rows)
             err = np.abs(p_hat - ref) / STEP
@@ -170,16 +170,20 @@ def _quantized_input(rows: np.ndarray, beta: float, centre: bool) -> np.ndarray:
     return np.clip(np.round(c / scale), -127, 127) * np.float64(scale)
 
 
-def choose_beta(rows: np.ndarray, candidates: list[float], centre: bool) -> float:
-    """The β whose QANS softmax (clip floor at zero) is closest to the exact one in mean total variation."""
+def choose_beta(rows: np.ndarray, candidates: list[float], centre: bool, *, floor_is_zero: bool = True) -> float:
+    """The β whose QANS softmax is closest to the exact one in mean total variation. The integer exps
+    (lut8, dulut) give the clip floor zero probability; a float Softmax (exp: float) gives it e^-β, so
+    there a small β leaks mass to every clipped key (a cross-attention row of thousands of keys)."""
     ref = _softmax(rows)
     best, best_err = candidates[0], np.inf
     for beta in candidates:
         q = _quantized_input(rows, beta, centre)
-        scale = (beta / 2 if centre else beta) / 127
-        floor = q <= q.min(axis=-1, keepdims=True) + 0.5 * scale
-        floor &= q <= (-beta / 2 if centre else -beta) + 0.5 * scale
-        e = np.where(floor, 0.0, np.exp(q - q.max(axis=-1, keepdims=True)))
+        e = np.exp(q - q.max(axis=-1, keepdims=True))
+        if floor_is_zero:
+            scale = (beta / 2 if centre else beta) / 127
+            floor = q <= q.min(axis=-1, keepdims=True) + 0.5 * scale
+            floor &= q <= (-beta / 2 if centre else -beta) + 0.5 * scale
+            e = np.where(floor, 0.0, e)
         p = e / np.maximum(e.sum(axis=-1, keepdims=True), 1e-300)
         err = 0.5 * np.abs(p - ref).sum(axis=-1).mean()
         if err < best_err:

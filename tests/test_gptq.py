@@ -130,3 +130,16 @@ def test_damping_chosen_on_held_out_batches_generalises(rows):
     if rows == 60:
         assert new_error[0.01] > new_error["nearest"], new_error
     assert chosen <= 1.001 * min(new_error.values()), (chosen, new_error)
+
+
+def test_gptq_without_torch_rounds_to_nearest_and_says_so():
+    """torch is optional: a recipe asking for GPTQ still runs, rounds to nearest and logs why."""
+    code = ("import sys; sys.modules['torch'] = None; sys.path.insert(0, 'tests'); import numpy as np; "
+            "from builders import mobilenet_block_model, random_images; from onnxq import quantize; "
+            "from conftest import run; lines = []; calib = {'input': random_images(8)}; "
+            "steps = lambda r: [{'quantize': {'calibrator': 'max', 'rounding': r}}]; "
+            "a = quantize(mobilenet_block_model(), calib, recipe=steps('gptq'), show_progress=False, log=lines.append); "
+            "b = quantize(mobilenet_block_model(), calib, recipe=steps('nearest'), show_progress=False, log=lambda *_: None); "
+            "assert any('GPTQ rounding needs torch' in line for line in lines), lines; "
+            "probe = {'input': random_images(2, seed=5)}; assert np.array_equal(run(a, probe)[0], run(b, probe)[0])")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)

@@ -100,6 +100,28 @@ def test_exp_table_and_beta_choice():
     assert choose_beta(sharp, candidates, True) > choose_beta(flat, candidates, True)
 
 
+def test_float_softmax_beta_pays_for_the_clip_floor_on_long_rows():
+    """With exp: float every clipped key keeps e^-β: on a 4000-key row a β chosen as if the floor were
+    zero lets them outweigh the peak, and the floor-aware choice is deeper and closer to exact."""
+    rng = np.random.default_rng(1)
+    rows = rng.normal(size=(64, 4000)) * 3
+    rows[:, :4] += 25  # a few keys the query attends to
+    candidates = [4.0, 6.0, 8.0, 10.0, 12.0, 14.0, 16.0, 20.0, 24.0]
+    as_if_zero = choose_beta(rows, candidates, True, floor_is_zero=True)
+    aware = choose_beta(rows, candidates, True, floor_is_zero=False)
+    assert aware > as_if_zero
+
+    def float_softmax_tv(beta):
+        q = np.clip(rows - rows.max(axis=-1, keepdims=True), -beta, 0)
+        q = np.round((q + beta / 2) / (beta / 254)) * (beta / 254)  # centred INT8 grid
+        p = np.exp(q - q.max(axis=-1, keepdims=True))
+        p /= p.sum(axis=-1, keepdims=True)
+        exact = np.exp(rows - rows.max(axis=-1, keepdims=True))
+        return 0.5 * np.abs(p - exact / exact.sum(axis=-1, keepdims=True)).sum(axis=-1).mean()
+
+    assert float_softmax_tv(aware) < 0.5 * float_softmax_tv(as_if_zero)
+
+
 def test_bad_options():
     from onnxq.errors import OnnxqError
     from onnxq.pipeline import make_pass
