@@ -226,12 +226,3 @@ def collect_statistics(model: ir.Model, names: Sequence[str], data: CalibrationS
     hists = observe_histograms(model, raw, data, bins=bins, show_progress=show_progress) if histograms else {}
     return ActivationStatistics(raw, hists)
 
-
-def calibrate_activations(model: ir.Model, names: Sequence[str], data: CalibrationSet, *, method: str,
-                          symmetric: bool = True, percentile: float = 99.99, bins: int = 2048,
-                          show_progress: bool = True) -> dict[str, Range]:
-    """Calibrated range of each tensor in `names`: [-t, t] when symmetric, [lo, hi] otherwise."""
-    if method not in CALIBRATORS:
-        raise OnnxqError(f"unknown calibrator '{method}' (choose from {', '.join(CALIBRATORS)})")
-    stats = collect_statistics(model, names, data, histograms=method != "max", bins=bins, show_progress=show_progress)
-    return stats.ranges(method, symmetric=symmetric, percentile=percentile)
