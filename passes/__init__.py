@@ -20,6 +20,7 @@ from onnxq.passes import (  # noqa: F401  (imported for registration)
     qans,
     qfpe,
     quantize,
+    recentre,
     rotate,
     smooth,
     split_range,

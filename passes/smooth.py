@@ -60,7 +60,7 @@ class Smooth(GraphPass):
     sites: list[str] = field(default_factory=lambda: list(SITES))
     alpha: float | None = None  # fixed α; None searches α per site
     alphas: int = 11  # grid size of the search over [0, 1]
-    weights: str = "per-channel"  # how the quantize step will store weights (the search simulates it)
+    weights: str = "auto"  # how the quantize step will store weights (the search simulates it); auto: the quantize step's
     weight_bits: int = 8
     activation_bits: int = 8
     block_size: int = 0
@@ -78,10 +78,12 @@ class Smooth(GraphPass):
         unknown = set(self.sites) - set(SITES)
         if unknown:
             raise ValueError(f"unknown smoothing sites {sorted(unknown)} (choose from {', '.join(SITES)})")
-        if self.weights not in ("per-channel", "per-tensor"):
-            raise ValueError("weights must be 'per-channel' or 'per-tensor'")
+        if self.weights not in ("auto", "per-channel", "per-tensor"):
+            raise ValueError("weights must be 'auto', 'per-channel' or 'per-tensor'")
+        self.per_channel = self.weights != "per-tensor"  # auto is settled in apply()
 
     def apply(self, model: ir.Model, ctx: PassContext) -> dict:
+        self.per_channel = (self.weights if self.weights != "auto" else ctx.notes.get("weights", "per-channel")) == "per-channel"
         s = st.analyse(model)
         graph, namer = model.graph, Namer(model.graph)
         sites = find_sites(s, self.sites)
@@ -160,7 +162,7 @@ class Smooth(GraphPass):
             blocks = w.reshape(w.shape[0] // self.block_size, self.block_size, w.shape[1])
             scale = np.maximum(np.abs(blocks).max(axis=1, keepdims=True), 1e-12) / qmax
             return (np.clip(np.round(blocks / scale), -qmax, qmax) * scale).reshape(w.shape)
-        if self.weights == "per-channel":
+        if self.per_channel:
             scale = np.maximum(np.abs(w).max(axis=0, keepdims=True), 1e-12) / qmax
         else:
             scale = max(float(np.abs(w).max()), 1e-12) / qmax

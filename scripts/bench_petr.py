@@ -8,7 +8,8 @@ petr-full-int8 recipes swap in) and petr_tiny_qfpe.pt (the plain QFPE fine-tune,
 * FP32: the original-PE (LID) model and both QFPE models, each exported in form A (PE computed in the
   graph from img2lidar) and run in ONNX Runtime;
 * per-tensor W8A8 (weights and activations per tensor, as FQ-PETR) of the original-PE model with
-  onnxq's default recipe (no PE handling); with recipe petr-w8a8-pe-fold (pe_fold + QANS); with
+  onnxq's default recipe (no PE handling); with recipe petr-w8a8-pe-fold (pe_fold + smooth + recentre
+  + QANS; `_no_smooth_recentre`: without those two, the recipe before they were added); with
   petr-w8a8 (the qfpe pass swaps in the QFPE checkpoint's PE and weights, + QANS); fully quantized
   with petr-full-int8 (QFPE + QANS + DULUT + integer LayerNorm); ONNX Runtime quantize_static and
   NVIDIA ModelOpt (scripts/anchors.py) on the original-PE model;
@@ -196,8 +197,9 @@ def pe_ranges(path: Path, val, folded_bias_absmax: float | None = None) -> dict:
 
 def recipe_steps(name: str, *, qans: bool = True, weights: str = "per-tensor", fold_after_qfpe: bool = False,
                  attention_float: bool = False, rounding: str | None = None, checkpoint: str | None = None,
-                 weight_calibrator: str | None = None) -> list:
-    """A built-in recipe's passes with the quantize step's weight granularity (and ablations)."""
+                 weight_calibrator: str | None = None, without: tuple[str, ...] = ()) -> list:
+    """A built-in recipe's passes with the quantize step's weight granularity (and ablations: `without`
+    drops the named passes)."""
     from onnxq.pipeline import load_recipe
 
     _, passes = load_recipe(name)
@@ -211,7 +213,7 @@ def recipe_steps(name: str, *, qans: bool = True, weights: str = "per-tensor", f
                 step.exclude = list(attention_products())
         if step.name == "qfpe" and checkpoint:
             step.checkpoint = str(CHECKPOINTS / checkpoint)
-        if step.name == "qans" and not qans:
+        if (step.name == "qans" and not qans) or step.name in without:
             continue
         out.append(step)
         if step.name == "fold_batchnorm" and fold_after_qfpe:
@@ -305,6 +307,7 @@ def run(args) -> tuple[dict, dict]:
         ("w8a8_qfpe", lid, recipe_steps("petr-w8a8")),
         ("full_int8", lid, recipe_steps("petr-full-int8")),
         ("w8a8_pe_fold_nearest", lid, recipe_steps("petr-w8a8-pe-fold", rounding="nearest")),
+        ("w8a8_pe_fold_no_smooth_recentre", lid, recipe_steps("petr-w8a8-pe-fold", without=("smooth", "recentre"))),
         ("w8a8_qfpe_gptq_mse", lid, recipe_steps("petr-w8a8", rounding="gptq", weight_calibrator="mse")),
         # the plain QFPE fine-tune, with the weight rounding that suits a checkpoint not trained for it
         ("w8a8_qfpe_ptq", lid, recipe_steps("petr-w8a8", checkpoint=QFPE_PTQ_CHECKPOINT, rounding="gptq", weight_calibrator="mse")),
@@ -316,6 +319,7 @@ def run(args) -> tuple[dict, dict]:
             ("w8a8_naive_attention_float", lid, recipe_steps("default", attention_float=True)),
             ("w8a8_naive_form_b", paths["lid_input"], recipe_steps("default")),
             ("w8a8_pe_fold_no_qans", lid, recipe_steps("petr-w8a8-pe-fold", qans=False)),
+            ("w8a8_pe_fold_no_recentre", lid, recipe_steps("petr-w8a8-pe-fold", without=("recentre",))),
             ("w8a8_qfpe_no_qans", lid, recipe_steps("petr-w8a8", qans=False)),
             ("w8a8_qfpe_pe_fold", lid, recipe_steps("petr-w8a8", fold_after_qfpe=True)),
             ("w8a8_naive_per_channel", lid, recipe_steps("default", weights="per-channel")),
@@ -382,7 +386,7 @@ def markdown(results: dict, meta: dict) -> str:
     lines = [f"# PETR-tiny quantization benchmark ({meta['val_scenes']} val scenes)", "",
              f"`{meta['command']}`, {meta['machine']}, total {meta['total_seconds']:.0f} s. Calibration: {meta['calibration']}. "
              "W8A8 rows: per-tensor weights and activations unless the name says per_channel; "
-             "petr-w8a8-pe-fold rounds weights with GPTQ (`_nearest`: to nearest); petr-w8a8 and petr-full-int8 "
+             "petr-w8a8-pe-fold rounds weights with GPTQ (`_nearest`: to nearest; `_no_smooth_recentre`: without the smooth and recentre passes); petr-w8a8 and petr-full-int8 "
              "round the QAT checkpoint's weights to nearest at max scales (`_gptq_mse`: GPTQ at mse scales); "
              "`_ptq` rows: the plain QFPE checkpoint, GPTQ at mse scales.", "",
              "| variant | mAP | NDS | Δ mAP (pts) vs its FP32 | AP@0.5/1/2/4 m | k_proj input absmax (FP32) | features' INT8 steps at k_proj | lint (TensorRT) | ORT CPU ms | quantize s |",

@@ -1,0 +1,178 @@
+"""recentre: non-negative activations use the whole symmetric INT8 grid.
+
+Kind: approximate, never coarser than what `quantize` wrote. TensorRT's INT8 activations are
+symmetric (zero point 0), so a ReLU output quantized over [-T, T] uses codes 0..127 only: half the
+grid is spent on values that never occur. For x ≥ 0 whose quantized readers are all linear layers,
+with the quantizer's scale s (range T = 127·s) and c = T/2:
+
+    x' = x - c,   quantized at scale s/2   (codes -127..127 cover [-c, c], i.e. x in [0, T])
+    y  = Ŵ·x + b = Ŵ·x' + (b + c·Ŵ·1)       (the readers' biases absorb the shift)
+
+Every old grid point k·s is the new point (2k - 127)·s/2 + c and the clip range is the same, so no
+value rounds worse and the bulk rounds to half the step; zero lands exactly on code -127. The bias
+uses the dequantized weights the runtime multiplies, so the rewrite adds no error of its own.
+Readers must be MatMul (with or without a constant bias Add), Gemm, or Conv without padding: zero
+padding of x' would stand for x = c. A tensor with any other reader is left alone.
+
+PETR-tiny with pe_fold (per-tensor W8A8): mean box-centre error against FP32 0.223 -> 0.204 m, the
+eight ReLU outputs read by 1x1 convs and linear layers recentred (the backbone's 3x3 convs pad).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxq.graph import Namer, add_initializer, attr, const_array, replace_initializer
+from onnxq.pipeline import GraphPass, Kind, PassContext, register
+
+
+@register
+@dataclass
+class Recentre(GraphPass):
+    name: ClassVar[str] = "recentre"
+    kind: ClassVar[Kind] = Kind.APPROXIMATE
+
+    def apply(self, model: ir.Model, ctx: PassContext) -> dict:
+        graph, namer = model.graph, Namer(model.graph)
+        done, skipped = 0, {}
+        for q in [n for n in graph if n.op_type == "QuantizeLinear"]:
+            if not _non_negative(q.inputs[0]) or not _symmetric_int8(q):
+                continue
+            readers, problem = _readers(q)
+            if problem:
+                skipped[q.inputs[0].name] = problem
+                continue
+            recentre(graph, namer, q, readers)
+            done += 1
+        graph.sort()
+        return {"recentred": done, "left_alone": skipped}
+
+
+def recentre(graph: ir.Graph, namer: Namer, q: ir.Node, readers: list[ir.Node]) -> None:
+    """Quantize q's input shifted down by half its range at half the scale; readers' biases absorb it."""
+    scale = float(const_array(q.inputs[1]))
+    c = np.float32(127 * scale / 2)
+    x = q.inputs[0]
+    sub = ir.node("Sub", [x, add_initializer(graph, namer, f"{x.name}_centre", c)],
+                  name=namer.fresh(f"{x.name}_recentre"))
+    sub.outputs[0].name, sub.outputs[0].dtype, sub.outputs[0].shape = namer.fresh(f"{x.name}_recentred"), x.dtype, x.shape
+    graph.insert_before(q, sub)
+    q.replace_input_with(0, sub.outputs[0])
+    half = add_initializer(graph, namer, f"{x.name}_recentred_scale", np.float32(scale / 2))
+    for node in [q, *(dq for dq, _ in q.outputs[0].uses())]:
+        node.replace_input_with(1, half)
+    for node in readers:
+        _add_to_bias(graph, namer, node, float(c) * _weight_sum(node))
+
+
+def _non_negative(x: ir.Value) -> bool:
+    """x comes from Relu, or from Clip/Max with a lower bound ≥ 0 (ReLU6, equalize's per-channel bounds)."""
+    node = x.producer()
+    if node is None:
+        return False
+    if node.op_type == "Relu":
+        return True
+    low = const_array(node.inputs[1]) if node.op_type in ("Clip", "Max") and len(node.inputs) > 1 else None
+    return low is not None and float(np.min(low)) >= 0
+
+
+def _symmetric_int8(q: ir.Node) -> bool:
+    scale = const_array(q.inputs[1])
+    zero = const_array(q.inputs[2]) if len(q.inputs) > 2 else None
+    return (scale is not None and scale.size == 1 and zero is not None and zero.dtype == np.int8
+            and not zero.any())
+
+
+def _readers(q: ir.Node) -> tuple[list[ir.Node], str]:
+    """The linear layers reading q's dequantized outputs, or why the tensor is left alone."""
+    readers = []
+    for dq, _ in q.outputs[0].uses():
+        if dq.op_type != "DequantizeLinear" or dq.outputs[0].is_graph_output():
+            return [], f"read by {dq.op_type}"
+        for node, index in dq.outputs[0].uses():
+            if index != 0 or node.op_type not in ("MatMul", "Gemm", "Conv") or _weight(node) is None:
+                return [], f"read by {node.op_type} (input {index}), not a linear layer"
+            if node.op_type == "Gemm" and attr(node, "transA", 0):
+                return [], "read by a Gemm with transA"
+            if node.op_type == "Conv" and (any(attr(node, "pads", [0])) or attr(node, "auto_pad", "NOTSET") not in ("NOTSET", "VALID")):
+                return [], "read by a padded Conv (zero padding would stand for x = centre)"
+            readers.append(node)
+    return readers, ""
+
+
+def _weight(node: ir.Node) -> np.ndarray | None:
+    """The weight the runtime multiplies: a constant, or a per-tensor/per-axis DequantizeLinear of one."""
+    value = node.inputs[1]
+    dq = value.producer()
+    if dq is None or dq.op_type != "DequantizeLinear":
+        return const_array(value)
+    codes, scale = const_array(dq.inputs[0]), const_array(dq.inputs[1])
+    zero = const_array(dq.inputs[2]) if len(dq.inputs) > 2 and dq.inputs[2] is not None else None
+    if codes is None or scale is None or attr(dq, "block_size", 0):
+        return None
+    codes = codes.astype(np.float64) - (0 if zero is None else zero.astype(np.float64))
+    if scale.size > 1:
+        shape = [1] * codes.ndim
+        shape[attr(dq, "axis", 1)] = -1
+        scale = scale.reshape(shape)
+    return codes * scale.astype(np.float64)
+
+
+def _weight_sum(node: ir.Node) -> np.ndarray:
+    """Ŵ·1: each output channel's weights summed over the input (and kernel) dimensions."""
+    w = _weight(node)
+    if node.op_type == "Conv":
+        return w.reshape(w.shape[0], -1).sum(axis=1)
+    if node.op_type == "Gemm" and attr(node, "transB", 0):
+        return w.sum(axis=1)
+    return w.sum(axis=0)
+
+
+def _add_to_bias(graph: ir.Graph, namer: Namer, node: ir.Node, delta: np.ndarray) -> None:
+    """Add `delta` (one value per output channel) to the layer's constant bias, creating one if needed."""
+    slot = _bias_slot(node)
+    if slot is not None:
+        owner, index = slot
+        bias = owner.inputs[index]
+        new = (const_array(bias).astype(np.float64) + delta).astype(np.float32)
+        if len(bias.uses()) == 1 and bias.is_initializer():
+            replace_initializer(bias, new)
+        else:
+            owner.replace_input_with(index, add_initializer(graph, namer, f"{node.name}_bias_recentred", new))
+        return
+    value = add_initializer(graph, namer, f"{node.name}_bias_recentred", delta.astype(np.float32))
+    if node.op_type in ("Conv", "Gemm"):
+        node.resize_inputs(3)
+        node.replace_input_with(2, value)
+        return
+    out, users = node.outputs[0], list(node.outputs[0].uses())
+    add = ir.node("Add", [out, value], name=namer.fresh(f"{node.name}_recentre_bias"))
+    add.outputs[0].dtype, add.outputs[0].shape = out.dtype, out.shape
+    result_name = out.name
+    out.name = namer.fresh(f"{result_name}_unbiased")
+    add.outputs[0].name = result_name
+    graph.insert_after(node, add)
+    for user, index in users:
+        user.replace_input_with(index, add.outputs[0])
+    for i, output in enumerate(graph.outputs):
+        if output is out:
+            graph.outputs[i] = add.outputs[0]
+
+
+def _bias_slot(node: ir.Node) -> tuple[ir.Node, int] | None:
+    """(node, input index) of the layer's constant bias: Conv/Gemm input 2, or the constant of the Add
+    that alone reads a MatMul (channels last, so any bias shape ending in them takes a per-channel delta)."""
+    if node.op_type in ("Conv", "Gemm"):
+        ok = len(node.inputs) > 2 and node.inputs[2] is not None and const_array(node.inputs[2]) is not None
+        return (node, 2) if ok else None
+    uses = list(node.outputs[0].uses())
+    if len(uses) == 1 and uses[0][0].op_type == "Add" and not node.outputs[0].is_graph_output():
+        add, slot = uses[0]
+        bias = const_array(add.inputs[1 - slot])
+        if bias is not None and (bias.ndim == 0 or bias.shape[-1] == _weight_sum(node).size):
+            return add, 1 - slot
+    return None
