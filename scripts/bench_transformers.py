@@ -253,7 +253,7 @@ def main(argv=None) -> int:
     parser.add_argument("--only", default="", help="comma-separated substrings: run only the quantizers whose label "
                         "contains one (FP32 always runs), e.g. '+both,ORT' to fit a time budget")
     parser.add_argument("--smollm2-calib-windows", type=int, default=0,
-                        help="SmolLM2 calibration windows of 256 tokens (default 4; 2 with --quick)")
+                        help="SmolLM2 calibration windows of 256 tokens (default 16; 2 with --quick)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
