@@ -19,6 +19,7 @@ from onnxq.progress import progress
 from onnxq.runtime import exposing, run_batches, session
 
 _CORRECTABLE = ("Conv", "Gemm")
+CORRECTED_KEY = "onnxq.bias_corrected"  # node metadata: the mean output shift removed from the bias
 
 
 def correct_biases(model: ir.Model, float_weights: dict[str, np.ndarray], data: CalibrationSet, *,
@@ -56,6 +57,7 @@ def correct_biases(model: ir.Model, float_weights: dict[str, np.ndarray], data: 
     for layer, total in shift.items():
         bias = nodes[layer].inputs[2]
         replace_initializer(bias, (const_array(bias) - total / count).astype(np.float32))
+        nodes[layer].metadata_props[CORRECTED_KEY] = f"mean |shift| {float(np.abs(total / count).mean()):.3g}"
     return len(pairs)
 
 

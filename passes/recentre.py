@@ -26,8 +26,10 @@ from typing import ClassVar
 import numpy as np
 import onnx_ir as ir
 
+from onnxq.bias_correction import CORRECTED_KEY
 from onnxq.graph import Namer, add_initializer, attr, const_array, replace_initializer
 from onnxq.pipeline import GraphPass, Kind, PassContext, register
+from onnxq.runtime import exposing, run_batches, session
 
 
 @register
@@ -38,22 +40,25 @@ class Recentre(GraphPass):
 
     def apply(self, model: ir.Model, ctx: PassContext) -> dict:
         graph, namer = model.graph, Namer(model.graph)
-        done, skipped = 0, {}
+        sites, skipped = [], {}
         for q in [n for n in graph if n.op_type == "QuantizeLinear"]:
             if not _non_negative(q.inputs[0]) or not _symmetric_int8(q):
                 continue
             readers, problem = _readers(q)
             if problem:
                 skipped[q.inputs[0].name] = problem
-                continue
-            recentre(graph, namer, q, readers)
-            done += 1
+            else:
+                sites.append((q, readers))
+        shifts = _mean_rounding_change(model, sites, ctx.require_calibration(self.name)) if sites else {}
+        for q, readers in sites:
+            recentre(graph, namer, q, readers, shifts)
         graph.sort()
-        return {"recentred": done, "left_alone": skipped}
+        return {"recentred": len(sites), "left_alone": skipped}
 
 
-def recentre(graph: ir.Graph, namer: Namer, q: ir.Node, readers: list[ir.Node]) -> None:
-    """Quantize q's input shifted down by half its range at half the scale; readers' biases absorb it."""
+def recentre(graph: ir.Graph, namer: Namer, q: ir.Node, readers: list[ir.Node], shifts: dict) -> None:
+    """Quantize q's input shifted down by half its range at half the scale; readers' biases absorb the
+    shift and the change in mean rounding error (`shifts`, per input channel)."""
     scale = float(const_array(q.inputs[1]))
     c = np.float32(127 * scale / 2)
     x = q.inputs[0]
@@ -66,18 +71,65 @@ def recentre(graph: ir.Graph, namer: Namer, q: ir.Node, readers: list[ir.Node]) 
     for node in [q, *(dq for dq, _ in q.outputs[0].uses())]:
         node.replace_input_with(1, half)
     for node in readers:
-        _add_to_bias(graph, namer, node, float(c) * _weight_sum(node))
+        delta = float(c) * _weight_sum(node)
+        if CORRECTED_KEY in node.metadata_props:
+            delta -= _weighted_channels(node, shifts[(x.name, _channel_axis(node))])
+        _add_to_bias(graph, namer, node, delta)
+
+
+def _mean_rounding_change(model: ir.Model, sites, data) -> dict[tuple[str, int], np.ndarray]:
+    """Per input channel, the calibration mean of (new grid's rounding) - (old grid's rounding) of each
+    recentred tensor read by a bias-corrected layer. `quantize`'s bias correction compensated the old
+    grid's mean error there; moving this difference into the bias keeps that correction valid on the
+    new grid (MobileNetV2: SQNR 16.9 dB without it, 18.3 with it, 17.4 before recentre). Layers
+    quantize did not correct keep only the exact shift: their new grid is the less biased one."""
+    axes = {(q.inputs[0].name, _channel_axis(r)): float(const_array(q.inputs[1]))
+            for q, readers in sites for r in readers if CORRECTED_KEY in r.metadata_props}
+    names = sorted({name for name, _ in axes})
+    if not names:
+        return {}
+    sums, count = {}, {}
+    for _, outputs in run_batches(session(exposing(model, names)), data, names):
+        for (name, axis), s in axes.items():
+            x = outputs[name].astype(np.float64)
+            c = 127 * s / 2
+            old = np.clip(np.round(x / s), -128, 127) * s
+            new = np.clip(np.round((x - c) / (s / 2)), -128, 127) * (s / 2) + c
+            diff = np.moveaxis(new - old, axis, 0).reshape(x.shape[axis], -1)
+            sums[(name, axis)] = sums.get((name, axis), 0.0) + diff.sum(axis=1)
+            count[(name, axis)] = count.get((name, axis), 0) + diff.shape[1]
+    return {key: sums[key] / count[key] for key in sums}
+
+
+def _channel_axis(node: ir.Node) -> int:
+    return 1 if node.op_type == "Conv" else -1
+
+
+def _weighted_channels(node: ir.Node, per_channel: np.ndarray) -> np.ndarray:
+    """Ŵ applied to a per-input-channel constant: what the layer adds per output channel."""
+    w = _weight(node)
+    if node.op_type == "Conv":
+        groups = attr(node, "group", 1)
+        per_group = w.reshape(w.shape[0], w.shape[1], -1).sum(axis=2)  # [out, in/group]
+        inputs = per_channel.reshape(groups, -1)[np.arange(w.shape[0]) // (w.shape[0] // groups)]
+        return (per_group * inputs).sum(axis=1)
+    if node.op_type == "Gemm" and attr(node, "transB", 0):
+        return w @ per_channel
+    return per_channel @ w
 
 
 def _non_negative(x: ir.Value) -> bool:
-    """x comes from Relu, or from Clip/Max with a lower bound ≥ 0 (ReLU6, equalize's per-channel bounds)."""
+    """x comes from Relu, from Clip/Max with a lower bound ≥ 0, or from Min(≥ 0 input, ≥ 0 bound): ReLU6
+    and the per-channel Max → Min bounds equalize writes for it."""
     node = x.producer()
-    if node is None:
+    if node is None or not node.inputs:
         return False
     if node.op_type == "Relu":
         return True
-    low = const_array(node.inputs[1]) if node.op_type in ("Clip", "Max") and len(node.inputs) > 1 else None
-    return low is not None and float(np.min(low)) >= 0
+    bound = const_array(node.inputs[1]) if node.op_type in ("Clip", "Max", "Min") and len(node.inputs) > 1 else None
+    if bound is None or float(np.min(bound)) < 0:
+        return False
+    return node.op_type != "Min" or _non_negative(node.inputs[0])
 
 
 def _symmetric_int8(q: ir.Node) -> bool:
@@ -114,12 +166,11 @@ def _weight(node: ir.Node) -> np.ndarray | None:
     zero = const_array(dq.inputs[2]) if len(dq.inputs) > 2 and dq.inputs[2] is not None else None
     if codes is None or scale is None or attr(dq, "block_size", 0):
         return None
-    codes = codes.astype(np.float64) - (0 if zero is None else zero.astype(np.float64))
-    if scale.size > 1:
-        shape = [1] * codes.ndim
-        shape[attr(dq, "axis", 1)] = -1
-        scale = scale.reshape(shape)
-    return codes * scale.astype(np.float64)
+    shape = [1] * codes.ndim
+    shape[attr(dq, "axis", 1)] = -1  # per-axis scale and zero point broadcast along that axis
+    zero = np.zeros(1) if zero is None else zero.astype(np.float64)
+    return (codes.astype(np.float64) - zero.reshape(shape if zero.size > 1 else ())) \
+        * scale.astype(np.float64).reshape(shape if scale.size > 1 else ())
 
 
 def _weight_sum(node: ir.Node) -> np.ndarray:

@@ -27,7 +27,7 @@ def test_full_int8_includes_the_transformer_recipe():
     _, w8a8 = load_recipe("transformer-w8a8")
     _, full = load_recipe("full-int8")
     assert [p.name for p in full] == [p.name for p in w8a8] + ["qans", "dulut", "integer_ops"]
-    assert [p.name for p in load_recipe([{"include": "default"}, "dulut"])[1]][-2:] == ["quantize", "dulut"]
+    assert [p.name for p in load_recipe([{"include": "default"}, "dulut"])[1]][-3:] == ["quantize", "recentre", "dulut"]
     with pytest.raises(OnnxqError):
         load_recipe([{"include": "no-such-recipe"}])
 

@@ -74,7 +74,7 @@ def test_metadata_records_what_ran_and_names_stay_meaningful():
     props = {p.key: p.value for p in qmodel.metadata_props}
     record = json.loads(props["onnxq.passes"])
     assert [r["name"] for r in record] == ["lift_constants", "fold_constants", "upgrade_opset", "fold_batchnorm",
-                                           "equalize", "quantize"]
+                                           "equalize", "quantize", "recentre"]
     assert record[-1]["kind"] == "approximate" and record[3]["max_rel_change"] < 1e-4
     assert props["onnxq.target"] == "tensorrt" and props["onnxq.recipe"] == "default"
     names = {n.name for n in qmodel.graph.node}

@@ -139,3 +139,21 @@ def test_asymmetric_quantizers_untouched():
     out = quantize(model, calib, recipe=[QUANTIZE, "recentre"], target="ort-cpu", **OPTS)
     assert _record(out, "recentre")["summary"]["recentred"] == 0
     assert not any(n.op_type == "Sub" for n in out.graph.node)
+
+
+def test_bias_corrected_readers_keep_their_correction():
+    """quantize's bias correction compensated the old grid's mean rounding error in the 1x1 conv; recentre
+    moves the change of that mean into the bias: over the calibration data the conv's per-channel output
+    mean is the corrected one it had before (the rounding change alone moves it)."""
+    model, calib = convnet(), feeds([3, 8, 8], n=64)
+    step = {"quantize": {**QUANTIZE["quantize"], "bias_correction": True}}
+    plain = quantize(model, calib, recipe=[step], **OPTS)
+    centred = quantize(model, calib, recipe=[step, "recentre"], **OPTS)
+    conv2 = next(n for n in centred.graph.node if n.name == "conv2")
+    assert any(p.key == "onnxq.bias_corrected" for p in conv2.metadata_props)
+    before = _unoptimized(_expose(plain, ["h2"]), calib)[1].mean(axis=(0, 2, 3))
+    after = _unoptimized(_expose(centred, ["h2"]), calib)[1].mean(axis=(0, 2, 3))
+    np.testing.assert_allclose(after, before, atol=2e-4 * np.abs(before).max())
+    x = feeds([3, 8, 8], n=64, seed=11)
+    ref = run(model, x)[0]
+    assert np.mean((run(centred, x)[0] - ref) ** 2) < np.mean((run(plain, x)[0] - ref) ** 2)
