@@ -10,12 +10,16 @@ with the quantizer's scale s (range T = 127·s) and c = T/2:
 
 Every old grid point k·s is the new point (2k - 127)·s/2 + c and the clip range is the same, so no
 value rounds worse and the bulk rounds to half the step; zero lands exactly on code -127. The bias
-uses the dequantized weights the runtime multiplies, so the rewrite adds no error of its own.
+uses the dequantized weights the runtime multiplies, so the shift adds no error of its own. Where
+`quantize` bias-corrected a reader for the old grid's mean rounding error, the change in that mean
+(measured on the calibration data) goes into the bias as well, so the correction stays valid.
 Readers must be MatMul (with or without a constant bias Add), Gemm, or Conv without padding: zero
 padding of x' would stand for x = c. A tensor with any other reader is left alone.
 
-PETR-tiny with pe_fold (per-tensor W8A8): mean box-centre error against FP32 0.223 -> 0.204 m, the
-eight ReLU outputs read by 1x1 convs and linear layers recentred (the backbone's 3x3 convs pad).
+Run it after `quantize`: it reads the scales quantize chose. Measured: MobileNetV2 (default
+recipe, the demo's photos) SQNR 17.4 -> 18.3 dB; PETR-tiny with pe_fold (per-tensor W8A8) mean
+box-centre error against FP32 0.223 -> 0.204 m (the eight ReLU outputs read by 1x1 convs and linear
+layers; the backbone's 3x3 convs pad).
 """
 
 from __future__ import annotations
@@ -146,8 +150,9 @@ def _readers(q: ir.Node) -> tuple[list[ir.Node], str]:
         if dq.op_type != "DequantizeLinear" or dq.outputs[0].is_graph_output():
             return [], f"read by {dq.op_type}"
         for node, index in dq.outputs[0].uses():
-            if index != 0 or node.op_type not in ("MatMul", "Gemm", "Conv") or _weight(node) is None:
-                return [], f"read by {node.op_type} (input {index}), not a linear layer"
+            w = _weight(node) if index == 0 and node.op_type in ("MatMul", "Gemm", "Conv") else None
+            if w is None or (node.op_type != "Conv" and w.ndim != 2):
+                return [], f"read by {node.op_type} (input {index}), not a linear layer with a constant weight"
             if node.op_type == "Gemm" and attr(node, "transA", 0):
                 return [], "read by a Gemm with transA"
             if node.op_type == "Conv" and (any(attr(node, "pads", [0])) or attr(node, "auto_pad", "NOTSET") not in ("NOTSET", "VALID")):
