@@ -92,6 +92,22 @@ def replace_initializer(value: ir.Value, array: np.ndarray) -> None:
     value.type = ir.TensorType(ir.DataType.from_numpy(array.dtype))
 
 
+def append_bias(graph: ir.Graph, namer: Namer, node: ir.Node, bias: ir.Value, result_name: str) -> ir.Node:
+    """Insert Add(node's output, bias) after `node`; the Add's output, named `result_name`, takes over
+    the output's readers and graph-output slot (the caller has renamed the node's own output)."""
+    out = node.outputs[0]
+    users = list(out.uses())
+    add = ir.node("Add", [out, bias], name=namer.fresh(f"{node.name}_bias"))
+    add.outputs[0].name, add.outputs[0].dtype, add.outputs[0].shape = result_name, out.dtype, out.shape
+    graph.insert_after(node, add)
+    for user, index in users:
+        user.replace_input_with(index, add.outputs[0])
+    for i, output in enumerate(graph.outputs):
+        if output is out:
+            graph.outputs[i] = add.outputs[0]
+    return add
+
+
 def private_weight(graph: ir.Graph, namer: Namer, node: ir.Node, index: int) -> ir.Value:
     """The weight at `node.inputs[index]`, copied first if other nodes share it, so it can be edited."""
     value = node.inputs[index]

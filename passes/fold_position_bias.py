@@ -24,7 +24,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from onnxq.graph import Namer, add_initializer, const_array
+from onnxq.graph import Namer, add_initializer, append_bias, const_array
 from onnxq.pipeline import GraphPass, Kind, PassContext, register
 
 
@@ -99,13 +99,5 @@ def fold_into_bias(graph: ir.Graph, namer: Namer, lin: Linear, x: ir.Value, adde
     if lin.bias_add is not None:
         lin.bias_add.replace_input_with(lin.bias_index, c_value)
         return c
-    users = list(out.uses())  # no bias: the Add of C is new and takes the layer output's name
-    add = ir.node("Add", [out, c_value], name=namer.fresh(f"{lin.matmul.name}_{tag}_bias"))
-    add.outputs[0].name, add.outputs[0].dtype, add.outputs[0].shape = result_name, out.dtype, out.shape
-    graph.insert_after(lin.matmul, add)
-    for user, index in users:
-        user.replace_input_with(index, add.outputs[0])
-    for i, output in enumerate(graph.outputs):
-        if output is out:
-            graph.outputs[i] = add.outputs[0]
+    append_bias(graph, namer, lin.matmul, c_value, result_name)  # no bias: a new Add takes the layer output's name
     return c

@@ -25,13 +25,13 @@ layers; the backbone's 3x3 convs pad).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import numpy as np
 import onnx_ir as ir
 
 from onnxq.bias_correction import CORRECTED_KEY
-from onnxq.graph import Namer, add_initializer, attr, const_array, replace_initializer
+from onnxq.graph import Namer, add_initializer, append_bias, attr, const_array, replace_initializer
 from onnxq.pipeline import GraphPass, Kind, PassContext, register
 from onnxq.runtime import exposing, run_batches, session
 
@@ -60,7 +60,7 @@ class Recentre(GraphPass):
         return {"recentred": len(sites), "left_alone": skipped}
 
 
-def recentre(graph: ir.Graph, namer: Namer, q: ir.Node, readers: list[ir.Node], shifts: dict) -> None:
+def recentre(graph: ir.Graph, namer: Namer, q: ir.Node, readers: list["Reader"], shifts: dict) -> None:
     """Quantize q's input shifted down by half its range at half the scale; readers' biases absorb the
     shift and the change in mean rounding error (`shifts`, per input channel)."""
     scale = float(const_array(q.inputs[1]))
@@ -74,11 +74,11 @@ def recentre(graph: ir.Graph, namer: Namer, q: ir.Node, readers: list[ir.Node], 
     half = add_initializer(graph, namer, f"{x.name}_recentred_scale", np.float32(scale / 2))
     for node in [q, *(dq for dq, _ in q.outputs[0].uses())]:
         node.replace_input_with(1, half)
-    for node in readers:
-        delta = float(c) * _weight_sum(node)
-        if CORRECTED_KEY in node.metadata_props:
-            delta -= _weighted_channels(node, shifts[(x.name, _channel_axis(node))])
-        _add_to_bias(graph, namer, node, delta)
+    for r in readers:
+        delta = float(c) * _weighted_channels(r, np.ones(_in_channels(r)))
+        if CORRECTED_KEY in r.node.metadata_props:
+            delta -= _weighted_channels(r, shifts[(x.name, _channel_axis(r.node))])
+        _add_to_bias(graph, namer, r.node, delta)
 
 
 def _mean_rounding_change(model: ir.Model, sites, data) -> dict[tuple[str, int], np.ndarray]:
@@ -87,8 +87,8 @@ def _mean_rounding_change(model: ir.Model, sites, data) -> dict[tuple[str, int],
     grid's mean error there; moving this difference into the bias keeps that correction valid on the
     new grid (MobileNetV2: SQNR 16.9 dB without it, 18.3 with it, 17.4 before recentre). Layers
     quantize did not correct keep only the exact shift: their new grid is the less biased one."""
-    axes = {(q.inputs[0].name, _channel_axis(r)): float(const_array(q.inputs[1]))
-            for q, readers in sites for r in readers if CORRECTED_KEY in r.metadata_props}
+    axes = {(q.inputs[0].name, _channel_axis(r.node)): float(const_array(q.inputs[1]))
+            for q, readers in sites for r in readers if CORRECTED_KEY in r.node.metadata_props}
     names = sorted({name for name, _ in axes})
     if not names:
         return {}
@@ -109,9 +109,15 @@ def _channel_axis(node: ir.Node) -> int:
     return 1 if node.op_type == "Conv" else -1
 
 
-def _weighted_channels(node: ir.Node, per_channel: np.ndarray) -> np.ndarray:
-    """Ŵ applied to a per-input-channel constant: what the layer adds per output channel."""
-    w = _weight(node)
+def _in_channels(r: "Reader") -> int:
+    if r.node.op_type == "Conv":
+        return r.weight.shape[1] * attr(r.node, "group", 1)
+    return r.weight.shape[0 if r.node.op_type != "Gemm" or not attr(r.node, "transB", 0) else 1]
+
+
+def _weighted_channels(r: "Reader", per_channel: np.ndarray) -> np.ndarray:
+    """Ŵ applied to a per-input-channel constant: what the layer adds per output channel (Ŵ·1 for ones)."""
+    w, node = r.weight, r.node
     if node.op_type == "Conv":
         groups = attr(node, "group", 1)
         per_group = w.reshape(w.shape[0], w.shape[1], -1).sum(axis=2)  # [out, in/group]
@@ -143,7 +149,12 @@ def _symmetric_int8(q: ir.Node) -> bool:
             and not zero.any())
 
 
-def _readers(q: ir.Node) -> tuple[list[ir.Node], str]:
+class Reader(NamedTuple):
+    node: ir.Node
+    weight: np.ndarray  # the dequantized weight the runtime multiplies
+
+
+def _readers(q: ir.Node) -> tuple[list[Reader], str]:
     """The linear layers reading q's dequantized outputs, or why the tensor is left alone."""
     readers = []
     for dq, _ in q.outputs[0].uses():
@@ -157,7 +168,7 @@ def _readers(q: ir.Node) -> tuple[list[ir.Node], str]:
                 return [], "read by a Gemm with transA"
             if node.op_type == "Conv" and (any(attr(node, "pads", [0])) or attr(node, "auto_pad", "NOTSET") not in ("NOTSET", "VALID")):
                 return [], "read by a padded Conv (zero padding would stand for x = centre)"
-            readers.append(node)
+            readers.append(Reader(node, w))
     return readers, ""
 
 
@@ -178,19 +189,9 @@ def _weight(node: ir.Node) -> np.ndarray | None:
         * scale.astype(np.float64).reshape(shape if scale.size > 1 else ())
 
 
-def _weight_sum(node: ir.Node) -> np.ndarray:
-    """Ŵ·1: each output channel's weights summed over the input (and kernel) dimensions."""
-    w = _weight(node)
-    if node.op_type == "Conv":
-        return w.reshape(w.shape[0], -1).sum(axis=1)
-    if node.op_type == "Gemm" and attr(node, "transB", 0):
-        return w.sum(axis=1)
-    return w.sum(axis=0)
-
-
 def _add_to_bias(graph: ir.Graph, namer: Namer, node: ir.Node, delta: np.ndarray) -> None:
     """Add `delta` (one value per output channel) to the layer's constant bias, creating one if needed."""
-    slot = _bias_slot(node)
+    slot = _bias_slot(node, delta.size)
     if slot is not None:
         owner, index = slot
         bias = owner.inputs[index]
@@ -205,21 +206,12 @@ def _add_to_bias(graph: ir.Graph, namer: Namer, node: ir.Node, delta: np.ndarray
         node.resize_inputs(3)
         node.replace_input_with(2, value)
         return
-    out, users = node.outputs[0], list(node.outputs[0].uses())
-    add = ir.node("Add", [out, value], name=namer.fresh(f"{node.name}_recentre_bias"))
-    add.outputs[0].dtype, add.outputs[0].shape = out.dtype, out.shape
-    result_name = out.name
-    out.name = namer.fresh(f"{result_name}_unbiased")
-    add.outputs[0].name = result_name
-    graph.insert_after(node, add)
-    for user, index in users:
-        user.replace_input_with(index, add.outputs[0])
-    for i, output in enumerate(graph.outputs):
-        if output is out:
-            graph.outputs[i] = add.outputs[0]
+    out = node.outputs[0]
+    result_name, out.name = out.name, namer.fresh(f"{out.name}_unbiased")
+    append_bias(graph, namer, node, value, result_name)
 
 
-def _bias_slot(node: ir.Node) -> tuple[ir.Node, int] | None:
+def _bias_slot(node: ir.Node, channels: int) -> tuple[ir.Node, int] | None:
     """(node, input index) of the layer's constant bias: Conv/Gemm input 2, or the constant of the Add
     that alone reads a MatMul (channels last, so any bias shape ending in them takes a per-channel delta)."""
     if node.op_type in ("Conv", "Gemm"):
@@ -229,6 +221,6 @@ def _bias_slot(node: ir.Node) -> tuple[ir.Node, int] | None:
     if len(uses) == 1 and uses[0][0].op_type == "Add" and not node.outputs[0].is_graph_output():
         add, slot = uses[0]
         bias = const_array(add.inputs[1 - slot])
-        if bias is not None and (bias.ndim == 0 or bias.shape[-1] == _weight_sum(node).size):
+        if bias is not None and (bias.ndim == 0 or bias.shape[-1] == channels):
             return add, 1 - slot
     return None
