@@ -21,8 +21,9 @@ def quantize(model: str | os.PathLike | onnx.ModelProto | ir.Model, calibration_
              output: str | os.PathLike | None = None, recipe: str | os.PathLike | list | None = None,
              target: str = "tensorrt", per_tensor: bool | None = None, calibrator: str | None = None,
              rounding: str | None = None,
-             batch_size: int = 1, max_samples: int | None = None, allow_unknown_ops: bool = False,
-             verify_exact: bool = True, show_progress: bool = True, log=print) -> onnx.ModelProto:
+             batch_size: int = 1, max_samples: int | None = None, padding_mask: str | None = "auto",
+             allow_unknown_ops: bool = False, verify_exact: bool = True, show_progress: bool = True,
+             log=print) -> onnx.ModelProto:
     """Quantize `model` with `calibration_data` and return the QDQ model (written to `output` if given).
 
     Args:
@@ -34,6 +35,8 @@ def quantize(model: str | os.PathLike | onnx.ModelProto | ir.Model, calibration_
         target: "tensorrt" (symmetric INT8 for TensorRT) or "ort-cpu" (ONNX Runtime int8 kernels).
         per_tensor / calibrator / rounding: override the recipe's quantize step (weights per tensor;
             activation calibrator max | percentile | entropy | mse; weight rounding nearest | gptq).
+        padding_mask: the input whose zeros mark padded positions, left out of every statistic;
+            "auto" takes a rank-2 integer input named attention_mask; None counts every position.
     """
     get_target(target)
     source_path = model if isinstance(model, (str, os.PathLike)) else None
@@ -42,7 +45,9 @@ def quantize(model: str | os.PathLike | onnx.ModelProto | ir.Model, calibration_
     work = load_model(model)
     if not isinstance(model, (str, os.PathLike)):
         work = ir.from_proto(ir.to_proto(work))  # never edit the caller's object
-    data = load_calibration(calibration_data, work, batch_size=batch_size, limit=max_samples)
+    data = load_calibration(calibration_data, work, batch_size=batch_size, limit=max_samples, padding_mask=padding_mask)
+    if data.padding_mask:
+        log(f"calibration: positions where '{data.padding_mask}' is 0 are padding, left out of the statistics")
     recipe_name, passes = load_recipe(recipe, default=default_recipe_for(work))
     for step in passes:
         if per_tensor is not None and step.name in ("quantize", "smooth"):  # smooth's α search models the weights

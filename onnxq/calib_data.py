@@ -58,12 +58,17 @@ def model_inputs(model: ir.Model) -> list[InputSpec]:
 
 
 class CalibrationSet:
-    """Validated calibration batches for one model; iterate as often as needed."""
+    """Validated calibration batches for one model; iterate as often as needed.
 
-    def __init__(self, make_batches: Callable[[], Iterator[Feed]], num_batches: int, num_samples: int):
+    `padding_mask` names the input whose zeros mark padded sequence positions (a Hugging Face
+    `attention_mask`); statistics leave those positions out (see onnxq.runtime.real_rows)."""
+
+    def __init__(self, make_batches: Callable[[], Iterator[Feed]], num_batches: int, num_samples: int,
+                 padding_mask: str | None = None):
         self._make_batches = make_batches
         self.num_batches = num_batches
         self.num_samples = num_samples
+        self.padding_mask = padding_mask
 
     def __iter__(self) -> Iterator[Feed]:
         return self._make_batches()
@@ -75,21 +80,42 @@ class CalibrationSet:
         return next(iter(self))
 
 
-def load_calibration(source: Any, model: ir.Model, *, batch_size: int = 1, limit: int | None = None) -> CalibrationSet:
-    """Read `source` (see module doc), check it against `model`'s inputs, and batch it."""
+def load_calibration(source: Any, model: ir.Model, *, batch_size: int = 1, limit: int | None = None,
+                     padding_mask: str | None = "auto") -> CalibrationSet:
+    """Read `source` (see module doc), check it against `model`'s inputs, and batch it.
+
+    `padding_mask`: the input whose zeros mark padding ("auto": an integer or bool input named
+    attention_mask of rank 2, if the model has one; None: every position counts)."""
     specs = model_inputs(model)
     if isinstance(source, CalibrationSet):
         return source
     if isinstance(source, (str, os.PathLike)):
-        return _from_stacked_files(_files_of(Path(source), specs), specs, batch_size, limit)
-    if isinstance(source, Mapping):
-        return _from_stacked_files([("<dict>", lambda: dict(source))], specs, batch_size, limit)
-    if hasattr(source, "get_next"):
-        source = iter(source.get_next, None)
-    if isinstance(source, Iterable):
-        return _from_feeds(source, specs, limit)
-    raise OnnxqError(f"calibration data of type {type(source).__name__} is not supported: give an .npz/.npy file, "
-                     "a folder of them, a dict of arrays, or an iterable of {input_name: array} feeds")
+        data = _from_stacked_files(_files_of(Path(source), specs), specs, batch_size, limit)
+    elif isinstance(source, Mapping):
+        data = _from_stacked_files([("<dict>", lambda: dict(source))], specs, batch_size, limit)
+    else:
+        if hasattr(source, "get_next"):
+            source = iter(source.get_next, None)
+        if not isinstance(source, Iterable):
+            raise OnnxqError(f"calibration data of type {type(source).__name__} is not supported: give an .npz/.npy "
+                             "file, a folder of them, a dict of arrays, or an iterable of {input_name: array} feeds")
+        data = _from_feeds(source, specs, limit)
+    data.padding_mask = _padding_input(specs, padding_mask)
+    return data
+
+
+def _padding_input(specs: list[InputSpec], wanted: str | None) -> str | None:
+    if wanted is None:
+        return None
+    if wanted != "auto":
+        spec = next((s for s in specs if s.name == wanted), None)
+        if spec is None or len(spec.dims) != 2:
+            raise OnnxqError(f"padding mask '{wanted}' is not a rank-2 model input (inputs: "
+                             f"{[s.describe() for s in specs]})")
+        return wanted
+    found = [s for s in specs if s.name == "attention_mask" and len(s.dims) == 2
+             and (np.issubdtype(s.dtype, np.integer) or s.dtype == np.bool_)]
+    return found[0].name if found else None
 
 
 def _files_of(path: Path, specs: list[InputSpec]) -> list[tuple[str, Callable[[], dict]]]:

@@ -54,7 +54,7 @@ def observe_ranges(model: ir.Model, names: Sequence[str], data: CalibrationSet, 
     ranges: dict[str, Range] = {}
     sess = session(exposing(model, names))
     batches = progress(data, desc=desc, total=len(data), unit="batch", disable=not show_progress)
-    for _, outputs in run_batches(sess, batches, list(names)):
+    for _, outputs in run_batches(sess, batches, list(names), padding_mask=data.padding_mask):
         for name, x in outputs.items():
             if x.size == 0:
                 continue
@@ -96,7 +96,7 @@ def observe_histograms(model: ir.Model, ranges: dict[str, Range], data: Calibrat
         return hists
     sess = session(exposing(model, names))
     batches = progress(data, desc="calibrating histograms", total=len(data), unit="batch", disable=not show_progress)
-    for _, outputs in run_batches(sess, batches, names):
+    for _, outputs in run_batches(sess, batches, names, padding_mask=data.padding_mask):
         for name, x in outputs.items():
             amax = ranges[name].amax
             flat = x.ravel()

@@ -47,14 +47,14 @@ def choose_calibrator(model: ir.Model, stats: ActivationStatistics, insert_qdq: 
                       show_progress: bool = True) -> tuple[str, dict[str, Range], dict[str, float]]:
     """(best calibrator, its ranges, each candidate's relative output error)."""
     batches = list(itertools.islice(iter(data), TRIAL_BATCHES))
-    reference = [outputs for _, outputs in run_batches(session(model), batches)]
+    reference = [outputs for _, outputs in run_batches(session(model), batches, padding_mask=data.padding_mask)]
     errors: dict[str, float] = {}
     ranges: dict[str, dict[str, Range]] = {}
     for method in progress(AUTO_CANDIDATES, desc="choosing calibrator", unit="calibrator", disable=not show_progress):
         ranges[method] = stats.ranges(method, symmetric=symmetric, percentile=percentile)
         trial = model.clone()
         insert_qdq(trial, ranges[method])
-        outputs = [out for _, out in run_batches(session(trial), batches)]
+        outputs = [out for _, out in run_batches(session(trial), batches, padding_mask=data.padding_mask)]
         errors[method] = relative_output_error(reference, outputs)
     best = min(errors, key=errors.get)
     return best, ranges[best], errors

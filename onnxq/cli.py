@@ -110,6 +110,9 @@ def _parser() -> argparse.ArgumentParser:
                         "calibration inputs (GPTQ; slower, uses torch; matters most at 4 bits)")
     q.add_argument("--batch-size", type=int, default=1, help="calibration batch size for models with a dynamic batch (default 1)")
     q.add_argument("--max-samples", type=int, help="use at most this many calibration samples")
+    q.add_argument("--padding-mask", default="auto", metavar="INPUT",
+                   help="input whose zeros mark padded positions, left out of calibration statistics "
+                        "(default auto: an input named attention_mask; 'none' counts every position)")
     q.add_argument("--allow-unknown-ops", action="store_true", help="keep ops with no QDQ rule in float instead of failing")
     q.add_argument("--no-verify", action="store_true", help="skip the numerical check of exact passes")
     q.add_argument("--report", metavar="JSON", help="also write what ran, coverage and lint results as JSON")
@@ -167,6 +170,7 @@ def _quantize(args) -> int:
     proto = quantize(args.model, args.calib, output=args.output, recipe=args.recipe, target=args.target,
                      per_tensor=True if args.per_tensor else None, calibrator=args.calibrator, rounding=args.rounding, batch_size=args.batch_size,
                      max_samples=args.max_samples, allow_unknown_ops=args.allow_unknown_ops,
+                     padding_mask=None if args.padding_mask == "none" else args.padding_mask,
                      verify_exact=not args.no_verify, show_progress=not args.quiet, log=log)
     model = load_model(proto)
     info = inspect_model(model)

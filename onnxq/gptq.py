@@ -69,7 +69,7 @@ def collect_hessians(model: ir.Model, readers: dict[str, list[ir.Node]], data: C
     sess = session(exposing(model, inputs))
     totals: dict[tuple, torch.Tensor] = {}
     batches = progress(data, desc="GPTQ statistics", total=len(data), unit="batch", disable=not show_progress)
-    for index, (_, out) in enumerate(run_batches(sess, batches, inputs)):
+    for index, (_, out) in enumerate(run_batches(sess, batches, inputs, padding_mask=data.padding_mask)):
         for source, node in sources.items():
             x = torch.from_numpy(np.asarray(out[node.inputs[0].name], dtype=np.float32))
             rows = _input_rows(node, x, torch).to(torch.float64)

@@ -69,15 +69,31 @@ def _elem_types(model: ir.Model) -> dict[str, int]:
 
 
 def run_batches(sess: ort.InferenceSession, batches: Iterable[dict[str, np.ndarray]],
-                output_names: Sequence[str] | None = None):
-    """Yield (feed, outputs-by-name) for each batch; nothing is kept between batches."""
+                output_names: Sequence[str] | None = None, *, padding_mask: str | None = None):
+    """Yield (feed, outputs-by-name) for each batch; nothing is kept between batches. With
+    `padding_mask` (an input name), outputs keep only the real positions (see real_rows)."""
     names = list(output_names) if output_names is not None else [o.name for o in sess.get_outputs()]
     for feed in batches:
         try:
             values = sess.run(names, feed)
         except Exception as exc:  # ORT raises its own exception types for bad feeds
             raise OnnxqError(f"ONNX Runtime failed on a batch: {str(exc).splitlines()[0]}") from None
+        mask = feed.get(padding_mask) if padding_mask else None
+        if mask is not None and not mask.all():
+            values = [real_rows(x, mask.astype(bool)) for x in values]
         yield feed, dict(zip(names, values))
+
+
+def real_rows(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The rows of a (batch, sequence, ...) tensor at the positions `mask` (batch, sequence) keeps,
+    stacked as (kept, ...); any other layout is returned whole.
+
+    Padded positions carry activations no output depends on (mean pooling and attention mask them
+    out). Left in, they dilute the statistics: on all-MiniLM-L6-v2's calibration set 62% of the rows
+    are padding, and the 99.99th percentile of an FFN input drops from 14.6 to 3.0."""
+    if x.ndim >= 2 and x.shape[:2] == mask.shape:
+        return x[mask]
+    return x
 
 
 def latency_ms(sessions: dict[str, ort.InferenceSession], feed: dict[str, np.ndarray], *,

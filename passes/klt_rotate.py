@@ -110,7 +110,7 @@ def second_moments(model: ir.Model, names: list[str], data, *, show_progress: bo
     counts: dict[str, int] = {}
     sess = session(exposing(model, names))
     batches = progress(data, desc="KLT statistics", total=len(data), unit="batch", disable=not show_progress)
-    for _, outputs in run_batches(sess, batches, names):
+    for _, outputs in run_batches(sess, batches, names, padding_mask=data.padding_mask):
         for name, x in outputs.items():
             flat = x.reshape(-1, x.shape[-1]).astype(np.float64)
             sums[name] = sums.get(name, 0) + flat.T @ flat

@@ -211,7 +211,7 @@ def collect(model: ir.Model, names: list[str], data, sample_rows: int, seed: int
     stats = Stats(max(1, math.ceil(sample_rows / max(len(data), 1))), seed)
     sess = session(exposing(model, names))
     batches = progress(data, desc="smoothing statistics", total=len(data), unit="batch", disable=not show_progress)
-    for _, outputs in run_batches(sess, batches, names):
+    for _, outputs in run_batches(sess, batches, names, padding_mask=data.padding_mask):
         for name, x in outputs.items():
             stats.update(name, x)
     return stats
