@@ -137,13 +137,15 @@ ALL_W8A8 = [(ab, w) for w in ("per-channel", "per-tensor") for ab in ABLATIONS]
 
 
 def run_model(name: str, fp32: Path, calib: dict, evaluate, batch_size: int, w8a8: list[tuple[str, str]], w4: bool,
-              skip_anchors: bool) -> list[dict]:
+              skip_anchors: bool, report) -> list[dict]:
+    """Every quantizer's row for one model; `report(rows)` after each, so a cut-short run keeps what it has."""
     work = WORK / name
     work.mkdir(parents=True, exist_ok=True)
     calib_file = work / "calib.npz"
     np.savez(calib_file, **calib)
     rows = [{"quantizer": "FP32", **evaluate(fp32)}]
     log(f"[{name}] FP32", rows[0])
+    report(rows)
     for label, spec in quantizers(w8a8, w4):
         if skip_anchors and spec["kind"] != "onnxq":
             continue
@@ -159,6 +161,7 @@ def run_model(name: str, fp32: Path, calib: dict, evaluate, batch_size: int, w8a
             row.update(model_facts(out))
         rows.append(row)
         log(f"[{name}] {label}", {k: v for k, v in row.items() if k != "quantizer"})
+        report(rows)
     return rows
 
 
@@ -166,7 +169,7 @@ def run_model(name: str, fp32: Path, calib: dict, evaluate, batch_size: int, w8a
 # models
 
 
-def smollm2_rows(quick: bool, skip_anchors: bool) -> tuple[list[dict], dict]:
+def smollm2_rows(quick: bool, skip_anchors: bool, report) -> list[dict]:
     from onnxq.models import smollm2
 
     # 16 calibration windows: GPTQ's 576..1536-wide Hessians want more than 4 x 256 tokens (+1.16% -> +1.03%)
@@ -184,12 +187,13 @@ def smollm2_rows(quick: bool, skip_anchors: bool) -> tuple[list[dict], dict]:
     # the ablations with per-channel weights, the full recipe also per tensor (each SmolLM2 quantization
     # takes minutes on 2 cores; MiniLM gets every combination)
     w8a8 = [(ab, "per-channel") for ab in ABLATIONS] + [("+both", "per-tensor")]
-    rows = run_model("smollm2", fp32, smollm2.calibration_feeds(n_cal), evaluate, 1, w8a8, True, skip_anchors)
-    return rows, {"calibration": f"{n_cal} windows x {smollm2.SEQ_LEN} tokens (calibration articles)",
-                  "evaluation": f"{n_eval} windows x {smollm2.SEQ_LEN} tokens (evaluation articles)"}
+    setup = {"calibration": f"{n_cal} windows x {smollm2.SEQ_LEN} tokens (calibration articles)",
+             "evaluation": f"{n_eval} windows x {smollm2.SEQ_LEN} tokens (evaluation articles)"}
+    return run_model("smollm2", fp32, smollm2.calibration_feeds(n_cal), evaluate, 1, w8a8, True, skip_anchors,
+                     lambda rows: report(rows, setup))
 
 
-def minilm_rows(quick: bool, skip_anchors: bool) -> tuple[list[dict], dict]:
+def minilm_rows(quick: bool, skip_anchors: bool, report) -> list[dict]:
     from onnxq.models import minilm, text_data
     from onnxq.runtime import session
 
@@ -201,9 +205,9 @@ def minilm_rows(quick: bool, skip_anchors: bool) -> tuple[list[dict], dict]:
     def evaluate(path):
         return {k: round(v, 4) for k, v in minilm.quality(session(path), sentences, reference).items()}
 
-    rows = run_model("minilm", fp32, calib, evaluate, 16, ALL_W8A8, True, skip_anchors)
-    return rows, {"calibration": f"{len(calib['input_ids'])} samples: wiki sentences + single words (32 tokens)",
-                  "evaluation": f"WordSim-353 / SimLex-999 word pairs; cosine over {len(sentences)} held-out sentences"}
+    setup = {"calibration": f"{len(calib['input_ids'])} samples: wiki sentences + single words (32 tokens)",
+             "evaluation": f"WordSim-353 / SimLex-999 word pairs; cosine over {len(sentences)} held-out sentences"}
+    return run_model("minilm", fp32, calib, evaluate, 16, ALL_W8A8, True, skip_anchors, lambda rows: report(rows, setup))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -266,10 +270,13 @@ def main(argv=None) -> int:
     results = {}
     for key in args.models.split(","):
         label, run = runners[key]
-        rows, setup = run(args.quick, args.skip_anchors)
-        results[label] = {"setup": setup, "rows": rows}
-        text = write_results(results, args.out, argv, start)  # after each model: a cut-short run keeps what it has
-    print("\n" + text)
+
+        def report(rows, setup, label=label):  # after each row: a cut-short run keeps what it has
+            results[label] = {"setup": setup, "rows": list(rows)}
+            write_results(results, args.out, argv, start)
+
+        run(args.quick, args.skip_anchors, report)
+    print("\n" + write_results(results, args.out, argv, start))
     return 0
 
 
