@@ -6,6 +6,8 @@
   activations, int8 weights), which is what ORT's docs recommend for VNNI CPUs.
 - modelopt_quantize(): NVIDIA ModelOpt `python -m modelopt.onnx.quantization --quantize_mode int8`,
   run on CPU in its own virtual environment (scripts/setup_modelopt.sh makes it).
+- ort_smoothquant(): quantize_static with its SmoothQuant option, which runs Intel Neural
+  Compressor 2.x; call it from the Python of ensure_inc()'s venv (scripts/setup_inc.sh makes it).
 
 Both take the calibration set as {input name: array with samples stacked on axis 0} (the same
 content as the .npz the onnxq CLI reads), never raise on a quantizer failure, and return an
@@ -30,6 +32,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 MODELOPT_VENV = REPO / ".cache" / "modelopt-venv"
 MODELOPT_SETUP = REPO / "scripts" / "setup_modelopt.sh"
+INC_VENV = REPO / ".cache" / "inc-venv"
+INC_SETUP = REPO / "scripts" / "setup_inc.sh"
 
 
 @dataclass
@@ -132,6 +136,29 @@ def ort_quantize(
         except Exception:  # noqa: BLE001 - an anchor that crashes is a result, not a benchmark failure
             return AnchorResult(name, None, time.perf_counter() - start, _tail(traceback.format_exc()), notes=notes)
     return AnchorResult(name, output, time.perf_counter() - start, notes=notes)
+
+
+def ort_smoothquant(model_path, calib: dict[str, np.ndarray], output, *, per_channel: bool = False,
+                    alpha: float = 0.5, batch_size: int = 16) -> AnchorResult:
+    """quantize_static with SmoothQuant (neural-compressor), as documented: ORT's defaults first
+    (scales folded into the preceding op); where INC's folding crashes, again with folding off
+    (explicit Mul nodes), and the fallback is noted."""
+    options = {"SmoothQuant": True, "SmoothQuantAlpha": alpha, "SmoothQuantFolding": True}
+    result = ort_quantize(model_path, calib, output, per_channel=per_channel, extra_options=options,
+                          batch_size=batch_size)
+    if not result.ok:
+        failure = result.error.strip().splitlines()[-1][:200]
+        result = ort_quantize(model_path, calib, output, per_channel=per_channel, batch_size=batch_size,
+                              extra_options={**options, "SmoothQuantFolding": False})
+        result.notes.append(f"SmoothQuantFolding=True failed ({failure}); folding off")
+    result.name += f"-smoothquant{alpha}"
+    return result
+
+
+def ensure_inc() -> Path:
+    """Python of the neural-compressor venv, installing it first when missing (idempotent, ~70 s once)."""
+    subprocess.run(["bash", str(INC_SETUP)], check=True)
+    return INC_VENV / "bin" / "python"
 
 
 @contextlib.contextmanager

@@ -16,6 +16,10 @@ relative change it measured is reported): plain W8A8 (canonical passes + INT8 Q/
 each with per-channel and per-tensor weights; transformer-w4a8 and transformer-w4a4.
 Activations are per-tensor INT8 everywhere (the TensorRT setting).
 
+Anchors: ORT quantize_static (symmetric INT8, per-tensor and per-channel weights; and with its
+SmoothQuant option, which runs neural-compressor 2.6 in .cache/inc-venv), ModelOpt INT8 (its
+default entropy calibration, and max).
+
 Each quantizer runs in a subprocess of its own, so its wall time and peak memory (max RSS of the
 process and of any subprocess it starts) are its own. Writes <out>.json and <out>.md.
 """
@@ -86,24 +90,37 @@ def worker(spec: dict) -> dict:
 
         with tempfile.TemporaryDirectory(prefix="anchor-") as tmp, anchors.working_dir(tmp):
             if spec["kind"] == "ort":
-                result = anchors.ort_quantize(spec["source"], calib, spec["output"], per_channel=spec["per_channel"],
-                                              batch_size=spec["batch_size"])
+                quantize_static = anchors.ort_smoothquant if spec.get("smooth_quant") else anchors.ort_quantize
+                result = quantize_static(spec["source"], calib, spec["output"], per_channel=spec["per_channel"],
+                                         batch_size=spec["batch_size"])
             else:
-                result = anchors.modelopt_quantize(spec["source"], calib, spec["output"], timeout_s=1200)
+                result = anchors.modelopt_quantize(spec["source"], calib, spec["output"], timeout_s=1200,
+                                                   calibration_method=spec.get("calibration_method", "entropy"))
         error = None if result.ok else (result.error or "failed").strip().splitlines()[-1][:300]
+        notes = "; ".join(result.notes)
     peak_kb = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
     return {"quantize_seconds": round(time.perf_counter() - start, 1), "peak_memory_mb": round(peak_kb / 1024),
-            "error": error}
+            "error": error, **({"notes": notes} if spec["kind"] != "onnxq" and notes else {})}
 
 
 def quantize_in_subprocess(spec: dict) -> dict:
     spec_file = Path(spec["output"]).with_suffix(".spec.json")
     spec_file.write_text(json.dumps(spec))
-    proc = subprocess.run([sys.executable, __file__, "--worker", str(spec_file)], capture_output=True, text=True)
+    python = sys.executable
+    if spec.get("smooth_quant"):  # ORT's SmoothQuant runs neural-compressor 2.x, which has a venv of its own
+        import anchors
+
+        python = str(anchors.ensure_inc())
+    proc = subprocess.run([python, __file__, "--worker", str(spec_file)], capture_output=True, text=True)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()
         return {"error": tail[-1][:300] if tail else f"exit status {proc.returncode}"}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(_result_file(spec_file).read_text())
+
+
+def _result_file(spec_file: Path) -> Path:
+    """Where the worker leaves its result (not stdout: quantizers print progress bars there)."""
+    return spec_file.with_suffix(".result.json")
 
 
 def model_facts(path: Path) -> dict:
@@ -129,7 +146,10 @@ def quantizers(w8a8: list[tuple[str, str]], w4: bool) -> list[tuple[str, dict]]:
                  ("onnxq W4A4 +rotate (transformer-w4a4)", {"kind": "onnxq", "variant": "transformer-w4a4", "weights": "per-channel"})]
     rows += [("ORT quantize_static s8 per-tensor", {"kind": "ort", "per_channel": False}),
              ("ORT quantize_static s8 per-channel", {"kind": "ort", "per_channel": True}),
-             ("ModelOpt INT8", {"kind": "modelopt"})]
+             ("ORT quantize_static s8 per-tensor + SmoothQuant", {"kind": "ort", "per_channel": False, "smooth_quant": True}),
+             ("ORT quantize_static s8 per-channel + SmoothQuant", {"kind": "ort", "per_channel": True, "smooth_quant": True}),
+             ("ModelOpt INT8", {"kind": "modelopt"}),
+             ("ModelOpt INT8, max calibration", {"kind": "modelopt", "calibration_method": "max"})]
     return rows
 
 
@@ -184,12 +204,9 @@ def smollm2_rows(quick: bool, skip_anchors: bool, report) -> list[dict]:
         reference.setdefault("ppl", ppl)
         return {"ppl": round(ppl, 3), "ppl_increase_pct": round(100 * (ppl / reference["ppl"] - 1), 2)}
 
-    # the ablations with per-channel weights, the full recipe also per tensor (each SmolLM2 quantization
-    # takes minutes on 2 cores; MiniLM gets every combination)
-    w8a8 = [(ab, "per-channel") for ab in ABLATIONS] + [("+both", "per-tensor")]
     setup = {"calibration": f"{n_cal} windows x {smollm2.SEQ_LEN} tokens (calibration articles)",
              "evaluation": f"{n_eval} windows x {smollm2.SEQ_LEN} tokens (evaluation articles)"}
-    return run_model("smollm2", fp32, smollm2.calibration_feeds(n_cal), evaluate, 1, w8a8, True, skip_anchors,
+    return run_model("smollm2", fp32, smollm2.calibration_feeds(n_cal), evaluate, 1, ALL_W8A8, True, skip_anchors,
                      lambda rows: report(rows, setup))
 
 
@@ -222,13 +239,13 @@ def markdown(results: dict, command: str, seconds: float) -> str:
     for model, block in results.items():
         rows = block["rows"]
         metrics = [k for k in rows[0] if k != "quantizer"]
-        headers = ["quantizer", *metrics, "quantize s", "peak MB", "TensorRT lint", "exact Δ", "error"]
+        headers = ["quantizer", *metrics, "quantize s", "peak MB", "TensorRT lint", "exact Δ", "error / note"]
         lines += [f"## {model}\n", f"Calibration: {block['setup']['calibration']}. Evaluation: {block['setup']['evaluation']}.\n",
                   "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
         for r in rows:
             cells = [r["quantizer"], *[r.get(m, "") for m in metrics], r.get("quantize_seconds", ""),
                      r.get("peak_memory_mb", ""), r.get("lint", "" if r["quantizer"] == "FP32" else "-"),
-                     r.get("exact_passes_max_rel_change", "") or "", r.get("error") or ""]
+                     r.get("exact_passes_max_rel_change", "") or "", r.get("error") or r.get("notes") or ""]
             lines.append("| " + " | ".join(str(c) for c in cells) + " |")
         lines.append("")
     return "\n".join(lines)
@@ -261,7 +278,8 @@ def main(argv=None) -> int:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(json.loads(Path(args.worker).read_text()))))
+        spec_file = Path(args.worker)
+        _result_file(spec_file).write_text(json.dumps(worker(json.loads(spec_file.read_text()))))
         return 0
     ONLY[:] = [p for p in args.only.split(",") if p]
     SMOLLM2_CALIB_WINDOWS[0] = args.smollm2_calib_windows
