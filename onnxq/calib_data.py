@@ -107,15 +107,19 @@ def load_calibration(source: Any, model: ir.Model, *, batch_size: int = 1, limit
 def _padding_input(specs: list[InputSpec], wanted: str | None) -> str | None:
     if wanted is None:
         return None
-    if wanted != "auto":
-        spec = next((s for s in specs if s.name == wanted), None)
-        if spec is None or len(spec.dims) != 2:
-            raise OnnxqError(f"padding mask '{wanted}' is not a rank-2 model input (inputs: "
-                             f"{[s.describe() for s in specs]})")
-        return wanted
-    found = [s for s in specs if s.name == "attention_mask" and len(s.dims) == 2
-             and (np.issubdtype(s.dtype, np.integer) or s.dtype == np.bool_)]
-    return found[0].name if found else None
+    if wanted == "auto":
+        found = [s for s in specs if s.name == "attention_mask" and _is_mask_like(s)]
+        return found[0].name if found else None
+    spec = next((s for s in specs if s.name == wanted), None)
+    if spec is None or not _is_mask_like(spec):
+        # a float mask is refused: it is often additive (0 = keep, -inf = padding), the opposite meaning
+        raise OnnxqError(f"padding mask '{wanted}' is not a rank-2 integer or bool model input with 1 for real "
+                         f"positions and 0 for padding (inputs: {[s.describe() for s in specs]})")
+    return wanted
+
+
+def _is_mask_like(spec: InputSpec) -> bool:
+    return len(spec.dims) == 2 and (np.issubdtype(spec.dtype, np.integer) or spec.dtype == np.bool_)
 
 
 def _files_of(path: Path, specs: list[InputSpec]) -> list[tuple[str, Callable[[], dict]]]:

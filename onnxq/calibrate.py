@@ -25,8 +25,7 @@ import onnx_ir as ir
 
 from onnxq.calib_data import CalibrationSet
 from onnxq.errors import OnnxqError
-from onnxq.progress import progress
-from onnxq.runtime import exposing, run_batches, session
+from onnxq.runtime import intermediate_outputs
 
 CALIBRATORS = ("max", "percentile", "entropy", "mse")
 # Per tensor and batch, histograms see at most this many values (a strided subsample); ranges
@@ -52,9 +51,7 @@ def observe_ranges(model: ir.Model, names: Sequence[str], data: CalibrationSet, 
                    desc: str = "calibrating ranges") -> dict[str, Range]:
     """Min and max of each tensor in `names` over every calibration batch."""
     ranges: dict[str, Range] = {}
-    sess = session(exposing(model, names))
-    batches = progress(data, desc=desc, total=len(data), unit="batch", disable=not show_progress)
-    for _, outputs in run_batches(sess, batches, list(names), padding_mask=data.padding_mask):
+    for outputs in intermediate_outputs(model, names, data, desc=desc, show_progress=show_progress):
         for name, x in outputs.items():
             if x.size == 0:
                 continue
@@ -76,9 +73,9 @@ def observe_channel_stats(model: ir.Model, names: Sequence[str], data: Calibrati
     amax: dict[str, np.ndarray] = {}
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
-    sess = session(exposing(model, names))
-    batches = progress(data, desc="channel statistics", total=len(data), unit="batch", disable=not show_progress)
-    for _, outputs in run_batches(sess, batches, list(names)):
+    # padding kept: the (batch, channel, positions) layout read here has no position axis to drop rows from
+    for outputs in intermediate_outputs(model, names, data, desc="channel statistics", show_progress=show_progress,
+                                        keep_padding=True):
         for name, x in outputs.items():
             x = x.reshape(x.shape[0], x.shape[1], -1)  # (batch, channel, positions)
             amax[name] = np.maximum(amax.get(name, 0.0), np.abs(x).max(axis=(0, 2)))
@@ -94,9 +91,7 @@ def observe_histograms(model: ir.Model, ranges: dict[str, Range], data: Calibrat
     hists = {n: np.zeros(2 * bins, dtype=np.int64) for n in names}
     if not names:
         return hists
-    sess = session(exposing(model, names))
-    batches = progress(data, desc="calibrating histograms", total=len(data), unit="batch", disable=not show_progress)
-    for _, outputs in run_batches(sess, batches, names, padding_mask=data.padding_mask):
+    for outputs in intermediate_outputs(model, names, data, desc="calibrating histograms", show_progress=show_progress):
         for name, x in outputs.items():
             amax = ranges[name].amax
             flat = x.ravel()

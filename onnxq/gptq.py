@@ -23,9 +23,8 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxq.calib_data import CalibrationSet
-from onnxq.progress import progress
 from onnxq.qdq import IntFormat
-from onnxq.runtime import exposing, run_batches, session
+from onnxq.runtime import intermediate_outputs
 
 # fractions of mean(diag H) added to H's diagonal, tried per layer (gptq_round): 0.01 is the paper's; larger
 # values pull the result towards round-to-nearest and keep GPTQ from fitting the noise of a small H
@@ -66,10 +65,9 @@ def collect_hessians(model: ir.Model, readers: dict[str, list[ir.Node]], data: C
 
     sources = {_row_source(node): node for nodes in readers.values() for node in nodes}
     inputs = sorted({node.inputs[0].name for node in sources.values()})
-    sess = session(exposing(model, inputs))
     totals: dict[tuple, torch.Tensor] = {}
-    batches = progress(data, desc="GPTQ statistics", total=len(data), unit="batch", disable=not show_progress)
-    for index, (_, out) in enumerate(run_batches(sess, batches, inputs, padding_mask=data.padding_mask)):
+    batches = intermediate_outputs(model, inputs, data, desc="GPTQ statistics", show_progress=show_progress)
+    for index, out in enumerate(batches):
         for source, node in sources.items():
             x = torch.from_numpy(np.asarray(out[node.inputs[0].name], dtype=np.float32))
             rows = _input_rows(node, x, torch).to(torch.float64)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import onnx
@@ -18,6 +18,7 @@ import onnxruntime as ort
 
 from onnxq.errors import OnnxqError
 from onnxq.modelio import _PROTOBUF_LIMIT, to_proto
+from onnxq.progress import progress
 
 
 def session(model: ir.Model | onnx.ModelProto | str | Path, *, threads: int = 0,
@@ -82,6 +83,17 @@ def run_batches(sess: ort.InferenceSession, batches: Iterable[dict[str, np.ndarr
         if mask is not None and not mask.all():
             values = [real_rows(x, mask.astype(bool)) for x in values]
         yield feed, dict(zip(names, values))
+
+
+def intermediate_outputs(model: ir.Model, names: Sequence[str], data, *, desc: str, show_progress: bool = True,
+                         keep_padding: bool = False) -> Iterator[dict[str, np.ndarray]]:
+    """Per calibration batch of `data` (a CalibrationSet), the values of the tensors `names` of `model`,
+    with a progress bar. Positions the set's padding mask marks are left out (real_rows) unless
+    `keep_padding`: every statistic onnxq gathers reads its activations through here."""
+    sess = session(exposing(model, names))
+    batches = progress(data, desc=desc, total=len(data), unit="batch", disable=not show_progress)
+    for _, outputs in run_batches(sess, batches, list(names), padding_mask=None if keep_padding else data.padding_mask):
+        yield outputs
 
 
 def real_rows(x: np.ndarray, mask: np.ndarray) -> np.ndarray:

@@ -29,8 +29,7 @@ import onnx_ir as ir
 from onnxq import structure as st
 from onnxq.graph import Namer
 from onnxq.pipeline import GraphPass, Kind, PassContext, register
-from onnxq.progress import progress
-from onnxq.runtime import exposing, run_batches, session
+from onnxq.runtime import intermediate_outputs
 
 
 @register
@@ -108,9 +107,7 @@ def second_moments(model: ir.Model, names: list[str], data, *, show_progress: bo
         return {}
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
-    sess = session(exposing(model, names))
-    batches = progress(data, desc="KLT statistics", total=len(data), unit="batch", disable=not show_progress)
-    for _, outputs in run_batches(sess, batches, names, padding_mask=data.padding_mask):
+    for outputs in intermediate_outputs(model, names, data, desc="KLT statistics", show_progress=show_progress):
         for name, x in outputs.items():
             flat = x.reshape(-1, x.shape[-1]).astype(np.float64)
             sums[name] = sums.get(name, 0) + flat.T @ flat

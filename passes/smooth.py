@@ -45,8 +45,7 @@ import onnx_ir as ir
 from onnxq import structure as st
 from onnxq.graph import Namer, add_initializer, const_array, replace_initializer
 from onnxq.pipeline import GraphPass, Kind, PassContext, register
-from onnxq.progress import progress
-from onnxq.runtime import exposing, run_batches, session
+from onnxq.runtime import intermediate_outputs
 
 SITES = ("norm", "vo", "mlp")
 
@@ -209,9 +208,7 @@ class Stats:
 
 def collect(model: ir.Model, names: list[str], data, sample_rows: int, seed: int, *, show_progress: bool = True) -> Stats:
     stats = Stats(max(1, math.ceil(sample_rows / max(len(data), 1))), seed)
-    sess = session(exposing(model, names))
-    batches = progress(data, desc="smoothing statistics", total=len(data), unit="batch", disable=not show_progress)
-    for _, outputs in run_batches(sess, batches, names, padding_mask=data.padding_mask):
+    for outputs in intermediate_outputs(model, names, data, desc="smoothing statistics", show_progress=show_progress):
         for name, x in outputs.items():
             stats.update(name, x)
     return stats

@@ -83,7 +83,15 @@ def test_explicit_padding_mask_is_checked_against_the_model_inputs():
 
     model = ir.from_proto(masked_linear_model())
     assert load_calibration(padded_batch(), model, padding_mask="attention_mask").padding_mask == "attention_mask"
-    with pytest.raises(OnnxqError, match="padding mask 'x' is not a rank-2 model input"):
+    with pytest.raises(OnnxqError, match="padding mask 'x' is not a rank-2 integer or bool model input"):
         load_calibration(padded_batch(), model, padding_mask="x")
-    with pytest.raises(OnnxqError, match="padding mask 'mask' is not a rank-2 model input"):
+    with pytest.raises(OnnxqError, match="padding mask 'mask' is not a rank-2 integer or bool model input"):
         load_calibration(padded_batch(), model, padding_mask="mask")
+    # a rank-2 float input is refused too: float masks are often additive (0 = keep), the opposite meaning
+    float_mask = masked_linear_model()
+    float_mask.graph.input[1].type.tensor_type.elem_type = TensorProto.FLOAT
+    float_mask.graph.node[1].attribute[0].i = TensorProto.FLOAT
+    calib = {**padded_batch(), "attention_mask": padded_batch()["attention_mask"].astype(np.float32)}
+    with pytest.raises(OnnxqError, match="not a rank-2 integer or bool model input"):
+        load_calibration(calib, ir.from_proto(float_mask), padding_mask="attention_mask")
+    assert load_calibration(calib, ir.from_proto(float_mask)).padding_mask is None  # and auto skips it
