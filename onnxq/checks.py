@@ -31,19 +31,14 @@ def check_model(model: ir.Model, *, strict: bool, what: str, tolerate: str | Non
 def find_problem(model: ir.Model, *, strict: bool) -> str | None:
     """The first ONNX checker or (strict) shape-inference complaint about `model`, or None."""
     proto = ir.to_proto(model)
-    try:
+    try:  # full_check adds strict, type-checked shape inference to the one parse the checker makes
         if proto.ByteSize() < _PROTOBUF_LIMIT:
-            onnx.checker.check_model(proto)
-            if strict:
-                onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
+            onnx.checker.check_model(proto, full_check=strict)
         else:
             with tempfile.TemporaryDirectory(prefix="onnxq-check-") as tmp:
                 path = Path(tmp) / "model.onnx"
                 onnx.save_model(proto, str(path), save_as_external_data=True, location="model.onnx.data")
-                onnx.checker.check_model(str(path))
-                if strict:
-                    onnx.shape_inference.infer_shapes_path(str(path), str(Path(tmp) / "inferred.onnx"),
-                                                           check_type=True, strict_mode=True)
+                onnx.checker.check_model(str(path), full_check=strict)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         return str(exc).strip().splitlines()[0]
     return None
