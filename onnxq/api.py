@@ -36,7 +36,8 @@ def quantize(model: str | os.PathLike | onnx.ModelProto | ir.Model, calibration_
         per_tensor / calibrator / rounding: override the recipe's quantize step (weights per tensor;
             activation calibrator max | percentile | entropy | mse; weight rounding nearest | gptq).
         padding_mask: the input whose zeros mark padded positions, left out of every statistic;
-            "auto" takes a rank-2 integer input named attention_mask; None counts every position.
+            a rank-2 integer or bool input, 1 for real positions; "auto" takes such an input named
+            attention_mask; None counts every position.
     """
     get_target(target)
     source_path = model if isinstance(model, (str, os.PathLike)) else None

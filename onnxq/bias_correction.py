@@ -15,8 +15,7 @@ import onnx_ir as ir
 
 from onnxq.calib_data import CalibrationSet
 from onnxq.graph import Namer, add_initializer, const_array, replace_initializer
-from onnxq.progress import progress
-from onnxq.runtime import exposing, run_batches, session
+from onnxq.runtime import intermediate_outputs
 
 _CORRECTABLE = ("Conv", "Gemm")
 CORRECTED_KEY = "onnxq.bias_corrected"  # node metadata: the mean output shift removed from the bias
@@ -44,11 +43,11 @@ def correct_biases(model: ir.Model, float_weights: dict[str, np.ndarray], data: 
     if not pairs:
         return 0
     names = [n for q, f, _ in pairs.values() for n in (q, f)]
-    sess = session(exposing(probe, names))
     shift = {layer: 0.0 for layer in pairs}
-    batches = progress(data, desc="bias correction", total=len(data), unit="batch", disable=not show_progress)
     count = 0
-    for _, out in run_batches(sess, batches, names):
+    # padding kept: layer outputs are read with their channel axis (Conv: 1), not as (batch, sequence) rows
+    for out in intermediate_outputs(probe, names, data, desc="bias correction", show_progress=show_progress,
+                                    keep_padding=True):
         count += 1
         for layer, (q, f, axis) in pairs.items():
             diff = np.moveaxis(out[q].astype(np.float64) - out[f], axis, 0)

@@ -111,8 +111,8 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--batch-size", type=int, default=1, help="calibration batch size for models with a dynamic batch (default 1)")
     q.add_argument("--max-samples", type=int, help="use at most this many calibration samples")
     q.add_argument("--padding-mask", default="auto", metavar="INPUT",
-                   help="input whose zeros mark padded positions, left out of calibration statistics "
-                        "(default auto: an input named attention_mask; 'none' counts every position)")
+                   help="integer or bool input whose zeros mark padded positions, left out of calibration "
+                        "statistics (default auto: an input named attention_mask; 'none' counts every position)")
     q.add_argument("--allow-unknown-ops", action="store_true", help="keep ops with no QDQ rule in float instead of failing")
     q.add_argument("--no-verify", action="store_true", help="skip the numerical check of exact passes")
     q.add_argument("--report", metavar="JSON", help="also write what ran, coverage and lint results as JSON")

@@ -89,7 +89,8 @@ def intermediate_outputs(model: ir.Model, names: Sequence[str], data, *, desc: s
                          keep_padding: bool = False) -> Iterator[dict[str, np.ndarray]]:
     """Per calibration batch of `data` (a CalibrationSet), the values of the tensors `names` of `model`,
     with a progress bar. Positions the set's padding mask marks are left out (real_rows) unless
-    `keep_padding`: every statistic onnxq gathers reads its activations through here."""
+    `keep_padding`. The quantize step's statistics (ranges, histograms, channel statistics, GPTQ, bias
+    correction) and smooth/klt_rotate read activations through here."""
     sess = session(exposing(model, names))
     batches = progress(data, desc=desc, total=len(data), unit="batch", disable=not show_progress)
     for _, outputs in run_batches(sess, batches, list(names), padding_mask=None if keep_padding else data.padding_mask):

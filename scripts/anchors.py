@@ -40,7 +40,7 @@ INC_SETUP = REPO / "scripts" / "setup_inc.sh"
 class AnchorResult:
     name: str
     output: Path | None  # None when the quantizer failed
-    seconds: float  # wall time of the quantizer call (pre-processing included)
+    seconds: float  # wall time of the quantizer call that made the output (pre-processing included)
     error: str | None = None  # last lines of the traceback / stderr when it failed
     log: str = ""  # captured output of a subprocess quantizer
     notes: list[str] = field(default_factory=list)  # fallbacks taken on the way
@@ -157,7 +157,7 @@ def ort_smoothquant(model_path, calib: dict[str, np.ndarray], output, *, per_cha
 
 def ensure_inc() -> Path:
     """Python of the neural-compressor venv, installing it first when missing (idempotent, ~70 s once)."""
-    subprocess.run(["bash", str(INC_SETUP)], check=True)
+    subprocess.run(["bash", str(INC_SETUP)], check=True, env={**os.environ, "PROJECT_PYTHON": sys.executable})
     return INC_VENV / "bin" / "python"
 
 

@@ -84,7 +84,7 @@ def worker(spec: dict) -> dict:
 
         quantize(spec["source"], calib, output=spec["output"], recipe=onnxq_steps(spec["variant"], spec["weights"]),
                  rounding=spec.get("rounding"), batch_size=spec["batch_size"], show_progress=False, log=lambda *_: None)
-        error = None
+        error, notes, seconds = None, "", time.perf_counter() - start
     else:
         import anchors
 
@@ -98,9 +98,10 @@ def worker(spec: dict) -> dict:
                                                    calibration_method=spec.get("calibration_method", "entropy"))
         error = None if result.ok else (result.error or "failed").strip().splitlines()[-1][:300]
         notes = "; ".join(result.notes)
+        seconds = result.seconds  # the quantizer's own call: no venv check, no failed first try
     peak_kb = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
-    return {"quantize_seconds": round(time.perf_counter() - start, 1), "peak_memory_mb": round(peak_kb / 1024),
-            "error": error, **({"notes": notes} if spec["kind"] != "onnxq" and notes else {})}
+    return {"quantize_seconds": round(seconds, 1), "peak_memory_mb": round(peak_kb / 1024),
+            "error": error, **({"notes": notes} if notes else {})}
 
 
 def quantize_in_subprocess(spec: dict) -> dict:
@@ -110,7 +111,10 @@ def quantize_in_subprocess(spec: dict) -> dict:
     if spec.get("smooth_quant"):  # ORT's SmoothQuant runs neural-compressor 2.x, which has a venv of its own
         import anchors
 
-        python = str(anchors.ensure_inc())
+        try:
+            python = str(anchors.ensure_inc())
+        except subprocess.CalledProcessError as exc:  # a row's failure, not the benchmark's
+            return {"error": f"neural-compressor setup failed ({exc}): see bash scripts/setup_inc.sh"}
     proc = subprocess.run([python, __file__, "--worker", str(spec_file)], capture_output=True, text=True)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()
@@ -245,7 +249,8 @@ def markdown(results: dict, command: str, seconds: float) -> str:
         for r in rows:
             cells = [r["quantizer"], *[r.get(m, "") for m in metrics], r.get("quantize_seconds", ""),
                      r.get("peak_memory_mb", ""), r.get("lint", "" if r["quantizer"] == "FP32" else "-"),
-                     r.get("exact_passes_max_rel_change", "") or "", r.get("error") or r.get("notes") or ""]
+                     r.get("exact_passes_max_rel_change", "") or "",
+                     "; ".join(x for x in (r.get("error"), r.get("notes") and f"note: {r['notes']}") if x)]
             lines.append("| " + " | ".join(str(c) for c in cells) + " |")
         lines.append("")
     return "\n".join(lines)

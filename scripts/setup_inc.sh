@@ -5,15 +5,16 @@
 # INC 3.x dropped that module (ONNX moved to onnx-neural-compressor), so 2.6 it is.
 #
 # Idempotent and quiet: a second run with the same pins returns at once.
-# Usage: bash scripts/setup_inc.sh        (PYTHON=python3.11 to choose the interpreter)
+# Usage: bash scripts/setup_inc.sh        (PYTHON=python3.11 to choose the interpreter;
+#        PROJECT_PYTHON=... the project's interpreter, default .venv/bin/python)
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$REPO/.cache/inc-venv"
 PY="${PYTHON:-python3}"
 # the same ONNX Runtime and onnx as the project, so only the SmoothQuant step differs from the plain anchor
-ORT_VERSION="$("$REPO/.venv/bin/python" -c 'import onnxruntime; print(onnxruntime.__version__)')"
-ONNX_VERSION="$("$REPO/.venv/bin/python" -c 'import onnx; print(onnx.__version__)')"
+PROJECT_PY="${PROJECT_PYTHON:-$REPO/.venv/bin/python}"
+read -r ORT_VERSION ONNX_VERSION < <("$PROJECT_PY" -c 'import onnxruntime, onnx; print(onnxruntime.__version__, onnx.__version__)')
 # sympy: ORT's quant_pre_process; six: imported by neural_compressor but not declared
 WANT="neural-compressor==2.6 onnxruntime==$ORT_VERSION onnx==$ONNX_VERSION sympy six"
 STAMP="$VENV/.onnxq-setup"
