@@ -124,7 +124,8 @@ def ort_quantize(
     with tempfile.TemporaryDirectory(prefix="ort-anchor-") as tmp, working_dir(tmp):
         # ORT's calibrator writes augmented models (and external-data files) into the working dir
         try:
-            source = _pre_process(model_path, Path(tmp) / "preprocessed.onnx", notes) if preprocess else model_path
+            source = private_copy(model_path, Path(tmp))
+            source = _pre_process(source, Path(tmp) / "preprocessed.onnx", notes) if preprocess else source
             quantize_static(
                 str(source), str(output), _calibration_reader(calib, batch),
                 quant_format=QuantFormat.QDQ, per_channel=per_channel, reduce_range=False,
@@ -159,6 +160,22 @@ def ensure_inc() -> Path:
     """Python of the neural-compressor venv, installing it first when missing (idempotent, ~70 s once)."""
     subprocess.run(["bash", str(INC_SETUP)], check=True, env={**os.environ, "PROJECT_PYTHON": sys.executable})
     return INC_VENV / "bin" / "python"
+
+
+def private_copy(model_path: Path, folder: Path) -> Path:
+    """A copy of the model (external data included) in `folder`, for a quantizer to read.
+
+    Anchors must not touch the model the other rows read: ModelOpt's loader runs
+    onnx.shape_inference.infer_shapes_path(onnx_path), which rewrites its input in place with
+    value_info for every tensor, and ORT then picks other kernels for the same graph (MiniLM's
+    calibration scales moved by 1e-6, enough to flip GPTQ's integer choices downstream)."""
+    import onnx
+
+    model = onnx.load(str(model_path))
+    copy = folder / f"source_{model_path.name}"
+    onnx.save_model(model, str(copy), save_as_external_data=model.ByteSize() > 2**31 - 2**20,
+                    location=f"{copy.name}.data")
+    return copy
 
 
 @contextlib.contextmanager
@@ -223,7 +240,8 @@ def modelopt_quantize(
     with tempfile.TemporaryDirectory(prefix="modelopt-") as tmp:
         calib_file = Path(tmp) / "calib.npz"
         np.savez(calib_file, **calib)
-        cmd = [str(python), "-m", "modelopt.onnx.quantization", "--onnx_path", str(model_path),
+        source = private_copy(model_path, Path(tmp))  # ModelOpt writes shape-inferred models over its input
+        cmd = [str(python), "-m", "modelopt.onnx.quantization", "--onnx_path", str(source),
                "--quantize_mode", "int8", "--calibration_method", calibration_method,
                "--calibration_data_path", str(calib_file), "--calibration_eps", "cpu",
                "--high_precision_dtype", "fp32", "--output_path", str(output), *extra_args]
