@@ -11,24 +11,18 @@ set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$REPO/.cache/inc-venv"
-PY="${PYTHON:-python3}"
 # the same ONNX Runtime and onnx as the project, so only the SmoothQuant step differs from the plain anchor
 PROJECT_PY="${PROJECT_PYTHON:-$REPO/.venv/bin/python}"
 read -r ORT_VERSION ONNX_VERSION < <("$PROJECT_PY" -c 'import onnxruntime, onnx; print(onnxruntime.__version__, onnx.__version__)')
 # sympy: ORT's quant_pre_process; six: imported by neural_compressor but not declared
 WANT="neural-compressor==2.6 onnxruntime==$ORT_VERSION onnx==$ONNX_VERSION sympy six"
-STAMP="$VENV/.onnxq-setup"
-
-if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" ]] \
-   && "$VENV/bin/python" -c "import neural_compressor.adaptor.ox_utils.smooth_quant" >/dev/null 2>&1; then
-  exit 0
-fi
+CHECK="import neural_compressor.adaptor.ox_utils.smooth_quant"
+source "$REPO/scripts/anchor_venv.sh"
+venv_ready "$VENV" "$WANT" "$CHECK" && exit 0
 
 start=$SECONDS
-[[ -x "$VENV/bin/python" ]] || "$PY" -m venv "$VENV"
+venv_create "$VENV"
 # shellcheck disable=SC2086 - WANT is a list of requirement specifiers
-"$VENV/bin/python" -m pip install -q --disable-pip-version-check $WANT \
-  2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
-"$VENV/bin/python" -W ignore -c "import neural_compressor.adaptor.ox_utils.smooth_quant"
-echo "$WANT" >"$STAMP"
+venv_pip "$VENV" $WANT
+venv_stamp "$VENV" "$WANT" "$CHECK"
 echo "neural-compressor 2.6 installed in $VENV ($((SECONDS - start)) s)"

@@ -15,7 +15,6 @@ set -euo pipefail
 MODELOPT_VERSION=0.47.0
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$REPO/.cache/modelopt-venv"
-PY="${PYTHON:-python3}"
 
 DEPS=(
   "torch==2.13.0"  # the local CPU build; modelopt.onnx imports torch for a few helpers
@@ -24,23 +23,14 @@ DEPS=(
   "ninja" "numpy" "nvidia-ml-py>=12" "packaging" "setuptools>=80" "tqdm" "PyYAML>=6.0"
   "omegaconf>=2.3.0" "pulp<4.0" "pydantic>=2.0" "regex" "rich" "safetensors" "scipy"
 )
-STAMP="$VENV/.onnxq-setup"
 WANT="nvidia-modelopt==$MODELOPT_VERSION ${DEPS[*]}"
-
-if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" ]] \
-   && "$VENV/bin/python" -c "import modelopt.onnx.quantization" >/dev/null 2>&1; then
-  exit 0
-fi
+CHECK="import modelopt, modelopt.onnx.quantization"
+source "$REPO/scripts/anchor_venv.sh"
+venv_ready "$VENV" "$WANT" "$CHECK" && exit 0
 
 start=$SECONDS
-[[ -x "$VENV/bin/python" ]] || "$PY" -m venv "$VENV"
-pip_quiet() {  # drops only pip's notice about this machine's absent local index folders
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$@" \
-    2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
-}
-pip_quiet "${DEPS[@]}"
-pip_quiet --no-deps "nvidia-modelopt==$MODELOPT_VERSION"
-# Import check: fails here, not in the middle of a benchmark, if a dependency is missing.
-"$VENV/bin/python" -W ignore -c "import modelopt, modelopt.onnx.quantization"
-echo "$WANT" >"$STAMP"
+venv_create "$VENV"
+venv_pip "$VENV" "${DEPS[@]}"
+venv_pip "$VENV" --no-deps "nvidia-modelopt==$MODELOPT_VERSION"
+venv_stamp "$VENV" "$WANT" "$CHECK"
 echo "modelopt $MODELOPT_VERSION installed in $VENV ($((SECONDS - start)) s)"
