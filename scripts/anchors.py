@@ -120,11 +120,11 @@ def ort_quantize(
             + ("" if preprocess else "-nopre"))
     batch = _static_batch(model_path) or batch_size
     notes: list[str] = []
-    start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="ort-anchor-") as tmp, working_dir(tmp):
         # ORT's calibrator writes augmented models (and external-data files) into the working dir
+        source = private_copy(model_path, Path(tmp))  # our copy, not ORT's work: outside the timing
+        start = time.perf_counter()
         try:
-            source = private_copy(model_path, Path(tmp))
             source = _pre_process(source, Path(tmp) / "preprocessed.onnx", notes) if preprocess else source
             quantize_static(
                 str(source), str(output), _calibration_reader(calib, batch),
