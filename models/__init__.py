@@ -1,1 +1,1 @@
-"""Reference PyTorch models and their ONNX export (installed as onnxq.models)."""
+"""Reference PyTorch models and their ONNX export (the onnxq-models distribution, imported as onnxq_models)."""

@@ -194,7 +194,7 @@ def _runner(model: Any, threads: int = 0):
     if callable(model) and not hasattr(model, "run"):
         return model
     if not hasattr(model, "run"):
-        from onnxq.runtime import session
+        from onnxq.runtime.session import session
 
         model = session(model if isinstance(model, (str, os.PathLike)) else model, threads=threads)
     sess = model

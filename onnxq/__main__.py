@@ -1,3 +1,3 @@
-from onnxq.cli import main
+from onnxq.cli.main import main
 import sys
 sys.exit(main())

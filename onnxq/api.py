@@ -9,12 +9,12 @@ from typing import Any
 import onnx
 import onnx_ir as ir
 
-from onnxq.calib_data import load_calibration
+from onnxq.stats.calib_data import load_calibration
 from onnxq.errors import OnnxqError
-from onnxq.modelio import load_model, save_model
-from onnxq.pipeline import PassContext, load_recipe, run_pipeline
-from onnxq.qdq import Planner
-from onnxq.targets import get_target
+from onnxq.ir.modelio import load_model, save_model
+from onnxq.pipeline.core import PassContext, load_recipe, run_pipeline
+from onnxq.quant.qdq import Planner
+from onnxq.quant.targets import get_target
 
 
 def quantize(model: str | os.PathLike | onnx.ModelProto | ir.Model, calibration_data: Any, *,
@@ -29,7 +29,7 @@ def quantize(model: str | os.PathLike | onnx.ModelProto | ir.Model, calibration_
     Args:
         model: path to an .onnx file, an onnx.ModelProto or an onnx_ir Model (left unmodified).
         calibration_data: .npz/.npy file or folder, dict of stacked arrays, or iterable of feeds
-            (see onnxq.calib_data).
+            (see onnxq.stats.calib_data).
         recipe: built-in recipe name, YAML/JSON file, or list of steps; None picks the best built-in
             recipe for the model.
         target: "tensorrt" (symmetric INT8 for TensorRT) or "ort-cpu" (ONNX Runtime int8 kernels).
@@ -70,8 +70,8 @@ def quantize(model: str | os.PathLike | onnx.ModelProto | ir.Model, calibration_
 
 def default_recipe_for(model: ir.Model) -> str:
     """The built-in recipe onnxq picks when the user names none: transformer-w8a8 when
-    onnxq.structure finds attention (Softmax between activation MatMuls) and a norm, else default."""
-    from onnxq.structure import is_transformer
+    onnxq.analysis.structure finds attention (Softmax between activation MatMuls) and a norm, else default."""
+    from onnxq.analysis.structure import is_transformer
 
     try:
         return "transformer-w8a8" if is_transformer(model) else "default"

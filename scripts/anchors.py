@@ -169,7 +169,7 @@ def private_copy(model_path: Path, folder: Path) -> Path:
     onnx.shape_inference.infer_shapes_path(onnx_path), which rewrites its input in place with
     value_info for every tensor, and ORT then picks other kernels for the same graph (MiniLM's
     calibration scales moved by 1e-6, enough to flip GPTQ's integer choices downstream)."""
-    # Not onnxq.modelio.save_model: this also runs in the neural-compressor venv, which has no onnxq.
+    # Not onnxq.ir.modelio.save_model: this also runs in the neural-compressor venv, which has no onnxq.
     import onnx
 
     model = onnx.load(str(model_path))

@@ -25,11 +25,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import anchors  # noqa: E402
 import onnxq  # noqa: E402
-from onnxq.lint import lint  # noqa: E402
-from onnxq.modelio import load_model  # noqa: E402
-from onnxq.models import images, minilm, mobilenet_v2, text_data  # noqa: E402
-from onnxq.models.cache import cache_dir  # noqa: E402
-from onnxq.runtime import latency_ms, session  # noqa: E402
+from onnxq.quant.lint import lint  # noqa: E402
+from onnxq.ir.modelio import load_model  # noqa: E402
+from onnxq_models import images, minilm, mobilenet_v2, text_data  # noqa: E402
+from onnxq_models.cache import cache_dir  # noqa: E402
+from onnxq.runtime.session import latency_ms, session  # noqa: E402
 
 
 @dataclass

@@ -31,9 +31,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("ONNXQ_CACHE_DIR", str(REPO / ".cache" / "full_int8"))
 
-from onnxq.integer_ref import di_exp_function, di_sigmoid_function  # noqa: E402
-from onnxq.lut import DEFAULT_RANGES, FUNCTIONS, build_dulut, build_uniform, fidelity, output_step  # noqa: E402
-from onnxq.qdq_rules import NONLINEAR, NORMALISATION  # noqa: E402
+from onnxq.passes.nonlinear.integer_ref import di_exp_function, di_sigmoid_function  # noqa: E402
+from onnxq.passes.nonlinear.lut import DEFAULT_RANGES, FUNCTIONS, build_dulut, build_uniform, fidelity, output_step  # noqa: E402
+from onnxq.quant.qdq_rules import NONLINEAR, NORMALISATION  # noqa: E402
 
 _NONLINEAR = set(NONLINEAR) | set(NORMALISATION)
 
@@ -114,7 +114,7 @@ def recipe(variant: str, residual_adds: list[str] = ()) -> list:
     (FP32 linear layers, every nonlinear op replaced: the replacements' own cost); "-no-smooth" drops
     smooth; "+rotate" adds fold_norm + rotate before quantize; "+float-residual" keeps the residual
     Adds (`residual_adds`) out of quantization."""
-    from onnxq.pipeline import load_recipe, make_pass
+    from onnxq.pipeline.core import load_recipe, make_pass
 
     _, passes = load_recipe("full-int8")
     name, *mods = variant.split("+")
@@ -154,9 +154,9 @@ def quantize_variant(model_path: Path, calib: dict, variant: str, out: Path, bat
 
 
 def model_facts(path: Path) -> dict:
-    from onnxq.inspection import inspect_model
-    from onnxq.lint import lint, passed
-    from onnxq.modelio import load_model
+    from onnxq.analysis.inspection import inspect_model
+    from onnxq.quant.lint import lint, passed
+    from onnxq.ir.modelio import load_model
 
     model = load_model(str(path))
     info = inspect_model(model)
@@ -266,11 +266,11 @@ def run_minilm(args) -> dict:
 
 
 def _residual_adds(path: Path) -> list[str]:
-    """Names of the residual-stream Adds (onnxq.structure) after the recipe's canonical passes: quantizing
+    """Names of the residual-stream Adds (onnxq.analysis.structure) after the recipe's canonical passes: quantizing
     their residual input per tensor (TensorRT rule 11) wipes out a stream with massive activations."""
-    from onnxq import structure
-    from onnxq.modelio import load_model
-    from onnxq.pipeline import PassContext, run_pipeline
+    from onnxq.analysis import structure
+    from onnxq.ir.modelio import load_model
+    from onnxq.pipeline.core import PassContext, run_pipeline
 
     model = load_model(str(path))
     run_pipeline(model, [p for p in recipe("w8a8") if p.name in ("lift_constants", "fold_constants", "upgrade_opset")],

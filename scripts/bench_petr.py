@@ -66,7 +66,7 @@ def log(*args):
 
 
 def load_data(val_scenes: int):
-    from onnxq.models import petr_data, petr_export
+    from onnxq_models import petr_data, petr_export
 
     start = time.perf_counter()
     val = petr_data.load_split("val", val_scenes)
@@ -81,7 +81,7 @@ def load_data(val_scenes: int):
 
 
 def export_models() -> dict[str, Path]:
-    from onnxq.models import petr, petr_export
+    from onnxq_models import petr, petr_export
 
     paths = {}
     # "qfpe" is the recipes' checkpoint (QFPE fine-tuned quantization-aware); "qfpe_ptq" the plain QFPE fine-tune
@@ -101,8 +101,8 @@ def export_models() -> dict[str, Path]:
 
 def evaluate(path: Path, val, pos_embed: np.ndarray | None = None) -> dict:
     """mAP, NDS-like score and TP errors on the val scenes; median per-scene ORT CPU latency."""
-    from onnxq.models import petr_data, petr_eval, petr_export
-    from onnxq.runtime import session
+    from onnxq_models import petr_data, petr_eval, petr_export
+    from onnxq.runtime.session import session
 
     sess = session(path)
     inputs = {i.name for i in sess.get_inputs()}
@@ -128,9 +128,9 @@ def evaluate(path: Path, val, pos_embed: np.ndarray | None = None) -> dict:
 
 
 def model_facts(path: Path) -> dict:
-    from onnxq.inspection import inspect_model
-    from onnxq.lint import lint
-    from onnxq.modelio import load_model
+    from onnxq.analysis.inspection import inspect_model
+    from onnxq.quant.lint import lint
+    from onnxq.ir.modelio import load_model
 
     model = load_model(str(path))
     info = inspect_model(model)
@@ -150,7 +150,7 @@ def model_facts(path: Path) -> dict:
 
 def key_input_scale(model) -> float | None:
     """The per-tensor INT8 scale of the first key projection's activation input, if quantized."""
-    from onnxq.graph import const_array
+    from onnxq.ir.graph import const_array
 
     node = next((n for n in model.graph if n.name == K_PROJ), None)
     dq = node.inputs[0].producer() if node is not None else None
@@ -162,10 +162,10 @@ def key_input_scale(model) -> float | None:
 
 def pe_ranges(path: Path, val, folded_bias_absmax: float | None = None) -> dict:
     """|memory|, |PE| and |key-projection input| on the first val scenes of an FP32 graph (form A)."""
-    from onnxq.models import petr_data, petr_export
-    from onnxq.modelio import load_model
-    from onnxq.petr_pe import find_pe, stats
-    from onnxq.runtime import exposing, session
+    from onnxq_models import petr_data, petr_export
+    from onnxq.ir.modelio import load_model
+    from onnxq.analysis.petr_pe import find_pe, stats
+    from onnxq.runtime.session import exposing, session
 
     model = load_model(str(path))
     try:
@@ -200,7 +200,7 @@ def recipe_steps(name: str, *, qans: bool = True, weights: str = "per-tensor", f
                  weight_calibrator: str | None = None, without: tuple[str, ...] = ()) -> list:
     """A built-in recipe's passes with the quantize step's weight granularity (and ablations: `without`
     drops the named passes)."""
-    from onnxq.pipeline import load_recipe
+    from onnxq.pipeline.core import load_recipe
 
     _, passes = load_recipe(name)
     out = []
@@ -217,14 +217,14 @@ def recipe_steps(name: str, *, qans: bool = True, weights: str = "per-tensor", f
             continue
         out.append(step)
         if step.name == "fold_batchnorm" and fold_after_qfpe:
-            from onnxq.pipeline import make_pass
+            from onnxq.pipeline.core import make_pass
 
             out.append(make_pass("pe_fold"))
     return out
 
 
 def attention_products() -> list[str]:
-    from onnxq.pipeline import load_recipe
+    from onnxq.pipeline.core import load_recipe
 
     _, passes = load_recipe("petr-w8a8")
     return next(p for p in passes if p.name == "quantize").exclude
@@ -232,8 +232,8 @@ def attention_products() -> list[str]:
 
 def onnxq_variant(source: Path, calib: dict, out: Path, steps: list) -> dict:
     from onnxq.api import quantize
-    from onnxq.modelio import load_model
-    from onnxq.pipeline import read_record
+    from onnxq.ir.modelio import load_model
+    from onnxq.pipeline.core import read_record
 
     start = time.perf_counter()
     proto = quantize(str(source), calib, output=str(out), recipe=steps, show_progress=False, log=lambda *_: None)

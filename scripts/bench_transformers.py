@@ -58,7 +58,7 @@ def log(*args):
 
 def onnxq_steps(variant: str, weights: str) -> list:
     """Pass objects of an onnxq variant: 'w8a8 <ablation>' or the name of a built-in recipe."""
-    from onnxq.pipeline import load_recipe
+    from onnxq.pipeline.core import load_recipe
 
     if variant.startswith("w8a8 "):
         keep = ABLATIONS[variant.split(" ", 1)[1]]
@@ -129,9 +129,9 @@ def _result_file(spec_file: Path) -> Path:
 
 def model_facts(path: Path) -> dict:
     """TensorRT lint verdict and the largest change any exact pass made (measured by the pipeline)."""
-    from onnxq.lint import lint
-    from onnxq.modelio import load_model
-    from onnxq.pipeline import read_record
+    from onnxq.quant.lint import lint
+    from onnxq.ir.modelio import load_model
+    from onnxq.pipeline.core import read_record
 
     model = load_model(str(path))
     failed = sorted({r.rule for r in lint(model) if r.status == "FAIL"})
@@ -194,7 +194,7 @@ def run_model(name: str, fp32: Path, calib: dict, evaluate, batch_size: int, w8a
 
 
 def smollm2_rows(quick: bool, skip_anchors: bool, report) -> list[dict]:
-    from onnxq.models import smollm2
+    from onnxq_models import smollm2
 
     # 16 calibration windows: GPTQ's 576..1536-wide Hessians want more than 4 x 256 tokens (+1.16% -> +1.03%)
     n_cal, n_eval = (2, 2) if quick else (16, 6)
@@ -215,8 +215,8 @@ def smollm2_rows(quick: bool, skip_anchors: bool, report) -> list[dict]:
 
 
 def minilm_rows(quick: bool, skip_anchors: bool, report) -> list[dict]:
-    from onnxq.models import minilm, text_data
-    from onnxq.runtime import session
+    from onnxq_models import minilm, text_data
+    from onnxq.runtime.session import session
 
     fp32 = minilm.cached_onnx()
     calib = minilm.calibration_feeds(32 if quick else 96, 48 if quick else 160)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from onnxq.models import images, minilm, mobilenet_v2, text_data
+from onnxq_models import images, minilm, mobilenet_v2, text_data
 
 # A few ImageNet-1k class names, only to make the printout readable.
 IMAGENET_NAMES = {281: "tabby", 282: "tiger cat", 283: "Persian cat", 284: "Siamese cat", 285: "Egyptian cat",

@@ -20,10 +20,10 @@ import sys
 
 import numpy as np
 
-from onnxq.models import images, mobilenet_v2
-from onnxq.models.cache import cache_dir
-from onnxq.report import table
-from onnxq.runtime import latency_ms, session
+from onnxq_models import images, mobilenet_v2
+from onnxq_models.cache import cache_dir
+from onnxq.cli.tables import table
+from onnxq.runtime.session import latency_ms, session
 
 
 def onnxq(*args: str) -> None:

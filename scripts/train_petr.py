@@ -49,10 +49,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _import_models():
-    """onnxq.models, or the repository's models/ folder loaded under that name where onnxq is not
+    """onnxq_models, or the repository's models/ folder loaded under that name where onnxq is not
     installed or its package init cannot import (the GPU machine runs from a bare copy of the tree)."""
     try:
-        import onnxq.models  # noqa: F401
+        import onnxq_models  # noqa: F401
     except ImportError:
         import types
 
@@ -61,12 +61,12 @@ def _import_models():
         package = types.ModuleType("onnxq")
         package.__path__ = [str(REPO / "onnxq")]
         sys.modules["onnxq"] = package
-        spec = importlib.util.spec_from_file_location("onnxq.models", REPO / "models" / "__init__.py",
+        spec = importlib.util.spec_from_file_location("onnxq_models", REPO / "models" / "__init__.py",
                                                       submodule_search_locations=[str(REPO / "models")])
         module = importlib.util.module_from_spec(spec)
-        sys.modules["onnxq.models"] = module
+        sys.modules["onnxq_models"] = module
         spec.loader.exec_module(module)
-    from onnxq.models import petr, petr_data, petr_eval, petr_qat
+    from onnxq_models import petr, petr_data, petr_eval, petr_qat
     return petr, petr_data, petr_eval, petr_qat
 
 

@@ -5,7 +5,7 @@ import onnx_ir as ir
 import pytest
 
 from builders import attention_model, mobilenet_block_model, random_images
-from onnxq.calib_data import load_calibration
+from onnxq.stats.calib_data import load_calibration
 from onnxq.errors import OnnxqError
 
 

@@ -9,7 +9,7 @@ import pytest
 from builders import IR_VERSION
 from conftest import run, sqnr_db
 from onnxq import quantize
-from onnxq.calibrator_choice import AUTO_CANDIDATES
+from onnxq.quant.calibrator_choice import AUTO_CANDIDATES
 
 
 def _linear_model(w: np.ndarray) -> onnx.ModelProto:

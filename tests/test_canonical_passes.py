@@ -7,8 +7,8 @@ import pytest
 
 from builders import mobilenet_block_model, random_images
 from conftest import rel_change, run
-from onnxq.graph import const_array
-from onnxq.pipeline import PassContext, load_recipe, run_pipeline
+from onnxq.ir.graph import const_array
+from onnxq.pipeline.core import PassContext, load_recipe, run_pipeline
 
 X = random_images(4)
 
@@ -89,7 +89,7 @@ def test_equalize_is_exact_and_equalises_channel_ranges(relu6):
 
 def test_equalize_reduces_per_tensor_weight_error():
     """Why the pass exists: after it, one scale per depthwise weight tensor loses much less."""
-    from onnxq.qdq import quantize_weight
+    from onnxq.quant.qdq import quantize_weight
 
     def depthwise_error(work):
         w = const_array(next(n for n in work.graph if n.name == "depthwise/Conv").inputs[1])
@@ -107,8 +107,8 @@ def test_pipeline_refuses_an_exact_pass_that_changes_outputs():
     from typing import ClassVar
 
     from onnxq.errors import OnnxqError
-    from onnxq.graph import replace_initializer
-    from onnxq.pipeline import GraphPass, Kind
+    from onnxq.ir.graph import replace_initializer
+    from onnxq.pipeline.core import GraphPass, Kind
 
     @dataclass
     class Broken(GraphPass):
@@ -120,7 +120,7 @@ def test_pipeline_refuses_an_exact_pass_that_changes_outputs():
             replace_initializer(w, const_array(w) + 1.0)
             return {}
 
-    from onnxq.calib_data import load_calibration
+    from onnxq.stats.calib_data import load_calibration
 
     work = ir.from_proto(mobilenet_block_model())
     ctx = PassContext(calibration=load_calibration({"input": X}, work), show_progress=False)

@@ -6,9 +6,9 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxq.checks import find_problem, input_problem
+from onnxq.ir.checks import find_problem, input_problem
 from onnxq.errors import OnnxqError
-from onnxq.pipeline import GraphPass, Kind, PassContext, run_pipeline
+from onnxq.pipeline.core import GraphPass, Kind, PassContext, run_pipeline
 
 
 def linear_model(weight_rows: int = 4) -> ir.Model:

@@ -10,7 +10,7 @@ import pytest
 
 from builders import mobilenet_block_model, random_images
 from conftest import assert_lint_clean
-from onnxq.cli import main
+from onnxq.cli.main import main
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import onnx_ir as ir
 
 from builders import mobilenet_block_model, random_images
 from onnxq import quantize
-from onnxq.compare import compare_models
+from onnxq.analysis.compare import compare_models
 
 DATA = {"input": random_images(8, seed=3)}
 

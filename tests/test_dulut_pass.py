@@ -1,5 +1,5 @@
 """The dulut pass on small graphs: every function form found, replaced, within one INT8 output step,
-bit-exact to onnxq.lut's NumPy evaluation in ONNX Runtime, and lint clean for TensorRT."""
+bit-exact to onnxq.passes.nonlinear.lut's NumPy evaluation in ONNX Runtime, and lint clean for TensorRT."""
 
 import json
 import math
@@ -11,9 +11,9 @@ from conftest import assert_lint_clean, run
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxq.api import quantize
-from onnxq.inspection import inspect_model
-from onnxq.lut import FUNCTIONS, DualLUT, get_function
-from onnxq.modelio import load_model
+from onnxq.analysis.inspection import inspect_model
+from onnxq.passes.nonlinear.lut import FUNCTIONS, DualLUT, get_function
+from onnxq.ir.modelio import load_model
 
 ANCHORS = {"Gelu", "Erf", "Tanh", "Sigmoid", "Softplus", "HardSwish", "Exp", "Pow"}
 
@@ -110,7 +110,7 @@ def test_within_one_output_step_and_bit_exact_to_numpy():
         assert entry["max_steps"] < 1.0 and entry["method"] == "dulut 32+32", entry
         lut = _lut_from_graph(out, node, entry["function"])
         inp = x - np.float32(12.0) if INPUTS[node] == "e_in" else x
-        # ONNX Runtime computes exactly what onnxq.lut's float32 evaluation computes
+        # ONNX Runtime computes exactly what onnxq.passes.nonlinear.lut's float32 evaluation computes
         np.testing.assert_array_equal(after[readers[node]], lut(inp))
         # and within one INT8 output step of the function on the calibrated range
         lo, hi = entry["range"]
@@ -211,7 +211,7 @@ def test_uniform_table_option_and_bad_options():
     (entry,) = _fidelity(out).values()
     assert entry["method"] == "uniform 64" and entry["function"] == "exp"
     from onnxq.errors import OnnxqError
-    from onnxq.pipeline import make_pass
+    from onnxq.pipeline.core import make_pass
     with pytest.raises(OnnxqError):
         make_pass("dulut", {"functions": ["cosh"]})
     with pytest.raises(OnnxqError):
@@ -219,7 +219,7 @@ def test_uniform_table_option_and_bad_options():
 
 
 def test_inspect_prints_fidelity(tmp_path, capsys):
-    from onnxq.cli import main
+    from onnxq.cli.main import main
 
     path = tmp_path / "m.onnx"
     data = {"x": np.random.default_rng(1).normal(size=(16, 4, 16)).astype(np.float32)}

@@ -11,7 +11,7 @@ trt = pytest.importorskip("tensorrt")
 
 @pytest.mark.tensorrt
 def test_strongly_typed_int8_engine(tmp_path):
-    from onnxq.engine import build_engine
+    from onnxq.runtime.tensorrt import build_engine
 
     qmodel = quantize(mobilenet_block_model(batch=1), {"input": random_images(16)}, show_progress=False)
     path = tmp_path / "m.int8.onnx"

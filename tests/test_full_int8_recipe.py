@@ -8,8 +8,8 @@ import pytest
 from conftest import assert_lint_clean
 from onnxq.api import quantize
 from onnxq.errors import OnnxqError
-from onnxq.pipeline import load_recipe
-from onnxq.runtime import session
+from onnxq.pipeline.core import load_recipe
+from onnxq.runtime.session import session
 from transformer_builders import export, feeds_for, tiny_bert, tiny_llama
 
 NONLINEAR = {"Gelu", "Erf", "Tanh", "Sigmoid", "Softmax", "Softplus", "Exp", "LayerNormalization",

@@ -10,8 +10,9 @@ import pytest
 
 from builders import attention_model, mobilenet_block_model, random_images
 from conftest import assert_lint_clean, run, sqnr_db
-from onnxq import gptq, quantize
-from onnxq.qdq import INT4_WEIGHT, INT8_WEIGHT, quantize_weight
+from onnxq import quantize
+from onnxq.quant import gptq
+from onnxq.quant.qdq import INT4_WEIGHT, INT8_WEIGHT, quantize_weight
 
 torch = pytest.importorskip("torch")
 

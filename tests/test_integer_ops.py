@@ -1,5 +1,5 @@
 """integer_ops: DI-ClippedSoftmax and DI-Norm emitted as float-carried integer subgraphs, bit-exact
-in ONNX Runtime to the NumPy integer reference (onnxq.integer_ref), lint clean, with bounded error."""
+in ONNX Runtime to the NumPy integer reference (onnxq.passes.nonlinear.integer_ref), lint clean, with bounded error."""
 
 import math
 
@@ -10,7 +10,7 @@ from conftest import assert_lint_clean, run
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxq.api import quantize
-from onnxq.integer_ref import (NormParams, SoftmaxParams, di_exp, di_exp_step, di_norm, di_softmax, dyadic,
+from onnxq.passes.nonlinear.integer_ref import (NormParams, SoftmaxParams, di_exp, di_exp_step, di_norm, di_softmax, dyadic,
                                isqrt_round)
 
 F32 = np.float32
@@ -150,8 +150,8 @@ def test_di_rmsnorm_decomposed_bit_exact():
 def test_fidelity_recorded_and_lint_clean():
     import json
 
-    from onnxq.inspection import inspect_model
-    from onnxq.modelio import load_model
+    from onnxq.analysis.inspection import inspect_model
+    from onnxq.ir.modelio import load_model
 
     rng = np.random.default_rng(0)
     hidden = 16

@@ -7,7 +7,7 @@ import pytest
 
 from builders import concat_model, mobilenet_block_model, random_images
 from onnxq import quantize
-from onnxq.lint import lint, passed
+from onnxq.quant.lint import lint, passed
 
 CALIB = {"input": random_images(8, seed=1)}
 

@@ -1,9 +1,9 @@
-"""onnxq.lut: DULUT construction and fidelity, in INT8 output steps (pure NumPy, no graphs)."""
+"""onnxq.passes.nonlinear.lut: DULUT construction and fidelity, in INT8 output steps (pure NumPy, no graphs)."""
 
 import numpy as np
 import pytest
 
-from onnxq.lut import (DEFAULT_RANGES, FUNCTIONS, build_dulut, build_uniform, fidelity, int8_fidelity, int8_table,
+from onnxq.passes.nonlinear.lut import (DEFAULT_RANGES, FUNCTIONS, build_dulut, build_uniform, fidelity, int8_fidelity, int8_table,
                        output_step, table_domain)
 
 ISSUE_FUNCTIONS = ["gelu", "gelu_tanh", "silu", "sigmoid", "softplus", "tanh", "hardswish", "exp"]

@@ -8,9 +8,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxq.api import quantize
-from onnxq.calib_data import load_calibration
+from onnxq.stats.calib_data import load_calibration
 from onnxq.errors import OnnxqError
-from onnxq.runtime import real_rows
+from onnxq.runtime.session import real_rows
 
 SEQ, HIDDEN = 6, 8
 

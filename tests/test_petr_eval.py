@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from onnxq.models.petr_eval import (
+from onnxq_models.petr_eval import (
     Detections,
     GroundTruth,
     aligned_iou,

@@ -9,7 +9,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from onnxq.models import petr, petr_data, petr_eval, petr_export
+from onnxq_models import petr, petr_data, petr_eval, petr_export
 
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "models" / "checkpoints"
 SMALL_RIG = petr_data.CameraRig(image_hw=(64, 176))
@@ -254,7 +254,7 @@ def test_committed_checkpoints_load_and_detect(name, pe_type):
 
 
 def test_qat_hooks_quantize_on_a_grid_and_leave_a_plain_float_model():
-    from onnxq.models import petr_qat
+    from onnxq_models import petr_qat
 
     model = small_model()
     layer = model.query_embedding[0]

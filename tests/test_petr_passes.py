@@ -11,11 +11,11 @@ import torch
 import onnxq
 from conftest import assert_lint_clean, rel_change, run
 from onnxq.errors import OnnxqError
-from onnxq.modelio import load_model
-from onnxq.models import petr, petr_data, petr_export
-from onnxq.petr_pe import find_pe
-from onnxq.pipeline import load_recipe
-from onnxq.runtime import session
+from onnxq.ir.modelio import load_model
+from onnxq_models import petr, petr_data, petr_export
+from onnxq.analysis.petr_pe import find_pe
+from onnxq.pipeline.core import load_recipe
+from onnxq.runtime.session import session
 
 SMALL_RIG = petr_data.CameraRig(image_hw=(64, 176))
 CANONICAL = ["lift_constants", "fold_constants", {"upgrade_opset": {"opset": 19}}, "fold_batchnorm"]
@@ -114,7 +114,7 @@ def test_petr_pe_pass_reports_and_tags(tmp_path):
     path = export(model, tmp_path, "in_graph")
     proto = onnxq.quantize(str(path), feeds(model, "in_graph", 1), recipe=["petr_pe"], show_progress=False,
                            log=lambda *a: None)
-    tagged = [n for n in proto.graph.node if any(p.key == "onnxq.petr_pe" for p in n.metadata_props)]
+    tagged = [n for n in proto.graph.node if any(p.key == "onnxq.analysis.petr_pe" for p in n.metadata_props)]
     assert any(n.op_type == "Log" for n in tagged) and any(n.name.endswith("cross_attn/Add_1") for n in tagged)
 
 
@@ -205,7 +205,7 @@ def random_rigs(n, seed=0) -> np.ndarray:
 
 @pytest.mark.parametrize("float_geometry", [True, False])
 def test_qfpe_subgraph_matches_the_pytorch_module(float_geometry):
-    from onnxq.passes.qfpe import qfpe_pe_model
+    from onnxq.passes.petr.qfpe import qfpe_pe_model
 
     model = small_model(pe_type="qfpe")
     with torch.no_grad():  # trained-looking anchors (init is uniform ±0.5)
@@ -289,7 +289,7 @@ def test_petr_recipes_run(tmp_path, recipe):
     data = feeds(lid, "in_graph", 4)
     proto = onnxq.quantize(str(path), data, recipe=passes, per_tensor=True, show_progress=False, log=lambda *a: None)
     # TensorRT lint: clean; the attention products the recipes keep in float on purpose only warn (R8b)
-    from onnxq.lint import lint
+    from onnxq.quant.lint import lint
 
     excluded = next(p for p in passes if p.name == "quantize").exclude
     results = {r.rule: r for r in lint(load_model(proto))}

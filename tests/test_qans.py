@@ -11,8 +11,8 @@ from builders import attention_model
 from conftest import assert_lint_clean, run
 
 from onnxq.api import quantize
-from onnxq.modelio import load_model
-from onnxq.passes.qans import FIXED_POINT, choose_beta, exp_table
+from onnxq.ir.modelio import load_model
+from onnxq.passes.nonlinear.qans import FIXED_POINT, choose_beta, exp_table
 
 OPTS = dict(batch_size=8, show_progress=False, log=lambda *_: None)
 SEQ = 8
@@ -124,7 +124,7 @@ def test_float_softmax_beta_pays_for_the_clip_floor_on_long_rows():
 
 def test_bad_options():
     from onnxq.errors import OnnxqError
-    from onnxq.pipeline import make_pass
+    from onnxq.pipeline.core import make_pass
 
     with pytest.raises(OnnxqError):
         make_pass("qans", {"exp": "poly"})
@@ -133,9 +133,9 @@ def test_bad_options():
 
 
 def test_attention_only_uses_structure():
-    """With attention_only, only Softmaxes between the QKᵀ and PV MatMuls (onnxq.structure) are rewritten."""
-    from onnxq.modelio import load_model
-    from onnxq.passes.qans import softmax_nodes
+    """With attention_only, only Softmaxes between the QKᵀ and PV MatMuls (onnxq.analysis.structure) are rewritten."""
+    from onnxq.ir.modelio import load_model
+    from onnxq.passes.nonlinear.qans import softmax_nodes
 
     model = load_model(onnx.shape_inference.infer_shapes(attention_model(seq=SEQ)))  # the pass sees typed values
     assert [n.name for n in softmax_nodes(model, True, [])] == ["softmax"]

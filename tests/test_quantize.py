@@ -11,7 +11,7 @@ from builders import attention_model, concat_model, mobilenet_block_model, rando
 from conftest import assert_lint_clean, run, sqnr_db
 from onnxq import quantize
 from onnxq.errors import OnnxqError
-from onnxq.graph import const_array
+from onnxq.ir.graph import const_array
 
 CALIB = {"input": random_images(32, seed=1)}
 EVAL = {"input": random_images(8, seed=2)}
@@ -188,7 +188,7 @@ def test_caller_model_is_not_modified():
 
 
 def test_auto_weight_calibrator_clips_per_tensor_only():
-    from onnxq.qdq import INT8_WEIGHT, quantize_weight
+    from onnxq.quant.qdq import INT8_WEIGHT, quantize_weight
 
     w = np.random.default_rng(0).normal(size=(64, 32)).astype(np.float32)
     w[0, 0] = 40.0  # one outlier sets the per-tensor step: mse clips it

@@ -10,7 +10,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_mobilenet_v2_photos():
-    from onnxq.models import images, mobilenet_v2
+    from onnxq_models import images, mobilenet_v2
 
     fp32 = mobilenet_v2.cached_onnx()
     evaluation = images.crops("eval", 100)
@@ -24,7 +24,7 @@ def test_mobilenet_v2_photos():
 def test_ppocr_detector_with_weights_in_constant_nodes():
     import onnx
 
-    from onnxq.models import ppocr
+    from onnxq_models import ppocr
 
     path = ppocr.det_model_path()
     assert not onnx.load(path).graph.initializer  # every weight is a Constant node

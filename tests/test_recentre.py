@@ -71,7 +71,7 @@ def _bypass(proto: onnx.ModelProto, tensor: str) -> onnx.ModelProto:
 
 
 def _unoptimized(proto, feed):
-    from onnxq.runtime import session
+    from onnxq.runtime.session import session
 
     return session(proto, optimize=False).run(None, feed)
 

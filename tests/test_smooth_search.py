@@ -10,7 +10,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxq.api import quantize
-from onnxq.runtime import session
+from onnxq.runtime.session import session
 
 
 def relu_mlp(path, *, dead: int = 4, seed: int = 0):

@@ -7,9 +7,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from conftest import assert_lint_clean, rel_change
 from onnxq.api import quantize
-from onnxq.graph import Namer
-from onnxq.passes.split_range import split_input
-from onnxq.runtime import session
+from onnxq.ir.graph import Namer
+from onnxq.passes.transformer.split_range import split_input
+from onnxq.runtime.session import session
 
 
 def heavy_tailed(n: int, seed: int) -> np.ndarray:

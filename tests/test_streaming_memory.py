@@ -7,9 +7,9 @@ import tracemalloc
 import onnx_ir as ir
 
 from onnxq.api import quantize
-from onnxq.checks import infer_shapes
-from onnxq.modelio import load_model
-from onnxq.runtime import exposing, session
+from onnxq.ir.checks import infer_shapes
+from onnxq.ir.modelio import load_model
+from onnxq.runtime.session import exposing, session
 from transformer_builders import export, feeds_for, tiny_llama
 
 

@@ -1,12 +1,12 @@
-"""onnxq.structure on small transformer graphs: torch exports (legacy and dynamo) and onnx.helper norms."""
+"""onnxq.analysis.structure on small transformer graphs: torch exports (legacy and dynamo) and onnx.helper norms."""
 
 import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from builders import IR_VERSION, mobilenet_block_model
-from onnxq import structure
-from onnxq.modelio import load_model
+from onnxq.analysis import structure
+from onnxq.ir.modelio import load_model
 from transformer_builders import export, tiny_bert, tiny_gpt, tiny_llama
 
 
@@ -44,7 +44,7 @@ def test_llama_dynamo_export(tmp_path):
     s = structure.analyse(model)
     assert s.is_transformer and len(s.attentions) == 2 and len(s.norms) == 5
     # the dynamo export reads the tied LM head through a Transpose: a linear layer once constants are folded
-    from onnxq.pipeline import PassContext, load_recipe, run_pipeline
+    from onnxq.pipeline.core import PassContext, load_recipe, run_pipeline
 
     _, passes = load_recipe(["lift_constants", "fold_constants"])
     run_pipeline(model, passes, PassContext(show_progress=False), verify_exact=False)

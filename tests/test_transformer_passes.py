@@ -7,13 +7,13 @@ import pytest
 
 from builders import mobilenet_block_model
 from conftest import assert_lint_clean, rel_change
-from onnxq import structure
+from onnxq.analysis import structure
 from onnxq.api import default_recipe_for, quantize
-from onnxq.calib_data import load_calibration
-from onnxq.lint import lint
-from onnxq.modelio import load_model
-from onnxq.pipeline import PassContext, load_recipe, run_pipeline
-from onnxq.runtime import session
+from onnxq.stats.calib_data import load_calibration
+from onnxq.quant.lint import lint
+from onnxq.ir.modelio import load_model
+from onnxq.pipeline.core import PassContext, load_recipe, run_pipeline
+from onnxq.runtime.session import session
 from transformer_builders import export, feeds_for, tiny_bert, tiny_gpt, tiny_llama
 
 CANONICAL = ["lift_constants", "fold_constants", {"upgrade_opset": {"opset": 19}}]
@@ -98,7 +98,7 @@ def test_rotation_flattens_the_planted_outlier_channel(models):
     """The embedding has a 10x channel: after rotation the first norm's output is far flatter."""
     def flatness(model):
         s = structure.analyse(model)
-        from onnxq.runtime import exposing
+        from onnxq.runtime.session import exposing
         name = s.stream.norms[0].output.name
         x = session(exposing(model, [name])).run([name], feeds_for("llama", 4))[0]
         per_channel = np.abs(x.reshape(-1, x.shape[-1])).max(0)
@@ -127,7 +127,7 @@ def test_smooth_leaves_rotated_inputs_alone(models):
 
 
 def test_hadamard_sizes():
-    from onnxq.passes.rotate import hadamard
+    from onnxq.passes.transformer.rotate import hadamard
 
     for n in (1, 2, 4, 12, 16, 20, 36, 64, 384, 576, 1536):
         h = hadamard(n)
@@ -179,7 +179,7 @@ def test_w4a4_runs_and_fails_lint_only_on_int4_activations(models):
 def test_split_threshold_search_beats_a_single_scale_and_fixed_percentiles():
     """On heavy-tailed rows (a few huge products, as in SwiGLU down-projection inputs) the searched
     threshold gives the smallest simulated INT8 error on x·W among its candidates, far below one scale."""
-    from onnxq.passes.split_range import _int8, best_threshold
+    from onnxq.passes.transformer.split_range import _int8, best_threshold
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(256, 64)).astype(np.float32)

@@ -1,0 +1,308 @@
+"""The `onnxq` command line: quantize, compare, lint, inspect, build-engine, recipes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import textwrap
+from pathlib import Path
+
+from onnxq.errors import OnnxqError
+from onnxq.cli.tables import table
+
+DESCRIPTION = """\
+onnxq turns a floating-point ONNX model into an INT8 model with QuantizeLinear/DequantizeLinear
+(Q/DQ) nodes that ONNX Runtime runs and TensorRT compiles.
+
+A typical session:
+  onnxq quantize model.onnx --calib calib.npz -o model.int8.onnx
+  onnxq compare model.onnx model.int8.onnx --data eval.npz     how far INT8 is from FP32
+  onnxq lint model.int8.onnx --target tensorrt                   TensorRT's Q/DQ rules, rule by rule
+  onnxq inspect model.int8.onnx                                  what is quantized, what is not and why
+  onnxq build-engine model.int8.onnx -o model.plan               a TensorRT engine (needs tensorrt)
+
+Calibration data (--calib, --data) is an .npz with one array per model input, keyed by input name,
+samples stacked on axis 0 (ModelOpt's --calibration_data format); an .npy for a single-input model;
+or a folder of such files. 100-500 representative samples are usually enough."""
+
+QUANTIZE_EPILOG = """\
+what happens:
+  The recipe's passes run in order; each is checked (ONNX checker + shape inference) and exact
+  passes are verified to leave the outputs unchanged on a calibration sample. The quantize step
+  collects activation statistics through ONNX Runtime batch by batch and inserts Q/DQ nodes.
+  What ran is written into the model's metadata, visible in Netron and `onnxq inspect`.
+
+recipes (--recipe NAME or a YAML/JSON file; `onnxq recipes` lists them):
+  default          canonicalise, fold BatchNorm, equalise Conv chains, INT8 Q/DQ
+  transformer-w8a8 picked by itself for a recognised transformer: fold norms, rotate, smooth what is not
+                   rotated, split heavy-tailed inputs, INT8 Q/DQ (also transformer-w4a8, transformer-w4a4)
+  full-int8        transformer-w8a8 + every nonlinear op as a lookup table or integer subgraph
+  petr-w8a8, petr-w8a8-pe-fold, petr-full-int8   PETR camera position embedding handled (QFPE / folded)
+
+targets:
+  tensorrt   symmetric INT8, zero point 0, Q/DQ on weighted-layer inputs (TensorRT explicit quantization)
+  ort-cpu    asymmetric UINT8 activations, Q/DQ around every op with an ORT integer kernel (fast on CPU)
+
+calibrators (activations):
+  percentile  99.99th percentile of |x| (default)            max          largest magnitude seen
+  entropy     TensorRT's KL-divergence threshold             mse          least squared INT8 error
+  auto        each of the above tried on a copy; the one whose outputs stay nearest FP32 is kept
+
+weight rounding (--rounding):
+  nearest     each weight to its nearest integer (default of the default recipe; fast)
+  gptq        integers chosen so each layer's output on its calibration inputs moves least (GPTQ),
+              damping picked per layer on held-out batches; the transformer and PETR pe-fold recipes
+              use it (SmolLM2 W4A8 perplexity +121% -> +31%)
+
+examples:
+  onnxq quantize mobilenet.onnx --calib photos.npz -o mobilenet.int8.onnx
+  onnxq quantize mobilenet.onnx --calib photos.npz -o m.int8.onnx --per-tensor --calibrator mse
+  onnxq quantize bert.onnx --calib sentences.npz -o bert.int8.onnx --target ort-cpu
+  onnxq quantize llm.onnx --calib windows.npz -o llm.w4a8.onnx --recipe transformer-w4a8"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.run(args) or 0
+    except OnnxqError as exc:
+        print(f"onnxq: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("onnxq: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # the reader went away (`onnxq inspect m.onnx | head`): nothing to report
+        sys.stderr.close()
+        return 0
+    except Exception as exc:  # a bug in onnxq: say so in one line unless asked for the traceback
+        if os.environ.get("ONNXQ_DEBUG"):
+            raise
+        print(f"onnxq: internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+              "(set ONNXQ_DEBUG=1 for the traceback and please report it)", file=sys.stderr)
+        return 3
+
+
+def _parser() -> argparse.ArgumentParser:
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog="onnxq", description=DESCRIPTION, formatter_class=formatter)
+    from onnxq import __version__
+
+    parser.add_argument("--version", action="version", version=f"onnxq {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    q = sub.add_parser("quantize", help="quantize an FP32 ONNX model to INT8 Q/DQ", description=DESCRIPTION.split("\n\n")[0],
+                       epilog=QUANTIZE_EPILOG, formatter_class=formatter)
+    q.add_argument("model", help="FP32 .onnx model")
+    q.add_argument("--calib", required=True, metavar="DATA", help="calibration data: .npz/.npy file or folder")
+    q.add_argument("-o", "--output", required=True, help="where to write the quantized .onnx model")
+    q.add_argument("--recipe", help="built-in recipe name or YAML/JSON recipe file (default: chosen for the model)")
+    q.add_argument("--target", default="tensorrt", choices=["tensorrt", "ort-cpu"], help="deployment target (default tensorrt)")
+    q.add_argument("--per-tensor", action="store_true", help="one scale per weight tensor instead of per output channel")
+    q.add_argument("--calibrator", choices=["max", "percentile", "entropy", "mse", "auto"], help="activation calibrator (default: the recipe's)")
+    q.add_argument("--rounding", choices=["nearest", "gptq"],
+                   help="weight rounding (default: the recipe's): gptq chooses the integers against each layer's "
+                        "calibration inputs (GPTQ; slower, uses torch; matters most at 4 bits)")
+    q.add_argument("--batch-size", type=int, default=1, help="calibration batch size for models with a dynamic batch (default 1)")
+    q.add_argument("--max-samples", type=int, help="use at most this many calibration samples")
+    q.add_argument("--padding-mask", default="auto", metavar="INPUT",
+                   help="integer or bool input whose zeros mark padded positions, left out of calibration "
+                        "statistics (default auto: an input named attention_mask; 'none' counts every position)")
+    q.add_argument("--allow-unknown-ops", action="store_true", help="keep ops with no QDQ rule in float instead of failing")
+    q.add_argument("--no-verify", action="store_true", help="skip the numerical check of exact passes")
+    q.add_argument("--report", metavar="JSON", help="also write what ran, coverage and lint results as JSON")
+    q.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+    q.set_defaults(run=_quantize)
+
+    c = sub.add_parser("compare", help="FP32 vs quantized: per-output and per-layer error", formatter_class=formatter,
+                       description="Run both models on the same data and report per-output cosine, SQNR, max abs error,\n"
+                                   "top-1 agreement, and the per-layer SQNR of tensors the two graphs share (worst first).")
+    c.add_argument("reference", help="the FP32 model")
+    c.add_argument("quantized", help="the quantized model")
+    c.add_argument("--data", required=True, help="evaluation data, same formats as --calib")
+    c.add_argument("--max-samples", type=int, help="use at most this many samples")
+    c.add_argument("--layers", type=int, default=10, help="how many of the worst layers to list (0: none, -1: all)")
+    c.add_argument("--json", metavar="FILE", help="also write the full result as JSON")
+    c.set_defaults(run=_compare)
+
+    lt = sub.add_parser("lint", help="check the TensorRT Q/DQ rules, rule by rule", formatter_class=formatter,
+                        description="Check a Q/DQ model against the rules in tensorrt-qdq.md that can be checked statically.\n"
+                                    "Exit status 1 when an error-level rule fails (warnings do not fail).")
+    lt.add_argument("model")
+    lt.add_argument("--target", default="tensorrt", choices=["tensorrt"], help="rule set (tensorrt)")
+    lt.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    lt.add_argument("-v", "--verbose", action="store_true", help="list every violation, not only the first ones")
+    lt.set_defaults(run=_lint)
+
+    i = sub.add_parser("inspect", help="ops, quantized coverage, passes applied, float ops and why",
+                       formatter_class=formatter)
+    i.add_argument("model")
+    i.add_argument("--json", metavar="FILE", help="also write the inspection as JSON")
+    i.set_defaults(run=_inspect)
+
+    b = sub.add_parser("build-engine", help="build a strongly typed TensorRT engine (needs tensorrt)", formatter_class=formatter,
+                       description="Parse the Q/DQ model with TensorRT's ONNX parser into a strongly typed network (no\n"
+                                   "precision flags), build it, write the engine, and report the layers' precisions.")
+    b.add_argument("model")
+    b.add_argument("-o", "--output", required=True, help="engine file to write (.plan)")
+    b.add_argument("--shapes", help="shapes for dynamic inputs, e.g. input:1x3x224x224,mask:1x128")
+    b.add_argument("--workspace-mb", type=int, default=4096)
+    b.set_defaults(run=_build_engine)
+
+    r = sub.add_parser("recipes", help="list the built-in recipes and the passes they can use")
+    r.set_defaults(run=_recipes)
+    return parser
+
+
+def _quantize(args) -> int:
+    from onnxq.api import quantize
+    from onnxq.analysis.inspection import inspect_model
+    from onnxq.quant.lint import lint, passed
+    from onnxq.ir.modelio import load_model
+    from onnxq.pipeline.core import read_record
+
+    log = (lambda *_: None) if args.quiet else print
+    proto = quantize(args.model, args.calib, output=args.output, recipe=args.recipe, target=args.target,
+                     per_tensor=True if args.per_tensor else None, calibrator=args.calibrator, rounding=args.rounding, batch_size=args.batch_size,
+                     max_samples=args.max_samples, allow_unknown_ops=args.allow_unknown_ops,
+                     padding_mask=None if args.padding_mask == "none" else args.padding_mask,
+                     verify_exact=not args.no_verify, show_progress=not args.quiet, log=log)
+    model = load_model(proto)
+    info = inspect_model(model)
+    results = lint(model) if args.target == "tensorrt" else []
+    if not args.quiet:
+        rows = [(r["name"], r["kind"], r["seconds"], _summary(r["summary"])) for r in read_record(model)]
+        print(table(["pass", "kind", "seconds", "result"], rows, title=f"wrote {args.output}"))
+        print(f"\nquantized ops: {info.coverage_by_count:.0%} of compute ops, {info.coverage_by_flops:.1%} of FLOPs")
+        if info.nonlinear_replaced:
+            print(f"nonlinear ops replaced or quantized: {info.nonlinear_coverage:.0%} of {info.nonlinear_ops}; worst "
+                  f"replacement error {max(f.get('max_steps', 0) for f in info.fidelity):.2f} INT8 output steps")
+        if results:
+            failed = [r.rule for r in results if r.status == "FAIL"]
+            print(f"tensorrt lint: {'pass' if not failed else 'FAIL (' + ', '.join(failed) + ')'}")
+    if args.report:
+        _write_json(args.report, {"passes": read_record(model), "coverage_by_count": info.coverage_by_count,
+                                  "coverage_by_flops": info.coverage_by_flops,
+                                  "nonlinear_coverage": info.nonlinear_coverage, "fidelity": info.fidelity,
+                                  "lint": [vars(r) for r in results]})
+    return 0 if passed(results) else 1
+
+
+def _summary(summary: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in summary.items() if not isinstance(v, (dict, list)))
+
+
+def _compare(args) -> int:
+    from onnxq.analysis.compare import compare_models
+    from onnxq.ir.modelio import load_model
+
+    result = compare_models(load_model(args.reference), load_model(args.quantized), args.data,
+                            layers=args.layers != 0, max_samples=args.max_samples)
+    rows = [(o["name"], f"{o['cosine']:.6f}", o["sqnr_db"], o["max_abs_error"],
+             "-" if o["top1_agreement"] is None else f"{o['top1_agreement']:.2%}") for o in result["outputs"]]
+    print(table(["output", "cosine", "SQNR dB", "max |err|", "top-1 agree"], rows,
+                title=f"{result['samples']} samples"))
+    layers = result["layers"] if args.layers < 0 else result["layers"][:args.layers]
+    if layers:
+        print()
+        print(table(["tensor", "SQNR dB"], [(row["tensor"], row["sqnr_db"]) for row in layers],
+                    title="layers with the lowest SQNR (the ones that hurt most)"))
+    if args.json:
+        _write_json(args.json, result)
+    return 0
+
+
+def _lint(args) -> int:
+    from onnxq.quant.lint import lint, passed
+    from onnxq.ir.modelio import load_model
+
+    results = lint(load_model(args.model))
+    shown = None if args.verbose else 3
+    rows = []
+    for r in results:
+        example = "; ".join(r.violations[:shown]) + (" …" if shown and len(r.violations) > shown else "")
+        rows.append((r.rule, r.status, len(r.violations), r.title, example))
+    print(table(["rule", "status", "count", "what it checks", "violations"], rows, title=f"{args.model}: {args.target} Q/DQ rules"))
+    ok = passed(results)
+    print(f"\n{'PASS' if ok else 'FAIL'}: {sum(r.status == 'FAIL' for r in results)} error(s), "
+          f"{sum(r.status == 'warn' for r in results)} warning(s)")
+    if args.json:
+        _write_json(args.json, [vars(r) for r in results])
+    return 0 if ok else 1
+
+
+def _inspect(args) -> int:
+    from onnxq.analysis.inspection import inspect_model
+    from onnxq.ir.modelio import load_model
+
+    info = inspect_model(load_model(args.model))
+    ops = sorted(info.op_counts.items(), key=lambda kv: -kv[1])
+    print(table(["op", "count", "quantized"], [(op, n, info.quantized_op_counts.get(op, 0)) for op, n in ops],
+                title=f"{args.model} (opset {info.opset}, {info.total_gflops:.3f} GFLOPs)"))
+    if info.qdq:
+        print("\n" + ", ".join(f"{k}: {v}" for k, v in sorted(info.qdq.items())))
+    print(f"\nquantized coverage: {info.coverage_by_count:.1%} of compute ops, {info.coverage_by_flops:.1%} of FLOPs"
+          + (f" (each of the {info.replacements} replaced nonlinear ops counted as one op)" if info.replacements else ""))
+    if info.nonlinear_ops:
+        print(f"nonlinear-op coverage: {info.nonlinear_coverage:.1%} of {info.nonlinear_ops} nonlinear/normalisation ops "
+              f"({info.nonlinear_replaced} replaced by tables or integer subgraphs, {info.nonlinear_quantized} with "
+              "quantized inputs)")
+    if info.fidelity:
+        rows = [(f.get("node", ""), f.get("function", ""), f.get("method", ""),
+                 "-" if f.get("max_steps") is None else f"{f['max_steps']:.3f}",
+                 "-" if f.get("mean_steps") is None else f"{f['mean_steps']:.3f}",
+                 "yes" if f.get("input_quantized") else "no") for f in info.fidelity]
+        print("\n" + table(["node", "function", "replaced by", "max err (steps)", "mean err (steps)", "int input"], rows,
+                           title="replaced nonlinear ops: error over the calibrated range, in INT8 output steps"))
+    if info.passes:
+        rows = [(i + 1, p["name"], p["kind"], _summary(p["summary"])) for i, p in enumerate(info.passes)]
+        print("\n" + table(["#", "pass", "kind", "result"], rows, title="passes applied"))
+    if info.float_reasons:
+        rows = [(len(nodes), reason, ", ".join(nodes[:2]) + (" …" if len(nodes) > 2 else ""))
+                for reason, nodes in sorted(info.float_reasons.items(), key=lambda kv: -len(kv[1]))]
+        print("\n" + table(["count", "kept in float because", "e.g."], rows, title="ops left in float, and why"))
+    if args.json:
+        _write_json(args.json, vars(info))
+    return 0
+
+
+def _build_engine(args) -> int:
+    from onnxq.runtime.tensorrt import build_engine, parse_shapes
+
+    if not Path(args.model).exists():
+        raise OnnxqError(f"{args.model}: no such file")
+    precisions = build_engine(args.model, args.output, shapes=parse_shapes(args.shapes), workspace_mb=args.workspace_mb)
+    print(table(["precision", "layers"], sorted(precisions.items()), title=f"wrote {args.output}"))
+    return 0
+
+
+def _recipes(args) -> int:
+    from onnxq.pipeline.core import RECIPE_DIR, builtin_recipes
+    from onnxq.pipeline.registry import pass_class, pass_names
+
+    import yaml
+
+    rows = []
+    for name in builtin_recipes():
+        spec = yaml.safe_load((RECIPE_DIR / f"{name}.yaml").read_text())
+        rows.append((name, spec.get("description", "")))
+    print(table(["recipe", "what it does"], rows, title="built-in recipes (onnxq quantize --recipe NAME)"))
+    rows = [(name, cls.kind.value, textwrap.shorten((cls.__module__ and sys.modules[cls.__module__].__doc__ or "").split("\n")[0], 90))
+            for name, cls in ((n, pass_class(n)) for n in pass_names())]
+    print("\n" + table(["pass", "kind", "what it does"], rows, title="passes a recipe can name"))
+    return 0
+
+
+def _write_json(path: str, data) -> None:
+    tmp = Path(path + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

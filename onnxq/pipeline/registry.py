@@ -1,0 +1,55 @@
+"""The one table of graph passes: recipe name → the module and class that implement it.
+
+Modules are imported only when a recipe names their pass, so plain quantization never imports the
+passes (or the libraries) it does not run. A new pass is one line here.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+from onnxq.errors import OnnxqError
+
+if TYPE_CHECKING:
+    from onnxq.pipeline.core import GraphPass
+
+_PASSES = "onnxq.passes"
+PASS_TABLE: dict[str, str] = {
+    # canonicalisation
+    "lift_constants": "canonical.lift_constants:LiftConstants",
+    "fold_constants": "canonical.fold_constants:FoldConstants",
+    "upgrade_opset": "canonical.upgrade_opset:UpgradeOpset",
+    "fold_batchnorm": "canonical.fold_batchnorm:FoldBatchNorm",
+    # CNNs
+    "equalize": "cnn.equalize:Equalize",
+    "recentre": "cnn.recentre:Recentre",
+    # transformers
+    "fold_norm": "transformer.fold_norm:FoldNorm",
+    "rotate": "transformer.rotate:Rotate",
+    "klt_rotate": "transformer.klt_rotate:KltRotate",
+    "smooth": "transformer.smooth:Smooth",
+    "split_range": "transformer.split_range:SplitRange",
+    # PETR
+    "petr_pe": "petr.tag_pe:PetrPE",
+    "pe_fold": "petr.pe_fold:PeFold",
+    "fold_position_bias": "petr.fold_position_bias:FoldPositionBias",
+    "qfpe": "petr.qfpe:Qfpe",
+    # quantization and fully quantized nonlinear ops
+    "quantize": "quant.quantize:Quantize",
+    "dulut": "nonlinear.dulut:Dulut",
+    "qans": "nonlinear.qans:Qans",
+    "integer_ops": "nonlinear.integer_ops:IntegerOps",
+}
+
+
+def pass_names() -> list[str]:
+    return sorted(PASS_TABLE)
+
+
+def pass_class(name: str) -> type[GraphPass]:
+    """The class of pass `name`, importing its module on first use."""
+    if name not in PASS_TABLE:
+        raise OnnxqError(f"unknown pass '{name}' (known passes: {', '.join(pass_names())})")
+    module, cls = PASS_TABLE[name].split(":")
+    return getattr(importlib.import_module(f"{_PASSES}.{module}"), cls)

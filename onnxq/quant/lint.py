@@ -1,0 +1,269 @@
+"""`onnxq lint --target tensorrt`: the statically checkable rules of shared/notes/tensorrt-qdq.md.
+
+Each rule is a function returning the places that break it, with a severity: `error` for what makes
+TensorRT refuse the model (parser hard rules) or what onnxq promises (every weighted layer fully
+quantized), `warning` for placement advice whose violation costs speed, not correctness.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxq.ir.graph import WEIGHTED_OPS, attr, const_array, opset_version
+from onnxq.quant.qdq_rules import DATA_MOVEMENT
+
+_QDQ = ("QuantizeLinear", "DequantizeLinear")
+_QUANT_TYPES = {ir.DataType.INT8, ir.DataType.INT4, ir.DataType.FLOAT8E4M3FN, ir.DataType.FLOAT4E2M1}
+_QOPERATOR = {"QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "DynamicQuantizeLinear",
+              "QLinearAdd", "QLinearMul", "QGemm", "BitShift", "Mod"}
+
+
+@dataclass
+class RuleResult:
+    rule: str
+    title: str
+    severity: str  # "error" | "warning"
+    violations: list[str] = field(default_factory=list)
+
+    @property
+    def status(self) -> str:
+        if not self.violations:
+            return "pass"
+        return "FAIL" if self.severity == "error" else "warn"
+
+
+def _qdq_nodes(graph: ir.Graph):
+    return [n for n in graph if n.op_type in _QDQ]
+
+
+def _quantized_type(node: ir.Node) -> ir.DataType | None:
+    value = node.outputs[0] if node.op_type == "QuantizeLinear" else node.inputs[0]
+    if value.dtype is not None:
+        return value.dtype
+    zp = node.inputs[2] if len(node.inputs) > 2 else None
+    return zp.dtype if zp is not None else ir.DataType.UINT8  # ONNX default is uint8
+
+
+def rule_zero_point(graph):
+    out = []
+    for n in _qdq_nodes(graph):
+        zp = const_array(n.inputs[2]) if len(n.inputs) > 2 and n.inputs[2] is not None else None
+        if zp is not None and np.any(zp.astype(np.float64) != 0):
+            out.append(f"{n.name}: zero point {zp.ravel()[:4]}")
+    return out
+
+
+def rule_types(graph):
+    return [f"{n.name}: {_quantized_type(n).name}" for n in _qdq_nodes(graph) if _quantized_type(n) not in _QUANT_TYPES]
+
+
+def rule_scales(graph):
+    out = []
+    for n in _qdq_nodes(graph):
+        scale = const_array(n.inputs[1])
+        if scale is None:
+            out.append(f"{n.name}: scale '{n.inputs[1].name}' is computed at run time, not a constant")
+        elif not np.all(np.isfinite(scale)) or np.any(scale <= 0):
+            out.append(f"{n.name}: scale not strictly positive and finite")
+        elif scale.ndim == 1 and attr(n, "block_size", 0) == 0:
+            data = n.inputs[0]
+            axis = attr(n, "axis", 1)
+            if data.shape is not None and axis < len(data.shape) and isinstance(data.shape[axis], int) \
+                    and data.shape[axis] != scale.size:
+                out.append(f"{n.name}: {scale.size} scales for dimension {axis} of size {data.shape[axis]}")
+    return out
+
+
+def _on_weight(node: ir.Node) -> bool:
+    """Q of a constant, DQ of a constant, or DQ of the Q of a constant: weight (de)quantization."""
+    source = node.inputs[0]
+    if node.op_type == "DequantizeLinear" and source.producer() is not None and source.producer().op_type == "QuantizeLinear":
+        source = source.producer().inputs[0]
+    return const_array(source) is not None
+
+
+def rule_per_axis_weights_only(graph):
+    out = []
+    for n in _qdq_nodes(graph):
+        scale = const_array(n.inputs[1])
+        if scale is not None and scale.size > 1 and not _on_weight(n):
+            out.append(f"{n.name}: per-axis scale on an activation")
+    return out
+
+
+def rule_int4_weights_only(graph):
+    return [f"{n.name}: INT4 on an activation" for n in _qdq_nodes(graph)
+            if _quantized_type(n) == ir.DataType.INT4 and not _on_weight(n)]
+
+
+def rule_no_qoperator(graph):
+    return [f"{n.name}: {n.op_type}" for n in graph if n.op_type in _QOPERATOR]
+
+
+def rule_opset(model):
+    v = opset_version(model)
+    return [] if v >= 13 else [f"opset {v}"]
+
+
+def rule_weight_range(graph):
+    out = []
+    for n in graph:
+        if n.op_type == "DequantizeLinear":
+            q = const_array(n.inputs[0])
+            if q is not None and q.dtype == np.int8 and q.size and q.min() < -127:
+                out.append(f"{n.name}: weight code -128 (TensorRT expects [-127, 127])")
+    return out
+
+
+def rule_q_dq_pairs(graph):
+    out = []
+    for n in graph:
+        if n.op_type != "QuantizeLinear":
+            continue
+        for user in n.outputs[0].consumers():
+            if user.op_type != "DequantizeLinear":
+                out.append(f"{n.name}: quantized output read by {user.op_type} '{user.name}'")
+            elif not _same_params(n, user):
+                out.append(f"{n.name} → {user.name}: scale or zero point differ")
+        if n.outputs[0].is_graph_output():
+            out.append(f"{n.name}: quantized tensor is a graph output")
+    return out
+
+
+def _same_params(q: ir.Node, dq: ir.Node) -> bool:
+    for i in (1, 2):
+        a = const_array(q.inputs[i]) if len(q.inputs) > i and q.inputs[i] is not None else None
+        b = const_array(dq.inputs[i]) if len(dq.inputs) > i and dq.inputs[i] is not None else None
+        if (a is None) != (b is None) or (a is not None and not np.array_equal(a, b)):
+            return False
+    return True
+
+
+def _from_dq(value: ir.Value | None) -> bool:
+    return value is not None and value.producer() is not None and value.producer().op_type == "DequantizeLinear"
+
+
+def _is_weight(value: ir.Value | None) -> bool:
+    """A constant, or the DQ of a constant (stored quantized, or quantized by a Q of a constant)."""
+    if value is None:
+        return False
+    if const_array(value) is not None:
+        return True
+    dq = value.producer()
+    if dq is None or dq.op_type != "DequantizeLinear":
+        return False
+    q = dq.inputs[0].producer()
+    return const_array(dq.inputs[0]) is not None or (q is not None and q.op_type == "QuantizeLinear"
+                                                     and const_array(q.inputs[0]) is not None)
+
+
+def _is_activation_product(node: ir.Node) -> bool:
+    """A MatMul of two activations (attention's Q·Kᵀ and P·V): no weight on either side."""
+    return node.op_type == "MatMul" and not any(_is_weight(v) for v in node.inputs[:2])
+
+
+def rule_weighted_inputs(graph):
+    out = []
+    for n in graph:
+        if n.op_type in WEIGHTED_OPS and not _is_activation_product(n):
+            for i, v in enumerate(n.inputs[:2]):
+                if v is not None and not _from_dq(v):
+                    out.append(f"{n.op_type} '{n.name}': input {i} '{v.name}' not quantized")
+    return out
+
+
+def rule_activation_products(graph):
+    """TensorRT runs an activation×activation MatMul in higher precision when its inputs carry no
+    Q/DQ (ModelOpt itself leaves attention BMMs unquantized beyond 512 keys): allowed, but said."""
+    return [f"MatMul '{n.name}': input {i} '{v.name}' not quantized (runs in float)"
+            for n in graph if _is_activation_product(n)
+            for i, v in enumerate(n.inputs[:2]) if v is not None and not _from_dq(v)]
+
+
+def rule_weighted_output_not_quantized(graph):
+    """A Q right on a weighted layer's output is needed only when the next weighted layer (or a
+    residual Add) reads it; before anything else (an activation, a norm) it costs a fusion."""
+    out = []
+    for n in graph:
+        producer = n.inputs[0].producer() if n.op_type == "QuantizeLinear" else None
+        if producer is None or producer.op_type not in WEIGHTED_OPS:
+            continue
+        readers = [u for dq in n.outputs[0].consumers() for u in dq.outputs[0].consumers()]
+        if not any(u.op_type in WEIGHTED_OPS or u.op_type == "Add" for u in readers):
+            out.append(f"{n.name}: Q on the output of {producer.op_type} '{producer.name}' read only by "
+                       f"{sorted({u.op_type for u in readers})}")
+    return out
+
+
+def rule_residual_add(graph):
+    out = []
+    for n in graph:
+        if n.op_type != "Add" or len(n.inputs) != 2 or any(const_array(v) is not None for v in n.inputs):
+            continue
+        producers = [v.producer().op_type if v.producer() is not None else None for v in n.inputs]
+        if any(p in WEIGHTED_OPS for p in producers):
+            other = n.inputs[1] if producers[0] in WEIGHTED_OPS else n.inputs[0]
+            if not _from_dq(other):
+                out.append(f"Add '{n.name}': residual input '{other.name}' not quantized")
+    return out
+
+
+def rule_copy_ops(graph):
+    return [f"{n.name}: Q/DQ around {n.inputs[0].producer().op_type} '{n.inputs[0].producer().name}'"
+            for n in graph if n.op_type == "QuantizeLinear" and n.inputs[0].producer() is not None
+            and n.inputs[0].producer().op_type in DATA_MOVEMENT and _from_dq(n.inputs[0].producer().inputs[0])]
+
+
+def rule_concat_scales(graph):
+    out = []
+    for n in graph:
+        if n.op_type == "Concat":
+            scales = set()
+            for v in [*n.inputs, n.outputs[0]]:
+                scales |= _tensor_scales(v)
+            if len(scales) > 1:
+                out.append(f"Concat '{n.name}': {len(scales)} different scales")
+    return out
+
+
+def _tensor_scales(value: ir.Value) -> set[float]:
+    """Per-tensor scales with which `value` is quantized: by the DQ producing it or Qs reading it."""
+    nodes = [value.producer()] if _from_dq(value) else []
+    nodes += [u for u in value.consumers() if u.op_type == "QuantizeLinear"]
+    scales = (const_array(n.inputs[1]) for n in nodes)
+    return {float(s) for s in scales if s is not None and s.size == 1}
+
+
+# (id, title, severity, check, needs the whole model rather than the graph)
+RULES: list[tuple[str, str, str, Callable, bool]] = [
+    ("R1", "zero points are 0 (symmetric quantization)", "error", rule_zero_point, False),
+    ("R1b", "quantized types are INT8/INT4/FP8 (no UINT8)", "error", rule_types, False),
+    ("R2", "scales are positive build-time constants of a valid shape", "error", rule_scales, False),
+    ("R3", "per-axis scales only on weights", "error", rule_per_axis_weights_only, False),
+    ("R3b", "INT4 only on weights", "error", rule_int4_weights_only, False),
+    ("R4", "no QOperator or integer-only ops (QLinear*, *Integer, BitShift, Mod)", "error", rule_no_qoperator, False),
+    ("R5", "opset >= 13", "error", rule_opset, True),
+    ("R6", "INT8 weights within [-127, 127]", "warning", rule_weight_range, False),
+    ("QDQ", "every Q feeds only DQs with the same scale and zero point", "error", rule_q_dq_pairs, False),
+    ("R8", "every input of a weighted Conv/ConvTranspose/Gemm/MatMul is quantized", "error", rule_weighted_inputs, False),
+    ("R8b", "activation x activation MatMuls (attention) are quantized", "warning", rule_activation_products, False),
+    ("R9", "weighted-layer outputs are not quantized directly", "warning", rule_weighted_output_not_quantized, False),
+    ("R11", "residual input of an Add after a weighted layer is quantized", "warning", rule_residual_add, False),
+    ("R15", "no Q/DQ on data-movement ops", "warning", rule_copy_ops, False),
+    ("R16", "Concat inputs and output share one scale", "error", rule_concat_scales, False),
+]
+
+
+def lint(model: ir.Model) -> list[RuleResult]:
+    results = []
+    for rule_id, title, severity, check, whole_model in RULES:
+        results.append(RuleResult(rule_id, title, severity, check(model if whole_model else model.graph)))
+    return results
+
+
+def passed(results: list[RuleResult]) -> bool:
+    return all(r.status != "FAIL" for r in results)

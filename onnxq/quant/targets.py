@@ -1,0 +1,33 @@
+"""Deployment targets: which rule table places the Q/DQ nodes, and which integer formats they use."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from onnxq.errors import OnnxqError
+from onnxq.quant.qdq import INT8, UINT8, IntFormat
+from onnxq.quant.qdq_rules import ORT_CPU_TABLE, TENSORRT_TABLE, Treatment
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    table: dict[str, Treatment]
+    activation_format: IntFormat
+    symmetric: bool
+    description: str
+
+
+TARGETS = {
+    "tensorrt": Target("tensorrt", TENSORRT_TABLE, INT8, True,
+                       "TensorRT explicit quantization: symmetric INT8, zero point 0, Q/DQ on weighted-layer inputs"),
+    "ort-cpu": Target("ort-cpu", ORT_CPU_TABLE, UINT8, False,
+                      "ONNX Runtime CPU: asymmetric UINT8 activations and INT8 weights, Q/DQ around every op "
+                      "with an integer kernel so ORT fuses them into QLinear* kernels"),
+}
+
+
+def get_target(name: str) -> Target:
+    if name not in TARGETS:
+        raise OnnxqError(f"unknown target '{name}' (choose from {', '.join(TARGETS)})")
+    return TARGETS[name]

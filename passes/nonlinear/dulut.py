@@ -1,0 +1,556 @@
+"""dulut: replace GELU, SiLU/Swish, Sigmoid, Softplus, Tanh, HardSwish and Exp by lookup tables.
+
+Kind: approximate. Each matched function f of one tensor x becomes FQ-PETR's dual lookup table
+(onnxq/lut.py: LUT1 maps the calibrated range of x to a non-uniform index, LUT2 holds function
+values read with linear interpolation; 32 + 32 entries by default, allocation refined by the
+measured error). Bound: over the calibrated range the table stays below one INT8 output step,
+(max f - min f) / 255; measured per op at build time (typically 0.02-0.15 steps for 32 + 32), stored
+in the model (metadata `onnxq.fidelity`, printed by `onnxq inspect`) and asserted by
+tests/test_dulut_pass.py. Outside the calibrated range the output follows f's asymptote (slope 1
+for GELU/SiLU/Softplus/HardSwish, constant otherwise; exp saturates at its calibrated maximum).
+
+With `lut8`, a function whose input arrives per-tensor INT8 (a DequantizeLinear of scale s) gets the
+exact 256-entry table T[q + 128] = f(q·s) instead, indexed by the code: exact on every value the
+input can take. `quantize_input` first puts a symmetric INT8 Q/DQ (calibrated max) on the input, so
+every function gets the exact table; the bound then also counts the input's rounding (≤ s/2 · max|f'|).
+
+Functions are recognised by value, not by op pattern: around each anchor op (Gelu, Erf, Tanh,
+Sigmoid, Softplus, HardSwish, HardSigmoid, Swish, Exp) the pass tries the regions between a tensor x
+upstream and a tensor y downstream that are computed from x and constants only, evaluates each on
+test points and keeps the largest one that equals a known function. So the Erf and the tanh forms of
+GELU, x·σ(x), x·σ(1.702x) and the single ops are all found, whatever the exporter's operand order or
+association. Per-channel constants are allowed when every channel computes f(a_j·x)/a_j (what the
+smooth pass leaves of GELU/SiLU: S-GELU); the table then reads a·x and the output is divided by a.
+
+Run it after `quantize` (recipe full-int8 does): the Q/DQ rule tables then never see the emitted ops
+(the ort-cpu table would otherwise put Q/DQ on the index arithmetic).
+
+The emitted ops are Clip, Sub, Mul, Floor, Min, Cast (to INT32), Gather, Add and Max/Relu for the
+tails: all parse in TensorRT (tensorrt-qdq.md, methods.md §14.1) and run in ONNX Runtime. Tables are
+initializers named after the replaced node (`<node>_lut1`, `<node>_lut2`, ...); every emitted node
+carries `metadata_props["onnxq.replacement"]`, naming what it replaces.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxq.quant.calibrate import Range, observe_ranges
+from onnxq.ir.graph import Namer, add_initializer, attr, const_array
+from onnxq.passes.nonlinear.lut import (FIDELITY_KEY, FUNCTIONS, REPLACEMENT_KEY, DualLUT, Fidelity, Function, UniformLUT, build_dulut,
+                       build_uniform, erf, fidelity, get_function)
+from onnxq.pipeline.core import GraphPass, Kind, PassContext
+from onnxq.quant.qdq import INT8, activation_params
+from onnxq.runtime.session import exposing, run_batches, session
+
+
+ANCHORS = ("Gelu", "Erf", "Tanh", "Sigmoid", "Softplus", "HardSwish", "HardSigmoid", "Swish", "Exp")
+_FLOAT = {ir.DataType.FLOAT}
+
+
+# ---------------------------------------------------------------------------------------------
+# Building replacement subgraphs (shared with qans and integer_ops)
+
+
+class Builder:
+    """Collects the nodes of one replacement; names derive from the node it replaces.
+
+    `b.op("Mul", x, b.const("scale", 0.5))` appends a Mul and returns its output Value. Every node
+    is tagged with what it replaces; `finish()` puts them in the graph and rewires the readers.
+    """
+
+    def __init__(self, graph: ir.Graph, namer: Namer, base: str, replaces: str):
+        self.graph, self.namer, self.base, self.replaces = graph, namer, base, replaces
+        self.nodes: list[ir.Node] = []
+
+    def const(self, suffix: str, array: Any, dtype=np.float32) -> ir.Value:
+        return add_initializer(self.graph, self.namer, f"{self.base}_{suffix}", np.asarray(array, dtype=dtype))
+
+    def op(self, op_type: str, *inputs: ir.Value | None, suffix: str | None = None, **attributes) -> ir.Value:
+        label = suffix or op_type.lower()
+        node = ir.node(op_type, list(inputs), attributes or None, name=self.namer.fresh(f"{self.base}/{label}"))
+        out = node.outputs[0]
+        out.name = self.namer.fresh(f"{self.base}_{label}")
+        out.dtype = _result_type(op_type, list(inputs), attributes)
+        node.metadata_props[REPLACEMENT_KEY] = self.replaces
+        self.nodes.append(node)
+        return node.outputs[0]
+
+    def reduce(self, op_type: str, x: ir.Value, axis: int, opset: int, suffix: str) -> ir.Value:
+        """ReduceMax/ReduceSum over one axis, keepdims: axes as an input from opset 18 (13 for ReduceSum)."""
+        if opset >= (13 if op_type == "ReduceSum" else 18):
+            return self.op(op_type, x, self.const(f"{suffix}_axes", [axis], np.int64), suffix=suffix, keepdims=1)
+        return self.op(op_type, x, suffix=suffix, axes=[axis], keepdims=1)
+
+    def qdq(self, x: ir.Value, scale: float) -> ir.Value:
+        """Symmetric INT8 QuantizeLinear → DequantizeLinear on x (zero point 0, per tensor: TensorRT rules)."""
+        s = self.const("scale", np.float32(scale))
+        z = self.const("zero_point", 0, np.int8)
+        return self.op("DequantizeLinear", self.op("QuantizeLinear", x, s, z, suffix="quantized"), s, z,
+                       suffix="dequantized")
+
+    def insert(self, before: ir.Node) -> None:
+        """Put the collected nodes in the graph before `before` (no rewiring)."""
+        self.graph.insert_before(before, self.nodes)
+
+    def finish(self, before: ir.Node, old: ir.Value, new: ir.Value, remove: list[ir.Node] = ()) -> None:
+        """Insert the nodes before `before`, make `new` take `old`'s readers and name, drop `remove`."""
+        self.graph.insert_before(before, self.nodes)
+        old.replace_all_uses_with(new, replace_graph_outputs=True)
+        name = old.name
+        old.name = self.namer.fresh(f"{name}_replaced")
+        new.name = name
+        new.dtype, new.shape = old.dtype, old.shape
+        if remove:
+            _shape_readers_to(new, old, remove)
+            self.graph.remove(list(remove), safe=True)
+
+
+def _shape_readers_to(new: ir.Value, old: ir.Value, remove) -> None:
+    """Shape readers of a removed intermediate with the replaced value's shape (the exporter reads the
+    shape of a norm's x·rsqrt product, say) read the replacement instead: its shape is the same."""
+    for node in remove:
+        for value in node.outputs:
+            if value is old or value.shape is None or value.shape != old.shape:
+                continue
+            for user, index in list(value.uses()):
+                if user.op_type == "Shape" and user not in remove:
+                    user.replace_input_with(index, new)
+
+
+_BOOLEAN_OPS = {"Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "Not", "And", "Or"}
+
+
+def _result_type(op_type: str, inputs: list, attributes: dict) -> ir.DataType | None:
+    """Element type of an emitted node's output (the checker needs it before shape inference)."""
+    if op_type == "Cast":
+        return ir.DataType(attributes["to"])
+    if op_type in _BOOLEAN_OPS:
+        return ir.DataType.BOOL
+    if op_type == "Where":
+        return inputs[1].dtype
+    if op_type == "QuantizeLinear":
+        return inputs[2].dtype
+    if op_type == "DequantizeLinear":
+        return inputs[1].dtype
+    return inputs[0].dtype
+
+
+def record_fidelity(model: ir.Model, entries: list[dict]) -> None:
+    """Append per-op fidelity entries to the model's `onnxq.fidelity` metadata (read by inspect)."""
+    if not entries:
+        return
+    previous = json.loads(model.metadata_props.get(FIDELITY_KEY, "[]"))
+    model.metadata_props[FIDELITY_KEY] = json.dumps(previous + entries)
+
+
+def read_fidelity(model: ir.Model) -> list[dict]:
+    return json.loads(model.metadata_props.get(FIDELITY_KEY, "[]"))
+
+
+def emit_dulut(b: Builder, x: ir.Value, lut: DualLUT | UniformLUT) -> ir.Value:
+    """The ONNX form of `lut(x)` (exactly the float32 operations of onnxq.passes.nonlinear.lut's __call__)."""
+    c = b.op("Clip", x, b.const("lo", lut.lo), b.const("hi", lut.hi), suffix="clip")
+    a = b.op("Mul", b.op("Sub", c, b.const("lo_shift", lut.lo), suffix="offset"), b.const("inv_step", lut.inv_step),
+             suffix="position")
+    if isinstance(lut, DualLUT):
+        u = _lerp(b, a, lut.index, lut.index_slopes, "lut1")
+        y = _lerp(b, u, lut.values, lut.value_slopes, "lut2")
+    else:
+        y = _lerp(b, a, lut.values, lut.slopes, "lut")
+    left, right = lut.tails
+    if right or left:
+        t = b.op("Sub", x, c, suffix="overflow")
+        if right:
+            over = b.op("Relu", t, suffix="above")
+            y = b.op("Add", y, over if right == 1.0 else b.op("Mul", over, b.const("right_slope", right)), suffix="right_tail")
+        if left:
+            under = b.op("Relu", b.op("Neg", t, suffix="neg_overflow"), suffix="below")
+            y = b.op("Sub", y, b.op("Mul", under, b.const("left_slope", left)), suffix="left_tail")
+    return y
+
+
+def _lerp(b: Builder, a: ir.Value, values: np.ndarray, slopes: np.ndarray, name: str) -> ir.Value:
+    """values[i] + (a - i) · slopes[i], i = min(floor(a), len - 2): Floor, Min, Sub, Cast, Gather×2, Mul, Add."""
+    i = b.op("Min", b.op("Floor", a, suffix=f"{name}_floor"), b.const(f"{name}_last", len(values) - 2), suffix=f"{name}_cell")
+    frac = b.op("Sub", a, i, suffix=f"{name}_frac")
+    idx = b.op("Cast", i, suffix=f"{name}_index", to=ir.DataType.INT32)
+    v = b.op("Gather", b.const(name, values), idx, suffix=f"{name}_value", axis=0)
+    s = b.op("Gather", b.const(f"{name}_slope", slopes), idx, suffix=f"{name}_slope_value", axis=0)
+    return b.op("Add", v, b.op("Mul", frac, s, suffix=f"{name}_step"), suffix=f"{name}_out")
+
+
+def emit_lut8(b: Builder, x: ir.Value, table: np.ndarray, scale: float, zero_point: int, qmin: int) -> ir.Value:
+    """T[code - qmin] for x = (code - zero_point)·scale: Mul(1/s), Round, Add, Cast, Gather."""
+    code = b.op("Round", b.op("Mul", x, b.const("inv_scale", 1.0 / np.float32(scale)), suffix="codes"), suffix="code")
+    idx = b.op("Cast", b.op("Add", code, b.const("code_offset", zero_point - qmin), suffix="table_index_f"),
+               suffix="table_index", to=ir.DataType.INT32)
+    return b.op("Gather", b.const("table", table), idx, suffix="table_value", axis=0)
+
+
+def dq_params(value: ir.Value) -> tuple[float, int, int] | None:
+    """(scale, zero_point, qmin) when `value` is a per-tensor INT8/UINT8 DequantizeLinear output."""
+    dq = value.producer()
+    if dq is None or dq.op_type != "DequantizeLinear":
+        return None
+    scale = const_array(dq.inputs[1])
+    zp = const_array(dq.inputs[2]) if len(dq.inputs) > 2 and dq.inputs[2] is not None else np.zeros((), np.uint8)
+    if scale is None or zp is None or scale.size != 1 or zp.size != 1:
+        return None
+    if zp.dtype == np.int8:
+        qmin = -128
+    elif zp.dtype == np.uint8:
+        qmin = 0
+    else:
+        return None
+    return float(scale.reshape(())), int(zp.reshape(())), qmin
+
+
+# ---------------------------------------------------------------------------------------------
+# Recognising functions by value
+
+
+@dataclass
+class Region:
+    x: ir.Value
+    y: ir.Value
+    nodes: list[ir.Node]
+    function: str
+    scale: np.ndarray | None = None  # per-channel a: y = f(a·x) / a (smoothing's S-GELU / S-SiLU), else None
+
+
+_TEST_X = np.linspace(-6.0, 6.0, 97)[:, None]  # test points (column: channels broadcast along the last axis)
+_CURVE_X = np.array([-1e-2, 0.0, 1e-2])[:, None]  # where the per-channel scale is read off
+_UNARY = {"Erf", "Tanh", "Sigmoid", "Exp", "Softplus", "HardSwish", "HardSigmoid", "Gelu", "Relu", "Neg", "Sqrt",
+          "Reciprocal", "Identity", "Swish", "Abs"}
+_BINARY = {"Add", "Sub", "Mul", "Div", "Pow"}
+_SCALABLE = ("gelu", "gelu_tanh", "quick_gelu", "silu", "softplus")  # f''(0) != 0: the scale can be read off
+
+
+def _eval_node(node: ir.Node, args: list[np.ndarray]) -> np.ndarray:
+    op = node.op_type
+    a = args[0]
+    if op == "Add":
+        return a + args[1]
+    if op == "Sub":
+        return a - args[1]
+    if op == "Mul":
+        return a * args[1]
+    if op == "Div":
+        return a / args[1]
+    if op == "Pow":
+        return np.power(a, args[1])
+    if op == "Gelu":
+        name = "gelu_tanh" if attr(node, "approximate", "none") == "tanh" else "gelu"
+        return FUNCTIONS[name](a)
+    if op == "Swish":
+        return a * FUNCTIONS["sigmoid"](attr(node, "alpha", 1.0) * a)
+    if op == "HardSigmoid":
+        return np.clip(attr(node, "alpha", 0.2) * a + attr(node, "beta", 0.5), 0, 1)
+    table = {"Erf": erf, "Tanh": np.tanh,
+             "Sigmoid": FUNCTIONS["sigmoid"], "Exp": np.exp, "Softplus": FUNCTIONS["softplus"],
+             "HardSwish": FUNCTIONS["hardswish"], "Relu": lambda v: np.maximum(v, 0), "Neg": np.negative,
+             "Sqrt": np.sqrt, "Reciprocal": lambda v: 1 / v, "Identity": lambda v: v, "Abs": np.abs}
+    return table[op](a)
+
+
+def _constant(v: ir.Value) -> np.ndarray | None:
+    """A float constant usable elementwise: a scalar, or a vector along the last axis."""
+    const = const_array(v)
+    if const is None or const.dtype.kind != "f":
+        return None
+    if const.size == 1:
+        return const.astype(np.float64).reshape(())
+    if const.ndim >= 1 and const.size == const.shape[-1]:
+        return const.astype(np.float64).reshape(-1)
+    return None
+
+
+def _evaluate(y: ir.Value, x: ir.Value, points: np.ndarray = _TEST_X) -> tuple[np.ndarray, list[ir.Node]] | None:
+    """y as a function of x at `points` (T x 1, or T x C when per-channel constants take part), with the
+    nodes that compute it; None if y depends on anything but x and constants, or on an unknown op."""
+    memo: dict[ir.Value, np.ndarray] = {}
+    nodes: list[ir.Node] = []
+
+    def value_of(v: ir.Value) -> np.ndarray | None:
+        if v is x:
+            return points
+        if v in memo:
+            return memo[v]
+        const = _constant(v)
+        if const is not None:
+            return const
+        node = v.producer()
+        if node is None or node.domain not in ("", "ai.onnx") or len(node.outputs) != 1 \
+                or node.op_type not in _UNARY | _BINARY or len(nodes) > 16:
+            return None
+        args = []
+        for inp in node.inputs:
+            arg = value_of(inp) if inp is not None else None
+            if arg is None:
+                return None
+            args.append(arg)
+        with np.errstate(all="ignore"):
+            try:
+                memo[v] = _eval_node(node, args)
+            except ValueError:  # vectors that do not broadcast
+                return None
+        nodes.append(node)
+        return memo[v]
+
+    result = value_of(y)
+    if result is None or not nodes or np.ndim(result) != 2 or result.shape[0] != len(points):
+        return None
+    return result, nodes
+
+
+def _closed(nodes: list[ir.Node], y: ir.Value) -> bool:
+    """True when nothing outside the region reads its intermediate tensors."""
+    inside = set(nodes)
+    for node in nodes:
+        for out in node.outputs:
+            if out is y:
+                continue
+            if out.is_graph_output() or any(user not in inside for user in out.consumers()):
+                return False
+    return True
+
+
+def _identify(values: np.ndarray, allowed: set[str]) -> str | None:
+    """The allowed function the values (T x 1) match (to float32 constants' precision), the closest if several."""
+    if values.shape[1] != 1 or not np.all(np.isfinite(values)):
+        return None
+    values = values[:, 0]
+    best, best_err = None, np.inf
+    for name in sorted(allowed):
+        ref = FUNCTIONS[name](_TEST_X[:, 0])
+        err = np.abs(values - ref).max() / (1.0 + np.abs(ref).max())
+        if err <= 1e-5 and err < best_err:
+            best, best_err = name, err
+    return best
+
+
+def _identify_scaled(y: ir.Value, x: ir.Value, values: np.ndarray, allowed: set[str]) -> tuple[str, np.ndarray] | None:
+    """(f, a) when every channel j computes f(a_j·x) / a_j, a_j > 0 (smoothing folded into the function)."""
+    if values.shape[1] == 1 or not np.all(np.isfinite(values)):
+        return None
+    curve = _evaluate(y, x, _CURVE_X)
+    if curve is None or curve[0].shape != (3, values.shape[1]):
+        return None
+    c = curve[0]
+    h = _CURVE_X[2, 0]
+    second = (c[0] - 2 * c[1] + c[2]) / h ** 2
+    for name in sorted(set(allowed) & set(_SCALABLE)):
+        fn = FUNCTIONS[name]
+        f2 = float((fn(np.array([-h, 0.0, h])) @ np.array([1.0, -2.0, 1.0])) / h ** 2)
+        a = second / f2
+        if not np.all(np.isfinite(a)) or np.any(a <= 0):
+            continue
+        t = _TEST_X[:, 0][:, None]
+        ref = fn(t * a) / a
+        if np.abs(values - ref).max() / (1.0 + np.abs(ref).max()) <= 1e-4:
+            return name, a
+    return None
+
+
+def _upstream(value: ir.Value, depth: int = 4) -> list[ir.Value]:
+    """value and the tensors it is computed from through elementwise ops (the candidates for x),
+    nearest first."""
+    found, frontier = [value], [value]
+    for _ in range(depth):
+        nxt = []
+        for v in frontier:
+            node = v.producer()
+            if node is None or node.op_type not in _BINARY | _UNARY:
+                continue
+            for inp in node.inputs:
+                if inp is not None and const_array(inp) is None and inp not in found:
+                    found.append(inp)
+                    nxt.append(inp)
+        frontier = nxt
+    return found
+
+
+def _downstream(value: ir.Value, depth: int = 5) -> list[ir.Value]:
+    chain = [value]
+    for _ in range(depth):
+        users = value.consumers()
+        if len(users) != 1 or users[0].op_type not in _BINARY | {"Identity"} or len(users[0].outputs) != 1:
+            break
+        value = users[0].outputs[0]
+        chain.append(value)
+    return chain
+
+
+def find_functions(graph: ir.Graph, allowed: set[str], exclude: set[str] = frozenset()) -> list[Region]:
+    """Every region of `graph` that computes one of the `allowed` functions of one tensor."""
+    regions, taken = [], set()
+    for anchor in list(graph):
+        if anchor.op_type not in ANCHORS or anchor.domain not in ("", "ai.onnx") or anchor in taken \
+                or anchor.name in exclude or anchor.inputs[0] is None or anchor.inputs[0].dtype not in _FLOAT:
+            continue
+        best = None
+        for y in reversed(_downstream(anchor.outputs[0])):
+            for x in reversed(_upstream(anchor.inputs[0])):
+                found = _evaluate(y, x)
+                if found is None or anchor not in found[1] or not _closed(found[1], y):
+                    continue
+                name, scale = _identify(found[0], allowed), None
+                if name is None:
+                    name, scale = _identify_scaled(y, x, found[0], allowed) or (None, None)
+                if name is not None and (best is None or len(found[1]) > len(best.nodes)):
+                    best = Region(x, y, found[1], name, scale)
+            if best is not None:
+                break
+        if best is not None and not taken.intersection(best.nodes):
+            regions.append(best)
+            taken.update(best.nodes)
+    return regions
+
+
+# ---------------------------------------------------------------------------------------------
+# The pass
+
+
+@dataclass
+class Dulut(GraphPass):
+    name: ClassVar[str] = "dulut"
+    kind: ClassVar[Kind] = Kind.APPROXIMATE
+
+    functions: list[str] = field(default_factory=lambda: ["gelu", "gelu_tanh", "quick_gelu", "silu", "sigmoid",
+                                                          "softplus", "tanh", "hardswish", "hardsigmoid", "exp"])
+    entries: list[int] = field(default_factory=lambda: [32, 32])
+    table: str = "dulut"          # "dulut" (two levels) or "uniform" (one level of entries[0] values)
+    lut8: bool = False            # exact 256-entry table where the input is per-tensor INT8
+    quantize_input: bool = False  # insert a symmetric INT8 Q/DQ on each input first (then every table is lut8)
+    margin: float = 0.0           # widen the calibrated input range by this fraction on each side
+    exclude: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        unknown = sorted(set(self.functions) - set(FUNCTIONS))
+        if unknown:
+            raise ValueError(f"unknown functions {unknown} (known: {', '.join(FUNCTIONS)})")
+        if self.table not in ("dulut", "uniform"):
+            raise ValueError("table must be 'dulut' or 'uniform'")
+        if len(self.entries) != (2 if self.table == "dulut" else 1) and not (self.table == "uniform" and self.entries):
+            raise ValueError("entries: [N1, N2] for dulut, [N] for uniform")
+
+    def apply(self, model: ir.Model, ctx: PassContext) -> dict:
+        graph, namer = model.graph, Namer(model.graph)
+        regions = find_functions(graph, set(self.functions), set(self.exclude))
+        if not regions:
+            return {"replaced": 0}
+        need_range = [r for r in regions if self.quantize_input or r.scale is not None
+                      or not (self.lut8 and dq_params(r.x))]
+        ranges = {}
+        if need_range:
+            data = ctx.require_calibration(self.name)
+            ranges = observe_ranges(model, sorted({r.x.name for r in need_range if r.scale is None}), data,
+                                    show_progress=ctx.show_progress, desc="dulut: input ranges")
+            scaled = [r for r in need_range if r.scale is not None]
+            ranges.update(_scaled_ranges(model, scaled, data))
+        entries, counts, skipped = [], {"dulut": 0, "uniform": 0, "lut8": 0}, []
+        replaced: dict[ir.Value, ir.Value] = {}  # a region's output that is the next region's input
+        input_names = [r.x.name for r in regions]   # before replacements rename anything
+        for region, input_name in zip(regions, input_names):
+            rng = ranges.get(input_name)
+            region.x = replaced.get(region.x, region.x)
+            old_y = region.y
+            entry = self._replace(model, namer, region, rng)
+            if entry is None:
+                skipped.append(region.nodes[-1].name)
+                continue
+            replaced[old_y] = region.y
+            entries.append(entry)
+            counts[entry["method"].split()[0]] += 1
+        record_fidelity(model, entries)
+        graph.sort()
+        summary = {"replaced": len(entries), **{k: v for k, v in counts.items() if v}}
+        if entries:
+            summary["max_error_steps"] = round(max(e["max_steps"] for e in entries), 4)
+        if skipped:
+            summary["skipped"] = len(skipped)
+        return summary
+
+    def _replace(self, model: ir.Model, namer: Namer, region: Region, rng) -> dict | None:
+        fn = get_function(region.function)
+        anchor = next(n for n in region.nodes if n.op_type in ANCHORS)
+        ops = [n.op_type for n in region.nodes]
+        label = anchor.name or region.y.name
+        b = Builder(model.graph, namer, label, f"{region.function} ({'/'.join(ops)}) '{label}'")
+        params = dq_params(region.x) if self.lut8 and not self.quantize_input and region.scale is None else None
+        x = region.x
+        if region.scale is not None:  # f(a·x)/a per channel: the table reads a·x
+            x = b.op("Mul", x, b.const("channel_scale", region.scale), suffix="scaled_input")
+        if params is not None:  # the input is INT8 already: exact table on its codes
+            scale, zp, qmin = params
+            table = code_table(fn, scale, zp, qmin)
+            y = emit_lut8(b, region.x, table, scale, zp, qmin)
+            fid = code_fidelity(fn, table, scale, zp, qmin)
+            method = "lut8"
+        else:
+            if rng is None or not (math.isfinite(rng.lo) and math.isfinite(rng.hi)) or rng.hi <= rng.lo:
+                return None
+            width = rng.hi - rng.lo
+            lo, hi = rng.lo - self.margin * width, rng.hi + self.margin * width
+            if self.quantize_input:
+                scale, _ = activation_params(lo, hi, INT8, True)
+                table = code_table(fn, scale, 0, -128)
+                y = emit_lut8(b, b.qdq(x, scale), table, scale, 0, -128)
+                fid = fidelity(lambda v: table[(np.clip(np.round(v / np.float32(scale)), -128, 127) + 128).astype(int)],
+                               fn, lo, hi)
+                method = "lut8 (input quantized here)"
+            else:
+                if self.table == "dulut":
+                    lut = build_dulut(fn, lo, hi, tuple(self.entries))
+                    method = f"dulut {self.entries[0]}+{self.entries[1]}"
+                else:
+                    lut = build_uniform(fn, lo, hi, self.entries[0])
+                    method = f"uniform {self.entries[0]}"
+                y = emit_dulut(b, x, lut)
+                fid = fidelity(lut, fn, lo, hi)
+        if region.scale is not None:
+            y = b.op("Mul", y, b.const("channel_unscale", 1.0 / region.scale), suffix="unscaled")
+            method += " (per-channel input scale)"
+        b.finish(region.nodes[0], region.y, y, remove=region.nodes)
+        region.y = y
+        return {"pass": self.name, "node": label, "function": region.function, "replaced_ops": ops,
+                "method": method, "range": [round(fid.lo, 6), round(fid.hi, 6)], "output_step": fid.step,
+                "max_steps": round(fid.max_steps, 4), "mean_steps": round(fid.mean_steps, 4),
+                "input_quantized": params is not None or self.quantize_input, "replacement": b.replaces}
+
+
+def _scaled_ranges(model: ir.Model, regions: list[Region], data) -> dict[str, Range]:
+    """Range of a·x for each per-channel-scaled region (keyed by x's name), over the calibration set."""
+    if not regions:
+        return {}
+    scales = {r.x.name: r.scale for r in regions}
+    out: dict[str, Range] = {}
+    sess = session(exposing(model, sorted(scales)))
+    for _, outputs in run_batches(sess, data, sorted(scales)):
+        for name, x in outputs.items():
+            v = x * scales[name]
+            lo, hi = float(v.min()), float(v.max())
+            r = out.get(name)
+            out[name] = Range(lo, hi) if r is None else Range(min(r.lo, lo), max(r.hi, hi))
+    return out
+
+
+def code_table(fn: Function, scale: float, zero_point: int, qmin: int) -> np.ndarray:
+    """T[i] = f((i + qmin - zero_point) · scale), i = 0..255: one entry per INT8/UINT8 code."""
+    codes = np.arange(qmin, qmin + 256, dtype=np.float64)
+    return fn((codes - zero_point) * np.float64(np.float32(scale))).astype(np.float32)
+
+
+def code_fidelity(fn: Function, table: np.ndarray, scale: float, zero_point: int, qmin: int) -> Fidelity:
+    """Error of the code table on the values the quantized input can take (float32 rounding only)."""
+    xs = (np.arange(qmin, qmin + 256, dtype=np.float64) - zero_point) * np.float64(np.float32(scale))
+    step = float(np.ptp(fn(xs))) / 255 or 1.0
+    err = np.abs(table.astype(np.float64) - fn(xs)) / step
+    return Fidelity(float(err.max()), float(err.mean()), step, float(xs[0]), float(xs[-1]))

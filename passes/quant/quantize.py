@@ -1,0 +1,195 @@
+"""quantize: calibrate activations and insert Q/DQ nodes where the target's rule table says.
+
+Kind: approximate. Each quantized tensor x becomes DQ(Q(x)) = s·clamp(round(x/s) + z) − s·z, so its
+error is at most s/2 inside the calibrated range and saturates outside it; `onnxq compare` measures
+the effect on the outputs. Weights are stored as integers with a DequantizeLinear (per output
+channel by default, per tensor with weights="per-tensor"); biases stay in float. With
+rounding="gptq" the integers are chosen against each layer's calibration inputs (onnxq.quant.gptq) at the
+same scales, so the format is unchanged.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import onnx_ir as ir
+
+from onnxq.quant import gptq
+from onnxq.quant.bias_correction import correct_biases
+from onnxq.quant.calibrate import CALIBRATORS, Range, collect_statistics
+from onnxq.quant.calibrator_choice import choose_calibrator
+from onnxq.errors import OnnxqError
+from onnxq.ir.graph import Namer, const_array, opset_version
+from onnxq.pipeline.core import GraphPass, Kind, PassContext
+from onnxq.quant.qdq import (FLOAT_REASON_KEY, INT4_WEIGHT, INT8_WEIGHT, QUANTIZED_KEY, Planner, activation_format,
+                       activation_params, insert_activation_qdq, insert_weight_dq, quantize_weight, scale_per_element, tag)
+from onnxq.quant.targets import get_target
+
+
+
+@dataclass
+class Quantize(GraphPass):
+    name: ClassVar[str] = "quantize"
+    kind: ClassVar[Kind] = Kind.APPROXIMATE
+
+    calibrator: str = "percentile"
+    percentile: float = 99.99
+    weights: str = "per-channel"
+    weight_calibrator: str = "mse"  # max | mse | auto (max per channel or block, mse per tensor)
+    weight_bits: int = 8
+    activation_bits: int = 8
+    block_size: int = 0
+    bins: int = 2048
+    exclude: list[str] = field(default_factory=list)
+    unknown_ops: str = "error"
+    bias_correction: bool = True
+    rounding: str = "nearest"  # or "gptq": integers chosen for the layer's output error (onnxq.quant.gptq)
+    gptq_dampings: tuple[float, ...] = gptq.DAMPINGS  # tried per layer on held-out calibration batches
+    float_residual: bool = False  # keep Adds of two activations (the residual stream) in float
+
+    def __post_init__(self):
+        if self.calibrator not in (*CALIBRATORS, "auto"):
+            raise ValueError(f"calibrator must be one of {', '.join(CALIBRATORS)} or auto, not {self.calibrator!r}")
+        if self.weights not in ("per-channel", "per-tensor"):
+            raise ValueError(f"weights must be 'per-channel' or 'per-tensor', not {self.weights!r}")
+        if self.weight_bits not in (4, 8) or self.activation_bits not in (4, 8):
+            raise ValueError("weight_bits and activation_bits must be 4 or 8")
+        if self.weight_calibrator not in ("max", "mse", "auto"):
+            raise ValueError(f"weight_calibrator must be max, mse or auto, not {self.weight_calibrator!r}")
+        if self.unknown_ops not in ("error", "float"):
+            raise ValueError("unknown_ops must be 'error' or 'float'")
+        self.gptq_dampings = tuple(self.gptq_dampings) if isinstance(self.gptq_dampings, (list, tuple)) else (self.gptq_dampings,)
+        if not self.gptq_dampings or not all(isinstance(d, (int, float)) and d > 0 for d in self.gptq_dampings):
+            raise ValueError(f"gptq_dampings must be positive numbers, not {self.gptq_dampings!r}")
+        if self.rounding not in ("nearest", "gptq"):
+            raise ValueError(f"rounding must be 'nearest' or 'gptq', not {self.rounding!r}")
+
+    def apply(self, model: ir.Model, ctx: PassContext) -> dict:
+        target = get_target(ctx.target)
+        needed = 21 if (self.weight_bits == 4 or self.activation_bits == 4 or self.block_size) else 13
+        if opset_version(model) < needed:
+            raise OnnxqError(f"quantize needs opset >= {needed} (model has {opset_version(model)}): "
+                             "put upgrade_opset before quantize in the recipe")
+        data = ctx.require_calibration(self.name)
+        plan = self._plan(model, target)
+        wanted = {plan.range_of.get(v, v).name for v in plan.activations}
+        stats = collect_statistics(model, sorted(wanted), data, histograms=self.calibrator != "max", bins=self.bins,
+                                   show_progress=ctx.show_progress)
+        act_fmt = activation_format(self.activation_bits, target.activation_format.qmin < 0)
+        calibrator, choice = self.calibrator, {}
+        if calibrator == "auto":
+            def trial(copy: ir.Model, ranges: dict[str, Range]) -> None:
+                self._insert_activations(copy, self._plan(copy, target), ranges, act_fmt, target.symmetric)
+
+            calibrator, ranges, errors = choose_calibrator(model, stats, trial, data, symmetric=target.symmetric,
+                                                           percentile=self.percentile, show_progress=ctx.show_progress)
+            choice = {"calibrator_chosen": calibrator,
+                      "calibrator_output_error": {k: float(f"{v:.3e}") for k, v in errors.items()}}
+            ctx.log(f"quantize: calibrator auto -> {calibrator} (relative output error, activations only: "
+                    + ", ".join(f"{k} {v:.2e}" for k, v in errors.items()) + ")")
+        else:
+            ranges = stats.ranges(calibrator, symmetric=target.symmetric, percentile=self.percentile)
+        notes = self._insert_activations(model, plan, ranges, act_fmt, target.symmetric)
+        graph, namer = model.graph, Namer(model.graph)
+
+        float_weights = {node.name: const_array(weight) for (weight, _), slots in plan.weights.items()
+                         for node, index in slots if index == 1}
+        fmt = INT4_WEIGHT if self.weight_bits == 4 else INT8_WEIGHT
+        hessians, gptq_readers = self._gptq_statistics(model, plan, data, ctx)
+        for (weight, axis), slots in plan.weights.items():
+            array = const_array(weight)
+            # blocks apply to 2-D (MatMul/Gemm) weights; conv kernels stay per channel
+            block = self.block_size if array.ndim == 2 and axis is not None else 0
+            axis = axis if self.weights == "per-channel" or block else None
+            q, scale = quantize_weight(array, axis, fmt, self.weight_calibrator, block)
+            if weight.name in hessians:
+                q = gptq.gptq_round(array, scale_per_element(scale, array.shape, axis, block), hessians[weight.name],
+                                    fmt, gptq_readers[weight.name][0], self.gptq_dampings)
+            insert_weight_dq(graph, namer, weight, slots, q, scale, axis, fmt, block)
+            granularity = (f"blocks of {block}" if block else
+                           f"per-channel axis {axis}" if axis is not None else "per-tensor")
+            for node, index in slots:
+                notes[node].append(f"input {index}: weight {fmt.dtype.name.lower()} {granularity}")
+
+        for value, reason in plan.skipped.items():
+            for node, index in value.uses():
+                notes[node].append(f"input {index} kept float: {reason}")
+        for node, lines in notes.items():
+            tag(node, QUANTIZED_KEY, "; ".join(lines))
+        for node, reason in plan.float_reasons.items():
+            if node not in notes:
+                tag(node, FLOAT_REASON_KEY, reason)
+        graph.sort()
+        corrected = correct_biases(model, float_weights, data, show_progress=ctx.show_progress) if self.bias_correction else 0
+        return {"biases_corrected": corrected, "activations_quantized": len(plan.activations) - len(plan.skipped),
+                "weights_quantized": len(plan.weights), "kept_float": len(plan.float_reasons),
+                "skipped": len(plan.skipped), "gptq_rounded": len(hessians), **choice}
+
+    def _plan(self, model: ir.Model, target) -> Planner:
+        """Which tensors get Q/DQ, by the target's rule table; residual Adds float if asked."""
+        residual = [n for n in model.graph if self.float_residual and n.op_type == "Add"
+                    and len(n.inputs) == 2 and all(v is not None and const_array(v) is None for v in n.inputs)]
+        plan = Planner(model.graph, target.table, exclude=[*self.exclude, *(n.name for n in residual)],
+                       unknown_ops=self.unknown_ops, target=target.name).run()
+        for node in residual:  # transformers: one token's massive activations rule out a per-tensor scale
+            plan.float_reasons[node] = "residual-stream Add kept in float (float_residual): its range is set by outlier tokens"
+        return plan
+
+    @staticmethod
+    def _insert_activations(model: ir.Model, plan, ranges: dict[str, Range], act_fmt,
+                            symmetric: bool) -> dict[ir.Node, list[str]]:
+        """Q/DQ on every planned activation with a usable range; the notes for each reader."""
+        ranges = _share_group_ranges(ranges, plan.scale_groups)
+        graph, namer = model.graph, Namer(model.graph)
+        notes: dict[ir.Node, list[str]] = defaultdict(list)
+        for value, slots in plan.activations.items():
+            r = ranges.get(plan.range_of.get(value, value).name)
+            if r is None or not r.finite or r.amax > 1e30:
+                plan.skipped[value] = f"calibrated range {r} is not usable: kept in float"
+                continue
+            margin = _range_margin(value)
+            scale, zero_point = activation_params(r.lo * margin, r.hi * margin, act_fmt, symmetric)
+            insert_activation_qdq(graph, namer, value, slots, scale, zero_point, act_fmt)
+            for node, index in slots:
+                notes[node].append(f"input {index}: {act_fmt.dtype.name.lower()} per-tensor")
+        return notes
+
+    def _gptq_statistics(self, model: ir.Model, plan, data, ctx: PassContext) -> tuple[dict, dict]:
+        """GPTQ's H per weight name, over the inputs as quantized so far (weights still float); only for
+        weights whose every reader GPTQ supports. Empty unless rounding is gptq."""
+        if self.rounding != "gptq":
+            return {}, {}
+        if importlib.util.find_spec("torch") is None:  # torch is optional; the recipe still runs
+            ctx.log("quantize: GPTQ rounding needs torch (pip install 'onnxq[torch]'): weights rounded to nearest")
+            return {}, {}
+        readers = {weight.name: [node for node, _ in slots] for (weight, _), slots in plan.weights.items()
+                   if all(index == 1 and gptq.supported(node) for node, index in slots)}
+        model.graph.sort()
+        return gptq.collect_hessians(model, readers, data, show_progress=ctx.show_progress), readers
+
+
+def _range_margin(value: ir.Value) -> float:
+    """Headroom a pass asked for on its output (node metadata `onnxq.range_margin`), 1 otherwise.
+
+    split_range tags the sparse outlier part of a split input: calibration sees few of its values,
+    so evaluation data exceeds the calibrated max there, and a coarser step costs little on a
+    tensor that is zero almost everywhere (zero stays exact)."""
+    node = value.producer()
+    text = node.metadata_props.get("onnxq.range_margin") if node is not None else None
+    return float(text) if text else 1.0
+
+
+def _share_group_ranges(ranges: dict[str, Range], groups: list[set[ir.Value]]) -> dict[str, Range]:
+    """Give every calibrated member of a scale group the union of the members' ranges."""
+    ranges = dict(ranges)
+    for group in groups:
+        members = [v.name for v in group if v.name in ranges and ranges[v.name].finite]
+        if len(members) < 2:
+            continue
+        union = Range(min(ranges[m].lo for m in members), max(ranges[m].hi for m in members))
+        for m in members:
+            ranges[m] = union
+    return ranges
