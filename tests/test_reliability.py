@@ -336,6 +336,40 @@ def test_ir_version_3_model_quantizes(files, capsys):
     assert np.abs(got - ref).max() < 0.05 * np.abs(ref).max()
 
 
+def fp16_model() -> onnx.ModelProto:
+    """The test CNN with every float tensor, constant and attribute in FP16."""
+    model = mobilenet_block_model()
+    for init in model.graph.initializer:
+        if init.data_type == TensorProto.FLOAT:
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16), init.name))
+    for value in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
+        if value.type.tensor_type.elem_type == TensorProto.FLOAT:
+            value.type.tensor_type.elem_type = TensorProto.FLOAT16
+    for node in model.graph.node:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.TENSOR and a.t.data_type == TensorProto.FLOAT:
+                a.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(a.t).astype(np.float16), a.t.name))
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_fp16_model_quantizes(files, capsys, target="tensorrt"):
+    """Scales take the activation's float type (QuantizeLinear-19 needs x and y_scale alike); the
+    result keeps FP16 inputs and outputs and stays close to the FP16 model."""
+    onnx.save(fp16_model(), files / "fp16.onnx")
+    np.savez(files / "calib16.npz", input=random_images(16, seed=1).astype(np.float16))
+    code, _, err = cli(capsys, "quantize", files / "fp16.onnx", "--calib", files / "calib16.npz",
+                       "-o", files / "q.onnx", "--target", target, "-q")
+    assert code == 0, err
+    feed = {"input": random_images(8, seed=4).astype(np.float16)}
+    ref, got = _outputs(files / "fp16.onnx", feed), _outputs(files / "q.onnx", feed)
+    assert got.dtype == np.float16
+    assert np.abs(got.astype(np.float32) - ref).max() < 0.05 * np.abs(ref).max()
+    assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.75
+    scales = [i for i in onnx.load(files / "q.onnx").graph.initializer if i.name.endswith("_scale")]
+    assert scales and all(i.data_type == TensorProto.FLOAT16 for i in scales)
+
+
 def test_minus_one_batch_dimension(files, capsys):
     """PaddlePaddle writes -1 for a free dimension: quantize and compare treat it as symbolic."""
     model = mobilenet_block_model()

@@ -55,7 +55,8 @@ def correct_biases(model: ir.Model, float_weights: dict[str, np.ndarray], data: 
     nodes = {n.name: n for n in model.graph}
     for layer, total in shift.items():
         bias = nodes[layer].inputs[2]
-        replace_initializer(bias, (const_array(bias) - total / count).astype(np.float32))
+        old = const_array(bias)
+        replace_initializer(bias, (old - total / count).astype(old.dtype))  # FP16 biases stay FP16
         nodes[layer].metadata_props[CORRECTED_KEY] = f"mean |shift| {float(np.abs(total / count).mean()):.3g}"
     return len(pairs)
 
