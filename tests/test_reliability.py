@@ -253,6 +253,37 @@ def test_bad_option_values_are_one_line_usage_errors(files, capsys):
         assert stop.value.code == 2 and one_line_error(err, option)
 
 
+def test_nan_weights_are_refused(files, capsys):
+    """Found by the fuzz suite: NaN weights were cast to arbitrary integers and the run succeeded."""
+    model = mobilenet_block_model()
+    w = next(t for t in model.graph.initializer if t.name == "fc.weight")
+    array = numpy_helper.to_array(w).copy()
+    array[0, 0] = np.nan
+    w.CopyFrom(numpy_helper.from_array(array, w.name))
+    onnx.save(model, files / "nan.onnx")
+    code, _, err = cli(capsys, "quantize", files / "nan.onnx", "--calib", files / "calib.npz", "-o", files / "q.onnx",
+                       "-q")
+    assert code == 1 and one_line_error(err, "NaN or infinite") and not (files / "q.onnx").exists()
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda p: setattr(p.graph.initializer[0], "raw_data", p.graph.initializer[0].raw_data[:-3]), "is corrupt"),
+    (lambda p: p.graph.input[0].type.tensor_type.__setattr__("elem_type", 0), "unknown element type"),
+])
+def test_corrupt_tensors_and_types_found_by_fuzzing(files, capsys, edit, message):
+    path = _model_with(files, edit)
+    code, _, err = cli(capsys, "quantize", path, "--calib", files / "calib.npz", "-o", files / "q.onnx", "-q")
+    assert code == 1 and one_line_error(err, message)
+
+
+def test_recipes_cannot_execute_code(files, capsys):
+    (files / "recipe.yaml").write_text("passes:\n  - !!python/object/apply:os.system ['touch PWNED']\n")
+    code, _, err = cli(capsys, "quantize", files / "model.onnx", "--calib", files / "calib.npz", "-o",
+                       files / "q.onnx", "--recipe", files / "recipe.yaml", "-q")
+    assert code == 1 and one_line_error(err, "cannot read recipe")
+    assert not Path("PWNED").exists() and not (files / "PWNED").exists()
+
+
 def test_non_utf8_recipe(files, capsys):
     (files / "recipe.yaml").write_bytes(b"passes:\n  - quantize # \xff\xfe\n")
     code, _, err = cli(capsys, "quantize", files / "model.onnx", "--calib", files / "calib.npz", "-o",
@@ -274,9 +305,10 @@ def embedding_model(vocab: int = 10) -> onnx.ModelProto:
 def test_data_the_model_cannot_run_on_is_a_user_error(tmp_path, capsys):
     onnx.save(embedding_model(vocab=10), tmp_path / "m.onnx")
     np.savez(tmp_path / "ids.npz", ids=np.full((4, 5), 100, np.int64))  # token 100 of a 10-token table
-    code, _, err = cli(capsys, "quantize", tmp_path / "m.onnx", "--calib", tmp_path / "ids.npz",
-                       "-o", tmp_path / "q.onnx", "-q")
-    assert code == 1 and one_line_error(err, "cannot run", "m.onnx", "idx=100") and not (tmp_path / "q.onnx").exists()
+    result = run_cli("quantize", tmp_path / "m.onnx", "--calib", tmp_path / "ids.npz", "-o", tmp_path / "q.onnx", "-q")
+    # a subprocess, so ONNX Runtime's own logging to the process's stderr would show too
+    assert result.returncode == 1 and one_line_error(result.stderr, "cannot run", "m.onnx", "idx=100")
+    assert not (tmp_path / "q.onnx").exists()
     code, _, err = cli(capsys, "compare", tmp_path / "m.onnx", tmp_path / "m.onnx", "--data", tmp_path / "ids.npz")
     assert code == 1 and one_line_error(err, "cannot run the reference model", "idx=100")
 

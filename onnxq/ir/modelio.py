@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 import onnx
+import onnx.numpy_helper
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
@@ -80,6 +81,49 @@ def _check_graph(proto: onnx.ModelProto, label: str) -> None:
     for out in graph.output:
         if out.name not in defined:
             raise OnnxqError(f"{label}: graph output '{out.name}' is computed by no node")
+    for value in [*graph.input, *graph.output]:
+        kind = value.type.WhichOneof("value")
+        if kind is None:
+            raise OnnxqError(f"{label}: graph input or output '{value.name}' has no type")
+        if kind == "tensor_type" and value.type.tensor_type.elem_type not in _KNOWN_TYPES:
+            raise OnnxqError(f"{label}: graph input or output '{value.name}' has unknown element type "
+                             f"{value.type.tensor_type.elem_type}")
+    constants = [a.t for node in graph.node if node.op_type == "Constant" for a in node.attribute if a.name == "value"]
+    for tensor in [*graph.initializer, *constants]:
+        problem = _tensor_problem(tensor)
+        if problem:
+            raise OnnxqError(f"{label}: tensor '{tensor.name}' is corrupt ({problem})")
+
+
+def _tensor_problem(tensor: onnx.TensorProto) -> str | None:
+    """Why `tensor`'s stored data cannot be what its type and dims promise, or None. Raw bytes (how
+    exporters store weights) are only measured; the rarer typed fields are decoded."""
+    if any(d < 0 for d in tensor.dims):
+        return f"negative dimension in {list(tensor.dims)}"
+    try:
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    except (KeyError, ValueError, TypeError):
+        return f"unknown element type {tensor.data_type}"
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        return None  # read from its file by onnx.load, which checks it
+    count = math.prod(tensor.dims)
+    if tensor.HasField("raw_data"):
+        bits = _PACKED_BITS.get(tensor.data_type, dtype.itemsize * 8)
+        expected = (count * bits + 7) // 8
+        if len(tensor.raw_data) != expected:
+            return f"{len(tensor.raw_data)} bytes of data for dims {list(tensor.dims)}, expected {expected}"
+        return None
+    try:
+        onnx.numpy_helper.to_array(tensor)
+    except Exception as exc:  # onnx raises ValueError and others for wrong element counts
+        return _first_line(exc)
+    return None
+
+
+_KNOWN_TYPES = set(onnx.TensorProto.DataType.values()) - {onnx.TensorProto.UNDEFINED}
+# element types stored several to a byte in raw data
+_PACKED_BITS = {getattr(onnx.TensorProto, name): bits for name, bits in
+                (("INT4", 4), ("UINT4", 4), ("FLOAT4E2M1", 4), ("INT2", 2), ("UINT2", 2)) if hasattr(onnx.TensorProto, name)}
 
 
 # IR version 3 requires every initializer to be listed as a graph input, a rule the initializers that

@@ -218,6 +218,8 @@ def quantize_weight(w: np.ndarray, axis: int | None, fmt: IntFormat = INT8_WEIGH
     """Symmetric integer weights and scales: per tensor (axis None), per channel, or in blocks along the
     input axis (block_size > 0; scales then have w's rank). Returns (q, scale)."""
     w = w.astype(np.float32)
+    if not np.isfinite(w).all():  # would cast to arbitrary integers: the float model itself is broken
+        raise OnnxqError(f"a weight of shape {list(w.shape)} holds NaN or infinite values; fix the float model first")
     if block_size:
         return _quantize_blocked(w, axis, fmt, method, block_size)
     reduce_axes = tuple(i for i in range(w.ndim) if i != axis) if axis is not None else None

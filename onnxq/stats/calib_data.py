@@ -51,7 +51,11 @@ def model_inputs(model: ir.Model) -> list[InputSpec]:
     for value in model.graph.inputs:
         if value.is_initializer():
             continue
-        dtype = value.dtype.numpy() if value.dtype is not None else np.dtype(np.float32)
+        try:
+            dtype = value.dtype.numpy() if value.dtype is not None else np.dtype(np.float32)
+        except TypeError:  # an element type numpy has no counterpart for
+            raise OnnxqError(f"model input '{value.name}' has element type {value.dtype}, which calibration "
+                             "arrays cannot hold") from None
         # a negative dimension (-1, as some exporters write for "any") is as free as a symbolic one
         dims = tuple(d if isinstance(d, int) and d >= 0 else None for d in value.shape) if value.shape is not None else ()
         specs.append(InputSpec(value.name, np.dtype(dtype), dims))
