@@ -30,7 +30,7 @@ from onnx import TensorProto, numpy_helper
 from builders import mobilenet_block_model, random_images
 from onnxq.cli.main import main
 
-CI = settings(max_examples=120, derandomize=True, deadline=None, database=None, print_blob=True,
+CI = settings(max_examples=100, derandomize=True, deadline=None, database=None, print_blob=True,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 LONG = settings(CI, max_examples=600)
 

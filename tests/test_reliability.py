@@ -20,7 +20,7 @@ import onnxq
 from builders import mobilenet_block_model, random_images
 from onnxq.cli.main import EXIT_LINT_FAILED, main
 from onnxq.errors import OnnxqError, OnnxqTypeError, OnnxqValueError
-from onnxq.ir.outputs import remove_stale_temps, write_text
+from onnxq.ir.outputs import write_text
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -311,6 +311,21 @@ def test_data_the_model_cannot_run_on_is_a_user_error(tmp_path, capsys):
     assert not (tmp_path / "q.onnx").exists()
     code, _, err = cli(capsys, "compare", tmp_path / "m.onnx", tmp_path / "m.onnx", "--data", tmp_path / "ids.npz")
     assert code == 1 and one_line_error(err, "cannot run the reference model", "idx=100")
+
+
+def test_compare_with_a_model_that_overflows(files, capsys):
+    """Found by the fuzz suite: an infinite weight made the SQNR's log10 fail (an internal error)."""
+    model = mobilenet_block_model()
+    w = next(t for t in model.graph.initializer if t.name == "fc.weight")
+    array = numpy_helper.to_array(w).copy()
+    array[0, 0] = np.inf
+    w.CopyFrom(numpy_helper.from_array(array, w.name))
+    onnx.save(model, files / "inf.onnx")
+    code, text, err = cli(capsys, "compare", files / "model.onnx", files / "inf.onnx", "--data", files / "calib.npz",
+                          "--json", files / "c.json")
+    assert code == 0, err
+    row = json.loads((files / "c.json").read_text())["outputs"][0]
+    assert row["sqnr_db"] == -np.inf or np.isnan(row["sqnr_db"])
 
 
 @pytest.mark.parametrize("change, message", [("rename", "different inputs"), ("reshape", "differs between")])

@@ -62,9 +62,14 @@ class _Accumulator:
 
     @property
     def sqnr_db(self) -> float:
+        """inf when the outputs agree exactly, -inf when there is no signal or infinite noise, nan when a
+        model produced NaN."""
         if self.noise == 0:
             return math.inf
-        return 10 * math.log10(self.signal / self.noise) if self.signal > 0 else -math.inf
+        ratio = self.signal / self.noise  # float division: inf / inf is nan, x / inf is 0
+        if math.isnan(ratio):
+            return math.nan
+        return 10 * math.log10(ratio) if 0 < ratio < math.inf else (-math.inf if ratio <= 0 else math.inf)
 
 
 def compare_models(reference: ir.Model, quantized: ir.Model, data: Any, *, layers: bool = True,

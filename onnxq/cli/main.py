@@ -17,12 +17,22 @@ from onnxq.cli.tables import clean, table
 # Exit statuses (docs/guarantees.md): what a script calling onnxq can rely on.
 EXIT_OK = 0
 EXIT_USER_ERROR = 1     # bad input: one line "onnxq: error: ..." on stderr, nothing written
-EXIT_USAGE = 2          # bad command line (unknown option, missing argument, not a number)
+EXIT_USAGE = 2          # bad command line (unknown option, missing argument, value of the wrong form or range)
 EXIT_INTERNAL = 3       # a bug in onnxq: "onnxq: internal error: ..."
 EXIT_LINT_FAILED = 4    # the model is fine to read but breaks an error-level TensorRT rule (lint), or
                         # quantize wrote its output and that output fails lint
-EXIT_INTERRUPTED = 130  # SIGINT (Ctrl-C); 143 for SIGTERM: temporary files removed, nothing written
+EXIT_INTERRUPTED = 130  # SIGINT (Ctrl-C); 143 for SIGTERM: temporary files removed, no partial output
 EXIT_TERMINATED = 143
+
+EXIT_STATUS_HELP = f"""\
+exit status:
+  {EXIT_OK}    success
+  {EXIT_USER_ERROR}    bad input (model, data, recipe, output path): one line "onnxq: error: ..."
+  {EXIT_USAGE}    bad command line (unknown option, missing argument, value of the wrong form or range)
+  {EXIT_INTERNAL}    internal error (a bug in onnxq; ONNXQ_DEBUG=1 shows the traceback)
+  {EXIT_LINT_FAILED}    TensorRT lint failed (lint), or quantize wrote its output but that output fails lint
+  {EXIT_INTERRUPTED}  interrupted (Ctrl-C); {EXIT_TERMINATED} terminated (SIGTERM); nothing is left half-written"""
+
 
 DESCRIPTION = """\
 onnxq turns a floating-point ONNX model into an INT8 model with QuantizeLinear/DequantizeLinear
@@ -78,16 +88,6 @@ examples:
 class Terminated(BaseException):
     """SIGTERM, raised in the main thread like KeyboardInterrupt so that every write in progress is
     rolled back (a BaseException, so no `except Exception` on the way swallows it)."""
-
-
-EXIT_STATUS_HELP = f"""\
-exit status:
-  {EXIT_OK}    success
-  {EXIT_USER_ERROR}    bad input (model, data, recipe, option value, output path): one line "onnxq: error: ..."
-  {EXIT_USAGE}    bad command line
-  {EXIT_INTERNAL}    internal error (a bug in onnxq; ONNXQ_DEBUG=1 shows the traceback)
-  {EXIT_LINT_FAILED}    TensorRT lint failed (lint), or quantize wrote its output but that output fails lint
-  {EXIT_INTERRUPTED}  interrupted (Ctrl-C); {EXIT_TERMINATED} terminated (SIGTERM); nothing is left half-written"""
 
 
 def main(argv: list[str] | None = None) -> int:
