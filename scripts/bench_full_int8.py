@@ -114,7 +114,7 @@ def recipe(variant: str, residual_adds: list[str] = ()) -> list:
     (FP32 linear layers, every nonlinear op replaced: the replacements' own cost); "-no-smooth" drops
     smooth; "+rotate" adds fold_norm + rotate before quantize; "+float-residual" keeps the residual
     Adds (`residual_adds`) out of quantization."""
-    from onnxq.pipeline.core import load_recipe, make_pass
+    from onnxq.pipeline import load_recipe, make_pass
 
     _, passes = load_recipe("full-int8")
     name, *mods = variant.split("+")
@@ -270,7 +270,7 @@ def _residual_adds(path: Path) -> list[str]:
     their residual input per tensor (TensorRT rule 11) wipes out a stream with massive activations."""
     from onnxq.analysis import structure
     from onnxq.ir.modelio import load_model
-    from onnxq.pipeline.core import PassContext, run_pipeline
+    from onnxq.pipeline import PassContext, run_pipeline
 
     model = load_model(str(path))
     run_pipeline(model, [p for p in recipe("w8a8") if p.name in ("lift_constants", "fold_constants", "upgrade_opset")],

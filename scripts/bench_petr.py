@@ -200,7 +200,7 @@ def recipe_steps(name: str, *, qans: bool = True, weights: str = "per-tensor", f
                  weight_calibrator: str | None = None, without: tuple[str, ...] = ()) -> list:
     """A built-in recipe's passes with the quantize step's weight granularity (and ablations: `without`
     drops the named passes)."""
-    from onnxq.pipeline.core import load_recipe
+    from onnxq.pipeline import load_recipe
 
     _, passes = load_recipe(name)
     out = []
@@ -217,14 +217,14 @@ def recipe_steps(name: str, *, qans: bool = True, weights: str = "per-tensor", f
             continue
         out.append(step)
         if step.name == "fold_batchnorm" and fold_after_qfpe:
-            from onnxq.pipeline.core import make_pass
+            from onnxq.pipeline import make_pass
 
             out.append(make_pass("pe_fold"))
     return out
 
 
 def attention_products() -> list[str]:
-    from onnxq.pipeline.core import load_recipe
+    from onnxq.pipeline import load_recipe
 
     _, passes = load_recipe("petr-w8a8")
     return next(p for p in passes if p.name == "quantize").exclude
@@ -233,7 +233,7 @@ def attention_products() -> list[str]:
 def onnxq_variant(source: Path, calib: dict, out: Path, steps: list) -> dict:
     from onnxq.api import quantize
     from onnxq.ir.modelio import load_model
-    from onnxq.pipeline.core import read_record
+    from onnxq.pipeline import read_record
 
     start = time.perf_counter()
     proto = quantize(str(source), calib, output=str(out), recipe=steps, show_progress=False, log=lambda *_: None)

@@ -58,7 +58,7 @@ def log(*args):
 
 def onnxq_steps(variant: str, weights: str) -> list:
     """Pass objects of an onnxq variant: 'w8a8 <ablation>' or the name of a built-in recipe."""
-    from onnxq.pipeline.core import load_recipe
+    from onnxq.pipeline import load_recipe
 
     if variant.startswith("w8a8 "):
         keep = ABLATIONS[variant.split(" ", 1)[1]]
@@ -131,7 +131,7 @@ def model_facts(path: Path) -> dict:
     """TensorRT lint verdict and the largest change any exact pass made (measured by the pipeline)."""
     from onnxq.quant.lint import lint
     from onnxq.ir.modelio import load_model
-    from onnxq.pipeline.core import read_record
+    from onnxq.pipeline import read_record
 
     model = load_model(str(path))
     failed = sorted({r.rule for r in lint(model) if r.status == "FAIL"})

@@ -164,7 +164,7 @@ def _quantize(args) -> int:
     from onnxq.analysis.inspection import inspect_model
     from onnxq.quant.lint import lint, passed
     from onnxq.ir.modelio import load_model
-    from onnxq.pipeline.core import read_record
+    from onnxq.pipeline import read_record
 
     log = (lambda *_: None) if args.quiet else print
     proto = quantize(args.model, args.calib, output=args.output, recipe=args.recipe, target=args.target,
@@ -282,7 +282,7 @@ def _build_engine(args) -> int:
 
 
 def _recipes(args) -> int:
-    from onnxq.pipeline.core import RECIPE_DIR, builtin_recipes
+    from onnxq.pipeline.recipes import RECIPE_DIR, builtin_recipes
     from onnxq.pipeline.registry import pass_class, pass_names
 
     import yaml

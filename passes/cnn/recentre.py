@@ -32,11 +32,11 @@ import onnx_ir as ir
 
 from onnxq.quant.bias_correction import CORRECTED_KEY
 from onnxq.ir.graph import Namer, add_initializer, append_bias, attr, const_array, replace_initializer
-from onnxq.pipeline.core import GraphPass, Kind, PassContext
+from onnxq.pipeline.passes import GraphPass, Kind, PassContext
 from onnxq.runtime.session import exposing, run_batches, session
 
 
-@dataclass
+@dataclass(frozen=True)
 class Recentre(GraphPass):
     name: ClassVar[str] = "recentre"
     kind: ClassVar[Kind] = Kind.APPROXIMATE

@@ -45,7 +45,7 @@ from onnxq.quant.calibrate import Range, observe_ranges
 from onnxq.ir.graph import Namer, add_initializer, attr, const_array
 from onnxq.passes.nonlinear.lut import (FIDELITY_KEY, FUNCTIONS, REPLACEMENT_KEY, DualLUT, Fidelity, Function, UniformLUT, build_dulut,
                        build_uniform, erf, fidelity, get_function)
-from onnxq.pipeline.core import GraphPass, Kind, PassContext
+from onnxq.pipeline.passes import GraphPass, Kind, PassContext
 from onnxq.quant.qdq import INT8, activation_params
 from onnxq.runtime.session import exposing, run_batches, session
 
@@ -418,7 +418,7 @@ def find_functions(graph: ir.Graph, allowed: set[str], exclude: set[str] = froze
 # The pass
 
 
-@dataclass
+@dataclass(frozen=True)
 class Dulut(GraphPass):
     name: ClassVar[str] = "dulut"
     kind: ClassVar[Kind] = Kind.APPROXIMATE

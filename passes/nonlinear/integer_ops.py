@@ -30,7 +30,7 @@ from onnxq.ir.graph import Namer, attr, opset_version
 from onnxq.passes.nonlinear.integer_ref import NormParams, SoftmaxParams, di_exp_step, di_norm, di_softmax
 from onnxq.passes.nonlinear.dulut import Builder, record_fidelity
 from onnxq.passes.nonlinear.qans import sample_rows, softmax_nodes
-from onnxq.pipeline.core import GraphPass, Kind, PassContext
+from onnxq.pipeline.passes import GraphPass, Kind, PassContext
 
 F32 = np.float32
 
@@ -64,7 +64,7 @@ def find_norms(model: ir.Model) -> list[Norm]:
     return found
 
 
-@dataclass
+@dataclass(frozen=True)
 class IntegerOps(GraphPass):
     name: ClassVar[str] = "integer_ops"
     kind: ClassVar[Kind] = Kind.APPROXIMATE

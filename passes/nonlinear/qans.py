@@ -34,14 +34,14 @@ import onnx_ir as ir
 from onnxq.ir.graph import Namer, attr, opset_version
 from onnxq.passes.nonlinear.lut import build_dulut
 from onnxq.passes.nonlinear.dulut import Builder, emit_dulut, record_fidelity
-from onnxq.pipeline.core import GraphPass, Kind, PassContext
+from onnxq.pipeline.passes import GraphPass, Kind, PassContext
 from onnxq.runtime.session import exposing, run_batches, session
 
 FIXED_POINT = 15  # exp table entries are integers round(e^v · 2^15)
 STEP = 1.0 / 255  # one INT8 output step of a probability
 
 
-@dataclass
+@dataclass(frozen=True)
 class Qans(GraphPass):
     name: ClassVar[str] = "qans"
     kind: ClassVar[Kind] = Kind.APPROXIMATE

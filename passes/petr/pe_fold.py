@@ -45,10 +45,10 @@ from onnxq.errors import OnnxqError
 from onnxq.ir.graph import Namer, add_initializer, const_array
 from onnxq.passes.petr.fold_position_bias import Linear, fold_into_bias
 from onnxq.analysis.petr_pe import PESite, find_pe, stats
-from onnxq.pipeline.core import GraphPass, Kind, PassContext
+from onnxq.pipeline.passes import GraphPass, Kind, PassContext
 
 
-@dataclass
+@dataclass(frozen=True)
 class PeFold(GraphPass):
     name: ClassVar[str] = "pe_fold"
     kind: ClassVar[Kind] = Kind.EXACT
@@ -91,7 +91,6 @@ class PeFold(GraphPass):
                    "folded_bias_absmax": round(bias_absmax, 3), "rig_from": self.rig or "first calibration sample"}
         if removed:
             summary["input_removed"] = removed
-        ctx.notes["pe_fold"] = {"pe": stats(pe_values[0]), "input_removed": removed}
         return summary
 
     def _source_value(self, site: PESite, ctx: PassContext) -> np.ndarray:

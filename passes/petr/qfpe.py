@@ -57,13 +57,13 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 from onnxq.errors import OnnxqError
 from onnxq.ir.graph import WEIGHTED_OPS, Namer, add_initializer, const_array
 from onnxq.analysis.petr_pe import find_pe, stats
-from onnxq.pipeline.core import GraphPass, Kind, PassContext
+from onnxq.pipeline.passes import GraphPass, Kind, PassContext
 
 REPO = Path(__file__).resolve().parents[2]
 _WEIGHTED = set(WEIGHTED_OPS) | {"LayerNormalization"}
 
 
-@dataclass
+@dataclass(frozen=True)
 class Qfpe(GraphPass):
     name: ClassVar[str] = "qfpe"
     kind: ClassVar[Kind] = Kind.RETRAIN
@@ -118,7 +118,6 @@ class Qfpe(GraphPass):
         if ctx.calibration is not None:
             feed = ctx.calibration.first()
             summary.update(self._validate(model, net, params, feed, site.source.name, new_pe.name, torch))
-        ctx.notes["qfpe"] = {"checkpoint": str(path)}
         return summary
 
     def _validate(self, model, net, params, feed, source: str, pe_name: str, torch) -> dict:

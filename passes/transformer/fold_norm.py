@@ -21,10 +21,10 @@ import onnx_ir as ir
 
 from onnxq.analysis import structure as st
 from onnxq.ir.graph import Namer, add_initializer
-from onnxq.pipeline.core import GraphPass, Kind, PassContext
+from onnxq.pipeline.passes import GraphPass, Kind, PassContext
 
 
-@dataclass
+@dataclass(frozen=True)
 class FoldNorm(GraphPass):
     name: ClassVar[str] = "fold_norm"
     kind: ClassVar[Kind] = Kind.EXACT

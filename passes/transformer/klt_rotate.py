@@ -28,11 +28,11 @@ import onnx_ir as ir
 
 from onnxq.analysis import structure as st
 from onnxq.ir.graph import Namer
-from onnxq.pipeline.core import GraphPass, Kind, PassContext
+from onnxq.pipeline.passes import GraphPass, Kind, PassContext
 from onnxq.runtime.session import intermediate_outputs
 
 
-@dataclass
+@dataclass(frozen=True)
 class KltRotate(GraphPass):
     name: ClassVar[str] = "klt_rotate"
     kind: ClassVar[Kind] = Kind.EXACT

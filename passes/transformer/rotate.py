@@ -38,13 +38,13 @@ import onnx_ir as ir
 
 from onnxq.analysis import structure as st
 from onnxq.ir.graph import Namer, add_initializer, const_array, private_weight, replace_initializer
-from onnxq.pipeline.core import GraphPass, Kind, PassContext
+from onnxq.pipeline.passes import GraphPass, Kind, PassContext
 
 # Node metadata on every linear layer whose input rotate has rotated: smooth leaves those inputs alone.
 INPUT_ROTATED_KEY = "onnxq.input_rotated"
 
 
-@dataclass
+@dataclass(frozen=True)
 class Rotate(GraphPass):
     name: ClassVar[str] = "rotate"
     kind: ClassVar[Kind] = Kind.EXACT

@@ -31,11 +31,11 @@ import onnx_ir as ir
 
 from onnxq.analysis import structure as st
 from onnxq.ir.graph import Namer, add_initializer, const_array
-from onnxq.pipeline.core import GraphPass, Kind, PassContext
+from onnxq.pipeline.passes import GraphPass, Kind, PassContext
 from onnxq.passes.transformer.smooth import collect
 
 
-@dataclass
+@dataclass(frozen=True)
 class SplitRange(GraphPass):
     """Split each targeted MatMul's heavy-tailed input at a calibrated threshold (module docstring)."""
 
