@@ -125,3 +125,19 @@ def test_a_pass_runs_as_a_plain_onnx_ir_pass():
     assert result.model is model and before == 4
     assert not any(n.op_type == "BatchNormalization" for n in model.graph)
     onnx.checker.check_model(onnx.shape_inference.infer_shapes(__import__("onnx_ir").to_proto(model)))
+
+
+@pytest.mark.parametrize("recipe, message", [
+    (["quantize", "equalize"], "pass 'equalize' rewrites the float graph: put it before 'quantize'"),
+    (["recentre", "quantize"], "pass 'recentre' works on the quantized graph: put it after 'quantize'"),
+    (["quantize", "quantize"], "quantized already"),
+])
+def test_recipe_order_mistakes_stop_with_the_rule(recipe, message):
+    with pytest.raises(OnnxqError, match=message):
+        quantize(mobilenet_block_model(), CALIB, recipe=recipe, show_progress=False, log=lambda _: None)
+
+
+def test_quantize_that_quantizes_nothing_is_an_error():
+    with pytest.raises(OnnxqError, match="inserted no Q/DQ node"):
+        quantize(mobilenet_block_model(), CALIB, recipe=[{"quantize": {"exclude": [".*"], "unknown_ops": "float"}}],
+                 show_progress=False, log=lambda _: None)

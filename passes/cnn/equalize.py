@@ -22,7 +22,7 @@ import onnx_ir as ir
 from onnxq.quant.calibrate import observe_channel_stats
 from onnxq.passes.cnn.equalization import ChainStats, SecondConv, best_scales, data_free_scales
 from onnxq.ir.graph import Namer, add_initializer, attr, const_array, only_consumer, private_weight, replace_initializer
-from onnxq.pipeline.passes import GraphPass, Kind, PassContext
+from onnxq.pipeline.passes import GraphPass, Kind, PassContext, before_quantize
 
 # per-channel bound ops this pass writes (and can rescale again on the next iteration)
 _BOUNDS = ("Max", "Min")
@@ -36,6 +36,9 @@ class Equalize(GraphPass):
     iterations: int = 4     # rounds of the data-free rule (the data-driven choice needs one)
     max_scale: float = 1e3  # bound s_i so nearly-dead channels are not blown up
     use_data: bool = True   # choose s from calibration statistics when data is given
+
+    def requires(self, model: ir.Model) -> None:
+        before_quantize(self, model)
 
     def apply(self, model: ir.Model, ctx: PassContext) -> dict:
         graph, namer = model.graph, Namer(model.graph)

@@ -32,7 +32,7 @@ import onnx_ir as ir
 
 from onnxq.quant.bias_correction import CORRECTED_KEY
 from onnxq.ir.graph import Namer, add_initializer, append_bias, attr, const_array, replace_initializer
-from onnxq.pipeline.passes import GraphPass, Kind, PassContext
+from onnxq.pipeline.passes import GraphPass, Kind, PassContext, after_quantize
 from onnxq.runtime.session import exposing, run_batches, session
 
 
@@ -40,6 +40,9 @@ from onnxq.runtime.session import exposing, run_batches, session
 class Recentre(GraphPass):
     name: ClassVar[str] = "recentre"
     kind: ClassVar[Kind] = Kind.APPROXIMATE
+
+    def requires(self, model: ir.Model) -> None:
+        after_quantize(self, model)
 
     def apply(self, model: ir.Model, ctx: PassContext) -> dict:
         graph, namer = model.graph, Namer(model.graph)

@@ -45,7 +45,7 @@ from onnxq.errors import OnnxqError
 from onnxq.ir.graph import Namer, add_initializer, const_array
 from onnxq.passes.petr.fold_position_bias import Linear, fold_into_bias
 from onnxq.analysis.petr_pe import PESite, find_pe, stats
-from onnxq.pipeline.passes import GraphPass, Kind, PassContext
+from onnxq.pipeline.passes import GraphPass, Kind, PassContext, before_quantize
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,9 @@ class PeFold(GraphPass):
     rig: str = ""        # .npy/.npz holding the PE source input for the deployment rig; "" = first calibration sample
     pe_input: str = ""   # the graph input the PE comes from, if the recognition is ambiguous
     tolerance: float = 1e-6  # calibration samples must match the rig to this relative difference
+
+    def requires(self, model: ir.Model) -> None:
+        before_quantize(self, model)
 
     def apply(self, model: ir.Model, ctx: PassContext) -> dict:
         site = find_pe(model, self.pe_input or None)

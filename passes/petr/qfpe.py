@@ -57,7 +57,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 from onnxq.errors import OnnxqError
 from onnxq.ir.graph import WEIGHTED_OPS, Namer, add_initializer, const_array
 from onnxq.analysis.petr_pe import find_pe, stats
-from onnxq.pipeline.passes import GraphPass, Kind, PassContext
+from onnxq.pipeline.passes import GraphPass, Kind, PassContext, before_quantize
 
 REPO = Path(__file__).resolve().parents[2]
 _WEIGHTED = set(WEIGHTED_OPS) | {"LayerNormalization"}
@@ -73,6 +73,9 @@ class Qfpe(GraphPass):
     float_geometry: bool = True   # ray projection and anchor interpolation as Mul/Add (float under INT8), not MatMul
     pe_input: str = ""            # the camera-matrix input, if the recognition is ambiguous
     tolerance: float = 1e-4       # relative difference allowed against the PyTorch module / model
+
+    def requires(self, model: ir.Model) -> None:
+        before_quantize(self, model)
 
     def apply(self, model: ir.Model, ctx: PassContext) -> dict:
         import torch

@@ -24,7 +24,7 @@ from onnxq.quant.calibrator_choice import choose_calibrator
 from onnxq.errors import OnnxqError
 from onnxq.ir.graph import Namer, const_array, opset_version
 from onnxq.pipeline.options import option
-from onnxq.pipeline.passes import GraphPass, Kind, PassConditionError, PassContext
+from onnxq.pipeline.passes import GraphPass, Kind, PassConditionError, PassContext, has_qdq
 from onnxq.quant.selection import select_nodes
 from onnxq.quant.qdq import (FLOAT_REASON_KEY, INT4_WEIGHT, INT8_WEIGHT, QUANTIZED_KEY, Planner, activation_format,
                        activation_params, insert_activation_qdq, insert_weight_dq, quantize_weight, scale_per_element, tag)
@@ -63,6 +63,13 @@ class Quantize(GraphPass):
         if opset_version(model) < needed:
             raise PassConditionError(f"quantize needs opset >= {needed} (model has {opset_version(model)}): "
                                      "put upgrade_opset before quantize in the recipe")
+        if has_qdq(model):
+            raise PassConditionError("quantize: the model is quantized already (one quantize step per recipe)")
+
+    def ensures(self, model: ir.Model) -> None:
+        if not has_qdq(model):
+            raise PassConditionError("quantize inserted no Q/DQ node: every op was excluded or has no rule that "
+                                     "quantizes it, so the output would be the float model")
 
     def apply(self, model: ir.Model, ctx: PassContext) -> dict:
         target = get_target(ctx.target)

@@ -28,7 +28,7 @@ import onnx_ir as ir
 
 from onnxq.analysis import structure as st
 from onnxq.ir.graph import Namer
-from onnxq.pipeline.passes import GraphPass, Kind, PassContext
+from onnxq.pipeline.passes import GraphPass, Kind, PassContext, before_quantize
 from onnxq.runtime.session import intermediate_outputs
 
 
@@ -41,6 +41,9 @@ class KltRotate(GraphPass):
     heads: bool = True
     online_down: bool = False
     seed: int = 0
+
+    def requires(self, model: ir.Model) -> None:
+        before_quantize(self, model)
 
     def apply(self, model: ir.Model, ctx: PassContext) -> dict:
         from onnxq.passes.transformer.fold_norm import fold, linear_readers

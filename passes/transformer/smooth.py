@@ -44,7 +44,7 @@ import onnx_ir as ir
 
 from onnxq.analysis import structure as st
 from onnxq.ir.graph import Namer, add_initializer, const_array, replace_initializer
-from onnxq.pipeline.passes import GraphPass, Kind, PassContext
+from onnxq.pipeline.passes import GraphPass, Kind, PassContext, before_quantize
 from onnxq.quant.scheme import QuantScheme
 from onnxq.runtime.session import intermediate_outputs
 
@@ -73,6 +73,9 @@ class Smooth(GraphPass):
         unknown = set(self.sites) - set(SITES)
         if unknown:
             raise ValueError(f"unknown smoothing sites {sorted(unknown)} (choose from {', '.join(SITES)})")
+
+    def requires(self, model: ir.Model) -> None:
+        before_quantize(self, model)
 
     def apply(self, model: ir.Model, ctx: PassContext) -> dict:
         s = st.analyse(model)
