@@ -122,7 +122,11 @@ def load_recipe(recipe: str | Path | list | None, *, default: str = "default",
     steps = spec.get("passes") if isinstance(spec, dict) else spec
     if not isinstance(steps, list) or not steps:
         raise OnnxqError(f"{path}: a recipe needs a non-empty list under 'passes'")
-    return path.stem, _steps(steps, _including + (path.stem,))
+    passes = _steps(steps, _including + (path.stem,))
+    for graph_pass in passes:  # files a step names (qfpe's weights) are found relative to its recipe file
+        if getattr(graph_pass, "recipe_dir", None) is None:
+            graph_pass.recipe_dir = path.resolve().parent
+    return path.stem, passes
 
 
 def _steps(specs: list, including: tuple[str, ...]) -> list[GraphPass]:
