@@ -213,7 +213,7 @@ def test_qfpe_subgraph_matches_the_pytorch_module(float_geometry):
     with torch.no_grad():  # trained-looking anchors (init is uniform ±0.5)
         model.position_embedding.anchors.mul_(3.0)
     inv = random_rigs(2)
-    proto = onnx_model(qfpe_pe_model(model, float_geometry, batch=2))
+    proto = onnx_model(qfpe_pe_model(petr_export.qfpe_parameters(model), model.cfg.num_cameras, float_geometry, batch=2))
     got = run(proto, {"img2lidar": inv})[0]
     with torch.no_grad():
         ref = model.position_embed(torch.from_numpy(inv)).flatten(0, 1).numpy()
@@ -234,8 +234,7 @@ def onnx_model(ir_model) -> onnx.ModelProto:
 def test_qfpe_pass_reproduces_the_fine_tuned_qfpe_model(tmp_path):
     lid = small_model(seed=0)
     qfpe = small_model(seed=1, pe_type="qfpe")  # "fine-tuned": every weight differs from the LID model
-    checkpoint = tmp_path / "qfpe.pt"
-    petr.save_checkpoint(qfpe, checkpoint)
+    checkpoint = petr_export.write_qfpe_weights(qfpe, tmp_path / "qfpe.npz")
     path = export(lid, tmp_path, "in_graph")
     data = feeds(lid, "in_graph", 3)
     proto = onnxq.quantize(str(path), data, recipe=[{"qfpe": {"checkpoint": str(checkpoint)}}], show_progress=False,
@@ -256,8 +255,7 @@ def test_qfpe_pass_reproduces_the_fine_tuned_qfpe_model(tmp_path):
 
 def test_qfpe_pass_refuses_a_lid_checkpoint(tmp_path):
     lid = small_model()
-    checkpoint = tmp_path / "lid.pt"
-    petr.save_checkpoint(lid, checkpoint)
+    checkpoint = petr_export.write_qfpe_weights(lid, tmp_path / "lid.npz")
     path = export(lid, tmp_path, "in_graph")
     with pytest.raises(OnnxqError, match="'lid' checkpoint"):
         onnxq.quantize(str(path), feeds(lid, "in_graph", 1), recipe=[{"qfpe": {"checkpoint": str(checkpoint)}}],
@@ -267,8 +265,7 @@ def test_qfpe_pass_refuses_a_lid_checkpoint(tmp_path):
 def test_qfpe_pass_refuses_a_checkpoint_of_another_shape(tmp_path):
     lid = small_model()
     other = small_model(pe_type="qfpe", ffn_dims=48)
-    checkpoint = tmp_path / "other.pt"
-    petr.save_checkpoint(other, checkpoint)
+    checkpoint = petr_export.write_qfpe_weights(other, tmp_path / "other.npz")
     with pytest.raises(OnnxqError, match="does not fit"):
         onnxq.quantize(str(export(lid, tmp_path, "in_graph")), feeds(lid, "in_graph", 1),
                        recipe=[{"qfpe": {"checkpoint": str(checkpoint)}}], show_progress=False, log=lambda *a: None)
@@ -281,10 +278,9 @@ def test_qfpe_pass_refuses_a_checkpoint_of_another_shape(tmp_path):
 def test_petr_recipes_run(tmp_path, recipe):
     lid = small_model()
     qfpe = small_model(seed=1, pe_type="qfpe")
-    checkpoint = tmp_path / "qfpe.pt"
-    petr.save_checkpoint(qfpe, checkpoint)
+    checkpoint = petr_export.write_qfpe_weights(qfpe, tmp_path / "qfpe.npz")
     _, passes = load_recipe(recipe)
-    # the built-in recipes name the committed full-size checkpoint
+    # the built-in recipes name the shipped full-size weights
     passes = [with_options(step, checkpoint=str(checkpoint)) if step.name == "qfpe" else step for step in passes]
     path = export(lid, tmp_path, "in_graph")
     data = feeds(lid, "in_graph", 4)
