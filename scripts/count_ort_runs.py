@@ -1,6 +1,6 @@
 """Count how often quantizing all-MiniLM-L6-v2 (default recipe, transformer-w8a8) runs ONNX Runtime.
 
-    python scripts/count_ort_runs.py [--sentences 96] [--words 160] [--batch-size 16]
+    python scripts/count_ort_runs.py [--sentences 96] [--words 160] [--batch-size 16] [--output q.onnx]
 
 The calibration set is the one scripts/bench_transformers.py uses (96 wiki sentences + 160 single
 words, 32 tokens, batches of 16). onnxruntime.InferenceSession.run is wrapped here, in the script
@@ -46,6 +46,7 @@ def main(argv=None) -> int:
     parser.add_argument("--sentences", type=int, default=96)
     parser.add_argument("--words", type=int, default=160)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--output", default=None, help="also write the quantized model here (to compare two runs)")
     args = parser.parse_args(argv)
 
     from onnxq_models import minilm
@@ -74,7 +75,8 @@ def main(argv=None) -> int:
     ort.InferenceSession.run = counting_run
     start = time.perf_counter()
     try:
-        quantize(str(fp32), calib, batch_size=args.batch_size, show_progress=False, log=lambda *_: None)
+        quantize(str(fp32), calib, output=args.output, batch_size=args.batch_size, show_progress=False,
+                 log=lambda *_: None)
     finally:
         ort.InferenceSession.run = original_run
     report = {

@@ -13,6 +13,8 @@ from onnxruntime.quantization.calibrate import (CalibrationDataReader, Calibrati
 from builders import IR_VERSION
 from onnxq.quant.calibrate import ActivationStatistics, collect_statistics
 from onnxq.quant.calibrator_choice import TRIAL_BATCHES, reference_outputs
+from onnxq.passes.cnn.recentre import RoundingChange
+from onnxq.quant.bias_correction import OutputShift
 from onnxq.quant.gptq import HessianObserver
 from onnxq.stats.calib_data import load_calibration
 from onnxq.stats.observers import (BatchValues, ChannelStatistics, Histograms, Ranges, RowSample,
@@ -168,12 +170,15 @@ def _exposed(model: onnx.ModelProto, names) -> onnx.ModelProto:
 
 
 def test_every_observer_kind_leaves_padded_positions_out(padded):
-    model, data, real, _ = padded
+    model, data, real, keep = padded
     ranges, hessian = Ranges(["x", "h"]), HessianObserver({"w2": [n for n in model.graph if n.name == "second"]})
     channels = ChannelStatistics(["x"], axis=-1)
     sample = RowSample({"x": -1}, per_batch=1000, seed=0)
     moments, values = SecondMoments(["h"]), BatchValues(["y"])
-    observe(model, data, ranges, channels, sample, moments, values, hessian, desc="padding", show_progress=False)
+    shift = OutputShift({"pair": ("y", "h", -1)})  # bias correction's per-channel mean difference
+    rounding = RoundingChange({("h", -1): 0.05})   # recentre's per-channel mean rounding change
+    observe(model, data, ranges, channels, sample, moments, values, hessian, shift, rounding, desc="padding",
+            show_progress=False)
     histograms = Histograms(ranges.result, bins=64)
     observe(model, data, histograms, desc="padding", show_progress=False)
 
@@ -187,6 +192,15 @@ def test_every_observer_kind_leaves_padded_positions_out(padded):
     h64 = real["h"].astype(np.float64)
     np.testing.assert_allclose(moments.result["h"], h64.T @ h64 / len(h64), rtol=1e-9)
     np.testing.assert_array_equal(np.concatenate([v["y"] for v in values.result]), real["y"])
+    # bias correction averages per-batch means: real rows only, batch by batch (4 sequences a batch)
+    batch_of_row = np.split(np.arange(len(real["y"])), np.cumsum(keep.reshape(4, -1).sum(axis=1))[:-1])
+    diff = real["y"].astype(np.float64) - real["h"]
+    expected_shift = np.mean([diff[rows].mean(axis=0) for rows in batch_of_row], axis=0)
+    np.testing.assert_allclose(shift.total["pair"] / shift.batches, expected_shift, rtol=1e-9)
+    h, s = real["h"].astype(np.float64), 0.05
+    old = np.clip(np.round(h / s), -128, 127) * s
+    new = np.clip(np.round((h - 127 * s / 2) / (s / 2)), -128, 127) * (s / 2) + 127 * s / 2
+    np.testing.assert_allclose(rounding.result[("h", -1)], (new - old).mean(axis=0), rtol=1e-9)
     relu = np.maximum(real["h"], 0).astype(np.float64)
     np.testing.assert_allclose(hessian.hessians({"w2": [n for n in model.graph if n.name == "second"]})["w2"].total,
                                relu.T @ relu, rtol=1e-6)
