@@ -19,10 +19,11 @@ from typing import ClassVar
 import numpy as np
 import onnx_ir as ir
 
-from onnxq.quant.calibrate import observe_channel_stats
 from onnxq.passes.cnn.equalization import ChainStats, SecondConv, best_scales, data_free_scales
 from onnxq.ir.graph import Namer, add_initializer, attr, const_array, only_consumer, private_weight, replace_initializer
 from onnxq.pipeline.passes import GraphPass, Kind, PassContext, before_quantize
+from onnxq.stats.observers import ChannelStatistics
+from onnxq.stats.service import observe
 
 # per-channel bound ops this pass writes (and can rescale again on the next iteration)
 _BOUNDS = ("Max", "Min")
@@ -85,8 +86,9 @@ class Equalize(GraphPass):
         """Per-channel magnitude and mean square of each chain's middle tensor, one streaming sweep."""
         middle = {conv2.name: conv2.inputs[0].name for _, _, conv2 in chains}
         first_in = {conv2.name: conv1.inputs[0].name for conv1, _, conv2 in chains}
-        observed = observe_channel_stats(model, sorted(set(middle.values()) | set(first_in.values())),
-                                         ctx.calibration, show_progress=ctx.show_progress)
+        channels = ChannelStatistics(sorted(set(middle.values()) | set(first_in.values())), axis=1)
+        observe(model, ctx.calibration, channels, desc="channel statistics", show_progress=ctx.show_progress)
+        observed = channels.result
         return {key: ChainStats(observed[name].amax, observed[name].mean_square,
                                 float(observed[first_in[key]].mean_square.mean()))
                 for key, name in middle.items()}

@@ -93,7 +93,7 @@ class IntegerOps(GraphPass):
         if not softmaxes and not norms:
             return {"replaced": 0}
         data = ctx.require_calibration(self.name)
-        samples = _sample(model, softmaxes, norms, data, self.rows)
+        samples = _sample(model, softmaxes, norms, data, self.rows, ctx.show_progress)
         entries = []
         params = SoftmaxParams(self.clip, self.softmax_bits, self.out_levels, self.max_row)
         for node in softmaxes:
@@ -124,10 +124,11 @@ class IntegerOps(GraphPass):
                 "max_error_steps": round(max((e["max_steps"] for e in entries), default=0.0), 3)}
 
 
-def _sample(model, softmaxes, norms, data, rows) -> dict[str, np.ndarray]:
+def _sample(model, softmaxes, norms, data, rows, show_progress) -> dict[str, np.ndarray]:
+    """Calibration rows of every Softmax input (along its axis) and norm input, in one pass."""
     axes = {n.inputs[0].name: attr(n, "axis", -1) for n in softmaxes}
     axes.update({m.x.name: -1 for m in norms})
-    return sample_rows(model, axes, data, rows)
+    return sample_rows(model, axes, data, rows, show_progress=show_progress)
 
 
 def _entry(pass_name, node, function, ops, method, rows, approx, exact, step, input_range, replacement) -> dict:

@@ -156,17 +156,18 @@ def _samples(data: CalibrationSet, name: str):
 def _evaluate(model: ir.Model, values: list[ir.Value], source: ir.Value, source_value: np.ndarray) -> list[np.ndarray]:
     """The tensors `values` (which depend on `source` only), computed by ONNX Runtime."""
     from onnxq.stats.calib_data import model_inputs
-    from onnxq.runtime.session import exposing, session
+    from onnxq.stats.observers import BatchValues
+    from onnxq.stats.service import observe
 
-    names = [v.name for v in values]
-    sess = session(exposing(model, names))
     feed = {}
     for spec in model_inputs(model):
         if spec.name == source.name:
             feed[spec.name] = source_value
         else:  # the PE does not depend on the other inputs, but ONNX Runtime wants them all
             feed[spec.name] = np.zeros([d if d is not None else 1 for d in spec.dims], dtype=spec.dtype)
-    return [np.asarray(a) for a in sess.run(names, feed)]
+    computed = BatchValues([v.name for v in values])
+    observe(model, [feed], computed, desc="pe_fold: position embedding", show_progress=False)
+    return [np.asarray(computed.result[0][v.name]) for v in values]
 
 
 def _without_input(data: CalibrationSet, name: str) -> CalibrationSet:

@@ -20,7 +20,7 @@ import onnx_ir as ir
 from onnxq.quant import gptq
 from onnxq.quant.bias_correction import correct_biases
 from onnxq.quant.calibrate import CALIBRATORS, Range, collect_statistics
-from onnxq.quant.calibrator_choice import choose_calibrator
+from onnxq.quant.calibrator_choice import choose_calibrator, reference_outputs
 from onnxq.errors import OnnxqError
 from onnxq.ir.graph import Namer, const_array, opset_version
 from onnxq.pipeline.options import option
@@ -76,8 +76,10 @@ class Quantize(GraphPass):
         data = ctx.require_calibration(self.name)
         plan = self._plan(model, target)
         wanted = {plan.range_of.get(v, v).name for v in plan.activations}
+        # the auto calibrator's float reference is an output of the model state the ranges are read from
+        reference = reference_outputs(model) if self.calibrator == "auto" else None
         stats = collect_statistics(model, sorted(wanted), data, histograms=self.calibrator != "max", bins=self.bins,
-                                   show_progress=ctx.show_progress)
+                                   show_progress=ctx.show_progress, alongside=[reference] if reference else [])
         act_fmt = activation_format(self.activation_bits, target.activation_format.qmin < 0)
         calibrator, choice = self.calibrator, {}
         if calibrator == "auto":
@@ -85,7 +87,8 @@ class Quantize(GraphPass):
                 self._insert_activations(copy, self._plan(copy, target), ranges, act_fmt, target.symmetric)
 
             calibrator, ranges, errors = choose_calibrator(model, stats, trial, data, symmetric=target.symmetric,
-                                                           percentile=self.percentile, show_progress=ctx.show_progress)
+                                                           percentile=self.percentile, show_progress=ctx.show_progress,
+                                                           reference=reference)
             choice = {"calibrator_chosen": calibrator,
                       "calibrator_output_error": {k: float(f"{v:.3e}") for k, v in errors.items()}}
             ctx.log(f"quantize: calibrator auto -> {calibrator} (relative output error, activations only: "

@@ -46,7 +46,8 @@ from onnxq.analysis import structure as st
 from onnxq.ir.graph import Namer, add_initializer, const_array, replace_initializer
 from onnxq.pipeline.passes import GraphPass, Kind, PassContext, before_quantize
 from onnxq.quant.scheme import QuantScheme
-from onnxq.runtime.session import intermediate_outputs
+from onnxq.stats.observers import ChannelStatistics, RowSample
+from onnxq.stats.service import observe
 
 SITES = ("norm", "vo", "mlp")
 
@@ -185,33 +186,25 @@ def _fake_quant(x: np.ndarray, amax: float, bits: int) -> np.ndarray:
 # statistics
 
 
+@dataclass
 class Stats:
-    """Per-channel |max| and a bounded random row sample of each tensor, updated batch by batch."""
+    """Per-channel (last axis) max |x| and a bounded random row sample of each tensor."""
 
-    def __init__(self, rows_per_batch: int, seed: int):
-        self.amax: dict[str, np.ndarray] = {}
-        self.samples: dict[str, list[np.ndarray]] = {}
-        self.rows_per_batch = rows_per_batch
-        self.rng = np.random.default_rng(seed)
-
-    def update(self, name: str, x: np.ndarray) -> None:
-        flat = x.reshape(-1, x.shape[-1])
-        m = np.abs(flat).max(axis=0)
-        self.amax[name] = m if name not in self.amax else np.maximum(self.amax[name], m)
-        take = min(self.rows_per_batch, len(flat))
-        idx = self.rng.choice(len(flat), take, replace=False)
-        self.samples.setdefault(name, []).append(flat[np.sort(idx)].astype(np.float32, copy=True))
+    amax: dict[str, np.ndarray]
+    samples: dict[str, np.ndarray]
 
     def rows(self, name: str) -> np.ndarray:
-        return np.concatenate(self.samples[name])
+        return self.samples[name]
 
 
 def collect(model: ir.Model, names: list[str], data, sample_rows: int, seed: int, *, show_progress: bool = True) -> Stats:
-    stats = Stats(max(1, math.ceil(sample_rows / max(len(data), 1))), seed)
-    for outputs in intermediate_outputs(model, names, data, desc="smoothing statistics", show_progress=show_progress):
-        for name, x in outputs.items():
-            stats.update(name, x)
-    return stats
+    """One pass over the calibration data: channel maxima and about `sample_rows` rows per tensor, an
+    equal share from each batch (padding dropped), drawn by one generator seeded with `seed`."""
+    per_batch = max(1, math.ceil(sample_rows / max(len(data), 1)))
+    amax = ChannelStatistics(names, axis=-1, mean_square=False)
+    sample = RowSample({n: -1 for n in names}, per_batch, seed, in_order=True)
+    observe(model, data, amax, sample, desc="smoothing statistics", show_progress=show_progress)
+    return Stats({n: s.amax for n, s in amax.result.items()}, sample.result)
 
 
 # ----------------------------------------------------------------------------------------------------
