@@ -62,6 +62,26 @@ def test_a_pytorch_checkpoint_is_refused_unread(tmp_path):
         read_qfpe_weights(checkpoint)
 
 
+def test_damaged_weights_files_are_refused_in_one_line(tmp_path):
+    import json
+
+    from onnxq.passes.petr.qfpe_data import FORMAT, VERSION
+
+    good = read_qfpe_weights(petr_export.write_qfpe_weights(small_model(seed=1, pe_type="qfpe"), tmp_path / "good.npz"))
+    arrays = {k: v for k, v in good.arrays.items() if k != "pe.anchors"}  # one array gone
+    cases = {"no_meta.npz": {"x": np.zeros(3)},
+             "missing_array.npz": {"meta": np.array(json.dumps(good.meta)), **arrays},
+             "other_version.npz": {"meta": np.array(json.dumps({**good.meta, "version": VERSION + 1}))},
+             "bad_tables.npz": {"meta": np.array(json.dumps({**good.meta, "nodes": {"/a": {"op_type": "Conv", "inputs": {"1": [1]}}}})),
+                                **good.arrays}}
+    for name, members in cases.items():
+        np.savez(tmp_path / name, **members)
+        with pytest.raises(OnnxqError) as err:
+            read_qfpe_weights(tmp_path / name)
+        assert "\n" not in str(err.value) and name in str(err.value), str(err.value)
+    assert good.meta["format"] == FORMAT
+
+
 def test_a_pickled_checkpoint_is_refused_unread_through_the_cli(tmp_path):
     lid = small_model()
     path, marker = malicious_pickle(tmp_path)

@@ -67,7 +67,7 @@ class QfpeWeights:
 
     def check_feed(self) -> tuple[np.ndarray, np.ndarray] | None:
         """(images, img2lidar) of the reference evaluation, or None if the file has none."""
-        if "check.img2lidar" not in self.arrays:
+        if "check_seed" not in self.meta:
             return None
         return check_images(self.meta), self.arrays["check.img2lidar"]
 
@@ -102,7 +102,34 @@ def read_qfpe_weights(path: Path) -> QfpeWeights:
     bad = [name for name, array in arrays.items() if not isinstance(array, np.ndarray) or array.dtype.hasobject]
     if bad:
         raise OnnxqError(f"{what}: member {bad[0]!r} is not a numeric array")
+    problem = _layout_problem(meta, arrays)
+    if problem:
+        raise OnnxqError(f"{what}: {problem}")
     return QfpeWeights(Path(path), meta, arrays)
+
+
+def _layout_problem(meta: dict, arrays: dict[str, np.ndarray]) -> str | None:
+    """What is wrong with a file's tables (so that a damaged file fails here, in one line), or None."""
+    ints = lambda v, n: isinstance(v, list) and len(v) == n and all(isinstance(x, int) for x in v)  # noqa: E731
+    if not isinstance(meta.get("pe_type"), str) or not ints(meta.get("feat_hw"), 2) or not ints(meta.get("image_hw"), 2) \
+            or not isinstance(meta.get("embed_dims"), int) or not isinstance(meta.get("num_cameras"), int):
+        return "its configuration (pe_type, feat_hw, image_hw, embed_dims, num_cameras) is incomplete"
+    if not isinstance(meta.get("nodes"), dict) or not isinstance(meta.get("initializers"), dict):
+        return "it has no weight tables"
+    keys = list(meta["initializers"].values())
+    for entry in meta["nodes"].values():
+        if not isinstance(entry, dict) or not isinstance(entry.get("inputs"), dict) or "op_type" not in entry:
+            return "a node entry of its weight table is malformed"
+        keys += entry["inputs"].values()
+    if not all(isinstance(k, str) for k in keys):
+        return "its weight tables name arrays by something other than strings"
+    keys = set(keys)
+    if meta["pe_type"] == "qfpe":
+        keys.update(f"pe.{name}" for name in PE_ARRAYS)
+    if "check_seed" in meta:
+        keys.update(["check.img2lidar", "check.pe", *(f"check.out{i}" for i in range(int(meta.get("check_outputs", 0))))])
+    missing = sorted(k for k in keys if k not in arrays)
+    return f"it lacks the arrays {missing[:3]}" if missing else None
 
 
 def write_qfpe_weights_file(path: str | Path, config: dict, pe: dict[str, np.ndarray], reference: ir.Model,
