@@ -25,6 +25,7 @@ memory and PE (Reshape/Transpose of the (1, N, E, H, W) maps). Node names keep t
 
 from __future__ import annotations
 
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -111,3 +112,40 @@ def export_onnx(model: PETR, path: str | Path, pe_form: str = "in_graph", rig: C
                           input_names=list(inputs), output_names=[CLS_LOGITS, BOXES], opset_version=OPSET,
                           do_constant_folding=True, dynamo=False)
     return path
+
+
+def qfpe_parameters(model: PETR) -> dict[str, np.ndarray]:
+    """The arrays the QFPE subgraph is authored from (onnxq.passes.petr.qfpe_data.PE_ARRAYS), from a
+    PETR model with a QFPE position embedding."""
+    pe = model.position_embedding
+    get = lambda t: t.detach().cpu().numpy().astype(np.float32)  # noqa: E731
+    return {"ray_points": get(pe.ray_points), "range_min": get(pe.range_min), "range_span": get(pe.range_span),
+            "anchor_positions": get(pe.anchor_positions), "anchors": get(pe.anchors),
+            "w1": get(pe.encoder[0].weight), "b1": get(pe.encoder[0].bias),
+            "w2": get(pe.encoder[2].weight), "b2": get(pe.encoder[2].bias),
+            "feat_hw": np.array(model.cfg.feat_hw)}
+
+
+@torch.no_grad()
+def write_qfpe_weights(model: PETR, path: str | Path, check_seed: int = 0) -> Path:
+    """Write the weights file the `qfpe` pass reads (plain arrays in an .npz, no pickle): the QFPE
+    arrays, every constant of the model's form-A export, and one reference evaluation (the default rig
+    for the model's image size, standard-normal images from `check_seed`) the pass checks its result
+    against. A LID model's file is written too (without QFPE arrays); the pass refuses it."""
+    from onnxq.ir.modelio import load_model
+    from onnxq.passes.petr.qfpe_data import check_images, write_qfpe_weights_file
+
+    model.eval()
+    cfg = model.cfg
+    config = {"pe_type": cfg.pe_type, "num_cameras": cfg.num_cameras, "image_hw": list(cfg.image_hw),
+              "feat_hw": list(cfg.feat_hw), "embed_dims": cfg.embed_dims}
+    with tempfile.TemporaryDirectory(prefix="onnxq-qfpe-") as tmp:
+        reference = load_model(str(export_onnx(model, Path(tmp) / "reference.onnx", "in_graph")))
+    img2lidar = rig_img2lidar(CameraRig(image_hw=cfg.image_hw))
+    images = check_images({"check_seed": check_seed, **config})
+    inv = torch.from_numpy(img2lidar)
+    logits, regs = model(torch.from_numpy(images), inv, all_layers=False)
+    check = {"seed": check_seed, "img2lidar": img2lidar, "pe": model.position_embed(inv).flatten(0, 1).numpy(),
+             "outputs": [logits.numpy(), metric_boxes(regs).numpy()]}
+    pe = {k: v for k, v in qfpe_parameters(model).items() if k != "feat_hw"} if cfg.pe_type == "qfpe" else {}
+    return write_qfpe_weights_file(path, config, pe, reference, check)

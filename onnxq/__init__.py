@@ -7,8 +7,7 @@ Plain quantization needs only onnx, onnxruntime, onnxscript and numpy; torch is 
 passes that optimise something (learned rounding, rotations) and only when they run.
 """
 
-__version__ = "0.1.0"
-
-from onnxq.api import quantize  # noqa: E402
+from onnxq._version import __version__
+from onnxq.api import quantize
 
 __all__ = ["quantize", "__version__"]

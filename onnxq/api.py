@@ -12,8 +12,11 @@ from onnxq.arguments import check_quantize_arguments
 from onnxq.stats.calib_data import load_calibration
 from onnxq.errors import OnnxqError
 from onnxq.ir.modelio import load_model, save_model
-from onnxq.pipeline.core import PassContext, load_recipe, run_pipeline
+from onnxq.pipeline import PassContext, load_recipe, run_pipeline
+from onnxq.pipeline.recipes import with_options
+from onnxq.quant.scheme import QuantScheme
 from onnxq.quant.qdq import Planner
+from onnxq.quant.selection import select_nodes
 from onnxq.quant.targets import get_target
 
 
@@ -54,22 +57,33 @@ def quantize(model: str | os.PathLike | onnx.ModelProto | ir.Model, calibration_
     if data.padding_mask:
         log(f"calibration: positions where '{data.padding_mask}' is 0 are padding, left out of the statistics")
     recipe_name, passes = load_recipe(recipe, default=default_recipe_for(work))
-    for step in passes:
-        if per_tensor is not None and step.name in ("quantize", "smooth"):  # smooth's α search models the weights
-            step.weights = "per-tensor" if per_tensor else "per-channel"
-        if step.name == "quantize":
-            step.calibrator = calibrator or step.calibrator
-            step.rounding = rounding or step.rounding
-            step.__post_init__()
-            if allow_unknown_ops:
-                step.unknown_ops = "float"
+    passes = _with_overrides(passes, per_tensor=per_tensor, calibrator=calibrator, rounding=rounding,
+                             allow_unknown_ops=allow_unknown_ops)
     _check_rules_cover(work, passes, target)
-    ctx = PassContext(calibration=data, target=target, show_progress=show_progress, log=log)
+    quantize_step = next((p for p in passes if p.name == "quantize"), None)
+    ctx = PassContext(calibration=data, scheme=QuantScheme.of(quantize_step, target), show_progress=show_progress,
+                      log=log)
     run_pipeline(work, passes, ctx, verify_exact=verify_exact, recipe_name=recipe_name)
     proto = ir.to_proto(work)
     if output is not None:
         save_model(proto, output, source=source_path)
     return proto
+
+
+def _with_overrides(passes: list, *, per_tensor: bool | None, calibrator: str | None, rounding: str | None,
+                    allow_unknown_ops: bool) -> list:
+    """The recipe's passes with the user's overrides applied to its quantize step (a new pass
+    object: recipe passes are frozen). Passes that prepare for quantization read the scheme."""
+    changes = {}
+    if per_tensor is not None:
+        changes["weights"] = "per-tensor" if per_tensor else "per-channel"
+    if calibrator:
+        changes["calibrator"] = calibrator
+    if rounding:
+        changes["rounding"] = rounding
+    if allow_unknown_ops:
+        changes["unknown_ops"] = "float"
+    return [with_options(p, **changes) if p.name == "quantize" and changes else p for p in passes]
 
 
 def default_recipe_for(model: ir.Model) -> str:
@@ -88,7 +102,8 @@ def _check_rules_cover(model: ir.Model, passes, target: str) -> None:
     step = next((p for p in passes if p.name == "quantize"), None)
     if step is None or step.unknown_ops == "float":
         return
-    unknown = Planner(model.graph, get_target(target).table, exclude=step.exclude).unknown()
+    excluded = select_nodes(model.graph, step.exclude, "quantize: exclude")
+    unknown = Planner(model.graph, get_target(target).table, exclude=excluded).unknown()
     if unknown:
         raise OnnxqError(f"op {unknown[0]} has no QDQ rule for target '{target}'"
                          f"{f' (nor {len(unknown) - 1} more)' if len(unknown) > 1 else ''}; "

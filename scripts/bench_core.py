@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,14 +21,14 @@ from typing import Callable
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import anchors  # noqa: E402
-import onnxq  # noqa: E402
-from onnxq.quant.lint import lint  # noqa: E402
-from onnxq.ir.modelio import load_model  # noqa: E402
-from onnxq_models import images, minilm, mobilenet_v2, text_data  # noqa: E402
-from onnxq_models.cache import cache_dir  # noqa: E402
-from onnxq.runtime.session import latency_ms, session  # noqa: E402
+import onnxq
+from benchlib import anchors
+from benchlib.facts import lint_verdict
+from benchlib.minilm_task import minilm_task
+from onnxq.ir.modelio import load_model
+from onnxq.runtime.session import latency_ms, session
+from onnxq_models import images, minilm, mobilenet_v2
+from onnxq_models.cache import cache_dir
 
 
 @dataclass
@@ -88,8 +87,7 @@ def benchmark(name: str, fp32: Path, calib: dict, evaluate: Callable[[Path], dic
             continue
         row.seconds = round(time.perf_counter() - start, 1)
         row.metrics = evaluate(path)
-        failed = [r.rule for r in lint(load_model(path)) if r.status == "FAIL"]
-        row.lint = "pass" if not failed else "FAIL " + ",".join(failed)
+        row.lint = lint_verdict(load_model(path))["lint"]
         paths[label] = path
         rows.append(row)
     sessions = {label: session(path, threads=1) for label, path in paths.items()}
@@ -116,18 +114,13 @@ def mobilenet(out: Path, quick: bool) -> list[Row]:
 
 
 def minilm_bench(out: Path, quick: bool) -> list[Row]:
-    fp32 = minilm.cached_onnx()
-    # sentences and single words (what the evaluation embeds), none of them an evaluation word
-    calib = minilm.calibration_feeds(32 if quick else 96, 48 if quick else 160)
-    eval_sentences = text_data.wiki_sentences("eval")[: 64 if quick else 300]
-    reference = minilm.embed(session(fp32), eval_sentences, max_length=32)
+    task = minilm_task(quick)
 
     def evaluate(path):
-        scores = minilm.quality(session(path), eval_sentences, reference)
-        return {k if k == "cosine_to_fp32" else f"spearman_{k}": v for k, v in scores.items()}
+        return {k if k == "cosine_to_fp32" else f"spearman_{k}": v for k, v in task.quality(path).items()}
 
     feed = minilm.tokenize(["quantization keeps the meaning of this sentence intact"], max_length=128)
-    return benchmark("MiniLM", fp32, calib, evaluate, feed, out)
+    return benchmark("MiniLM", task.fp32, task.calib, evaluate, feed, out)
 
 
 def markdown(results: dict[str, list[Row]]) -> str:

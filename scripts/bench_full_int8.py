@@ -27,24 +27,19 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from benchlib import REPO, log
+from benchlib.facts import model_facts
+from benchlib.latency import ort_latency_ms
+
 os.environ.setdefault("ONNXQ_CACHE_DIR", str(REPO / ".cache" / "full_int8"))
 
 from onnxq.passes.nonlinear.integer_ref import di_exp_function, di_sigmoid_function  # noqa: E402
 from onnxq.passes.nonlinear.lut import DEFAULT_RANGES, FUNCTIONS, build_dulut, build_uniform, fidelity, output_step  # noqa: E402
-from onnxq.quant.qdq_rules import NONLINEAR, NORMALISATION  # noqa: E402
-
-_NONLINEAR = set(NONLINEAR) | set(NORMALISATION)
 
 RESULTS = REPO / "scripts" / "results"
 WORK = Path(os.environ["ONNXQ_CACHE_DIR"])
 REPLACING = ("qans", "dulut", "integer_ops")
 FUNCTION_NAMES = ["gelu", "gelu_tanh", "silu", "sigmoid", "softplus", "tanh", "hardswish", "exp"]
-
-
-def log(*args):
-    print(*args, flush=True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -114,7 +109,7 @@ def recipe(variant: str, residual_adds: list[str] = ()) -> list:
     (FP32 linear layers, every nonlinear op replaced: the replacements' own cost); "-no-smooth" drops
     smooth; "+rotate" adds fold_norm + rotate before quantize; "+float-residual" keeps the residual
     Adds (`residual_adds`) out of quantization."""
-    from onnxq.pipeline.core import load_recipe, make_pass
+    from onnxq.pipeline import load_recipe, make_pass
 
     _, passes = load_recipe("full-int8")
     name, *mods = variant.split("+")
@@ -153,31 +148,7 @@ def quantize_variant(model_path: Path, calib: dict, variant: str, out: Path, bat
     return {"quantize_seconds": round(seconds, 1), **model_facts(out)}
 
 
-def model_facts(path: Path) -> dict:
-    from onnxq.analysis.inspection import inspect_model
-    from onnxq.quant.lint import lint, passed
-    from onnxq.ir.modelio import load_model
-
-    model = load_model(str(path))
-    info = inspect_model(model)
-    results = lint(model)
-    fid = info.fidelity
-    return {"path": str(path), "nodes": sum(info.op_counts.values()) + sum(info.qdq.values()),
-            "coverage_by_count": round(info.coverage_by_count, 4), "coverage_by_flops": round(info.coverage_by_flops, 4),
-            "nonlinear_ops": info.nonlinear_ops, "nonlinear_replaced": info.nonlinear_replaced,
-            "nonlinear_coverage": round(info.nonlinear_coverage, 4),
-            "remaining_nonlinear": sorted({op for op in info.op_counts if op in _NONLINEAR}),
-            "lint": "pass" if passed(results) else "FAIL " + ",".join(r.rule for r in results if r.status == "FAIL"),
-            "fidelity_max_steps": {f: round(max(e["max_steps"] for e in fid if e["function"] == f), 3)
-                                   for f in sorted({e["function"] for e in fid if "max_steps" in e})},
-            "fidelity_mean_steps": {f: round(float(np.mean([e["mean_steps"] for e in fid if e["function"] == f])), 3)
-                                    for f in sorted({e["function"] for e in fid if "mean_steps" in e})}}
-
-
 def latency(path: Path, feeds: dict, runs: int) -> dict:
-    sys.path.insert(0, str(REPO / "scripts"))
-    from latency import ort_latency_ms
-
     return {k: round(v, 2) for k, v in ort_latency_ms(path, feeds, runs=runs, warmup=max(2, runs // 10)).items()}
 
 
@@ -186,7 +157,7 @@ def latency(path: Path, feeds: dict, runs: int) -> dict:
 
 
 def minilm_calibration(n_sentences: int, n_words: int) -> dict:
-    from models import minilm
+    from onnxq_models import minilm
 
     return minilm.calibration_feeds(n_sentences, n_words, 32)
 
@@ -194,7 +165,7 @@ def minilm_calibration(n_sentences: int, n_words: int) -> dict:
 def minilm_eval(path: Path, words: list[str], ref: np.ndarray | None) -> tuple[dict, np.ndarray]:
     import onnxruntime as ort
 
-    from models import minilm, text_data
+    from onnxq_models import minilm, text_data
 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     vectors = minilm.embed(sess, words)
@@ -207,15 +178,8 @@ def minilm_eval(path: Path, words: list[str], ref: np.ndarray | None) -> tuple[d
     return out, vectors
 
 
-def _anchors():
-    sys.path.insert(0, str(REPO / "scripts"))
-    import anchors
-
-    return anchors
-
-
 def run_minilm(args) -> dict:
-    from models import minilm, text_data
+    from onnxq_models import minilm, text_data
 
     fp32 = minilm.cached_onnx()
     calib = minilm_calibration(96, 160)  # the calibration set of bench_transformers, also in --quick
@@ -240,7 +204,8 @@ def run_minilm(args) -> dict:
         result["models"][f"onnxq {variant}"] = {**scores, "latency_ms": lat, **facts}
         log(f"  onnxq {variant}", scores, lat)
     if not args.skip_anchors:
-        anchors = _anchors()
+        from benchlib import anchors
+
         with tempfile.TemporaryDirectory(prefix="anchors-") as tmp, anchors.working_dir(tmp):
             runs_anchor = [("ort s8 per-channel minmax", lambda o: anchors.ort_quantize(
                                fp32, calib, o, per_channel=True, calibrate="minmax", symmetric_activations=True)),
@@ -270,7 +235,7 @@ def _residual_adds(path: Path) -> list[str]:
     their residual input per tensor (TensorRT rule 11) wipes out a stream with massive activations."""
     from onnxq.analysis import structure
     from onnxq.ir.modelio import load_model
-    from onnxq.pipeline.core import PassContext, run_pipeline
+    from onnxq.pipeline import PassContext, run_pipeline
 
     model = load_model(str(path))
     run_pipeline(model, [p for p in recipe("w8a8") if p.name in ("lift_constants", "fold_constants", "upgrade_opset")],
@@ -280,7 +245,7 @@ def _residual_adds(path: Path) -> list[str]:
 
 
 def run_smollm2(args) -> dict:
-    from models import smollm2
+    from onnxq_models import smollm2
 
     fp32 = smollm2.cached_onnx()
     n_cal, n_eval = (4, 4) if args.quick else (16, 24)

@@ -12,7 +12,7 @@ petr-full-int8 recipes swap in) and petr_tiny_qfpe.pt (the plain QFPE fine-tune,
   + QANS; `_no_smooth_recentre`: without those two, the recipe before they were added); with
   petr-w8a8 (the qfpe pass swaps in the QFPE checkpoint's PE and weights, + QANS); fully quantized
   with petr-full-int8 (QFPE + QANS + DULUT + integer LayerNorm); ONNX Runtime quantize_static and
-  NVIDIA ModelOpt (scripts/anchors.py) on the original-PE model;
+  NVIDIA ModelOpt (scripts/benchlib/anchors.py) on the original-PE model;
 * with --extras also: per-channel weights, the recipes without QANS, QFPE + pe_fold, the default
   recipe on the PE-as-input export (form B), and the default recipe with only the attention
   products in float (what the PE passes add on top of that).
@@ -44,21 +44,19 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from benchlib import REPO, log, repo_relative
+from benchlib import facts
+
 WORK = REPO / ".cache" / "petr_bench"
 CHECKPOINTS = REPO / "models" / "checkpoints"
 CALIB_SCENES = 32
 RANGE_SCENES = 16
 K_PROJ = "/model/layers.0/cross_attn/k_proj/MatMul"
 
-QFPE_CHECKPOINT = "petr_tiny_qfpe_qat.pt"  # what petr-w8a8 and petr-full-int8 swap in
+QFPE_CHECKPOINT = "petr_tiny_qfpe_qat.pt"  # what petr-w8a8 and petr-full-int8 swap in (their weights file ships with them)
 QFPE_PTQ_CHECKPOINT = "petr_tiny_qfpe.pt"
+QFPE_PTQ_WEIGHTS = CHECKPOINTS / "petr_tiny_qfpe.npz"  # its weights file for the qfpe pass (scripts/train_petr.py writes it)
 REQUIRED = ("fp32_pe", "fp32_qfpe", "w8a8_naive", "w8a8_pe_fold", "w8a8_qfpe", "full_int8", "ort_quantize_static", "modelopt")
-
-
-def log(*args):
-    print(*args, flush=True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -128,24 +126,14 @@ def evaluate(path: Path, val, pos_embed: np.ndarray | None = None) -> dict:
 
 
 def model_facts(path: Path) -> dict:
-    from onnxq.analysis.inspection import inspect_model
-    from onnxq.quant.lint import lint
+    """The facts every benchmark reports, and the INT8 scale of the first key projection's input."""
     from onnxq.ir.modelio import load_model
 
-    model = load_model(str(path))
-    info = inspect_model(model)
-    results = lint(model)
-    failed = [r for r in results if r.status == "FAIL"]
-    facts = {"lint": "pass" if not failed else "FAIL " + ", ".join(f"{r.rule} ({len(r.violations)})" for r in failed),
-             "coverage_by_flops": round(info.coverage_by_flops, 4),
-             "float_nonlinear_ops": sorted({op for op in info.op_counts
-                                            if op in ("Softmax", "Sigmoid", "Exp", "Log", "LayerNormalization", "Erf", "Tanh")})}
-    if failed:
-        facts["lint_examples"] = [v for r in failed for v in r.violations[:2]]
-    scale = key_input_scale(model)
+    result = facts.model_facts(path)
+    scale = key_input_scale(load_model(str(path)))
     if scale is not None:
-        facts["k_proj_input_scale"] = round(scale, 5)
-    return facts
+        result["k_proj_input_scale"] = round(scale, 5)
+    return result
 
 
 def key_input_scale(model) -> float | None:
@@ -196,35 +184,36 @@ def pe_ranges(path: Path, val, folded_bias_absmax: float | None = None) -> dict:
 
 
 def recipe_steps(name: str, *, qans: bool = True, weights: str = "per-tensor", fold_after_qfpe: bool = False,
-                 attention_float: bool = False, rounding: str | None = None, checkpoint: str | None = None,
+                 attention_float: bool = False, rounding: str | None = None, weights_file: Path | None = None,
                  weight_calibrator: str | None = None, without: tuple[str, ...] = ()) -> list:
     """A built-in recipe's passes with the quantize step's weight granularity (and ablations: `without`
     drops the named passes)."""
-    from onnxq.pipeline.core import load_recipe
+    from onnxq.pipeline import load_recipe
+    from onnxq.pipeline.recipes import with_options
 
     _, passes = load_recipe(name)
     out = []
     for step in passes:
         if step.name == "quantize":
-            step.weights = weights
-            step.rounding = rounding or step.rounding
-            step.weight_calibrator = weight_calibrator or step.weight_calibrator
+            changes = {"weights": weights, "rounding": rounding or step.rounding,
+                       "weight_calibrator": weight_calibrator or step.weight_calibrator}
             if attention_float:
-                step.exclude = list(attention_products())
-        if step.name == "qfpe" and checkpoint:
-            step.checkpoint = str(CHECKPOINTS / checkpoint)
+                changes["exclude"] = list(attention_products())
+            step = with_options(step, **changes)
+        if step.name == "qfpe" and weights_file:
+            step = with_options(step, checkpoint=str(weights_file))
         if (step.name == "qans" and not qans) or step.name in without:
             continue
         out.append(step)
         if step.name == "fold_batchnorm" and fold_after_qfpe:
-            from onnxq.pipeline.core import make_pass
+            from onnxq.pipeline import make_pass
 
             out.append(make_pass("pe_fold"))
     return out
 
 
 def attention_products() -> list[str]:
-    from onnxq.pipeline.core import load_recipe
+    from onnxq.pipeline import load_recipe
 
     _, passes = load_recipe("petr-w8a8")
     return next(p for p in passes if p.name == "quantize").exclude
@@ -233,19 +222,20 @@ def attention_products() -> list[str]:
 def onnxq_variant(source: Path, calib: dict, out: Path, steps: list) -> dict:
     from onnxq.api import quantize
     from onnxq.ir.modelio import load_model
-    from onnxq.pipeline.core import read_record
+    from onnxq.pipeline import read_record
 
     start = time.perf_counter()
     proto = quantize(str(source), calib, output=str(out), recipe=steps, show_progress=False, log=lambda *_: None)
     seconds = time.perf_counter() - start
     record = read_record(load_model(proto))
     summaries = {r["name"]: r["summary"] for r in record if r["name"] in ("pe_fold", "qfpe", "qans", "dulut", "integer_ops")}
+    if "checkpoint" in summaries.get("qfpe", {}):  # results name no machine paths
+        summaries["qfpe"]["checkpoint"] = repo_relative(summaries["qfpe"]["checkpoint"])
     return {"quantize_seconds": round(seconds, 1), "passes": [r["name"] for r in record], "pass_summaries": summaries}
 
 
 def anchor_variant(kind: str, source: Path, calib: dict, out: Path) -> dict:
-    sys.path.insert(0, str(REPO / "scripts"))
-    import anchors
+    from benchlib import anchors
 
     with tempfile.TemporaryDirectory(prefix="petr-anchor-") as tmp, anchors.working_dir(tmp):
         if kind == "ort":
@@ -310,8 +300,8 @@ def run(args) -> tuple[dict, dict]:
         ("w8a8_pe_fold_no_smooth_recentre", lid, recipe_steps("petr-w8a8-pe-fold", without=("smooth", "recentre"))),
         ("w8a8_qfpe_gptq_mse", lid, recipe_steps("petr-w8a8", rounding="gptq", weight_calibrator="mse")),
         # the plain QFPE fine-tune, with the weight rounding that suits a checkpoint not trained for it
-        ("w8a8_qfpe_ptq", lid, recipe_steps("petr-w8a8", checkpoint=QFPE_PTQ_CHECKPOINT, rounding="gptq", weight_calibrator="mse")),
-        ("full_int8_qfpe_ptq", lid, recipe_steps("petr-full-int8", checkpoint=QFPE_PTQ_CHECKPOINT, rounding="gptq",
+        ("w8a8_qfpe_ptq", lid, recipe_steps("petr-w8a8", weights_file=QFPE_PTQ_WEIGHTS, rounding="gptq", weight_calibrator="mse")),
+        ("full_int8_qfpe_ptq", lid, recipe_steps("petr-full-int8", weights_file=QFPE_PTQ_WEIGHTS, rounding="gptq",
                                                  weight_calibrator="mse")),
     ]
     if args.extras:

@@ -38,8 +38,9 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
+from benchlib import REPO, log
+from benchlib.facts import model_facts
+
 WORK = REPO / ".cache" / "bench_transformers"
 
 CANONICAL = ("lift_constants", "fold_constants", "upgrade_opset", "fold_batchnorm", "equalize")
@@ -48,17 +49,13 @@ ABLATIONS = {"plain": (), "+smooth": ("smooth", "split_range"), "+rotate": ("fol
              "+both": ("fold_norm", "rotate", "smooth", "split_range")}
 
 
-def log(*args):
-    print(*args, flush=True)
-
-
 # ------------------------------------------------------------------------------------------------
 # recipes
 
 
 def onnxq_steps(variant: str, weights: str) -> list:
     """Pass objects of an onnxq variant: 'w8a8 <ablation>' or the name of a built-in recipe."""
-    from onnxq.pipeline.core import load_recipe
+    from onnxq.pipeline import load_recipe
 
     if variant.startswith("w8a8 "):
         keep = ABLATIONS[variant.split(" ", 1)[1]]
@@ -86,7 +83,7 @@ def worker(spec: dict) -> dict:
                  rounding=spec.get("rounding"), batch_size=spec["batch_size"], show_progress=False, log=lambda *_: None)
         error, notes, seconds = None, "", time.perf_counter() - start
     else:
-        import anchors
+        from benchlib import anchors
 
         with tempfile.TemporaryDirectory(prefix="anchor-") as tmp, anchors.working_dir(tmp):
             if spec["kind"] == "ort":
@@ -109,7 +106,7 @@ def quantize_in_subprocess(spec: dict) -> dict:
     spec_file.write_text(json.dumps(spec))
     python = sys.executable
     if spec.get("smooth_quant"):  # ORT's SmoothQuant runs neural-compressor 2.x, which has a venv of its own
-        import anchors
+        from benchlib import anchors
 
         try:
             python = str(anchors.ensure_inc())
@@ -125,20 +122,6 @@ def quantize_in_subprocess(spec: dict) -> dict:
 def _result_file(spec_file: Path) -> Path:
     """Where the worker leaves its result (not stdout: quantizers print progress bars there)."""
     return spec_file.with_suffix(".result.json")
-
-
-def model_facts(path: Path) -> dict:
-    """TensorRT lint verdict and the largest change any exact pass made (measured by the pipeline)."""
-    from onnxq.quant.lint import lint
-    from onnxq.ir.modelio import load_model
-    from onnxq.pipeline.core import read_record
-
-    model = load_model(str(path))
-    failed = sorted({r.rule for r in lint(model) if r.status == "FAIL"})
-    exact = [r.get("max_rel_change") for r in read_record(model) if r.get("kind") == "exact"]
-    exact = [x for x in exact if x is not None]
-    return {"lint": "pass" if not failed else "FAIL " + ",".join(failed),
-            "exact_passes_max_rel_change": float(f"{max(exact):.2e}") if exact else None}
 
 
 def quantizers(w8a8: list[tuple[str, str]], w4: bool) -> list[tuple[str, dict]]:
@@ -182,7 +165,7 @@ def run_model(name: str, fp32: Path, calib: dict, evaluate, batch_size: int, w8a
         row = {"quantizer": label, **info}
         if not info.get("error") and out.exists():
             row.update(evaluate(out))
-            row.update(model_facts(out))
+            row.update(model_facts(out, with_coverage=False))
         rows.append(row)
         log(f"[{name}] {label}", {k: v for k, v in row.items() if k != "quantizer"})
         report(rows)
@@ -215,20 +198,17 @@ def smollm2_rows(quick: bool, skip_anchors: bool, report) -> list[dict]:
 
 
 def minilm_rows(quick: bool, skip_anchors: bool, report) -> list[dict]:
-    from onnxq_models import minilm, text_data
-    from onnxq.runtime.session import session
+    from benchlib.minilm_task import minilm_task
 
-    fp32 = minilm.cached_onnx()
-    calib = minilm.calibration_feeds(32 if quick else 96, 48 if quick else 160)
-    sentences = text_data.wiki_sentences("eval")[: 64 if quick else 300]
-    reference = minilm.embed(session(fp32), sentences, max_length=32)
+    task = minilm_task(quick)
+    calib, sentences = task.calib, task.sentences
 
     def evaluate(path):
-        return {k: round(v, 4) for k, v in minilm.quality(session(path), sentences, reference).items()}
+        return {k: round(v, 4) for k, v in task.quality(path).items()}
 
     setup = {"calibration": f"{len(calib['input_ids'])} samples: wiki sentences + single words (32 tokens)",
              "evaluation": f"WordSim-353 / SimLex-999 word pairs; cosine over {len(sentences)} held-out sentences"}
-    return run_model("minilm", fp32, calib, evaluate, 16, ALL_W8A8, True, skip_anchors, lambda rows: report(rows, setup))
+    return run_model("minilm", task.fp32, calib, evaluate, 16, ALL_W8A8, True, skip_anchors, lambda rows: report(rows, setup))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -16,19 +16,16 @@ from __future__ import annotations
 import collections
 import json
 import subprocess
-import sys
 import warnings
-from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import anchors  # noqa: E402
-import latency  # noqa: E402
-from onnxq_models import images, minilm, mobilenet_v2, text_data  # noqa: E402
-from onnxq_models.cache import cache_dir  # noqa: E402
+from benchlib import anchors, latency
+from benchlib.latency import interleaved_latency
+from onnxq_models import images, minilm, mobilenet_v2, text_data
+from onnxq_models.cache import cache_dir
 
 OUT = cache_dir("investigate_ort")
 CALIB_SENTENCES, CALIB_LENGTH, WORD_LENGTH = 128, 32, 16
@@ -161,15 +158,6 @@ def fused_ops(model_path) -> dict[str, int]:
     keep = ("QLinearConv", "QLinearMatMul", "QLinearAdd", "QLinearMul", "MatMulIntegerToFloat", "QGemm",
             "Conv", "MatMul", "QuantizeLinear", "DequantizeLinear", "Transpose")
     return {k: counts[k] for k in keep if counts[k]}
-
-
-def interleaved_latency(models: dict[str, Path], feeds, rounds: int = 5, runs: int = 30, threads: int = 1):
-    """Median over rounds of each model's per-round minimum: robust to other jobs on a shared CPU."""
-    per_model = {name: [] for name in models}
-    for _ in range(rounds):
-        for name, path in models.items():
-            per_model[name].append(latency.ort_latency_ms(path, feeds, runs=runs, warmup=5, threads=threads)["min_ms"])
-    return {name: round(float(np.median(v)), 2) for name, v in per_model.items()}
 
 
 def main() -> None:

@@ -17,13 +17,20 @@ scripts/logs/README.md); to repeat them, run with the step counts the logs fixed
     python scripts/train_petr.py --qfpe --init .cache/petr_checkpoints/petr_tiny_qfpe_stage1.pt --steps 2841 \
         --lr 2e-4 --warmup 200 --out models/checkpoints/petr_tiny_qfpe.pt
     # stage 4 (QFPE only): quantization-aware fine-tune, per-tensor INT8 layer inputs and weights simulated
-    # (models/petr_qat.py); the petr-w8a8 and petr-full-int8 recipes swap in this checkpoint
+    # (models/petr_qat.py); the petr-w8a8 and petr-full-int8 recipes swap in this checkpoint's weights file
     python scripts/train_petr.py --qfpe --qat --qat-weights --init models/checkpoints/petr_tiny_qfpe.pt --steps 2262 \
-        --lr 1.5e-4 --warmup 100 --out models/checkpoints/petr_tiny_qfpe_qat.pt
+        --lr 1.5e-4 --warmup 100 --out models/checkpoints/petr_tiny_qfpe_qat.pt \
+        --weights-out onnxq/recipes/data/petr_tiny_qfpe_qat.npz
     # evaluation on the validation split (CPU; the split is rendered once and cached under .cache/)
     python scripts/train_petr.py --eval-only --init models/checkpoints/petr_tiny_lid.pt --val-scenes 300 --device cpu
     # tiny end-to-end run on the CPU
     python scripts/train_petr.py --smoke
+
+A QFPE run also writes the weights file the qfpe pass reads (plain arrays in an .npz, never a pickle:
+onnxq_models.petr_export.write_qfpe_weights) beside its checkpoint, or to --weights-out; stage 3's
+models/checkpoints/petr_tiny_qfpe.npz is what scripts/bench_petr.py's `_ptq` rows swap in. `--convert
+CHECKPOINT` writes it for an existing checkpoint. Run where onnxq and onnxq_models are installed
+(`bash scripts/setup.sh`; on a training machine with torch already, `pip install -e . -e ./models`).
 
 Training scenes are rendered on the training device as they are needed: step s of a run uses train
 scenes s·B .. s·B + B - 1 (each run starts again at scene 0), so a run is reproducible from
@@ -35,7 +42,6 @@ schedule is then the same).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import sys
@@ -45,32 +51,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _import_models():
-    """onnxq_models, or the repository's models/ folder loaded under that name where onnxq is not
-    installed or its package init cannot import (the GPU machine runs from a bare copy of the tree)."""
-    try:
-        import onnxq_models  # noqa: F401
-    except ImportError:
-        import types
-
-        for name in [n for n in sys.modules if n == "onnxq" or n.startswith("onnxq.")]:
-            del sys.modules[name]
-        package = types.ModuleType("onnxq")
-        package.__path__ = [str(REPO / "onnxq")]
-        sys.modules["onnxq"] = package
-        spec = importlib.util.spec_from_file_location("onnxq_models", REPO / "models" / "__init__.py",
-                                                      submodule_search_locations=[str(REPO / "models")])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["onnxq_models"] = module
-        spec.loader.exec_module(module)
-    from onnxq_models import petr, petr_data, petr_eval, petr_qat
-    return petr, petr_data, petr_eval, petr_qat
-
-
-petr, petr_data, petr_eval, petr_qat = _import_models()
+from onnxq_models import petr, petr_data, petr_eval, petr_qat
 
 
 class Log:
@@ -118,6 +99,9 @@ def parse_args(argv=None):
                    help="quantization-aware: fake-quantize every Linear/Conv2d input to per-tensor INT8 (models/petr_qat.py)")
     p.add_argument("--qat-weights", action="store_true", help="with --qat, also fake-quantize Linear and biased Conv2d weights")
     p.add_argument("--smoke", action="store_true", help="a few tiny steps on the CPU, end to end")
+    p.add_argument("--weights-out", help="where a QFPE model's weights file for the qfpe pass goes (default: --out as .npz)")
+    p.add_argument("--convert", metavar="CHECKPOINT", help="no training: write CHECKPOINT's weights file for the qfpe "
+                   "pass (to --weights-out, default beside it as .npz) and exit")
     args = p.parse_args(argv)
     if args.qat_weights and not args.qat:
         p.error("--qat-weights only applies with --qat")
@@ -210,6 +194,10 @@ def main(argv=None):
     device = torch.device(args.device)
     rig = petr_data.CameraRig()
 
+    if args.convert:
+        model, _ = petr.load_checkpoint(args.convert)
+        write_weights(model, args.weights_out or Path(args.convert).with_suffix(".npz"), log)
+        return None
     if args.eval_only:
         model, meta = petr.load_checkpoint(args.init)
         model.to(device)
@@ -287,7 +275,22 @@ def main(argv=None):
                 "ranges": ranges}
         petr.save_checkpoint(model.cpu(), args.out, meta)
         log(f"saved {args.out} ({Path(args.out).stat().st_size / 1e6:.2f} MB)")
+        if model.cfg.pe_type == "qfpe":
+            write_weights(model, args.weights_out or Path(args.out).with_suffix(".npz"), log)
     return result
+
+
+def write_weights(model, path: str | Path, log) -> None:
+    """The weights file the qfpe pass reads (plain arrays, no pickle); needs onnxq for the export."""
+    from onnxq_models import petr_export
+
+    try:
+        petr_export.write_qfpe_weights(model.cpu().eval(), path)
+    except ImportError as exc:  # a training machine with onnxq_models but not onnxq's dependencies
+        log(f"no weights file written ({exc}); where onnxq is installed run: "
+            f"python scripts/train_petr.py --convert CHECKPOINT --weights-out {path}")
+        return
+    log(f"wrote {path} ({Path(path).stat().st_size / 1e6:.2f} MB), the weights file for the qfpe pass")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,8 @@
-import sys
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))  # tests import their graph builders directly
 
 
 def run(model, feed):

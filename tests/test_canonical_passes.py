@@ -8,7 +8,7 @@ import pytest
 from builders import mobilenet_block_model, random_images
 from conftest import rel_change, run
 from onnxq.ir.graph import const_array
-from onnxq.pipeline.core import PassContext, load_recipe, run_pipeline
+from onnxq.pipeline import PassContext, load_recipe, run_pipeline
 
 X = random_images(4)
 
@@ -108,7 +108,7 @@ def test_pipeline_refuses_an_exact_pass_that_changes_outputs():
 
     from onnxq.errors import OnnxqError
     from onnxq.ir.graph import replace_initializer
-    from onnxq.pipeline.core import GraphPass, Kind
+    from onnxq.pipeline import GraphPass, Kind
 
     @dataclass
     class Broken(GraphPass):

@@ -8,7 +8,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxq.ir.checks import find_problem, input_problem
 from onnxq.errors import OnnxqError
-from onnxq.pipeline.core import GraphPass, Kind, PassContext, run_pipeline
+from onnxq.pipeline import GraphPass, Kind, PassContext, run_pipeline
 
 
 def linear_model(weight_rows: int = 4) -> ir.Model:

@@ -211,7 +211,7 @@ def test_uniform_table_option_and_bad_options():
     (entry,) = _fidelity(out).values()
     assert entry["method"] == "uniform 64" and entry["function"] == "exp"
     from onnxq.errors import OnnxqError
-    from onnxq.pipeline.core import make_pass
+    from onnxq.pipeline import make_pass
     with pytest.raises(OnnxqError):
         make_pass("dulut", {"functions": ["cosh"]})
     with pytest.raises(OnnxqError):

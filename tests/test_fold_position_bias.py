@@ -9,7 +9,7 @@ from builders import IR_VERSION
 from conftest import rel_change, run
 from onnxq.api import quantize
 from onnxq.ir.graph import const_array
-from onnxq.pipeline.core import PassContext, load_recipe, run_pipeline
+from onnxq.pipeline import PassContext, load_recipe, run_pipeline
 
 TOKENS, WIDTH = 12, 16
 

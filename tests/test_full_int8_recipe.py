@@ -8,7 +8,7 @@ import pytest
 from conftest import assert_lint_clean
 from onnxq.api import quantize
 from onnxq.errors import OnnxqError
-from onnxq.pipeline.core import load_recipe
+from onnxq.pipeline import load_recipe
 from onnxq.runtime.session import session
 from transformer_builders import export, feeds_for, tiny_bert, tiny_llama
 

@@ -10,7 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxq.api import quantize
 from onnxq.stats.calib_data import load_calibration
 from onnxq.errors import OnnxqError
-from onnxq.runtime.session import real_rows
+from onnxq.stats.service import real_rows
 
 SEQ, HIDDEN = 6, 8
 

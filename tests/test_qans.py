@@ -124,7 +124,7 @@ def test_float_softmax_beta_pays_for_the_clip_floor_on_long_rows():
 
 def test_bad_options():
     from onnxq.errors import OnnxqError
-    from onnxq.pipeline.core import make_pass
+    from onnxq.pipeline import make_pass
 
     with pytest.raises(OnnxqError):
         make_pass("qans", {"exp": "poly"})

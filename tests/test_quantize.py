@@ -175,7 +175,7 @@ def test_already_quantized_model_is_refused():
 def test_bad_recipes():
     for recipe, message in [("no-such-recipe", "neither a file nor a built-in"), (["no_such_pass"], "unknown pass"),
                             ([{"quantize": {"colour": "red"}}], "has no option 'colour'"),
-                            ([{"quantize": {"calibrator": "magic"}}], "calibrator must be one of")]:
+                            ([{"quantize": {"calibrator": "magic"}}], "calibrator.*is not one of")]:
         with pytest.raises(OnnxqError, match=message):
             quantize(mobilenet_block_model(), CALIB, recipe=recipe, show_progress=False)
 

@@ -50,7 +50,7 @@ def test_smooth_with_per_tensor_weights_never_ruins_the_writer(tmp_path):
         return out
 
     plain = errors([{"quantize": {"weights": "per-tensor"}}])
-    smoothed = errors([{"smooth": {"weights": "per-tensor"}}, {"quantize": {"weights": "per-tensor"}}])
+    smoothed = errors([{"smooth": {}}, {"quantize": {"weights": "per-tensor"}}])  # smooth reads the scheme
     # on the rows it was searched on, smoothing (s = 1 is a candidate) is never worse than none; here it
     # halves the error. Before the writer term both errors were 1.0: every up weight rounded to zero.
     assert smoothed[0] <= plain[0], (plain, smoothed)

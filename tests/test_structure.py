@@ -44,7 +44,7 @@ def test_llama_dynamo_export(tmp_path):
     s = structure.analyse(model)
     assert s.is_transformer and len(s.attentions) == 2 and len(s.norms) == 5
     # the dynamo export reads the tied LM head through a Transpose: a linear layer once constants are folded
-    from onnxq.pipeline.core import PassContext, load_recipe, run_pipeline
+    from onnxq.pipeline import PassContext, load_recipe, run_pipeline
 
     _, passes = load_recipe(["lift_constants", "fold_constants"])
     run_pipeline(model, passes, PassContext(show_progress=False), verify_exact=False)

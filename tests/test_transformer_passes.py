@@ -12,7 +12,7 @@ from onnxq.api import default_recipe_for, quantize
 from onnxq.stats.calib_data import load_calibration
 from onnxq.quant.lint import lint
 from onnxq.ir.modelio import load_model
-from onnxq.pipeline.core import PassContext, load_recipe, run_pipeline
+from onnxq.pipeline import PassContext, load_recipe, run_pipeline
 from onnxq.runtime.session import session
 from transformer_builders import export, feeds_for, tiny_bert, tiny_gpt, tiny_llama
 

@@ -26,7 +26,7 @@ import onnx_ir as ir
 from onnxq.ir.checks import infer_shapes
 from onnxq.ir.graph import WEIGHTED_OPS, const_array, opset_version
 from onnxq.passes.nonlinear.lut import FIDELITY_KEY, REPLACEMENT_KEY
-from onnxq.pipeline.core import read_record
+from onnxq.pipeline import read_record
 from onnxq.quant.qdq import FLOAT_REASON_KEY, QUANTIZED_KEY
 from onnxq.quant.qdq_rules import NON_NUMERIC, NONLINEAR, NORMALISATION
 

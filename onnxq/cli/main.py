@@ -267,7 +267,7 @@ def _quantize(args) -> int:
     from onnxq.quant.lint import lint, passed
     from onnxq.ir.modelio import load_model
     from onnxq.ir.outputs import calibration_files, check_outputs, files_read_by_model
-    from onnxq.pipeline.core import read_record
+    from onnxq.pipeline import read_record
 
     reads = files_read_by_model(args.model) + calibration_files(args.calib)
     if args.recipe and Path(args.recipe).is_file():
@@ -435,7 +435,7 @@ def _build_engine(args) -> int:
 
 
 def _recipes(args) -> int:
-    from onnxq.pipeline.core import RECIPE_DIR, builtin_recipes
+    from onnxq.pipeline.recipes import RECIPE_DIR, builtin_recipes
     from onnxq.pipeline.registry import pass_class, pass_names
 
     import yaml

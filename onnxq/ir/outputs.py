@@ -18,8 +18,8 @@ import glob
 import os
 import re
 import secrets
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 from onnxq.errors import OnnxqError
 
@@ -133,6 +133,7 @@ def files_read_by_model(path: str | os.PathLike, what: str = "the input model") 
     """(what, path) for the model file and each external-data file its tensors name (only the model
     when it cannot be parsed: loading it reports that problem)."""
     import onnx
+    from google.protobuf.message import DecodeError
     from onnx.external_data_helper import _get_all_tensors
 
     path = Path(path)
@@ -141,7 +142,7 @@ def files_read_by_model(path: str | os.PathLike, what: str = "the input model") 
     files = {path: what}
     try:
         proto = onnx.load(str(path), load_external_data=False)
-    except Exception:  # not a model: load_model says so in one line
+    except (DecodeError, ValueError, RuntimeError, OSError):  # not a model: load_model says so in one line
         return [(what, path)]
     for tensor in _get_all_tensors(proto):
         for entry in tensor.external_data:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from onnxq.errors import OnnxqError
 
 if TYPE_CHECKING:
-    from onnxq.pipeline.core import GraphPass
+    from onnxq.pipeline import GraphPass
 
 _PASSES = "onnxq.passes"
 PASS_TABLE: dict[str, str] = {

@@ -15,7 +15,7 @@ import onnx_ir as ir
 
 from onnxq.stats.calib_data import CalibrationSet
 from onnxq.ir.graph import Namer, add_initializer, const_array, replace_initializer
-from onnxq.runtime.session import intermediate_outputs
+from onnxq.stats.service import observe
 
 _CORRECTABLE = ("Conv", "Gemm")
 CORRECTED_KEY = "onnxq.bias_corrected"  # node metadata: the mean output shift removed from the bias
@@ -42,23 +42,36 @@ def correct_biases(model: ir.Model, float_weights: dict[str, np.ndarray], data: 
         pairs[node.name] = (node.outputs[0].name, twin.outputs[0].name, 1 if node.op_type == "Conv" else -1)
     if not pairs:
         return 0
-    names = [n for q, f, _ in pairs.values() for n in (q, f)]
-    shift = {layer: 0.0 for layer in pairs}
-    count = 0
-    # padding kept: layer outputs are read with their channel axis (Conv: 1), not as (batch, sequence) rows
-    for out in intermediate_outputs(probe, names, data, desc="bias correction", show_progress=show_progress,
-                                    keep_padding=True):
-        count += 1
-        for layer, (q, f, axis) in pairs.items():
-            diff = np.moveaxis(out[q].astype(np.float64) - out[f], axis, 0)
-            shift[layer] = shift[layer] + diff.reshape(diff.shape[0], -1).mean(axis=1)
+    shifts = OutputShift(pairs)
+    observe(probe, data, shifts, desc="bias correction", show_progress=show_progress)
     nodes = {n.name: n for n in model.graph}
-    for layer, total in shift.items():
+    for layer, total in shifts.total.items():
         bias = nodes[layer].inputs[2]
+        mean = total / shifts.batches
         old = const_array(bias)
-        replace_initializer(bias, (old - total / count).astype(old.dtype))  # FP16 biases stay FP16
-        nodes[layer].metadata_props[CORRECTED_KEY] = f"mean |shift| {float(np.abs(total / count).mean()):.3g}"
+        replace_initializer(bias, (old - mean).astype(old.dtype))  # FP16 biases stay FP16
+        nodes[layer].metadata_props[CORRECTED_KEY] = f"mean |shift| {float(np.abs(mean).mean()):.3g}"
     return len(pairs)
+
+
+class OutputShift:
+    """Per layer, the sum over batches of the per-channel mean of (quantized − float twin) output.
+
+    `pairs` maps a layer to (its output, its twin's output, channel axis). Means are taken per batch and
+    then averaged over batches. Layer outputs are (batch, channel, ...) or (rows, channel) tensors, so
+    dropping padded positions (the service does) leaves their channel axis where it was."""
+
+    def __init__(self, pairs: dict[str, tuple[str, str, int]]):
+        self.pairs = pairs
+        self.names = [n for q, f, _ in pairs.values() for n in (q, f)]
+        self.total = {layer: 0.0 for layer in pairs}
+        self.batches = 0
+
+    def update(self, values: dict[str, np.ndarray]) -> None:
+        self.batches += 1
+        for layer, (q, f, axis) in self.pairs.items():
+            diff = np.moveaxis(values[q].astype(np.float64) - values[f], axis, 0)
+            self.total[layer] = self.total[layer] + diff.reshape(diff.shape[0], -1).mean(axis=1)
 
 
 def _float_source(value: ir.Value | None) -> ir.Value | None:

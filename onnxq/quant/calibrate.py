@@ -1,10 +1,8 @@
-"""Activation statistics through ONNX Runtime, and the calibrators that turn them into ranges.
+"""Calibrators: activation ranges from the statistics the calibration data gave.
 
-Collection streams batch by batch: the tensors to calibrate are exposed as extra graph outputs, each
-batch's values update running statistics and are dropped, so memory holds one batch's activations
-at a time whatever the calibration set's size. Two sweeps: the first finds each tensor's range,
-the second fills a fixed-range histogram (2×`bins` bins over [-amax, amax]) for the calibrators
-that need a distribution, from at most MAX_HISTOGRAM_SAMPLES values per tensor and batch.
+Statistics come from two passes over the data (onnxq.stats.service): the first finds each tensor's
+range, the second fills a fixed-range histogram (2×`bins` bins over [-amax, amax]) for the
+calibrators that need a distribution (onnxq.stats.observers.Histograms).
 
 Calibrators choose a clipping threshold from a one-sided histogram of |x| (symmetric targets) or
 of each tail (asymmetric targets):
@@ -23,84 +21,12 @@ from typing import Sequence
 import numpy as np
 import onnx_ir as ir
 
-from onnxq.stats.calib_data import CalibrationSet
 from onnxq.errors import OnnxqError
-from onnxq.runtime.session import intermediate_outputs
+from onnxq.stats.calib_data import CalibrationSet
+from onnxq.stats.observers import Histograms, Range, Ranges  # noqa: F401 (Range: re-exported for the planner)
+from onnxq.stats.service import Observer, StatisticsService
 
 CALIBRATORS = ("max", "percentile", "entropy", "mse")
-# Per tensor and batch, histograms see at most this many values (a strided subsample); ranges
-# always see every value.
-MAX_HISTOGRAM_SAMPLES = 1 << 18
-
-
-@dataclass
-class Range:
-    lo: float
-    hi: float
-
-    @property
-    def amax(self) -> float:
-        return max(abs(self.lo), abs(self.hi))
-
-    @property
-    def finite(self) -> bool:
-        return math.isfinite(self.lo) and math.isfinite(self.hi)
-
-
-def observe_ranges(model: ir.Model, names: Sequence[str], data: CalibrationSet, *, show_progress: bool = True,
-                   desc: str = "calibrating ranges") -> dict[str, Range]:
-    """Min and max of each tensor in `names` over every calibration batch."""
-    ranges: dict[str, Range] = {}
-    for outputs in intermediate_outputs(model, names, data, desc=desc, show_progress=show_progress):
-        for name, x in outputs.items():
-            if x.size == 0:
-                continue
-            lo, hi = float(x.min()), float(x.max())
-            r = ranges.get(name)
-            ranges[name] = Range(lo, hi) if r is None else Range(min(r.lo, lo), max(r.hi, hi))
-    return ranges
-
-
-@dataclass
-class ChannelStats:
-    amax: np.ndarray         # per channel (axis 1): max |x|
-    mean_square: np.ndarray  # per channel: mean of x²
-
-
-def observe_channel_stats(model: ir.Model, names: Sequence[str], data: CalibrationSet, *,
-                          show_progress: bool = True) -> dict[str, ChannelStats]:
-    """Per-channel (axis 1) magnitude and mean square of each tensor in `names`, streaming."""
-    amax: dict[str, np.ndarray] = {}
-    sums: dict[str, np.ndarray] = {}
-    counts: dict[str, int] = {}
-    # padding kept: the (batch, channel, positions) layout read here has no position axis to drop rows from
-    for outputs in intermediate_outputs(model, names, data, desc="channel statistics", show_progress=show_progress,
-                                        keep_padding=True):
-        for name, x in outputs.items():
-            x = x.reshape(x.shape[0], x.shape[1], -1)  # (batch, channel, positions)
-            amax[name] = np.maximum(amax.get(name, 0.0), np.abs(x).max(axis=(0, 2)))
-            sums[name] = sums.get(name, 0.0) + np.einsum("bcp,bcp->c", x, x).astype(np.float64)
-            counts[name] = counts.get(name, 0) + x.shape[0] * x.shape[2]
-    return {n: ChannelStats(amax[n], sums[n] / counts[n]) for n in amax}
-
-
-def observe_histograms(model: ir.Model, ranges: dict[str, Range], data: CalibrationSet, *, bins: int = 2048,
-                       show_progress: bool = True) -> dict[str, np.ndarray]:
-    """Signed histograms with 2×`bins` bins over [-amax, amax] for each finite, non-zero range."""
-    names = [n for n, r in ranges.items() if r.finite and r.amax > 0]
-    hists = {n: np.zeros(2 * bins, dtype=np.int64) for n in names}
-    if not names:
-        return hists
-    for outputs in intermediate_outputs(model, names, data, desc="calibrating histograms", show_progress=show_progress):
-        for name, x in outputs.items():
-            amax = ranges[name].amax
-            flat = x.ravel()
-            if flat.size > MAX_HISTOGRAM_SAMPLES:  # a regular subsample keeps large tensors cheap
-                flat = flat[:: -(-flat.size // MAX_HISTOGRAM_SAMPLES)]
-            index = ((flat.astype(np.float64) + amax) * (bins / amax)).astype(np.int64)
-            np.clip(index, 0, 2 * bins - 1, out=index)
-            hists[name] += np.bincount(index, minlength=2 * bins)
-    return hists
 
 
 def one_sided_threshold(hist: np.ndarray, edge: float, method: str, *, percentile: float = 99.99) -> float:
@@ -215,9 +141,18 @@ class ActivationStatistics:
 
 
 def collect_statistics(model: ir.Model, names: Sequence[str], data: CalibrationSet, *, histograms: bool,
-                       bins: int = 2048, show_progress: bool = True) -> ActivationStatistics:
-    """Ranges of `names` over the calibration set, and their histograms when `histograms`."""
-    raw = observe_ranges(model, names, data, show_progress=show_progress)
-    hists = observe_histograms(model, raw, data, bins=bins, show_progress=show_progress) if histograms else {}
-    return ActivationStatistics(raw, hists)
-
+                       bins: int = 2048, show_progress: bool = True,
+                       alongside: Sequence[Observer] = ()) -> ActivationStatistics:
+    """Ranges of `names` over the calibration set, and their histograms when `histograms` (a second
+    pass: the bins need the range). `alongside` observers of the same model state ride on the first pass."""
+    sweep = StatisticsService(model, data, show_progress=show_progress)
+    ranges = sweep.register(Ranges(names))
+    for observer in alongside:
+        sweep.register(observer)
+    sweep.run("calibrating ranges")
+    hists = {}
+    if histograms:
+        second = StatisticsService(model, data, show_progress=show_progress)
+        hists = second.register(Histograms(ranges.result, bins)).result
+        second.run("calibrating histograms")
+    return ActivationStatistics(ranges.result, hists)

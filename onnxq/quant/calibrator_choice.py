@@ -13,16 +13,16 @@ held-out error.
 
 from __future__ import annotations
 
-import itertools
 from typing import Callable
 
 import numpy as np
 import onnx_ir as ir
 
-from onnxq.stats.calib_data import CalibrationSet
-from onnxq.quant.calibrate import ActivationStatistics, Range
 from onnxq.progress import progress
-from onnxq.runtime.session import run_batches, session
+from onnxq.quant.calibrate import ActivationStatistics, Range
+from onnxq.stats.calib_data import CalibrationSet
+from onnxq.stats.observers import BatchValues
+from onnxq.stats.service import observe
 
 AUTO_CANDIDATES = ("entropy", "max", "mse", "percentile")
 TRIAL_BATCHES = 4
@@ -42,19 +42,28 @@ def relative_output_error(reference: list[dict[str, np.ndarray]], outputs: list[
     return float(np.mean(errors)) if errors else 0.0
 
 
+def reference_outputs(model: ir.Model) -> BatchValues:
+    """An observer keeping the float model's outputs on the trial batches; register it on a pass over
+    the same model state (the range sweep) so the reference costs no run of its own."""
+    return BatchValues([o.name for o in model.graph.outputs], TRIAL_BATCHES)
+
+
 def choose_calibrator(model: ir.Model, stats: ActivationStatistics, insert_qdq: InsertActivationQDQ,
-                      data: CalibrationSet, *, symmetric: bool, percentile: float,
-                      show_progress: bool = True) -> tuple[str, dict[str, Range], dict[str, float]]:
-    """(best calibrator, its ranges, each candidate's relative output error)."""
-    batches = list(itertools.islice(iter(data), TRIAL_BATCHES))
-    reference = [outputs for _, outputs in run_batches(session(model), batches, padding_mask=data.padding_mask)]
+                      data: CalibrationSet, *, symmetric: bool, percentile: float, show_progress: bool = True,
+                      reference: BatchValues | None = None) -> tuple[str, dict[str, Range], dict[str, float]]:
+    """(best calibrator, its ranges, each candidate's relative output error). `reference`: the float
+    model's outputs on the trial batches if already observed (reference_outputs), else they are run here."""
+    if reference is None:
+        reference = reference_outputs(model)
+        observe(model, data, reference, desc="calibrator reference", show_progress=False, max_batches=TRIAL_BATCHES)
     errors: dict[str, float] = {}
     ranges: dict[str, dict[str, Range]] = {}
     for method in progress(AUTO_CANDIDATES, desc="choosing calibrator", unit="calibrator", disable=not show_progress):
         ranges[method] = stats.ranges(method, symmetric=symmetric, percentile=percentile)
         trial = model.clone()
         insert_qdq(trial, ranges[method])
-        outputs = [out for _, out in run_batches(session(trial), batches, padding_mask=data.padding_mask)]
-        errors[method] = relative_output_error(reference, outputs)
+        outputs = BatchValues([o.name for o in trial.graph.outputs], TRIAL_BATCHES)
+        observe(trial, data, outputs, desc=f"trying {method}", show_progress=False, max_batches=TRIAL_BATCHES)
+        errors[method] = relative_output_error(reference.result, outputs.result)
     best = min(errors, key=errors.get)
     return best, ranges[best], errors

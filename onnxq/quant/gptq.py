@@ -9,7 +9,8 @@ step chose (max or mse), so the deployed format is unchanged: only the integers 
 
 X is each layer's input in the model as deployed: after the activation Q/DQ the quantize step has just
 inserted, so the compensation also absorbs part of the input's rounding error. H is accumulated batch
-by batch (a d_in × d_in matrix per distinct input; memory never holds the calibration set's activations).
+by batch (a d_in × d_in matrix per distinct input; memory never holds the calibration set's activations),
+through onnxq.stats.service like every other statistic, so padded positions are left out.
 Handles MatMul with a 2-D weight, Gemm (transA = 0) and 2-D Conv with group = 1 (inputs unfolded into
 patches, one row per output position); other readers keep round-to-nearest. Torch does the linear
 algebra and is imported only when this rounding is asked for.
@@ -24,7 +25,7 @@ import onnx_ir as ir
 
 from onnxq.stats.calib_data import CalibrationSet
 from onnxq.quant.qdq import IntFormat
-from onnxq.runtime.session import intermediate_outputs
+from onnxq.stats.service import observe
 
 # fractions of mean(diag H) added to H's diagonal, tried per layer (gptq_round): 0.01 is the paper's; larger
 # values pull the result towards round-to-nearest and keep GPTQ from fitting the noise of a small H
@@ -57,31 +58,46 @@ class SplitHessian:
         return self.fit + self.check
 
 
+class HessianObserver:
+    """Σ rowsᵀ·rows (float64) of each distinct reader input (input tensor and, for Conv, patch geometry),
+    kept apart for even and odd batches (SplitHessian)."""
+
+    def __init__(self, readers: dict[str, list[ir.Node]]):
+        self.sources = {_row_source(node): node for nodes in readers.values() for node in nodes}
+        self.names = sorted({node.inputs[0].name for node in self.sources.values()})
+        self.totals: dict[tuple, object] = {}  # (*source, parity) -> torch float64 matrix
+        self.batches = 0
+
+    def update(self, values: dict[str, np.ndarray]) -> None:
+        import torch
+
+        for source, node in self.sources.items():
+            x = torch.from_numpy(np.asarray(values[node.inputs[0].name], dtype=np.float32))
+            rows = _input_rows(node, x, torch).to(torch.float64)
+            key = (*source, self.batches % 2)
+            self.totals[key] = self.totals[key] + rows.T @ rows if key in self.totals else rows.T @ rows
+        self.batches += 1
+
+    def hessians(self, readers: dict[str, list[ir.Node]]) -> dict[str, SplitHessian]:
+        """Per weight key, H over the inputs of that weight's reader nodes (readers of one input share it)."""
+        hessians = {}
+        for key, nodes in readers.items():
+            halves = []
+            for half in (0, 1):
+                parts = [self.totals.get((*_row_source(node), half)) for node in nodes]
+                halves.append(None if parts[0] is None else sum(parts[1:], parts[0]).numpy())
+            fit, check = halves
+            hessians[key] = SplitHessian(fit, check if check is not None else np.zeros_like(fit))
+        return hessians
+
+
 def collect_hessians(model: ir.Model, readers: dict[str, list[ir.Node]], data: CalibrationSet, *,
                      show_progress: bool = True) -> dict[str, SplitHessian]:
     """Per weight key, H (float64) over the inputs of that weight's reader nodes, split by batch parity.
     Readers of one input (Q/K/V, gate/up) share one matrix: memory grows with distinct inputs, not weights."""
-    import torch
-
-    sources = {_row_source(node): node for nodes in readers.values() for node in nodes}
-    inputs = sorted({node.inputs[0].name for node in sources.values()})
-    totals: dict[tuple, torch.Tensor] = {}
-    batches = intermediate_outputs(model, inputs, data, desc="GPTQ statistics", show_progress=show_progress)
-    for index, out in enumerate(batches):
-        for source, node in sources.items():
-            x = torch.from_numpy(np.asarray(out[node.inputs[0].name], dtype=np.float32))
-            rows = _input_rows(node, x, torch).to(torch.float64)
-            key = (*source, index % 2)
-            totals[key] = totals[key] + rows.T @ rows if key in totals else rows.T @ rows
-    hessians = {}
-    for key, nodes in readers.items():
-        halves = []
-        for half in (0, 1):
-            parts = [totals.get((*_row_source(node), half)) for node in nodes]
-            halves.append(None if parts[0] is None else sum(parts[1:], parts[0]).numpy())
-        fit, check = halves
-        hessians[key] = SplitHessian(fit, check if check is not None else np.zeros_like(fit))
-    return hessians
+    observer = HessianObserver(readers)
+    observe(model, data, observer, desc="GPTQ statistics", show_progress=show_progress)
+    return observer.hessians(readers)
 
 
 def _row_source(node: ir.Node) -> tuple:

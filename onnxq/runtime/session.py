@@ -1,7 +1,8 @@
-"""ONNX Runtime plumbing: sessions, intermediate outputs, batch runs and latency.
+"""ONNX Runtime plumbing: sessions, intermediate outputs exposed as graph outputs, and latency.
 
 Everything that executes a model goes through here, on the CPU execution provider, so calibration,
 comparison, verification of exact passes and benchmarks all see the same runtime settings.
+Statistics over the calibration data run through onnxq.stats.service, which builds on these.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import onnx
@@ -18,7 +19,6 @@ import onnxruntime as ort
 
 from onnxq.errors import OnnxqError
 from onnxq.ir.modelio import _PROTOBUF_LIMIT, to_proto
-from onnxq.progress import progress
 
 
 def session(model: ir.Model | onnx.ModelProto | str | Path, *, threads: int = 0,
@@ -67,46 +67,6 @@ def _elem_types(model: ir.Model) -> dict[str, int]:
         if value.dtype is not None:
             types[value.name] = int(value.dtype)
     return types
-
-
-def run_batches(sess: ort.InferenceSession, batches: Iterable[dict[str, np.ndarray]],
-                output_names: Sequence[str] | None = None, *, padding_mask: str | None = None):
-    """Yield (feed, outputs-by-name) for each batch; nothing is kept between batches. With
-    `padding_mask` (an input name), outputs keep only the real positions (see real_rows)."""
-    names = list(output_names) if output_names is not None else [o.name for o in sess.get_outputs()]
-    for feed in batches:
-        try:
-            values = sess.run(names, feed)
-        except Exception as exc:  # ORT raises its own exception types for bad feeds
-            raise OnnxqError(f"ONNX Runtime failed on a batch: {str(exc).splitlines()[0]}") from None
-        mask = feed.get(padding_mask) if padding_mask else None
-        if mask is not None and not mask.all():
-            values = [real_rows(x, mask.astype(bool)) for x in values]
-        yield feed, dict(zip(names, values))
-
-
-def intermediate_outputs(model: ir.Model, names: Sequence[str], data, *, desc: str, show_progress: bool = True,
-                         keep_padding: bool = False) -> Iterator[dict[str, np.ndarray]]:
-    """Per calibration batch of `data` (a CalibrationSet), the values of the tensors `names` of `model`,
-    with a progress bar. Positions the set's padding mask marks are left out (real_rows) unless
-    `keep_padding`. The quantize step's statistics (ranges, histograms, channel statistics, GPTQ, bias
-    correction) and smooth/klt_rotate read activations through here."""
-    sess = session(exposing(model, names))
-    batches = progress(data, desc=desc, total=len(data), unit="batch", disable=not show_progress)
-    for _, outputs in run_batches(sess, batches, list(names), padding_mask=None if keep_padding else data.padding_mask):
-        yield outputs
-
-
-def real_rows(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """The rows of a (batch, sequence, ...) tensor at the positions `mask` (batch, sequence) keeps,
-    stacked as (kept, ...); any other layout is returned whole.
-
-    Padded positions carry activations no output depends on (mean pooling and attention mask them
-    out). Left in, they dilute the statistics: on all-MiniLM-L6-v2's calibration set 62% of the rows
-    are padding, and the 99.99th percentile of an FFN input drops from 14.6 to 3.0."""
-    if x.ndim >= 2 and x.shape[:2] == mask.shape:
-        return x[mask]
-    return x
 
 
 def latency_ms(sessions: dict[str, ort.InferenceSession], feed: dict[str, np.ndarray], *,

@@ -66,7 +66,7 @@ class CalibrationSet:
     """Validated calibration batches for one model; iterate as often as needed.
 
     `padding_mask` names the input whose zeros mark padded sequence positions (a Hugging Face
-    `attention_mask`); statistics leave those positions out (see onnxq.runtime.session.real_rows)."""
+    `attention_mask`); statistics leave those positions out (see onnxq.stats.service.real_rows)."""
 
     def __init__(self, make_batches: Callable[[], Iterator[Feed]], num_batches: int, num_samples: int,
                  padding_mask: str | None = None):

@@ -16,16 +16,19 @@ from onnxscript import rewriter
 from onnxscript.rewriter.rules.common import (fuse_batchnorm_into_conv_rule, fuse_batchnorm_into_conv_transpose_rule,
                                               fuse_batchnorm_into_gemm_rule)
 
-from onnxq.pipeline.core import GraphPass, Kind, PassContext
+from onnxq.pipeline.passes import GraphPass, Kind, PassContext, before_quantize
 
 _RULES = [fuse_batchnorm_into_conv_rule, fuse_batchnorm_into_conv_transpose_rule, fuse_batchnorm_into_gemm_rule]
 _FUSABLE = {"Conv", "ConvTranspose", "Gemm"}
 
 
-@dataclass
+@dataclass(frozen=True)
 class FoldBatchNorm(GraphPass):
     name: ClassVar[str] = "fold_batchnorm"
     kind: ClassVar[Kind] = Kind.EXACT
+
+    def requires(self, model: ir.Model) -> None:
+        before_quantize(self, model)
 
     def apply(self, model: ir.Model, ctx: PassContext) -> dict:
         # remember which layer fed each BN, to give the fused layer that layer's name

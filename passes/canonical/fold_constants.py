@@ -14,10 +14,10 @@ from typing import ClassVar
 import onnx_ir as ir
 import onnxscript.optimizer as optimizer
 
-from onnxq.pipeline.core import GraphPass, Kind, PassContext
+from onnxq.pipeline.passes import GraphPass, Kind, PassContext
 
 
-@dataclass
+@dataclass(frozen=True)
 class FoldConstants(GraphPass):
     name: ClassVar[str] = "fold_constants"
     kind: ClassVar[Kind] = Kind.EXACT

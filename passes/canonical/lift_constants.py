@@ -13,10 +13,10 @@ from typing import ClassVar
 import onnx_ir as ir
 from onnx_ir.passes.common import LiftConstantsToInitializersPass
 
-from onnxq.pipeline.core import GraphPass, Kind, PassContext
+from onnxq.pipeline.passes import GraphPass, Kind, PassContext
 
 
-@dataclass
+@dataclass(frozen=True)
 class LiftConstants(GraphPass):
     name: ClassVar[str] = "lift_constants"
     kind: ClassVar[Kind] = Kind.EXACT

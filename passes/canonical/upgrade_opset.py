@@ -16,10 +16,10 @@ import onnxscript.version_converter as version_converter
 
 from onnxq.errors import OnnxqError
 from onnxq.ir.graph import opset_version
-from onnxq.pipeline.core import GraphPass, Kind, PassContext
+from onnxq.pipeline.passes import GraphPass, Kind, PassContext
 
 
-@dataclass
+@dataclass(frozen=True)
 class UpgradeOpset(GraphPass):
     name: ClassVar[str] = "upgrade_opset"
     kind: ClassVar[Kind] = Kind.EXACT

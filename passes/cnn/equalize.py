@@ -19,16 +19,17 @@ from typing import ClassVar
 import numpy as np
 import onnx_ir as ir
 
-from onnxq.quant.calibrate import observe_channel_stats
 from onnxq.passes.cnn.equalization import ChainStats, SecondConv, best_scales, data_free_scales
 from onnxq.ir.graph import Namer, add_initializer, attr, const_array, only_consumer, private_weight, replace_initializer
-from onnxq.pipeline.core import GraphPass, Kind, PassContext
+from onnxq.pipeline.passes import GraphPass, Kind, PassContext, before_quantize
+from onnxq.stats.observers import ChannelStatistics
+from onnxq.stats.service import observe
 
 # per-channel bound ops this pass writes (and can rescale again on the next iteration)
 _BOUNDS = ("Max", "Min")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Equalize(GraphPass):
     name: ClassVar[str] = "equalize"
     kind: ClassVar[Kind] = Kind.EXACT
@@ -36,11 +37,13 @@ class Equalize(GraphPass):
     iterations: int = 4     # rounds of the data-free rule (the data-driven choice needs one)
     max_scale: float = 1e3  # bound s_i so nearly-dead channels are not blown up
     use_data: bool = True   # choose s from calibration statistics when data is given
-    weights: str = "auto"   # granularity the scales are chosen for; auto: the quantize step's
+
+    def requires(self, model: ir.Model) -> None:
+        before_quantize(self, model)
 
     def apply(self, model: ir.Model, ctx: PassContext) -> dict:
         graph, namer = model.graph, Namer(model.graph)
-        per_channel = (self.weights if self.weights != "auto" else ctx.notes.get("weights", "per-channel")) == "per-channel"
+        per_channel = ctx.scheme.per_channel  # scales are chosen for the quantize step's weight granularity
         use_data = self.use_data and ctx.calibration is not None
         chains = self._select(graph, namer, per_channel, use_data, ctx.target)
         stats = self._statistics(model, chains, ctx) if use_data and chains else None
@@ -84,8 +87,9 @@ class Equalize(GraphPass):
         """Per-channel magnitude and mean square of each chain's middle tensor, one streaming sweep."""
         middle = {conv2.name: conv2.inputs[0].name for _, _, conv2 in chains}
         first_in = {conv2.name: conv1.inputs[0].name for conv1, _, conv2 in chains}
-        observed = observe_channel_stats(model, sorted(set(middle.values()) | set(first_in.values())),
-                                         ctx.calibration, show_progress=ctx.show_progress)
+        channels = ChannelStatistics(sorted(set(middle.values()) | set(first_in.values())), axis=1)
+        observe(model, ctx.calibration, channels, desc="channel statistics", show_progress=ctx.show_progress)
+        observed = channels.result
         return {key: ChainStats(observed[name].amax, observed[name].mean_square,
                                 float(observed[first_in[key]].mean_square.mean()))
                 for key, name in middle.items()}

@@ -32,14 +32,17 @@ import onnx_ir as ir
 
 from onnxq.quant.bias_correction import CORRECTED_KEY
 from onnxq.ir.graph import Namer, add_initializer, append_bias, attr, const_array, replace_initializer
-from onnxq.pipeline.core import GraphPass, Kind, PassContext
-from onnxq.runtime.session import exposing, run_batches, session
+from onnxq.pipeline.passes import GraphPass, Kind, PassContext, after_quantize
+from onnxq.stats.service import observe
 
 
-@dataclass
+@dataclass(frozen=True)
 class Recentre(GraphPass):
     name: ClassVar[str] = "recentre"
     kind: ClassVar[Kind] = Kind.APPROXIMATE
+
+    def requires(self, model: ir.Model) -> None:
+        after_quantize(self, model)
 
     def apply(self, model: ir.Model, ctx: PassContext) -> dict:
         graph, namer = model.graph, Namer(model.graph)
@@ -52,7 +55,8 @@ class Recentre(GraphPass):
                 skipped[q.inputs[0].name] = problem
             else:
                 sites.append((q, readers))
-        shifts = _mean_rounding_change(model, sites, ctx.require_calibration(self.name)) if sites else {}
+        shifts = (_mean_rounding_change(model, sites, ctx.require_calibration(self.name), ctx.show_progress)
+                  if sites else {})
         for q, readers in sites:
             recentre(graph, namer, q, readers, shifts)
         graph.sort()
@@ -81,7 +85,7 @@ def recentre(graph: ir.Graph, namer: Namer, q: ir.Node, readers: list["Reader"],
         _add_to_bias(graph, namer, r.node, delta)
 
 
-def _mean_rounding_change(model: ir.Model, sites, data) -> dict[tuple[str, int], np.ndarray]:
+def _mean_rounding_change(model: ir.Model, sites, data, show_progress: bool) -> dict[tuple[str, int], np.ndarray]:
     """Per input channel, the calibration mean of (new grid's rounding) - (old grid's rounding) of each
     recentred tensor read by a bias-corrected layer. `quantize`'s bias correction compensated the old
     grid's mean error there; moving this difference into the bias keeps that correction valid on the
@@ -89,20 +93,36 @@ def _mean_rounding_change(model: ir.Model, sites, data) -> dict[tuple[str, int],
     quantize did not correct keep only the exact shift: their new grid is the less biased one."""
     axes = {(q.inputs[0].name, _channel_axis(r.node)): float(const_array(q.inputs[1]))
             for q, readers in sites for r in readers if CORRECTED_KEY in r.node.metadata_props}
-    names = sorted({name for name, _ in axes})
-    if not names:
+    if not axes:
         return {}
-    sums, count = {}, {}
-    for _, outputs in run_batches(session(exposing(model, names)), data, names):
-        for (name, axis), s in axes.items():
-            x = outputs[name].astype(np.float64)
+    change = RoundingChange(axes)
+    observe(model, data, change, desc="recentre statistics", show_progress=show_progress)
+    return change.result
+
+
+class RoundingChange:
+    """Per (tensor, channel axis): the per-channel mean over every position of
+    (rounding on the recentred grid) − (rounding on the old grid), for the scale in `axes`."""
+
+    def __init__(self, axes: dict[tuple[str, int], float]):
+        self.axes = axes
+        self.names = sorted({name for name, _ in axes})
+        self._sums: dict[tuple[str, int], np.ndarray] = {}
+        self._counts: dict[tuple[str, int], int] = {}
+
+    def update(self, values: dict[str, np.ndarray]) -> None:
+        for (name, axis), s in self.axes.items():
+            x = values[name].astype(np.float64)
             c = 127 * s / 2
             old = np.clip(np.round(x / s), -128, 127) * s
             new = np.clip(np.round((x - c) / (s / 2)), -128, 127) * (s / 2) + c
             diff = np.moveaxis(new - old, axis, 0).reshape(x.shape[axis], -1)
-            sums[(name, axis)] = sums.get((name, axis), 0.0) + diff.sum(axis=1)
-            count[(name, axis)] = count.get((name, axis), 0) + diff.shape[1]
-    return {key: sums[key] / count[key] for key in sums}
+            self._sums[(name, axis)] = self._sums.get((name, axis), 0.0) + diff.sum(axis=1)
+            self._counts[(name, axis)] = self._counts.get((name, axis), 0) + diff.shape[1]
+
+    @property
+    def result(self) -> dict[tuple[str, int], np.ndarray]:
+        return {key: self._sums[key] / self._counts[key] for key in self._sums}
 
 
 def _channel_axis(node: ir.Node) -> int:

@@ -41,13 +41,13 @@ from typing import Any, ClassVar
 import numpy as np
 import onnx_ir as ir
 
-from onnxq.quant.calibrate import Range, observe_ranges
 from onnxq.ir.graph import Namer, add_initializer, attr, const_array
 from onnxq.passes.nonlinear.lut import (FIDELITY_KEY, FUNCTIONS, REPLACEMENT_KEY, DualLUT, Fidelity, Function, UniformLUT, build_dulut,
                        build_uniform, erf, fidelity, get_function)
-from onnxq.pipeline.core import GraphPass, Kind, PassContext
+from onnxq.pipeline.passes import GraphPass, Kind, PassContext
 from onnxq.quant.qdq import INT8, activation_params
-from onnxq.runtime.session import exposing, run_batches, session
+from onnxq.stats.observers import Range, Ranges
+from onnxq.stats.service import observe
 
 
 ANCHORS = ("Gelu", "Erf", "Tanh", "Sigmoid", "Softplus", "HardSwish", "HardSigmoid", "Swish", "Exp")
@@ -418,7 +418,7 @@ def find_functions(graph: ir.Graph, allowed: set[str], exclude: set[str] = froze
 # The pass
 
 
-@dataclass
+@dataclass(frozen=True)
 class Dulut(GraphPass):
     name: ClassVar[str] = "dulut"
     kind: ClassVar[Kind] = Kind.APPROXIMATE
@@ -451,10 +451,7 @@ class Dulut(GraphPass):
         ranges = {}
         if need_range:
             data = ctx.require_calibration(self.name)
-            ranges = observe_ranges(model, sorted({r.x.name for r in need_range if r.scale is None}), data,
-                                    show_progress=ctx.show_progress, desc="dulut: input ranges")
-            scaled = [r for r in need_range if r.scale is not None]
-            ranges.update(_scaled_ranges(model, scaled, data))
+            ranges = _input_ranges(model, need_range, data, ctx.show_progress)
         entries, counts, skipped = [], {"dulut": 0, "uniform": 0, "lut8": 0}, []
         replaced: dict[ir.Value, ir.Value] = {}  # a region's output that is the next region's input
         input_names = [r.x.name for r in regions]   # before replacements rename anything
@@ -526,20 +523,14 @@ class Dulut(GraphPass):
                 "input_quantized": params is not None or self.quantize_input, "replacement": b.replaces}
 
 
-def _scaled_ranges(model: ir.Model, regions: list[Region], data) -> dict[str, Range]:
-    """Range of a·x for each per-channel-scaled region (keyed by x's name), over the calibration set."""
-    if not regions:
-        return {}
-    scales = {r.x.name: r.scale for r in regions}
-    out: dict[str, Range] = {}
-    sess = session(exposing(model, sorted(scales)))
-    for _, outputs in run_batches(sess, data, sorted(scales)):
-        for name, x in outputs.items():
-            v = x * scales[name]
-            lo, hi = float(v.min()), float(v.max())
-            r = out.get(name)
-            out[name] = Range(lo, hi) if r is None else Range(min(r.lo, lo), max(r.hi, hi))
-    return out
+def _input_ranges(model: ir.Model, regions: list[Region], data, show_progress: bool) -> dict[str, Range]:
+    """Range of each region's input over the calibration set (keyed by the input's name), in one pass;
+    for a per-channel-scaled region, the range of a·x (what its table reads)."""
+    plain = Ranges(sorted({r.x.name for r in regions if r.scale is None}))
+    scaled = Ranges(sorted({r.x.name for r in regions if r.scale is not None}),
+                    scales={r.x.name: r.scale for r in regions if r.scale is not None})
+    observe(model, data, plain, scaled, desc="dulut: input ranges", show_progress=show_progress)
+    return {**plain.result, **scaled.result}
 
 
 def code_table(fn: Function, scale: float, zero_point: int, qmin: int) -> np.ndarray:

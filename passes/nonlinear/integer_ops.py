@@ -30,7 +30,7 @@ from onnxq.ir.graph import Namer, attr, opset_version
 from onnxq.passes.nonlinear.integer_ref import NormParams, SoftmaxParams, di_exp_step, di_norm, di_softmax
 from onnxq.passes.nonlinear.dulut import Builder, record_fidelity
 from onnxq.passes.nonlinear.qans import sample_rows, softmax_nodes
-from onnxq.pipeline.core import GraphPass, Kind, PassContext
+from onnxq.pipeline.passes import GraphPass, Kind, PassContext
 
 F32 = np.float32
 
@@ -64,7 +64,7 @@ def find_norms(model: ir.Model) -> list[Norm]:
     return found
 
 
-@dataclass
+@dataclass(frozen=True)
 class IntegerOps(GraphPass):
     name: ClassVar[str] = "integer_ops"
     kind: ClassVar[Kind] = Kind.APPROXIMATE
@@ -93,7 +93,7 @@ class IntegerOps(GraphPass):
         if not softmaxes and not norms:
             return {"replaced": 0}
         data = ctx.require_calibration(self.name)
-        samples = _sample(model, softmaxes, norms, data, self.rows)
+        samples = _sample(model, softmaxes, norms, data, self.rows, ctx.show_progress)
         entries = []
         params = SoftmaxParams(self.clip, self.softmax_bits, self.out_levels, self.max_row)
         for node in softmaxes:
@@ -124,10 +124,11 @@ class IntegerOps(GraphPass):
                 "max_error_steps": round(max((e["max_steps"] for e in entries), default=0.0), 3)}
 
 
-def _sample(model, softmaxes, norms, data, rows) -> dict[str, np.ndarray]:
+def _sample(model, softmaxes, norms, data, rows, show_progress) -> dict[str, np.ndarray]:
+    """Calibration rows of every Softmax input (along its axis) and norm input, in one pass."""
     axes = {n.inputs[0].name: attr(n, "axis", -1) for n in softmaxes}
     axes.update({m.x.name: -1 for m in norms})
-    return sample_rows(model, axes, data, rows)
+    return sample_rows(model, axes, data, rows, show_progress=show_progress)
 
 
 def _entry(pass_name, node, function, ops, method, rows, approx, exact, step, input_range, replacement) -> dict:

@@ -34,14 +34,15 @@ import onnx_ir as ir
 from onnxq.ir.graph import Namer, attr, opset_version
 from onnxq.passes.nonlinear.lut import build_dulut
 from onnxq.passes.nonlinear.dulut import Builder, emit_dulut, record_fidelity
-from onnxq.pipeline.core import GraphPass, Kind, PassContext
-from onnxq.runtime.session import exposing, run_batches, session
+from onnxq.pipeline.passes import GraphPass, Kind, PassContext
+from onnxq.stats.observers import RowSample
+from onnxq.stats.service import observe
 
 FIXED_POINT = 15  # exp table entries are integers round(e^v · 2^15)
 STEP = 1.0 / 255  # one INT8 output step of a probability
 
 
-@dataclass
+@dataclass(frozen=True)
 class Qans(GraphPass):
     name: ClassVar[str] = "qans"
     kind: ClassVar[Kind] = Kind.APPROXIMATE
@@ -68,7 +69,8 @@ class Qans(GraphPass):
         if not nodes:
             return {"replaced": 0}
         data = ctx.require_calibration(self.name)
-        samples = sample_rows(model, {n.inputs[0].name: attr(n, "axis", -1) for n in nodes}, data, self.rows)
+        samples = sample_rows(model, {n.inputs[0].name: attr(n, "axis", -1) for n in nodes}, data, self.rows,
+                              show_progress=ctx.show_progress)
         entries, betas = [], []
         for node in nodes:
             rows = samples.get(node.inputs[0].name)
@@ -190,16 +192,11 @@ def choose_beta(rows: np.ndarray, candidates: list[float], centre: bool, *, floo
     return float(best)
 
 
-def sample_rows(model: ir.Model, axes: dict[str, int], data, limit: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Up to `limit` rows of each tensor named in `axes` (rows along that axis), sampled over the calibration set."""
-    rng = np.random.default_rng(seed)
-    names = sorted(axes)
-    kept: dict[str, list[np.ndarray]] = {n: [] for n in names}
+def sample_rows(model: ir.Model, axes: dict[str, int], data, limit: int, seed: int = 0, *,
+                show_progress: bool = True) -> dict[str, np.ndarray]:
+    """Up to `limit` rows of each tensor named in `axes` (rows along that axis), sampled over the calibration
+    set: an equal share from each batch, padded positions left out, drawn by one generator seeded with `seed`."""
     per_batch = max(1, limit // max(len(data), 1))
-    sess = session(exposing(model, names))
-    for _, outputs in run_batches(sess, data, names):
-        for name, x in outputs.items():
-            rows = np.moveaxis(x, axes[name], -1).reshape(-1, x.shape[axes[name]])
-            pick = rng.choice(len(rows), size=min(per_batch, len(rows)), replace=False)
-            kept[name].append(rows[pick].astype(np.float32))
-    return {n: np.concatenate(v)[:limit] for n, v in kept.items() if v}
+    sample = RowSample({n: axes[n] for n in sorted(axes)}, per_batch, seed, limit=limit)
+    observe(model, data, sample, desc="sampling rows", show_progress=show_progress)
+    return sample.result

@@ -25,7 +25,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from onnxq.ir.graph import Namer, add_initializer, append_bias, const_array
-from onnxq.pipeline.core import GraphPass, Kind, PassContext
+from onnxq.pipeline.passes import GraphPass, Kind, PassContext, before_quantize
 
 
 class Linear(NamedTuple):
@@ -35,10 +35,13 @@ class Linear(NamedTuple):
     bias_index: int
 
 
-@dataclass
+@dataclass(frozen=True)
 class FoldPositionBias(GraphPass):
     name: ClassVar[str] = "fold_position_bias"
     kind: ClassVar[Kind] = Kind.EXACT
+
+    def requires(self, model: ir.Model) -> None:
+        before_quantize(self, model)
 
     def apply(self, model: ir.Model, ctx: PassContext) -> dict:
         graph, namer = model.graph, Namer(model.graph)

@@ -45,10 +45,10 @@ from onnxq.errors import OnnxqError
 from onnxq.ir.graph import Namer, add_initializer, const_array
 from onnxq.passes.petr.fold_position_bias import Linear, fold_into_bias
 from onnxq.analysis.petr_pe import PESite, find_pe, stats
-from onnxq.pipeline.core import GraphPass, Kind, PassContext
+from onnxq.pipeline.passes import GraphPass, Kind, PassContext, before_quantize
 
 
-@dataclass
+@dataclass(frozen=True)
 class PeFold(GraphPass):
     name: ClassVar[str] = "pe_fold"
     kind: ClassVar[Kind] = Kind.EXACT
@@ -56,6 +56,9 @@ class PeFold(GraphPass):
     rig: str = ""        # .npy/.npz holding the PE source input for the deployment rig; "" = first calibration sample
     pe_input: str = ""   # the graph input the PE comes from, if the recognition is ambiguous
     tolerance: float = 1e-6  # calibration samples must match the rig to this relative difference
+
+    def requires(self, model: ir.Model) -> None:
+        before_quantize(self, model)
 
     def apply(self, model: ir.Model, ctx: PassContext) -> dict:
         site = find_pe(model, self.pe_input or None)
@@ -91,7 +94,6 @@ class PeFold(GraphPass):
                    "folded_bias_absmax": round(bias_absmax, 3), "rig_from": self.rig or "first calibration sample"}
         if removed:
             summary["input_removed"] = removed
-        ctx.notes["pe_fold"] = {"pe": stats(pe_values[0]), "input_removed": removed}
         return summary
 
     def _source_value(self, site: PESite, ctx: PassContext) -> np.ndarray:
@@ -154,17 +156,18 @@ def _samples(data: CalibrationSet, name: str):
 def _evaluate(model: ir.Model, values: list[ir.Value], source: ir.Value, source_value: np.ndarray) -> list[np.ndarray]:
     """The tensors `values` (which depend on `source` only), computed by ONNX Runtime."""
     from onnxq.stats.calib_data import model_inputs
-    from onnxq.runtime.session import exposing, session
+    from onnxq.stats.observers import BatchValues
+    from onnxq.stats.service import observe
 
-    names = [v.name for v in values]
-    sess = session(exposing(model, names))
     feed = {}
     for spec in model_inputs(model):
         if spec.name == source.name:
             feed[spec.name] = source_value
         else:  # the PE does not depend on the other inputs, but ONNX Runtime wants them all
             feed[spec.name] = np.zeros([d if d is not None else 1 for d in spec.dims], dtype=spec.dtype)
-    return [np.asarray(a) for a in sess.run(names, feed)]
+    computed = BatchValues([v.name for v in values])
+    observe(model, [feed], computed, desc="pe_fold: position embedding", show_progress=False)
+    return [np.asarray(computed.result[0][v.name]) for v in values]
 
 
 def _without_input(data: CalibrationSet, name: str) -> CalibrationSet:

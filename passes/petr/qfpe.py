@@ -1,51 +1,52 @@
-"""qfpe: swap a PETR position embedding for FQ-PETR's QFPE, with a fine-tuned checkpoint's weights.
+"""qfpe: swap a PETR position embedding for FQ-PETR's QFPE, with a fine-tuned model's weights.
 
-Kind: needs-retraining. QFPE (FQ-PETR, methods.md §2.1) replaces PETR's 64-depth LID frustum, its
-inverse sigmoid and 192-channel encoder input by one ray point per feature cell at a fixed LiDAR-prior
-depth, embedded per axis as a convex combination of 3 learned anchors: the PE stays bounded (absmax
-~21 instead of ~106 for PETR-tiny) and needs no Log. Its anchors and encoder, and in practice every
-other weight of the detector, come from fine-tuning with labels: a graph pass cannot produce them, so
-this pass takes them from a QFPE checkpoint (`checkpoint`, e.g. models/checkpoints/petr_tiny_qfpe.pt).
+Kind: needs-retraining. QFPE (FQ-PETR) replaces PETR's 64-depth LID frustum, its inverse sigmoid and
+192-channel encoder input by one ray point per feature cell at a fixed LiDAR-prior depth, embedded per
+axis as a convex combination of 3 learned anchors: the PE stays bounded and needs no Log. Its anchors
+and encoder, and in practice every other weight of the detector, come from fine-tuning with labels: a
+graph pass cannot produce them, so this pass reads them from a QFPE weights file (`checkpoint`: plain
+arrays, never a pickle; qfpe_data.py describes it, onnxq_models.petr_export.write_qfpe_weights writes
+it). A relative `checkpoint` in a recipe file is taken from that file's folder.
 
-What it does, on a form-A graph (PE computed in the graph from img2lidar; onnxq/petr_pe.py finds it):
+What it does, on a form-A graph (PE computed in the graph from img2lidar; onnxq.analysis.petr_pe finds
+it, before any file is read):
 
 1. The PE subgraph up to its 1×1-conv encoder output (B·N, E, H, W) is replaced by the QFPE
-   subgraph, authored here as onnx_ir nodes with the checkpoint's anchors and encoder:
+   subgraph, authored here as onnx_ir nodes with the file's anchors and encoder:
    ray points (H·W, 4) at the prior depth → lidar frame through img2lidar → normalise by the position
    range → Clip(0, 1)·(n_anchors - 1) = t → hat weights Relu(1 - |t - k|) → per axis Gather and the
    weighted sum of that axis's anchor table → Concat → Reshape/Transpose → Conv 1×1 → Relu → Conv 1×1. The same
-   operations as models/petr.py's QFPEPositionEmbedding (tests/test_petr_passes.py checks the two agree).
+   operations as onnxq_models.petr's QFPEPositionEmbedding (tests/test_petr_passes.py checks the two agree).
    The lidar-frame points are written, by default (`float_geometry`), as the 4-term sum
    Σ_j ray[:, j] · img2lidar[..., :3, j] of broadcast Mul/Add instead of a MatMul: per-tensor INT8
-   quantizers (onnxq's rule tables, ONNX Runtime's, ModelOpt's) quantize every MatMul, and a
-   per-tensor INT8 img2lidar rounds its 1/focal entries (~0.004) to zero, which destroys the
-   geometry. As elementwise ops the 6·176·4 multiply-adds stay in float (TensorRT runs them in FP32).
-   The anchor interpolation Σ_k w_k·anchor_k is written the same way, for the same reason: as a
-   MatMul, INT8 hat weights (steps of 1/127) and anchor tables cost PETR-tiny's QFPE model 4.7 mAP
-   points at W8A8 (0.585 → 0.538); as 3 Mul/Add per axis it stays float and the encoder's
-   1×1 convs after it are quantized as usual.
-2. With `load_weights` (default), every other weight is loaded "by name" from the checkpoint: the
-   checkpoint is exported with the repository's exporter (models/petr_export.py, form A) and each
-   float constant input of a node of this graph is replaced by the constant at the same input of the
-   node with the same name in that export (scoped node names carry the module path, e.g.
+   quantizers quantize every MatMul, and a per-tensor INT8 img2lidar rounds its 1/focal entries
+   (~0.004) to zero, which destroys the geometry. As elementwise ops the multiply-adds stay in float
+   (TensorRT runs them in FP32). The anchor interpolation Σ_k w_k·anchor_k is written the same way,
+   for the same reason: as a MatMul, INT8 hat weights (steps of 1/127) and anchor tables lose most of
+   the geometry's resolution; as 3 Mul/Add per axis it stays float and the encoder's 1×1 convs after it
+   are quantized as usual.
+2. With `load_weights` (default), every other weight is loaded "by name": the file holds every
+   constant of the fine-tuned model's export by the repository's exporter (form A), and each float
+   constant input of a node of this graph is replaced by the constant at the same input of the node
+   with the same name in that export (scoped node names carry the module path, e.g.
    /model/layers.0/cross_attn/k_proj/MatMul); constants of other nodes (the exporter's unscoped
    Identity_84 counters differ between exports) are matched by initializer name (query_pos,
    model.layers.0.norm1.weight). Run it first in a recipe, on the exporter's graph,
    so that node names are the exporter's. A weighted node (Conv, MatMul, Gemm, LayerNormalization)
-   left without a counterpart means the checkpoint does not fit the graph: the pass fails.
+   left without a counterpart means the weights do not fit the graph: the pass fails.
    The fine-tuned model differs everywhere, so the result is the QFPE model itself.
-3. Validation: with calibration data, the authored PE is compared with the PyTorch QFPE module
-   on the first sample's img2lidar, and (with load_weights) the whole graph with the PyTorch
-   checkpoint model; a relative difference above `tolerance` is an error. Both are in the summary.
+3. Validation: with calibration data, the rewritten graph is run on the file's reference evaluation
+   (camera matrices and images the PyTorch model was run on when the file was written): the
+   authored PE against the PyTorch QFPE module's, and (with load_weights) the outputs against the
+   PyTorch model's; a relative difference above `tolerance` is an error. Both are in the summary.
 
 Every tensor whose value changes is renamed `<name>_qfpe` (graph outputs keep their names), so
 `onnxq compare` never pairs the LID and QFPE models' intermediate tensors. A form-B graph (PE as an
-input) needs no pass: compute pos_embed with the QFPE module outside (models/petr_export.py).
+input) needs no pass: compute pos_embed with the QFPE module outside (onnxq_models.petr_export).
 """
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -57,45 +58,45 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 from onnxq.errors import OnnxqError
 from onnxq.ir.graph import WEIGHTED_OPS, Namer, add_initializer, const_array
 from onnxq.analysis.petr_pe import find_pe, stats
-from onnxq.pipeline.core import GraphPass, Kind, PassContext
+from onnxq.passes.petr.qfpe_data import QfpeWeights, read_qfpe_weights
+from onnxq.pipeline.options import option
+from onnxq.pipeline.passes import GraphPass, Kind, PassContext, before_quantize
 
-REPO = Path(__file__).resolve().parents[2]
 _WEIGHTED = set(WEIGHTED_OPS) | {"LayerNormalization"}
 
 
-@dataclass
+@dataclass(frozen=True)
 class Qfpe(GraphPass):
     name: ClassVar[str] = "qfpe"
     kind: ClassVar[Kind] = Kind.RETRAIN
 
-    checkpoint: str = ""          # a QFPE PETR checkpoint (models/petr.py save_checkpoint format)
+    checkpoint: str = option("", path=True)  # a QFPE weights file (.npz, onnxq_models.petr_export.write_qfpe_weights)
     load_weights: bool = True     # also load every other fine-tuned weight by name (the QFPE model itself)
     float_geometry: bool = True   # ray projection and anchor interpolation as Mul/Add (float under INT8), not MatMul
     pe_input: str = ""            # the camera-matrix input, if the recognition is ambiguous
     tolerance: float = 1e-4       # relative difference allowed against the PyTorch module / model
 
+    def requires(self, model: ir.Model) -> None:
+        before_quantize(self, model)
+
     def apply(self, model: ir.Model, ctx: PassContext) -> dict:
-        import torch
-
-        from onnxq_models import petr as petr_model
-
-        path = resolve_checkpoint(self.checkpoint)
-        net, _ = petr_model.load_checkpoint(path)
-        cfg = net.cfg
-        if cfg.pe_type != "qfpe":
-            raise OnnxqError(f"qfpe: {path} is a '{cfg.pe_type}' checkpoint; give a QFPE one (pe_type 'qfpe')")
+        # the model must be a PETR with its PE in the graph before any file is opened
         site = find_pe(model, self.pe_input or None)
         if site.form != "in_graph":
             raise OnnxqError(f"qfpe: the position embedding is the graph input '{site.source.name}'; compute it with the QFPE "
                              "module outside the graph (onnxq_models.petr_export.compute_pos_embed) instead")
+        path = resolve_checkpoint(self.checkpoint)
+        weights = read_qfpe_weights(path)
+        if weights.pe_type != "qfpe":
+            raise OnnxqError(f"qfpe: {path} is a '{weights.pe_type}' checkpoint; give a QFPE one (pe_type 'qfpe')")
         old = site.encoder_output
-        fh, fw = cfg.feat_hw
-        expected = [None, cfg.embed_dims, fh, fw]
-        if old.shape is None or [d if isinstance(d, int) else None for d in old.shape][1:] != expected[1:]:
+        fh, fw = weights.meta["feat_hw"]
+        embed_dims = weights.meta["embed_dims"]
+        if old.shape is None or [d if isinstance(d, int) else None for d in old.shape][1:] != [embed_dims, fh, fw]:
             raise OnnxqError(f"qfpe: the graph's PE encoder gives {list(old.shape or [])}, the checkpoint's QFPE "
-                             f"gives (B·N, {cfg.embed_dims}, {fh}, {fw})")
+                             f"gives (B·N, {embed_dims}, {fh}, {fw})")
         graph, namer = model.graph, Namer(model.graph)
-        params = qfpe_parameters(net)
+        params = weights.pe_parameters()
         new_nodes, new_pe = build_qfpe(graph, namer, site.source, params, self.float_geometry,
                                        prefix="/model/position_embedding_qfpe")
         first_reader = min((u for u, _ in old.uses()), key=list(graph).index)
@@ -105,44 +106,46 @@ class Qfpe(GraphPass):
         old.replace_all_uses_with(new_pe)
         RemoveUnusedNodesPass()(model)  # the old PE subgraph
         summary = {"pe_replaced": f"{site.pe_type} -> qfpe", "pe_nodes_removed": len(site.nodes),
-                   "pe_nodes_added": len(new_nodes), "checkpoint": str(self.checkpoint or path)}
+                   "pe_nodes_added": len(new_nodes), "checkpoint": str(self.checkpoint)}
         changed = [new_pe]
         if self.load_weights:
-            loaded, unmatched, readers = load_weights_by_name(model, net, set(new_nodes))
+            loaded, unmatched, readers = load_weights_by_name(model, weights, set(new_nodes))
             summary["weights_loaded"] = loaded
             if unmatched:
                 summary["constants_unmatched"] = len(unmatched)
             changed += [n.outputs[0] for n in readers]
         renamed = _rename_downstream(graph, changed, keep={new_pe})
         summary["tensors_renamed"] = renamed
-        if ctx.calibration is not None:
-            feed = ctx.calibration.first()
-            summary.update(self._validate(model, net, params, feed, site.source.name, new_pe.name, torch))
-        ctx.notes["qfpe"] = {"checkpoint": str(path)}
+        if ctx.calibration is not None and weights.check_feed() is not None:
+            summary.update(self._validate(model, weights, site.source, new_pe.name))
         return summary
 
-    def _validate(self, model, net, params, feed, source: str, pe_name: str, torch) -> dict:
-        """The authored PE against the PyTorch module, and the whole graph against the PyTorch model."""
-        from onnxq_models.petr import metric_boxes
+    def _validate(self, model: ir.Model, weights: QfpeWeights, source: ir.Value, pe_name: str) -> dict:
+        """The authored PE, and (with load_weights) the whole graph, against the PyTorch model's
+        reference evaluation stored in the weights file."""
         from onnxq.runtime.session import exposing, session
 
-        inv = np.asarray(feed[source], dtype=np.float32)
-        sess = session(exposing(model, [pe_name]))
-        outputs = [o.name for o in sess.get_outputs()]
-        values = dict(zip(outputs, sess.run(outputs, {k: v for k, v in feed.items()
-                                                      if k in {i.name for i in sess.get_inputs()}})))
-        with torch.no_grad():
-            ref_pe = net.position_embed(torch.from_numpy(inv)).flatten(0, 1).numpy()
+        images, inv = weights.check_feed()
+        others = [v for v in model.graph.inputs if v is not source]
+        if len(others) != 1 or not _fits(others[0], images.shape) or not _fits(source, inv.shape):
+            # not the exporter's (images, img2lidar) interface: check the authored subgraph on its own
+            num_cameras = weights.meta["num_cameras"]
+            pe_model = qfpe_pe_model(weights.pe_parameters(), num_cameras, self.float_geometry, batch=inv.shape[0])
+            values = {pe_name: session(pe_model).run(None, {"img2lidar": inv})[0]}
+            outputs = []
+        else:
+            sess = session(exposing(model, [pe_name]))
+            outputs = [o.name for o in sess.get_outputs()]
+            values = dict(zip(outputs, sess.run(outputs, {source.name: inv, others[0].name: images})))
+        ref_pe = weights.arrays["check.pe"]
         result = {"pe_vs_pytorch_rel": _rel(values[pe_name], ref_pe)}
         if result["pe_vs_pytorch_rel"] > self.tolerance:
             raise OnnxqError(f"qfpe: the authored QFPE subgraph differs from the PyTorch QFPE module by "
                              f"{result['pe_vs_pytorch_rel']:.2e} relative (tolerance {self.tolerance:.0e})")
         result["pe_absmax"] = round(stats(ref_pe)["absmax"], 3)
-        if self.load_weights and "images" in feed and len(outputs) >= 3:
-            with torch.no_grad():
-                logits, regs = net(torch.from_numpy(np.asarray(feed["images"])), torch.from_numpy(inv), all_layers=False)
-            ref = {outputs[0]: logits.numpy(), outputs[1]: metric_boxes(regs).numpy()}
-            rel = max(_rel(values[k], v) for k, v in ref.items())
+        reference = weights.check_outputs()
+        if self.load_weights and len(outputs) >= len(reference) + 1:
+            rel = max(_rel(values[name], ref) for name, ref in zip(outputs, reference))
             result["model_vs_pytorch_rel"] = rel
             if rel > 10 * self.tolerance:
                 raise OnnxqError(f"qfpe: the rewritten graph differs from the PyTorch QFPE model by {rel:.2e} relative: "
@@ -154,24 +157,23 @@ class Qfpe(GraphPass):
 
 
 def resolve_checkpoint(path: str) -> Path:
-    """`path` as given, or relative to the repository (built-in recipes name committed checkpoints)."""
+    """The weights file `path` names: the recipe loader has already made a path that a recipe file
+    gives relative to its own folder (built-in recipes name the files shipped beside them); a
+    recipe given as a Python list or on the command line is read from the working directory."""
     if not path:
-        raise OnnxqError("qfpe needs a QFPE checkpoint: option `checkpoint` (e.g. models/checkpoints/petr_tiny_qfpe.pt)")
-    for candidate in (Path(path), REPO / path):
-        if candidate.exists():
-            return candidate
-    raise OnnxqError(f"qfpe: checkpoint {path} not found")
+        raise OnnxqError("qfpe needs a QFPE weights file: option `checkpoint` (a .npz written by "
+                         "onnxq_models.petr_export.write_qfpe_weights)")
+    candidate = Path(path).expanduser()
+    if not candidate.is_file():
+        raise OnnxqError(f"qfpe: checkpoint {path} not found")
+    return candidate
 
 
-def qfpe_parameters(net) -> dict[str, np.ndarray]:
-    """The arrays the QFPE subgraph needs, from a PETR model with a QFPE position embedding."""
-    pe = net.position_embedding
-    get = lambda t: t.detach().cpu().numpy().astype(np.float32)  # noqa: E731
-    return {"ray_points": get(pe.ray_points), "range_min": get(pe.range_min), "range_span": get(pe.range_span),
-            "anchor_positions": get(pe.anchor_positions), "anchors": get(pe.anchors),
-            "w1": get(pe.encoder[0].weight), "b1": get(pe.encoder[0].bias),
-            "w2": get(pe.encoder[2].weight), "b2": get(pe.encoder[2].bias),
-            "feat_hw": np.array(net.cfg.feat_hw)}
+def _fits(value: ir.Value, shape: tuple[int, ...]) -> bool:
+    """True if an array of `shape` can be fed to graph input `value` (same rank, equal static dims)."""
+    if value.shape is None or len(value.shape) != len(shape):
+        return False
+    return all(not isinstance(d, int) or d == s for d, s in zip(value.shape, shape))
 
 
 def build_qfpe(graph: ir.Graph, namer: Namer, img2lidar: ir.Value, p: dict[str, np.ndarray], float_geometry: bool = True,
@@ -238,64 +240,54 @@ def build_qfpe(graph: ir.Graph, namer: Namer, img2lidar: ir.Value, p: dict[str, 
     return nodes, pe
 
 
-def qfpe_pe_model(net, float_geometry: bool = True, batch: int = 1) -> ir.Model:
-    """A standalone model img2lidar (batch, N, 4, 4) -> QFPE encoder output (batch·N, E, H, W), for tests."""
-    cfg = net.cfg
+def qfpe_pe_model(params: dict[str, np.ndarray], num_cameras: int, float_geometry: bool = True,
+                  batch: int = 1) -> ir.Model:
+    """A standalone model img2lidar (batch, N, 4, 4) -> QFPE encoder output (batch·N, E, H, W) from the
+    PE arrays (`QfpeWeights.pe_parameters`)."""
     graph = ir.Graph([], [], nodes=[], opset_imports={"": 17}, name="qfpe")
-    source = ir.Value(name="img2lidar", shape=ir.Shape([batch, cfg.num_cameras, 4, 4]),
+    source = ir.Value(name="img2lidar", shape=ir.Shape([batch, num_cameras, 4, 4]),
                       type=ir.TensorType(ir.DataType.FLOAT))
     graph.inputs.append(source)
-    nodes, pe = build_qfpe(graph, Namer(graph), source, qfpe_parameters(net), float_geometry)
+    nodes, pe = build_qfpe(graph, Namer(graph), source, params, float_geometry)
     graph.extend(nodes)
     pe.name = "pe"
     graph.outputs.append(pe)
     return ir.Model(graph, ir_version=10)
 
 
-def load_weights_by_name(model: ir.Model, net, skip: set[ir.Node]) -> tuple[int, list[str], list[ir.Node]]:
+def load_weights_by_name(model: ir.Model, weights: QfpeWeights, skip: set[ir.Node]) -> tuple[int, list[str], list[ir.Node]]:
     """Load the checkpoint model's weights into `model` by node name and input slot (see the module
     docstring). Returns (constants replaced, unmatched float constants, nodes whose inputs changed)."""
-    from onnxq.ir.modelio import load_model
-    from onnxq_models.petr_export import export_onnx
-
-    with tempfile.TemporaryDirectory(prefix="onnxq-qfpe-") as tmp:
-        reference = load_model(str(export_onnx(net, Path(tmp) / "reference.onnx", "in_graph")))
-    ref_nodes = {n.name: n for n in reference.graph if n.name}
-    ref_inits = reference.graph.initializers
     graph, namer = model.graph, Namer(model.graph)
-    cache: dict[int, ir.Value] = {}
+    cache: dict[str, ir.Value] = {}
     loaded, unmatched, readers, missing_weights = 0, [], [], []
     for node in list(graph):
         if node in skip:
             continue
         # scoped names (/model/layers.0/cross_attn/k_proj/MatMul) carry the module path; the exporter's
         # unscoped ones (Identity_84) are counters that differ between exports
-        ref_node = ref_nodes.get(node.name) if (node.name or "").startswith("/") else None
-        if ref_node is not None and ref_node.op_type != node.op_type:
-            ref_node = None
+        scoped = (node.name or "").startswith("/")
         for i, value in enumerate(node.inputs):
             array = const_array(value)
             if array is None or array.dtype.kind != "f":
                 continue
-            ref_value = None
-            if ref_node is not None and i < len(ref_node.inputs) and const_array(ref_node.inputs[i]) is not None:
-                ref_value = ref_node.inputs[i]
-            elif value.name in ref_inits and not value.name.startswith("onnx::"):
-                ref_value = ref_inits[value.name]
-            if ref_value is None:
+            key = weights.node_constant(node.name, node.op_type, i) if scoped else None
+            if key is None and value.name and not value.name.startswith("onnx::"):
+                key = weights.initializer(value.name)
+            if key is None:
                 unmatched.append(f"{node.name}:{i}")
                 if node.op_type in _WEIGHTED:
                     missing_weights.append(f"{node.name} input {i}")
                 continue
-            ref_array = const_array(ref_value)
+            ref_array = weights.arrays[key]
             if ref_array.shape != array.shape:
                 raise OnnxqError(f"qfpe: the checkpoint's {node.name} input {i} has shape {ref_array.shape}, the graph's "
                                  f"{array.shape}: the checkpoint does not fit this graph")
             if np.array_equal(ref_array, array):
                 continue
-            new = cache.get(id(ref_value))
+            new = cache.get(key)
             if new is None:
-                new = cache[id(ref_value)] = add_initializer(graph, namer, f"{value.name}_qfpe", ref_array.astype(array.dtype))
+                new = cache[key] = add_initializer(graph, namer, f"{value.name}_qfpe", ref_array.astype(array.dtype))
             node.replace_input_with(i, new)
             loaded += 1
             if node not in readers:

@@ -14,10 +14,10 @@ from typing import ClassVar
 import onnx_ir as ir
 
 from onnxq.analysis.petr_pe import find_pe, tag_site
-from onnxq.pipeline.core import GraphPass, Kind, PassContext
+from onnxq.pipeline.passes import GraphPass, Kind, PassContext
 
 
-@dataclass
+@dataclass(frozen=True)
 class PetrPE(GraphPass):
     name: ClassVar[str] = "petr_pe"
     kind: ClassVar[Kind] = Kind.EXACT

@@ -12,72 +12,74 @@ from __future__ import annotations
 
 import importlib.util
 from collections import defaultdict
-from dataclasses import dataclass, field
-from typing import ClassVar
+from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import onnx_ir as ir
 
 from onnxq.quant import gptq
 from onnxq.quant.bias_correction import correct_biases
 from onnxq.quant.calibrate import CALIBRATORS, Range, collect_statistics
-from onnxq.quant.calibrator_choice import choose_calibrator
+from onnxq.quant.calibrator_choice import choose_calibrator, reference_outputs
 from onnxq.errors import OnnxqError
 from onnxq.ir.graph import Namer, const_array, opset_version
-from onnxq.pipeline.core import GraphPass, Kind, PassContext
+from onnxq.pipeline.options import option
+from onnxq.pipeline.passes import GraphPass, Kind, PassConditionError, PassContext, has_qdq
+from onnxq.quant.selection import select_nodes
 from onnxq.quant.qdq import (FLOAT_REASON_KEY, INT4_WEIGHT, INT8_WEIGHT, QUANTIZED_KEY, Planner, activation_format,
                        activation_params, insert_activation_qdq, insert_weight_dq, quantize_weight, scale_per_element, tag)
 from onnxq.quant.targets import get_target
 
 
 
-@dataclass
+@dataclass(frozen=True)
 class Quantize(GraphPass):
     name: ClassVar[str] = "quantize"
     kind: ClassVar[Kind] = Kind.APPROXIMATE
 
-    calibrator: str = "percentile"
-    percentile: float = 99.99
-    weights: str = "per-channel"
-    weight_calibrator: str = "mse"  # max | mse | auto (max per channel or block, mse per tensor)
-    weight_bits: int = 8
-    activation_bits: int = 8
-    block_size: int = 0
-    bins: int = 2048
-    exclude: list[str] = field(default_factory=list)
-    unknown_ops: str = "error"
+    calibrator: Literal["max", "percentile", "entropy", "mse", "auto"] = "percentile"
+    percentile: float = option(99.99, low=50.0, high=100.0)
+    weights: Literal["per-channel", "per-tensor"] = "per-channel"
+    weight_calibrator: Literal["max", "mse", "auto"] = "mse"  # auto: max per channel or block, mse per tensor
+    weight_bits: Literal[4, 8] = 8
+    activation_bits: Literal[4, 8] = 8
+    block_size: int = option(0, low=0)
+    bins: int = option(2048, low=16)
+    exclude: list[str] = option([])  # node names or regular expressions kept in float
+    unknown_ops: Literal["error", "float"] = "error"
     bias_correction: bool = True
-    rounding: str = "nearest"  # or "gptq": integers chosen for the layer's output error (onnxq.quant.gptq)
-    gptq_dampings: tuple[float, ...] = gptq.DAMPINGS  # tried per layer on held-out calibration batches
+    rounding: Literal["nearest", "gptq"] = "nearest"  # gptq: integers chosen for the layer's output error
+    gptq_dampings: tuple[float, ...] = option(gptq.DAMPINGS, each_low=1e-12)  # tried per layer on held-out batches
     float_residual: bool = False  # keep Adds of two activations (the residual stream) in float
 
     def __post_init__(self):
-        if self.calibrator not in (*CALIBRATORS, "auto"):
-            raise ValueError(f"calibrator must be one of {', '.join(CALIBRATORS)} or auto, not {self.calibrator!r}")
-        if self.weights not in ("per-channel", "per-tensor"):
-            raise ValueError(f"weights must be 'per-channel' or 'per-tensor', not {self.weights!r}")
-        if self.weight_bits not in (4, 8) or self.activation_bits not in (4, 8):
-            raise ValueError("weight_bits and activation_bits must be 4 or 8")
-        if self.weight_calibrator not in ("max", "mse", "auto"):
-            raise ValueError(f"weight_calibrator must be max, mse or auto, not {self.weight_calibrator!r}")
-        if self.unknown_ops not in ("error", "float"):
-            raise ValueError("unknown_ops must be 'error' or 'float'")
-        self.gptq_dampings = tuple(self.gptq_dampings) if isinstance(self.gptq_dampings, (list, tuple)) else (self.gptq_dampings,)
-        if not self.gptq_dampings or not all(isinstance(d, (int, float)) and d > 0 for d in self.gptq_dampings):
-            raise ValueError(f"gptq_dampings must be positive numbers, not {self.gptq_dampings!r}")
-        if self.rounding not in ("nearest", "gptq"):
-            raise ValueError(f"rounding must be 'nearest' or 'gptq', not {self.rounding!r}")
+        if not isinstance(self.gptq_dampings, tuple):  # frozen: a list given in Python becomes a tuple
+            object.__setattr__(self, "gptq_dampings", tuple(self.gptq_dampings))
+        if not self.gptq_dampings:
+            raise ValueError("gptq_dampings needs at least one value")
+
+    def requires(self, model: ir.Model) -> None:
+        needed = 21 if (self.weight_bits == 4 or self.activation_bits == 4 or self.block_size) else 13
+        if opset_version(model) < needed:
+            raise PassConditionError(f"quantize needs opset >= {needed} (model has {opset_version(model)}): "
+                                     "put upgrade_opset before quantize in the recipe")
+        if has_qdq(model):
+            raise PassConditionError("quantize: the model is quantized already (one quantize step per recipe)")
+
+    def ensures(self, model: ir.Model) -> None:
+        if not has_qdq(model):
+            raise PassConditionError("quantize inserted no Q/DQ node: every op was excluded or has no rule that "
+                                     "quantizes it, so the output would be the float model")
 
     def apply(self, model: ir.Model, ctx: PassContext) -> dict:
         target = get_target(ctx.target)
-        needed = 21 if (self.weight_bits == 4 or self.activation_bits == 4 or self.block_size) else 13
-        if opset_version(model) < needed:
-            raise OnnxqError(f"quantize needs opset >= {needed} (model has {opset_version(model)}): "
-                             "put upgrade_opset before quantize in the recipe")
         data = ctx.require_calibration(self.name)
         plan = self._plan(model, target)
         wanted = {plan.range_of.get(v, v).name for v in plan.activations}
+        # the auto calibrator's float reference is an output of the model state the ranges are read from
+        reference = reference_outputs(model) if self.calibrator == "auto" else None
         stats = collect_statistics(model, sorted(wanted), data, histograms=self.calibrator != "max", bins=self.bins,
-                                   show_progress=ctx.show_progress)
+                                   show_progress=ctx.show_progress, alongside=[reference] if reference else [])
         act_fmt = activation_format(self.activation_bits, target.activation_format.qmin < 0)
         calibrator, choice = self.calibrator, {}
         if calibrator == "auto":
@@ -85,7 +87,8 @@ class Quantize(GraphPass):
                 self._insert_activations(copy, self._plan(copy, target), ranges, act_fmt, target.symmetric)
 
             calibrator, ranges, errors = choose_calibrator(model, stats, trial, data, symmetric=target.symmetric,
-                                                           percentile=self.percentile, show_progress=ctx.show_progress)
+                                                           percentile=self.percentile, show_progress=ctx.show_progress,
+                                                           reference=reference)
             choice = {"calibrator_chosen": calibrator,
                       "calibrator_output_error": {k: float(f"{v:.3e}") for k, v in errors.items()}}
             ctx.log(f"quantize: calibrator auto -> {calibrator} (relative output error, activations only: "
@@ -132,7 +135,7 @@ class Quantize(GraphPass):
         """Which tensors get Q/DQ, by the target's rule table; residual Adds float if asked."""
         residual = [n for n in model.graph if self.float_residual and n.op_type == "Add"
                     and len(n.inputs) == 2 and all(v is not None and const_array(v) is None for v in n.inputs)]
-        plan = Planner(model.graph, target.table, exclude=[*self.exclude, *(n.name for n in residual)],
+        plan = Planner(model.graph, target.table, exclude=[*select_nodes(model.graph, self.exclude, 'quantize: exclude'), *(n.name for n in residual)],
                        unknown_ops=self.unknown_ops, target=target.name).run()
         for node in residual:  # transformers: one token's massive activations rule out a per-tensor scale
             plan.float_reasons[node] = "residual-stream Add kept in float (float_residual): its range is set by outlier tokens"

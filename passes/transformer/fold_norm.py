@@ -21,13 +21,16 @@ import onnx_ir as ir
 
 from onnxq.analysis import structure as st
 from onnxq.ir.graph import Namer, add_initializer
-from onnxq.pipeline.core import GraphPass, Kind, PassContext
+from onnxq.pipeline.passes import GraphPass, Kind, PassContext, before_quantize
 
 
-@dataclass
+@dataclass(frozen=True)
 class FoldNorm(GraphPass):
     name: ClassVar[str] = "fold_norm"
     kind: ClassVar[Kind] = Kind.EXACT
+
+    def requires(self, model: ir.Model) -> None:
+        before_quantize(self, model)
 
     def apply(self, model: ir.Model, ctx: PassContext) -> dict:
         s = st.analyse(model)

@@ -28,11 +28,12 @@ import onnx_ir as ir
 
 from onnxq.analysis import structure as st
 from onnxq.ir.graph import Namer
-from onnxq.pipeline.core import GraphPass, Kind, PassContext
-from onnxq.runtime.session import intermediate_outputs
+from onnxq.pipeline.passes import GraphPass, Kind, PassContext, before_quantize
+from onnxq.stats.observers import SecondMoments
+from onnxq.stats.service import observe
 
 
-@dataclass
+@dataclass(frozen=True)
 class KltRotate(GraphPass):
     name: ClassVar[str] = "klt_rotate"
     kind: ClassVar[Kind] = Kind.EXACT
@@ -41,6 +42,9 @@ class KltRotate(GraphPass):
     heads: bool = True
     online_down: bool = False
     seed: int = 0
+
+    def requires(self, model: ir.Model) -> None:
+        before_quantize(self, model)
 
     def apply(self, model: ir.Model, ctx: PassContext) -> dict:
         from onnxq.passes.transformer.fold_norm import fold, linear_readers
@@ -102,13 +106,6 @@ def klt(c: np.ndarray) -> np.ndarray:
 
 def second_moments(model: ir.Model, names: list[str], data, *, show_progress: bool = True) -> dict[str, np.ndarray]:
     """E[xᵀx] over the rows (last axis = channels) of each tensor, accumulated batch by batch."""
-    if not names:
-        return {}
-    sums: dict[str, np.ndarray] = {}
-    counts: dict[str, int] = {}
-    for outputs in intermediate_outputs(model, names, data, desc="KLT statistics", show_progress=show_progress):
-        for name, x in outputs.items():
-            flat = x.reshape(-1, x.shape[-1]).astype(np.float64)
-            sums[name] = sums.get(name, 0) + flat.T @ flat
-            counts[name] = counts.get(name, 0) + len(flat)
-    return {n: sums[n] / max(counts[n], 1) for n in sums}
+    moments = SecondMoments(names)
+    observe(model, data, moments, desc="KLT statistics", show_progress=show_progress)
+    return moments.result

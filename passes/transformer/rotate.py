@@ -38,13 +38,13 @@ import onnx_ir as ir
 
 from onnxq.analysis import structure as st
 from onnxq.ir.graph import Namer, add_initializer, const_array, private_weight, replace_initializer
-from onnxq.pipeline.core import GraphPass, Kind, PassContext
+from onnxq.pipeline.passes import GraphPass, Kind, PassContext, before_quantize
 
 # Node metadata on every linear layer whose input rotate has rotated: smooth leaves those inputs alone.
 INPUT_ROTATED_KEY = "onnxq.input_rotated"
 
 
-@dataclass
+@dataclass(frozen=True)
 class Rotate(GraphPass):
     name: ClassVar[str] = "rotate"
     kind: ClassVar[Kind] = Kind.EXACT
@@ -58,6 +58,9 @@ class Rotate(GraphPass):
     def __post_init__(self):
         if self.rotation not in ("hadamard", "random"):
             raise ValueError("rotation must be 'hadamard' or 'random'")
+
+    def requires(self, model: ir.Model) -> None:
+        before_quantize(self, model)
 
     def apply(self, model: ir.Model, ctx: PassContext) -> dict:
         rng = np.random.default_rng(self.seed)

@@ -44,13 +44,15 @@ import onnx_ir as ir
 
 from onnxq.analysis import structure as st
 from onnxq.ir.graph import Namer, add_initializer, const_array, replace_initializer
-from onnxq.pipeline.core import GraphPass, Kind, PassContext
-from onnxq.runtime.session import intermediate_outputs
+from onnxq.pipeline.passes import GraphPass, Kind, PassContext, before_quantize
+from onnxq.quant.scheme import QuantScheme
+from onnxq.stats.observers import ChannelStatistics, RowSample
+from onnxq.stats.service import observe
 
 SITES = ("norm", "vo", "mlp")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Smooth(GraphPass):
     name: ClassVar[str] = "smooth"
     kind: ClassVar[Kind] = Kind.EXACT
@@ -58,10 +60,6 @@ class Smooth(GraphPass):
     sites: list[str] = field(default_factory=lambda: list(SITES))
     alpha: float | None = None  # fixed α; None searches α per site
     alphas: int = 11  # grid size of the search over [0, 1]
-    weights: str = "auto"  # how the quantize step will store weights (the search simulates it); auto: the quantize step's
-    weight_bits: int = 8
-    activation_bits: int = 8
-    block_size: int = 0
     sample_rows: int = 512  # activation rows kept per site for the search
     max_columns: int = 4096  # readers wider than this (LM head) are scored on a column sample
     max_scale: float = 1e4
@@ -76,12 +74,11 @@ class Smooth(GraphPass):
         unknown = set(self.sites) - set(SITES)
         if unknown:
             raise ValueError(f"unknown smoothing sites {sorted(unknown)} (choose from {', '.join(SITES)})")
-        if self.weights not in ("auto", "per-channel", "per-tensor"):
-            raise ValueError("weights must be 'auto', 'per-channel' or 'per-tensor'")
-        self.per_channel = self.weights != "per-tensor"  # auto is settled in apply()
+
+    def requires(self, model: ir.Model) -> None:
+        before_quantize(self, model)
 
     def apply(self, model: ir.Model, ctx: PassContext) -> dict:
-        self.per_channel = (self.weights if self.weights != "auto" else ctx.notes.get("weights", "per-channel")) == "per-channel"
         s = st.analyse(model)
         graph, namer = model.graph, Namer(model.graph)
         sites = find_sites(s, self.sites)
@@ -97,7 +94,7 @@ class Smooth(GraphPass):
         done = 0
         for site in sites:
             amax, rows = stats.amax[site.activation.name], stats.rows(site.activation.name)
-            scales, alpha = self.choose(site, amax, rows, rng)
+            scales, alpha = self.choose(site, amax, rows, rng, ctx.scheme)
             if scales is None:
                 chosen.setdefault(site.kind, []).append(-1.0)
                 continue
@@ -114,8 +111,10 @@ class Smooth(GraphPass):
 
     # --- α search ---------------------------------------------------------------------------------
 
-    def choose(self, site: "Site", amax: np.ndarray, rows: np.ndarray, rng) -> tuple[np.ndarray | None, float]:
-        """(scales in the site's channel layout, α) with the least simulated error; (None, -1) if s = 1 wins."""
+    def choose(self, site: "Site", amax: np.ndarray, rows: np.ndarray, rng,
+               scheme: QuantScheme) -> tuple[np.ndarray | None, float]:
+        """(scales in the site's channel layout, α) with the least simulated error under `scheme` (the
+        format the quantize step will store); (None, -1) if s = 1 wins."""
         weights = [lin.weight_io().astype(np.float32) for lin in site.readers]
         weights = [w if w.shape[1] <= self.max_columns else w[:, np.sort(rng.choice(w.shape[1], self.max_columns, replace=False))]
                    for w in weights]
@@ -131,15 +130,15 @@ class Smooth(GraphPass):
         def error(scale_channels: np.ndarray) -> float:
             per_act = site.expand(scale_channels)
             act_amax = float(np.max(amax / per_act))
-            xq = _fake_quant(x / per_act, act_amax, self.activation_bits)
+            xq = _fake_quant(x / per_act, act_amax, scheme.activation_bits)
             total = 0.0
             for w, ref, energy in zip(weights, refs, energies):
-                wq = self._quant_weight(per_act[:, None] * w)
+                wq = _quant_weight(per_act[:, None] * w, scheme)
                 total += float(np.sum((xq @ wq - ref).astype(np.float64) ** 2)) / energy
             if w_writer is not None:
                 # the writer's output columns carry 1/s: with per-tensor weights a wide spread of s
                 # leaves its small columns a few INT8 steps (PETR's ReLU MLPs lost all accuracy)
-                total += _relative_weight_error(w_writer, scale_channels, self._quant_weight)
+                total += _relative_weight_error(w_writer, scale_channels, lambda w: _quant_weight(w, scheme))
             return total
 
         candidates = [self.alpha] if self.alpha is not None else list(np.linspace(0.0, 1.0, self.alphas))
@@ -154,17 +153,20 @@ class Smooth(GraphPass):
                 best_err, best, best_alpha = err, sc, float(alpha)
         return best, best_alpha
 
-    def _quant_weight(self, w: np.ndarray) -> np.ndarray:
-        qmax = 127 if self.weight_bits == 8 else 7
-        if self.block_size and w.shape[0] % self.block_size == 0:
-            blocks = w.reshape(w.shape[0] // self.block_size, self.block_size, w.shape[1])
-            scale = np.maximum(np.abs(blocks).max(axis=1, keepdims=True), 1e-12) / qmax
-            return (np.clip(np.round(blocks / scale), -qmax, qmax) * scale).reshape(w.shape)
-        if self.per_channel:
-            scale = np.maximum(np.abs(w).max(axis=0, keepdims=True), 1e-12) / qmax
-        else:
-            scale = max(float(np.abs(w).max()), 1e-12) / qmax
-        return np.clip(np.round(w / scale), -qmax, qmax) * scale
+
+
+def _quant_weight(w: np.ndarray, scheme: QuantScheme) -> np.ndarray:
+    """w (in × out) rounded to the scheme's weight grid (max scales), as the search simulates it."""
+    qmax = 127 if scheme.weight_bits == 8 else 7
+    if scheme.block_size and w.shape[0] % scheme.block_size == 0:
+        blocks = w.reshape(w.shape[0] // scheme.block_size, scheme.block_size, w.shape[1])
+        scale = np.maximum(np.abs(blocks).max(axis=1, keepdims=True), 1e-12) / qmax
+        return (np.clip(np.round(blocks / scale), -qmax, qmax) * scale).reshape(w.shape)
+    if scheme.per_channel:
+        scale = np.maximum(np.abs(w).max(axis=0, keepdims=True), 1e-12) / qmax
+    else:
+        scale = max(float(np.abs(w).max()), 1e-12) / qmax
+    return np.clip(np.round(w / scale), -qmax, qmax) * scale
 
 
 def _relative_weight_error(w: np.ndarray, scales: np.ndarray, quant) -> float:
@@ -184,33 +186,25 @@ def _fake_quant(x: np.ndarray, amax: float, bits: int) -> np.ndarray:
 # statistics
 
 
+@dataclass
 class Stats:
-    """Per-channel |max| and a bounded random row sample of each tensor, updated batch by batch."""
+    """Per-channel (last axis) max |x| and a bounded random row sample of each tensor."""
 
-    def __init__(self, rows_per_batch: int, seed: int):
-        self.amax: dict[str, np.ndarray] = {}
-        self.samples: dict[str, list[np.ndarray]] = {}
-        self.rows_per_batch = rows_per_batch
-        self.rng = np.random.default_rng(seed)
-
-    def update(self, name: str, x: np.ndarray) -> None:
-        flat = x.reshape(-1, x.shape[-1])
-        m = np.abs(flat).max(axis=0)
-        self.amax[name] = m if name not in self.amax else np.maximum(self.amax[name], m)
-        take = min(self.rows_per_batch, len(flat))
-        idx = self.rng.choice(len(flat), take, replace=False)
-        self.samples.setdefault(name, []).append(flat[np.sort(idx)].astype(np.float32, copy=True))
+    amax: dict[str, np.ndarray]
+    samples: dict[str, np.ndarray]
 
     def rows(self, name: str) -> np.ndarray:
-        return np.concatenate(self.samples[name])
+        return self.samples[name]
 
 
 def collect(model: ir.Model, names: list[str], data, sample_rows: int, seed: int, *, show_progress: bool = True) -> Stats:
-    stats = Stats(max(1, math.ceil(sample_rows / max(len(data), 1))), seed)
-    for outputs in intermediate_outputs(model, names, data, desc="smoothing statistics", show_progress=show_progress):
-        for name, x in outputs.items():
-            stats.update(name, x)
-    return stats
+    """One pass over the calibration data: channel maxima and about `sample_rows` rows per tensor, an
+    equal share from each batch (padding dropped), drawn by one generator seeded with `seed`."""
+    per_batch = max(1, math.ceil(sample_rows / max(len(data), 1)))
+    amax = ChannelStatistics(names, axis=-1, mean_square=False)
+    sample = RowSample({n: -1 for n in names}, per_batch, seed, in_order=True)
+    observe(model, data, amax, sample, desc="smoothing statistics", show_progress=show_progress)
+    return Stats({n: s.amax for n, s in amax.result.items()}, sample.result)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -31,11 +31,11 @@ import onnx_ir as ir
 
 from onnxq.analysis import structure as st
 from onnxq.ir.graph import Namer, add_initializer, const_array
-from onnxq.pipeline.core import GraphPass, Kind, PassContext
+from onnxq.pipeline.passes import GraphPass, Kind, PassContext, before_quantize
 from onnxq.passes.transformer.smooth import collect
 
 
-@dataclass
+@dataclass(frozen=True)
 class SplitRange(GraphPass):
     """Split each targeted MatMul's heavy-tailed input at a calibrated threshold (module docstring)."""
 
@@ -51,6 +51,9 @@ class SplitRange(GraphPass):
     seed: int = 0
     down_ratio: float = 0.0  # > 1: further split down inputs at t·r^k below their max (multi-level)
     outlier_margin: float = 1.0  # widen the top (outlier) part's calibrated range this many times
+
+    def requires(self, model: ir.Model) -> None:
+        before_quantize(self, model)
 
     def apply(self, model: ir.Model, ctx: PassContext) -> dict:
         s = st.analyse(model)

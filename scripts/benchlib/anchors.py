@@ -29,7 +29,8 @@ from typing import Iterable
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
+from benchlib import REPO
+
 MODELOPT_VENV = REPO / ".cache" / "modelopt-venv"
 MODELOPT_SETUP = REPO / "scripts" / "setup_modelopt.sh"
 INC_VENV = REPO / ".cache" / "inc-venv"
@@ -263,7 +264,7 @@ def _tail(text: str, lines: int = 25) -> str:
     return "\n".join(text.strip().splitlines()[-lines:])
 
 
-if __name__ == "__main__":  # tiny manual check: python scripts/anchors.py model.onnx calib.npz out_dir
+if __name__ == "__main__":  # tiny manual check, from scripts/: python -m benchlib.anchors model.onnx calib.npz out_dir
     model, calib_npz, out_dir = sys.argv[1:4]
     arrays = dict(np.load(calib_npz))
     for result in (ort_quantize(model, arrays, Path(out_dir) / "ort.onnx"),

@@ -35,3 +35,13 @@ def ort_latency_ms(path: str | os.PathLike, feeds: dict[str, np.ndarray], runs: 
     times = np.asarray(times)
     return {"median_ms": float(np.median(times)), "p90_ms": float(np.percentile(times, 90)),
             "min_ms": float(times.min())}
+
+
+def interleaved_latency(models: dict[str, str | os.PathLike], feeds: dict[str, np.ndarray], rounds: int = 5,
+                        runs: int = 30, threads: int = 1) -> dict[str, float]:
+    """Median over rounds of each model's per-round minimum (ms): robust to other jobs on a shared CPU."""
+    per_model = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, path in models.items():
+            per_model[name].append(ort_latency_ms(path, feeds, runs=runs, warmup=5, threads=threads)["min_ms"])
+    return {name: round(float(np.median(v)), 2) for name, v in per_model.items()}

@@ -1,0 +1,78 @@
+"""Running a recipe: the passes in order, each checked, exact ones verified, what ran recorded.
+
+After every pass the pipeline removes unused nodes, names anonymous ones, runs the ONNX checker
+and strict shape inference, and, for passes declared exact, compares the outputs on the first
+calibration batch with those before the pass (a relative change above the tolerance is a bug in
+the pass and stops the run).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+from onnxq.errors import OnnxqError
+from onnxq.ir.checks import check_model, infer_shapes, input_problem
+from onnxq.ir.graph import name_anonymous
+from onnxq.pipeline.passes import QDQ_OPS, GraphPass, Kind, PassContext
+from onnxq.pipeline.record import PassRecord, ir_version_for, read_record, write_record
+from onnxq.progress import progress
+
+
+def run_pipeline(model: ir.Model, passes: list[GraphPass], ctx: PassContext, *, verify_exact: bool = True,
+                 exact_tolerance: float = 1e-4, recipe_name: str = "") -> list[PassRecord]:
+    """Run `passes` on `model` in place, checking after each; return (and record) what ran."""
+    quantized = sorted({n.op_type for n in model.graph if n.op_type in QDQ_OPS})
+    if quantized and not read_record(model):
+        raise OnnxqError(f"the model already contains {', '.join(quantized)} nodes: give onnxq the floating-point model")
+    strict, known_problem = input_problem(model)
+    infer_shapes(model)
+    probe = ctx.calibration.first() if (verify_exact and ctx.calibration is not None) else None
+    reference = _outputs(model, probe) if probe is not None else None
+    records = []
+    for graph_pass in progress(passes, desc="passes", unit="pass", disable=not ctx.show_progress):
+        start = time.perf_counter()
+        graph_pass.requires(model)
+        summary = graph_pass.apply(model, ctx) or {}
+        RemoveUnusedNodesPass()(model)  # passes leave replaced constants behind; drop them here, once
+        name_anonymous(model.graph)
+        check_model(model, strict=strict, what=f"after pass '{graph_pass.name}'", tolerate=known_problem)
+        infer_shapes(model)
+        graph_pass.ensures(model)
+        record = PassRecord(graph_pass.name, graph_pass.kind.value, graph_pass.options(), summary,
+                            round(time.perf_counter() - start, 3))
+        if reference is not None:
+            outputs = _outputs(model, probe)
+            if graph_pass.kind is Kind.EXACT:
+                record.max_rel_change = _max_rel_change(reference, outputs)
+                if record.max_rel_change > exact_tolerance:
+                    raise OnnxqError(f"pass '{graph_pass.name}' is declared exact but changed the outputs by "
+                                     f"{record.max_rel_change:.2e} relative (tolerance {exact_tolerance:.0e}); "
+                                     "this is a bug in the pass, please report it")
+            reference = outputs
+        records.append(record)
+    write_record(model, records, recipe_name, ctx.target)
+    model.ir_version = ir_version_for(model)
+    return records
+
+
+def _outputs(model: ir.Model, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    from onnxq.runtime.session import session  # deferred: ORT start-up is only paid when verifying
+
+    sess = session(model)
+    names = [o.name for o in sess.get_outputs()]
+    taken = {i.name for i in sess.get_inputs()}  # a pass may have removed an input (pe_fold folds a constant one)
+    return dict(zip(names, sess.run(names, {k: v for k, v in feed.items() if k in taken})))
+
+
+def _max_rel_change(before: dict[str, np.ndarray], after: dict[str, np.ndarray]) -> float:
+    worst = 0.0
+    for name, ref in before.items():
+        if name not in after or not np.issubdtype(ref.dtype, np.floating):
+            continue
+        scale = max(float(np.abs(ref).max(initial=0.0)), 1e-12)
+        worst = max(worst, float(np.abs(after[name].astype(np.float64) - ref).max(initial=0.0)) / scale)
+    return worst

@@ -1,0 +1,35 @@
+"""Choosing nodes by name: exact names or regular expressions, and a clear error for a typo."""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Iterable
+
+import onnx_ir as ir
+
+from onnxq.errors import OnnxqError
+
+
+def select_nodes(graph: ir.Graph, patterns: Iterable[str], what: str) -> list[str]:
+    """Names of the nodes of `graph` that `patterns` name: each pattern is a node name or a regular
+    expression matched against whole names. A pattern that selects nothing is an error (a misspelled
+    name would otherwise be ignored silently); `what` says where the patterns came from."""
+    names = [node.name for node in graph if node.name]
+    known = set(names)
+    chosen: list[str] = []
+    for pattern in patterns:
+        if pattern in known:
+            chosen.append(pattern)
+            continue
+        try:
+            regex = re.compile(pattern)
+        except re.error:
+            regex = None
+        hits = [n for n in names if regex.fullmatch(n)] if regex is not None else []
+        if not hits:
+            near = difflib.get_close_matches(pattern, names, n=1)
+            hint = f" (did you mean '{near[0]}'?)" if near else ""
+            raise OnnxqError(f"{what}: no node is named or matches '{pattern}'{hint}")
+        chosen += hits
+    return sorted(set(chosen))
