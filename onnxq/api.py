@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import onnx
 import onnx_ir as ir
 
+from onnxq.arguments import check_quantize_arguments
 from onnxq.stats.calib_data import load_calibration
 from onnxq.errors import OnnxqError
 from onnxq.ir.modelio import load_model, save_model
@@ -41,11 +41,15 @@ def quantize(model: str | os.PathLike | onnx.ModelProto | ir.Model, calibration_
         padding_mask: the input whose zeros mark padded positions, left out of every statistic;
             a rank-2 integer or bool input, 1 for real positions; "auto" takes such an input named
             attention_mask; None counts every position.
+
+    Raises OnnxqError for unusable input (OnnxqTypeError / OnnxqValueError, also a TypeError /
+    ValueError, for an argument of the wrong type or value, named in the message), before any work.
     """
-    get_target(target)
+    check_quantize_arguments(model, calibration_data, output=output, recipe=recipe, target=target, per_tensor=per_tensor,
+                             calibrator=calibrator, rounding=rounding, batch_size=batch_size, max_samples=max_samples,
+                             padding_mask=padding_mask, allow_unknown_ops=allow_unknown_ops, verify_exact=verify_exact,
+                             show_progress=show_progress, log=log)
     source_path = model if isinstance(model, (str, os.PathLike)) else None
-    if output is not None and source_path is not None and Path(output).resolve() == Path(source_path).resolve():
-        raise OnnxqError(f"{output}: output path is the input model; choose another output path")
     work = load_model(model)
     if not isinstance(model, (str, os.PathLike)):
         work = ir.from_proto(ir.to_proto(work))  # never edit the caller's object

@@ -16,7 +16,9 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from onnxq.stats.calib_data import load_calibration
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
+
+from onnxq.stats.calib_data import load_calibration, model_inputs
 from onnxq.ir.checks import infer_shapes
 from onnxq.errors import OnnxqError
 from onnxq.progress import progress
@@ -60,9 +62,14 @@ class _Accumulator:
 
     @property
     def sqnr_db(self) -> float:
+        """inf when the outputs agree exactly, -inf when there is no signal or infinite noise, nan when a
+        model produced NaN."""
         if self.noise == 0:
             return math.inf
-        return 10 * math.log10(self.signal / self.noise) if self.signal > 0 else -math.inf
+        ratio = self.signal / self.noise  # float division: inf / inf is nan, x / inf is 0
+        if math.isnan(ratio):
+            return math.nan
+        return 10 * math.log10(ratio) if 0 < ratio < math.inf else (-math.inf if ratio <= 0 else math.inf)
 
 
 def compare_models(reference: ir.Model, quantized: ir.Model, data: Any, *, layers: bool = True,
@@ -70,6 +77,7 @@ def compare_models(reference: ir.Model, quantized: ir.Model, data: Any, *, layer
     """Agreement of `quantized` with `reference` on `data`: {"outputs": [...], "layers": [...]}."""
     infer_shapes(reference)
     infer_shapes(quantized)
+    _check_same_inputs(reference, quantized)
     batches = load_calibration(data, reference, limit=max_samples)
     out_names = [v.name for v in reference.graph.outputs]
     missing = [n for n in out_names if n not in {v.name for v in quantized.graph.outputs}]
@@ -80,8 +88,8 @@ def compare_models(reference: ir.Model, quantized: ir.Model, data: Any, *, layer
     ref_sess, q_sess = session(exposing(reference, names)), session(exposing(quantized, names))
     acc = {n: _Accumulator() for n in names}
     for feed in progress(batches, desc="comparing", total=len(batches), unit="batch", disable=not show_progress):
-        ref_values = ref_sess.run(names, feed)
-        q_values = q_sess.run(names, feed)
+        ref_values = run_on_data(ref_sess, names, feed, "the reference model")
+        q_values = run_on_data(q_sess, names, feed, "the quantized model")
         for name, r, q in zip(names, ref_values, q_values):
             if np.issubdtype(r.dtype, np.floating):
                 acc[name].update(r, q, detailed=name in out_names)
@@ -90,6 +98,35 @@ def compare_models(reference: ir.Model, quantized: ir.Model, data: Any, *, layer
     layer_rows = sorted(({"tensor": n, "sqnr_db": acc[n].sqnr_db} for n in layer_names if acc[n].signal > 0),
                         key=lambda row: row["sqnr_db"])
     return {"samples": batches.num_samples, "outputs": [asdict(o) for o in outputs], "layers": layer_rows}
+
+
+def run_on_data(sess, names: list[str], feed: dict[str, np.ndarray], what: str) -> list[np.ndarray]:
+    """`sess.run`, with ONNX Runtime's complaint about the data (an index out of range, a shape the
+    graph cannot take) turned into a one-line OnnxqError naming `what` failed."""
+    try:
+        return sess.run(names, feed)
+    except (ort_errors.InvalidArgument, ort_errors.Fail, ort_errors.RuntimeException) as exc:
+        raise OnnxqError(f"ONNX Runtime cannot run {what} on this data: {_first_line(exc)}") from None
+
+
+def _check_same_inputs(reference: ir.Model, quantized: ir.Model) -> None:
+    """Both models must take the same feeds: same input names, element types and fixed dimensions."""
+    ref = {s.name: s for s in model_inputs(reference)}
+    quant = {s.name: s for s in model_inputs(quantized)}
+    if set(ref) != set(quant):
+        raise OnnxqError(f"the models take different inputs: reference {sorted(ref)}, quantized {sorted(quant)}")
+    for name, r in ref.items():
+        q = quant[name]
+        clash = len(r.dims) != len(q.dims) or any(a is not None and b is not None and a != b
+                                                  for a, b in zip(r.dims, q.dims))
+        if r.dtype != q.dtype or (r.dims and q.dims and clash):
+            raise OnnxqError(f"input '{name}' differs between the models: reference {r.describe()}, "
+                             f"quantized {q.describe()}")
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 def _shared_layers(reference: ir.Model, quantized: ir.Model) -> list[str]:

@@ -2,7 +2,8 @@
 
 Coverage counts the compute ops (everything but Q/DQ, constants and shape bookkeeping) whose float
 inputs all arrive through DequantizeLinear, by count and by FLOPs; FLOPs come from inferred shapes
-(symbolic dimensions such as batch or sequence length are counted as 1).
+(symbolic dimensions such as batch or sequence length, and the -1 some exporters write for them, are
+counted as 1, so the count is never negative).
 
 Nonlinear ops replaced by lookup tables or integer subgraphs (passes dulut, qans, integer_ops) are
 counted as the one op they replace: the emitted nodes share a `onnxq.replacement` label, and the
@@ -14,6 +15,7 @@ lists each replacement's measured error in INT8 output steps (model metadata `on
 
 from __future__ import annotations
 
+import json
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,8 +24,6 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxq.ir.checks import infer_shapes
-import json
-
 from onnxq.ir.graph import WEIGHTED_OPS, const_array, opset_version
 from onnxq.passes.nonlinear.lut import FIDELITY_KEY, REPLACEMENT_KEY
 from onnxq.pipeline import read_record
@@ -75,21 +75,26 @@ def node_flops(node: ir.Node) -> float:
     out = node.outputs[0] if node.outputs else None
     out_elems = _elements(out.shape) if out is not None else 0
     if node.op_type in ("Conv", "ConvTranspose") and node.inputs[1] is not None and node.inputs[1].shape is not None:
-        w = [d if isinstance(d, int) else 1 for d in node.inputs[1].shape]
+        w = [_known(d) for d in node.inputs[1].shape]
         per_output = int(np.prod(w[1:])) if node.op_type == "Conv" else w[0] * int(np.prod(w[2:])) // max(w[1], 1)
         return 2.0 * out_elems * per_output
     if node.op_type in ("MatMul", "Gemm") and node.inputs[0] is not None and node.inputs[0].shape is not None:
         k = node.inputs[0].shape[-1]
         if node.op_type == "Gemm" and node.attributes.get("transA") is not None and node.attributes["transA"].value:
             k = node.inputs[0].shape[0]
-        return 2.0 * out_elems * (k if isinstance(k, int) else 1)
+        return 2.0 * out_elems * _known(k)
     return float(out_elems)
 
 
 def _elements(shape) -> int:
     if shape is None:
         return 1
-    return int(np.prod([d if isinstance(d, int) else 1 for d in shape])) if len(shape) else 1
+    return int(np.prod([_known(d) for d in shape])) if len(shape) else 1
+
+
+def _known(dim) -> int:
+    """A dimension's size, 1 where it is symbolic or negative (unknown)."""
+    return dim if isinstance(dim, int) and dim >= 0 else 1
 
 
 def inspect_model(model: ir.Model) -> Inspection:

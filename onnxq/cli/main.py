@@ -4,13 +4,35 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
+import signal
 import sys
 import textwrap
 from pathlib import Path
 
 from onnxq.errors import OnnxqError
-from onnxq.cli.tables import table
+from onnxq.cli.tables import clean, table
+
+# Exit statuses (docs/guarantees.md): what a script calling onnxq can rely on.
+EXIT_OK = 0
+EXIT_USER_ERROR = 1     # bad input: one line "onnxq: error: ..." on stderr, nothing written
+EXIT_USAGE = 2          # bad command line (unknown option, missing argument, value of the wrong form or range)
+EXIT_INTERNAL = 3       # a bug in onnxq: "onnxq: internal error: ..."
+EXIT_LINT_FAILED = 4    # the model is fine to read but breaks an error-level TensorRT rule (lint), or
+                        # quantize wrote its output and that output fails lint
+EXIT_INTERRUPTED = 130  # SIGINT (Ctrl-C); 143 for SIGTERM: temporary files removed, no partial output
+EXIT_TERMINATED = 143
+
+EXIT_STATUS_HELP = f"""\
+exit status:
+  {EXIT_OK}    success
+  {EXIT_USER_ERROR}    bad input (model, data, recipe, output path): one line "onnxq: error: ..."
+  {EXIT_USAGE}    bad command line (unknown option, missing argument, value of the wrong form or range)
+  {EXIT_INTERNAL}    internal error (a bug in onnxq; ONNXQ_DEBUG=1 shows the traceback)
+  {EXIT_LINT_FAILED}    TensorRT lint failed (lint), or quantize wrote its output but that output fails lint
+  {EXIT_INTERRUPTED}  interrupted (Ctrl-C); {EXIT_TERMINATED} terminated (SIGTERM); nothing is left half-written"""
+
 
 DESCRIPTION = """\
 onnxq turns a floating-point ONNX model into an INT8 model with QuantizeLinear/DequantizeLinear
@@ -63,34 +85,114 @@ examples:
   onnxq quantize llm.onnx --calib windows.npz -o llm.w4a8.onnx --recipe transformer-w4a8"""
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread like KeyboardInterrupt so that every write in progress is
+    rolled back (a BaseException, so no `except Exception` on the way swallows it)."""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
         parser.print_help()
-        return 2
+        return EXIT_USAGE
+    restore = _install_handlers()
     try:
-        return args.run(args) or 0
+        return args.run(args) or EXIT_OK
     except OnnxqError as exc:
-        print(f"onnxq: error: {exc}", file=sys.stderr)
-        return 1
+        _error(f"onnxq: error: {_one_line(exc)}")
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print("onnxq: interrupted", file=sys.stderr)
-        return 130
+        _error("onnxq: interrupted; no partial file left")
+        return EXIT_INTERRUPTED
+    except Terminated:
+        _error("onnxq: terminated; no partial file left")
+        return EXIT_TERMINATED
     except BrokenPipeError:  # the reader went away (`onnxq inspect m.onnx | head`): nothing to report
         sys.stderr.close()
-        return 0
+        return EXIT_OK
     except Exception as exc:  # a bug in onnxq: say so in one line unless asked for the traceback
         if os.environ.get("ONNXQ_DEBUG"):
             raise
-        print(f"onnxq: internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
-              "(set ONNXQ_DEBUG=1 for the traceback and please report it)", file=sys.stderr)
-        return 3
+        _error(f"onnxq: internal error: {type(exc).__name__}: {_one_line(exc, '')} "
+               "(set ONNXQ_DEBUG=1 for the traceback and please report it)")
+        return EXIT_INTERNAL
+    finally:
+        restore()
+
+
+def _install_handlers():
+    """SIGTERM behaves like Ctrl-C, and library loggers stay quiet (their tracebacks are not ours to
+    print; ONNXQ_DEBUG=1 shows them). Returns a function that undoes both (main runs in-process in tests)."""
+    loggers = [logging.getLogger(name) for name in ("onnx_ir", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    if not os.environ.get("ONNXQ_DEBUG"):
+        for lg in loggers:
+            lg.setLevel(logging.CRITICAL + 1)
+    previous = None
+    try:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread: leave signals alone
+        pass
+
+    def restore():
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    return restore
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def _error(line: str) -> None:
+    print(clean(line), file=sys.stderr)
+
+
+def _say(*parts) -> None:
+    print(clean(" ".join(str(p) for p in parts), keep_newlines=True))
+
+
+def _one_line(exc: BaseException, default: str | None = None) -> str:
+    lines = str(exc).strip().splitlines()
+    if lines:
+        return lines[0]
+    return type(exc).__name__ if default is None else default
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its complaint on one line like every other error (exit status 2)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, clean(f"onnxq: error: {message} (see {self.prog} --help)") + "\n")
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError
+    return value
+
+
+_positive.__name__ = "positive integer"  # argparse names the type in its message
+
+
+def _layers(text: str) -> int:
+    value = int(text)
+    if value < -1:
+        raise ValueError
+    return value
+
+
+_layers.__name__ = "count (-1 for all)"
 
 
 def _parser() -> argparse.ArgumentParser:
     formatter = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser(prog="onnxq", description=DESCRIPTION, formatter_class=formatter)
+    parser = _Parser(prog="onnxq", description=DESCRIPTION, formatter_class=formatter,
+                     epilog=EXIT_STATUS_HELP)
     from onnxq import __version__
 
     parser.add_argument("--version", action="version", version=f"onnxq {__version__}")
@@ -108,8 +210,8 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--rounding", choices=["nearest", "gptq"],
                    help="weight rounding (default: the recipe's): gptq chooses the integers against each layer's "
                         "calibration inputs (GPTQ; slower, uses torch; matters most at 4 bits)")
-    q.add_argument("--batch-size", type=int, default=1, help="calibration batch size for models with a dynamic batch (default 1)")
-    q.add_argument("--max-samples", type=int, help="use at most this many calibration samples")
+    q.add_argument("--batch-size", type=_positive, default=1, help="calibration batch size for models with a dynamic batch (default 1)")
+    q.add_argument("--max-samples", type=_positive, help="use at most this many calibration samples")
     q.add_argument("--padding-mask", default="auto", metavar="INPUT",
                    help="integer or bool input whose zeros mark padded positions, left out of calibration "
                         "statistics (default auto: an input named attention_mask; 'none' counts every position)")
@@ -125,14 +227,14 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("reference", help="the FP32 model")
     c.add_argument("quantized", help="the quantized model")
     c.add_argument("--data", required=True, help="evaluation data, same formats as --calib")
-    c.add_argument("--max-samples", type=int, help="use at most this many samples")
-    c.add_argument("--layers", type=int, default=10, help="how many of the worst layers to list (0: none, -1: all)")
+    c.add_argument("--max-samples", type=_positive, help="use at most this many samples")
+    c.add_argument("--layers", type=_layers, default=10, help="how many of the worst layers to list (0: none, -1: all)")
     c.add_argument("--json", metavar="FILE", help="also write the full result as JSON")
     c.set_defaults(run=_compare)
 
     lt = sub.add_parser("lint", help="check the TensorRT Q/DQ rules, rule by rule", formatter_class=formatter,
-                        description="Check a Q/DQ model against the rules in tensorrt-qdq.md that can be checked statically.\n"
-                                    "Exit status 1 when an error-level rule fails (warnings do not fail).")
+                        description="Check a Q/DQ model against TensorRT's Q/DQ placement rules that can be checked\n"
+                                    "statically. Exit status 4 when an error-level rule fails (warnings do not fail).")
     lt.add_argument("model")
     lt.add_argument("--target", default="tensorrt", choices=["tensorrt"], help="rule set (tensorrt)")
     lt.add_argument("--json", metavar="FILE", help="also write the results as JSON")
@@ -151,7 +253,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("model")
     b.add_argument("-o", "--output", required=True, help="engine file to write (.plan)")
     b.add_argument("--shapes", help="shapes for dynamic inputs, e.g. input:1x3x224x224,mask:1x128")
-    b.add_argument("--workspace-mb", type=int, default=4096)
+    b.add_argument("--workspace-mb", type=_positive, default=4096)
     b.set_defaults(run=_build_engine)
 
     r = sub.add_parser("recipes", help="list the built-in recipes and the passes they can use")
@@ -164,33 +266,73 @@ def _quantize(args) -> int:
     from onnxq.analysis.inspection import inspect_model
     from onnxq.quant.lint import lint, passed
     from onnxq.ir.modelio import load_model
+    from onnxq.ir.outputs import calibration_files, check_outputs, files_read_by_model
     from onnxq.pipeline import read_record
 
-    log = (lambda *_: None) if args.quiet else print
-    proto = quantize(args.model, args.calib, output=args.output, recipe=args.recipe, target=args.target,
-                     per_tensor=True if args.per_tensor else None, calibrator=args.calibrator, rounding=args.rounding, batch_size=args.batch_size,
-                     max_samples=args.max_samples, allow_unknown_ops=args.allow_unknown_ops,
-                     padding_mask=None if args.padding_mask == "none" else args.padding_mask,
-                     verify_exact=not args.no_verify, show_progress=not args.quiet, log=log)
+    reads = files_read_by_model(args.model) + calibration_files(args.calib)
+    if args.recipe and Path(args.recipe).is_file():
+        reads.append(("the recipe", Path(args.recipe)))
+    check_outputs([("-o", args.output), ("-o's external-data file", args.output + ".data"),
+                   ("--report", args.report)], reads)
+    log = (lambda *_: None) if args.quiet else _say
+    runtime_errors = _runtime_errors()
+    try:
+        proto = quantize(args.model, args.calib, output=args.output, recipe=args.recipe, target=args.target,
+                         per_tensor=True if args.per_tensor else None, calibrator=args.calibrator,
+                         rounding=args.rounding, batch_size=args.batch_size, max_samples=args.max_samples,
+                         allow_unknown_ops=args.allow_unknown_ops,
+                         padding_mask=None if args.padding_mask == "none" else args.padding_mask,
+                         verify_exact=not args.no_verify, show_progress=not args.quiet, log=log)
+    except runtime_errors:
+        _blame_data_if_float_model_fails(args)
+        raise
     model = load_model(proto)
     info = inspect_model(model)
     results = lint(model) if args.target == "tensorrt" else []
+    failed = [r.rule for r in results if r.status == "FAIL"]
     if not args.quiet:
         rows = [(r["name"], r["kind"], r["seconds"], _summary(r["summary"])) for r in read_record(model)]
-        print(table(["pass", "kind", "seconds", "result"], rows, title=f"wrote {args.output}"))
-        print(f"\nquantized ops: {info.coverage_by_count:.0%} of compute ops, {info.coverage_by_flops:.1%} of FLOPs")
+        _say(table(["pass", "kind", "seconds", "result"], rows, title=f"wrote {args.output}"))
+        _say(f"\nquantized ops: {info.coverage_by_count:.0%} of compute ops, {info.coverage_by_flops:.1%} of FLOPs")
         if info.nonlinear_replaced:
-            print(f"nonlinear ops replaced or quantized: {info.nonlinear_coverage:.0%} of {info.nonlinear_ops}; worst "
-                  f"replacement error {max(f.get('max_steps', 0) for f in info.fidelity):.2f} INT8 output steps")
+            _say(f"nonlinear ops replaced or quantized: {info.nonlinear_coverage:.0%} of {info.nonlinear_ops}; worst "
+                 f"replacement error {max(f.get('max_steps', 0) for f in info.fidelity):.2f} INT8 output steps")
         if results:
-            failed = [r.rule for r in results if r.status == "FAIL"]
-            print(f"tensorrt lint: {'pass' if not failed else 'FAIL (' + ', '.join(failed) + ')'}")
+            _say(f"tensorrt lint: {'pass' if not failed else 'FAIL (' + ', '.join(failed) + ')'}")
     if args.report:
         _write_json(args.report, {"passes": read_record(model), "coverage_by_count": info.coverage_by_count,
                                   "coverage_by_flops": info.coverage_by_flops,
                                   "nonlinear_coverage": info.nonlinear_coverage, "fidelity": info.fidelity,
                                   "lint": [vars(r) for r in results]})
-    return 0 if passed(results) else 1
+    if not passed(results):
+        _error(f"onnxq: lint failed: wrote {args.output}, but it breaks TensorRT rule(s) {', '.join(failed)} "
+               f"(exit status {EXIT_LINT_FAILED}; details: onnxq lint {args.output})")
+        return EXIT_LINT_FAILED
+    return EXIT_OK
+
+
+def _runtime_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions ONNX Runtime raises when running a model fails."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    return state.InvalidArgument, state.RuntimeException, state.Fail
+
+
+def _blame_data_if_float_model_fails(args) -> None:
+    """ONNX Runtime failed during quantize. If the untouched model fails on the calibration data too,
+    the data is the problem (an index out of range, a shape the graph cannot take): say so in one
+    line. Otherwise an onnxq rewrite broke the graph, a bug the caller reports as internal."""
+    from onnxq.analysis.compare import run_on_data
+    from onnxq.ir.modelio import load_model
+    from onnxq.runtime.session import session
+    from onnxq.stats.calib_data import load_calibration
+
+    model = load_model(args.model)
+    data = load_calibration(args.calib, model, batch_size=args.batch_size, limit=args.max_samples)
+    sess = session(model)
+    names = [o.name for o in sess.get_outputs()]
+    for feed in data:
+        run_on_data(sess, names, feed, f"{args.model} (unchanged)")  # raises OnnxqError on the failing batch
 
 
 def _summary(summary: dict) -> str:
@@ -200,85 +342,96 @@ def _summary(summary: dict) -> str:
 def _compare(args) -> int:
     from onnxq.analysis.compare import compare_models
     from onnxq.ir.modelio import load_model
+    from onnxq.ir.outputs import calibration_files, check_outputs, files_read_by_model
 
+    reads = (files_read_by_model(args.reference, "the reference model")
+             + files_read_by_model(args.quantized, "the quantized model") + calibration_files(args.data, "the data"))
+    check_outputs([("--json", args.json)], reads)
     result = compare_models(load_model(args.reference), load_model(args.quantized), args.data,
                             layers=args.layers != 0, max_samples=args.max_samples)
     rows = [(o["name"], f"{o['cosine']:.6f}", o["sqnr_db"], o["max_abs_error"],
              "-" if o["top1_agreement"] is None else f"{o['top1_agreement']:.2%}") for o in result["outputs"]]
-    print(table(["output", "cosine", "SQNR dB", "max |err|", "top-1 agree"], rows,
-                title=f"{result['samples']} samples"))
+    _say(table(["output", "cosine", "SQNR dB", "max |err|", "top-1 agree"], rows,
+               title=f"{result['samples']} samples"))
     layers = result["layers"] if args.layers < 0 else result["layers"][:args.layers]
     if layers:
-        print()
-        print(table(["tensor", "SQNR dB"], [(row["tensor"], row["sqnr_db"]) for row in layers],
-                    title="layers with the lowest SQNR (the ones that hurt most)"))
+        _say()
+        _say(table(["tensor", "SQNR dB"], [(row["tensor"], row["sqnr_db"]) for row in layers],
+                   title="layers with the lowest SQNR (the ones that hurt most)"))
     if args.json:
         _write_json(args.json, result)
-    return 0
+    return EXIT_OK
 
 
 def _lint(args) -> int:
     from onnxq.quant.lint import lint, passed
     from onnxq.ir.modelio import load_model
+    from onnxq.ir.outputs import check_outputs, files_read_by_model
 
+    check_outputs([("--json", args.json)], files_read_by_model(args.model))
     results = lint(load_model(args.model))
     shown = None if args.verbose else 3
     rows = []
     for r in results:
         example = "; ".join(r.violations[:shown]) + (" …" if shown and len(r.violations) > shown else "")
         rows.append((r.rule, r.status, len(r.violations), r.title, example))
-    print(table(["rule", "status", "count", "what it checks", "violations"], rows, title=f"{args.model}: {args.target} Q/DQ rules"))
+    _say(table(["rule", "status", "count", "what it checks", "violations"], rows,
+               title=f"{args.model}: {args.target} Q/DQ rules"))
     ok = passed(results)
-    print(f"\n{'PASS' if ok else 'FAIL'}: {sum(r.status == 'FAIL' for r in results)} error(s), "
-          f"{sum(r.status == 'warn' for r in results)} warning(s)")
+    _say(f"\n{'PASS' if ok else 'FAIL'}: {sum(r.status == 'FAIL' for r in results)} error(s), "
+         f"{sum(r.status == 'warn' for r in results)} warning(s)")
     if args.json:
         _write_json(args.json, [vars(r) for r in results])
-    return 0 if ok else 1
+    return EXIT_OK if ok else EXIT_LINT_FAILED
 
 
 def _inspect(args) -> int:
     from onnxq.analysis.inspection import inspect_model
     from onnxq.ir.modelio import load_model
+    from onnxq.ir.outputs import check_outputs, files_read_by_model
 
+    check_outputs([("--json", args.json)], files_read_by_model(args.model))
     info = inspect_model(load_model(args.model))
     ops = sorted(info.op_counts.items(), key=lambda kv: -kv[1])
-    print(table(["op", "count", "quantized"], [(op, n, info.quantized_op_counts.get(op, 0)) for op, n in ops],
-                title=f"{args.model} (opset {info.opset}, {info.total_gflops:.3f} GFLOPs)"))
+    _say(table(["op", "count", "quantized"], [(op, n, info.quantized_op_counts.get(op, 0)) for op, n in ops],
+               title=f"{args.model} (opset {info.opset}, {info.total_gflops:.3f} GFLOPs)"))
     if info.qdq:
-        print("\n" + ", ".join(f"{k}: {v}" for k, v in sorted(info.qdq.items())))
-    print(f"\nquantized coverage: {info.coverage_by_count:.1%} of compute ops, {info.coverage_by_flops:.1%} of FLOPs"
-          + (f" (each of the {info.replacements} replaced nonlinear ops counted as one op)" if info.replacements else ""))
+        _say("\n" + ", ".join(f"{k}: {v}" for k, v in sorted(info.qdq.items())))
+    _say(f"\nquantized coverage: {info.coverage_by_count:.1%} of compute ops, {info.coverage_by_flops:.1%} of FLOPs"
+         + (f" (each of the {info.replacements} replaced nonlinear ops counted as one op)" if info.replacements else ""))
     if info.nonlinear_ops:
-        print(f"nonlinear-op coverage: {info.nonlinear_coverage:.1%} of {info.nonlinear_ops} nonlinear/normalisation ops "
-              f"({info.nonlinear_replaced} replaced by tables or integer subgraphs, {info.nonlinear_quantized} with "
-              "quantized inputs)")
+        _say(f"nonlinear-op coverage: {info.nonlinear_coverage:.1%} of {info.nonlinear_ops} nonlinear/normalisation ops "
+             f"({info.nonlinear_replaced} replaced by tables or integer subgraphs, {info.nonlinear_quantized} with "
+             "quantized inputs)")
     if info.fidelity:
         rows = [(f.get("node", ""), f.get("function", ""), f.get("method", ""),
                  "-" if f.get("max_steps") is None else f"{f['max_steps']:.3f}",
                  "-" if f.get("mean_steps") is None else f"{f['mean_steps']:.3f}",
                  "yes" if f.get("input_quantized") else "no") for f in info.fidelity]
-        print("\n" + table(["node", "function", "replaced by", "max err (steps)", "mean err (steps)", "int input"], rows,
+        _say("\n" + table(["node", "function", "replaced by", "max err (steps)", "mean err (steps)", "int input"], rows,
                            title="replaced nonlinear ops: error over the calibrated range, in INT8 output steps"))
     if info.passes:
         rows = [(i + 1, p["name"], p["kind"], _summary(p["summary"])) for i, p in enumerate(info.passes)]
-        print("\n" + table(["#", "pass", "kind", "result"], rows, title="passes applied"))
+        _say("\n" + table(["#", "pass", "kind", "result"], rows, title="passes applied"))
     if info.float_reasons:
         rows = [(len(nodes), reason, ", ".join(nodes[:2]) + (" …" if len(nodes) > 2 else ""))
                 for reason, nodes in sorted(info.float_reasons.items(), key=lambda kv: -len(kv[1]))]
-        print("\n" + table(["count", "kept in float because", "e.g."], rows, title="ops left in float, and why"))
+        _say("\n" + table(["count", "kept in float because", "e.g."], rows, title="ops left in float, and why"))
     if args.json:
         _write_json(args.json, vars(info))
-    return 0
+    return EXIT_OK
 
 
 def _build_engine(args) -> int:
+    from onnxq.ir.outputs import check_outputs, files_read_by_model
     from onnxq.runtime.tensorrt import build_engine, parse_shapes
 
-    if not Path(args.model).exists():
+    if not Path(args.model).is_file():
         raise OnnxqError(f"{args.model}: no such file")
+    check_outputs([("-o", args.output)], files_read_by_model(args.model))
     precisions = build_engine(args.model, args.output, shapes=parse_shapes(args.shapes), workspace_mb=args.workspace_mb)
-    print(table(["precision", "layers"], sorted(precisions.items()), title=f"wrote {args.output}"))
-    return 0
+    _say(table(["precision", "layers"], sorted(precisions.items()), title=f"wrote {args.output}"))
+    return EXIT_OK
 
 
 def _recipes(args) -> int:
@@ -299,9 +452,9 @@ def _recipes(args) -> int:
 
 
 def _write_json(path: str, data) -> None:
-    tmp = Path(path + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
+    from onnxq.ir.outputs import write_text
+
+    write_text(path, json.dumps(data, indent=2, default=str))
 
 
 if __name__ == "__main__":

@@ -1,21 +1,27 @@
 """Loading and saving models safely.
 
-Loading checks that the file exists and really is an ONNX model before anything else touches it.
-Saving writes to a temporary file beside the target and renames it into place, so a failure
-never leaves a half-written model behind, and refuses to overwrite the input model.
+Loading checks that the file exists and really is an ONNX model before anything else touches it:
+a graph with outputs, an opset, every node input defined, and readable `onnxq.*` metadata; external
+data may not lie outside the model's folder (the onnx loader refuses `..`, absolute paths and
+symlinks). Saving goes through onnxq.ir.outputs: a temporary file beside the target renamed into
+place, so a failure never leaves a half-written model behind, and never over the input model.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
-import tempfile
 from pathlib import Path
 
 import onnx
+import onnx.numpy_helper
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
+from onnxq import metadata
 from onnxq.errors import OnnxqError
+from onnxq.ir.outputs import same_file, write_atomically
 
 # Protobuf cannot serialise a model above 2 GiB in one piece; larger ones keep weights beside it.
 _PROTOBUF_LIMIT = 2**31 - 1
@@ -24,9 +30,15 @@ _PROTOBUF_LIMIT = 2**31 - 1
 def load_model(source: str | os.PathLike | onnx.ModelProto | ir.Model) -> ir.Model:
     """Return `source` as an onnx_ir Model, checking that a path names a readable ONNX file."""
     if isinstance(source, ir.Model):
+        check_onnxq_metadata(source, "model")
         return source
     if isinstance(source, onnx.ModelProto):
-        return ir.from_proto(source)
+        _check_graph(source, "model")
+        if source.ir_version < _FIRST_IR_WITH_OPTIONAL_INPUTS:
+            source = _lifted_copy(source)
+        model = ir.from_proto(source)
+        check_onnxq_metadata(model, "model")
+        return model
     path = Path(source)
     if not path.exists():
         raise OnnxqError(f"{path}: no such file")
@@ -39,10 +51,150 @@ def load_model(source: str | os.PathLike | onnx.ModelProto | ir.Model) -> ir.Mod
     if not proto.graph.node and not proto.graph.output:
         # protobuf happily parses many non-ONNX byte strings into an empty message
         raise OnnxqError(f"{path}: not an ONNX model (no graph found in the file)")
+    _check_graph(proto, str(path))
+    _lift_ir_version(proto)
     try:
-        return ir.from_proto(proto)
+        model = ir.from_proto(proto)
     except Exception as exc:  # onnx_ir raises assorted errors on malformed protos
         raise OnnxqError(f"{path}: corrupt ONNX model ({_first_line(exc)})") from None
+    check_onnxq_metadata(model, str(path))
+    return model
+
+
+def _check_graph(proto: onnx.ModelProto, label: str) -> None:
+    """What every later step takes for granted: an opset, graph outputs, and every name defined."""
+    domains = {entry.domain or "ai.onnx" for entry in proto.opset_import}
+    used = {node.domain or "ai.onnx" for node in proto.graph.node}
+    if not proto.opset_import or "ai.onnx" in used - domains:
+        raise OnnxqError(f"{label}: the model's opset_import does not declare the opset of its ops "
+                         f"(declared: {sorted(domains) or 'none'}; used: {sorted(used)})")
+    graph = proto.graph
+    if not graph.output:
+        raise OnnxqError(f"{label}: the graph has no outputs")
+    defined = {v.name for v in graph.input} | {t.name for t in graph.initializer} | {""}
+    defined |= {t.values.name for t in graph.sparse_initializer}
+    defined |= {name for node in graph.node for name in node.output}
+    for node in graph.node:
+        for name in node.input:
+            if name not in defined:
+                raise OnnxqError(f"{label}: input '{name}' of node '{node.name}' ({node.op_type}) is not a graph "
+                                 "input, an initializer or a node output")
+    for out in graph.output:
+        if out.name not in defined:
+            raise OnnxqError(f"{label}: graph output '{out.name}' is computed by no node")
+    for value in [*graph.input, *graph.output]:
+        kind = value.type.WhichOneof("value")
+        if kind is None:
+            raise OnnxqError(f"{label}: graph input or output '{value.name}' has no type")
+        if kind == "tensor_type" and value.type.tensor_type.elem_type not in _KNOWN_TYPES:
+            raise OnnxqError(f"{label}: graph input or output '{value.name}' has unknown element type "
+                             f"{value.type.tensor_type.elem_type}")
+    constants = [a.t for node in graph.node if node.op_type == "Constant" for a in node.attribute if a.name == "value"]
+    for tensor in [*graph.initializer, *constants]:
+        problem = _tensor_problem(tensor)
+        if problem:
+            raise OnnxqError(f"{label}: tensor '{tensor.name}' is corrupt ({problem})")
+
+
+def _tensor_problem(tensor: onnx.TensorProto) -> str | None:
+    """Why `tensor`'s stored data cannot be what its type and dims promise, or None. Raw bytes (how
+    exporters store weights) are only measured; the rarer typed fields are decoded."""
+    if any(d < 0 for d in tensor.dims):
+        return f"negative dimension in {list(tensor.dims)}"
+    try:
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    except (KeyError, ValueError, TypeError):
+        return f"unknown element type {tensor.data_type}"
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        return None  # read from its file by onnx.load, which checks it
+    count = math.prod(tensor.dims)
+    if tensor.HasField("raw_data"):
+        bits = _PACKED_BITS.get(tensor.data_type, dtype.itemsize * 8)
+        expected = (count * bits + 7) // 8
+        if len(tensor.raw_data) != expected:
+            return f"{len(tensor.raw_data)} bytes of data for dims {list(tensor.dims)}, expected {expected}"
+        return None
+    try:
+        onnx.numpy_helper.to_array(tensor)
+    except Exception as exc:  # onnx raises ValueError and others for wrong element counts
+        return _first_line(exc)
+    return None
+
+
+_KNOWN_TYPES = set(onnx.TensorProto.DataType.values()) - {onnx.TensorProto.UNDEFINED}
+# element types stored several to a byte in raw data
+_PACKED_BITS = {getattr(onnx.TensorProto, name): bits for name, bits in
+                (("INT4", 4), ("UINT4", 4), ("FLOAT4E2M1", 4), ("INT2", 2), ("UINT2", 2)) if hasattr(onnx.TensorProto, name)}
+
+
+# IR version 3 requires every initializer to be listed as a graph input, a rule the initializers that
+# passes and Q/DQ insertion add would break; listed, weights also look overridable, so nothing treats
+# them as constants. Such models are read as IR 4, where an initializer is a constant unless listed,
+# with the listing dropped: in IR 3 it was compulsory, so it never meant "meant to be fed".
+_FIRST_IR_WITH_OPTIONAL_INPUTS = 4
+
+
+def _lift_ir_version(proto: onnx.ModelProto) -> None:
+    if proto.ir_version >= _FIRST_IR_WITH_OPTIONAL_INPUTS:
+        return
+    proto.ir_version = _FIRST_IR_WITH_OPTIONAL_INPUTS
+    weights = {t.name for t in proto.graph.initializer}
+    kept = [v for v in proto.graph.input if v.name not in weights]
+    del proto.graph.input[:]
+    proto.graph.input.extend(kept)
+
+
+def _lifted_copy(proto: onnx.ModelProto) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)  # the caller's object is never edited
+    _lift_ir_version(copy)
+    return copy
+
+
+def check_onnxq_metadata(model: ir.Model, label: str) -> None:
+    """Refuse `onnxq.*` metadata that onnxq itself would not have written (hand-edited or corrupted),
+    in one line, instead of failing wherever it is read."""
+    props = model.metadata_props
+    for key, fields in ((metadata.PASSES, _PASS_FIELDS), (metadata.FIDELITY, _FIDELITY_FIELDS)):
+        if key not in props:
+            continue
+        try:
+            entries = json.loads(props[key])
+        except ValueError:
+            entries = None
+        if not isinstance(entries, list) or not all(_entry_ok(e, fields) for e in entries):
+            raise OnnxqError(f"{label}: model metadata '{key}' is malformed (expected the JSON list onnxq "
+                             "writes); remove it or re-export the model")
+    for node in model.graph.all_nodes():
+        text = node.metadata_props.get(metadata.RANGE_MARGIN)
+        if text is not None and not _positive_number(text):
+            raise OnnxqError(f"{label}: node '{node.name}' has malformed metadata {metadata.RANGE_MARGIN}={text!r}")
+
+
+_NUMBER = (int, float)
+# the fields each entry must have (with their types) / may have
+_PASS_FIELDS = ({"name": str, "kind": str, "options": dict, "summary": dict, "seconds": _NUMBER}, {})
+_FIDELITY_FIELDS = ({}, {"replacement": str, "node": str, "function": str, "method": str, "input_quantized": bool,
+                         "replaced_ops": list, "max_steps": _NUMBER + (type(None),),
+                         "mean_steps": _NUMBER + (type(None),)})
+
+
+def _entry_ok(entry, fields) -> bool:
+    required, optional = fields
+    if not isinstance(entry, dict):
+        return False
+    if any(not isinstance(entry.get(k), t) or isinstance(entry.get(k), bool) and t is _NUMBER
+           for k, t in required.items()):
+        return False
+    return all(k not in entry or isinstance(entry[k], t) for k, t in optional.items())
+
+
+def _positive_number(text: str) -> bool:
+    try:
+        value = float(text)
+    except ValueError:
+        return False
+    return math.isfinite(value) and value > 0
 
 
 def to_proto(model: ir.Model | onnx.ModelProto) -> onnx.ModelProto:
@@ -50,20 +202,18 @@ def to_proto(model: ir.Model | onnx.ModelProto) -> onnx.ModelProto:
 
 
 def save_model(model: ir.Model | onnx.ModelProto, path: str | os.PathLike, *, source: str | os.PathLike | None = None) -> Path:
-    """Write `model` to `path` atomically; refuse to overwrite `source` (the input model)."""
+    """Write `model` to `path` atomically (see onnxq.ir.outputs); refuse to overwrite `source`."""
     path = Path(path)
-    if source is not None and _same_file(path, Path(source)):
+    if source is not None and same_file(path, Path(source)):
         raise OnnxqError(f"{path}: output path is the input model; choose another output path")
     if path.suffix != ".onnx":
         raise OnnxqError(f"{path}: output path must end in .onnx")
     if not path.parent.exists():
         raise OnnxqError(f"{path.parent}: output folder does not exist")
     proto = to_proto(model)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
     data_name = path.name + ".data"
-    try:
+
+    def write(tmp: Path) -> None:
         if proto.ByteSize() > _PROTOBUF_LIMIT:
             tmp_data = tmp.with_name(tmp.name + ".data")
             onnx.save_model(proto, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
@@ -72,12 +222,8 @@ def save_model(model: ir.Model | onnx.ModelProto, path: str | os.PathLike, *, so
             os.replace(tmp_data, path.parent / data_name)
         else:
             onnx.save_model(proto, str(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        tmp.with_name(tmp.name + ".data").unlink(missing_ok=True)
-        raise
-    return path
+
+    return write_atomically(path, write, extra_suffixes=(".data",))
 
 
 def _rename_external_data(model_path: Path, old: str, new: str) -> None:
@@ -88,13 +234,6 @@ def _rename_external_data(model_path: Path, old: str, new: str) -> None:
             if entry.key == "location" and entry.value == old:
                 entry.value = new
     onnx.save_model(proto, str(model_path))
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return a.resolve() == b.resolve()
-    except OSError:
-        return False
 
 
 def _first_line(exc: BaseException) -> str:

@@ -48,7 +48,8 @@ def correct_biases(model: ir.Model, float_weights: dict[str, np.ndarray], data: 
     for layer, total in shifts.total.items():
         bias = nodes[layer].inputs[2]
         mean = total / shifts.batches
-        replace_initializer(bias, (const_array(bias) - mean).astype(np.float32))
+        old = const_array(bias)
+        replace_initializer(bias, (old - mean).astype(old.dtype))  # FP16 biases stay FP16
         nodes[layer].metadata_props[CORRECTED_KEY] = f"mean |shift| {float(np.abs(mean).mean()):.3g}"
     return len(pairs)
 

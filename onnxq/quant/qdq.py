@@ -218,6 +218,8 @@ def quantize_weight(w: np.ndarray, axis: int | None, fmt: IntFormat = INT8_WEIGH
     """Symmetric integer weights and scales: per tensor (axis None), per channel, or in blocks along the
     input axis (block_size > 0; scales then have w's rank). Returns (q, scale)."""
     w = w.astype(np.float32)
+    if not np.isfinite(w).all():  # would cast to arbitrary integers: the float model itself is broken
+        raise OnnxqError(f"a weight of shape {list(w.shape)} holds NaN or infinite values; fix the float model first")
     if block_size:
         return _quantize_blocked(w, axis, fmt, method, block_size)
     reduce_axes = tuple(i for i in range(w.ndim) if i != axis) if axis is not None else None
@@ -282,7 +284,7 @@ def insert_activation_qdq(graph: ir.Graph, namer: Namer, value: ir.Value, slots:
                           zero_point: int, fmt: IntFormat) -> None:
     """Q→DQ on `value`, read by `slots` instead of `value`; other readers keep the float tensor."""
     base = value.name
-    scale_v = add_initializer(graph, namer, f"{base}_scale", np.array(scale, dtype=np.float32))
+    scale_v = add_initializer(graph, namer, f"{base}_scale", scale_like(scale, value))
     zp_v = add_initializer(graph, namer, f"{base}_zero_point", np.array(zero_point, dtype=fmt.numpy))
     q = ir.node("QuantizeLinear", [value, scale_v, zp_v], name=namer.fresh(f"{base}_QuantizeLinear"))
     q.outputs[0].name = namer.fresh(f"{base}_quantized")
@@ -302,7 +304,7 @@ def insert_weight_dq(graph: ir.Graph, namer: Namer, weight: ir.Value, slots: Ite
     """Integer copy of `weight` plus a DequantizeLinear read by `slots`; drops the float weight if unused."""
     base = weight.name
     q_v = add_initializer(graph, namer, f"{base}_quantized", q)
-    scale_v = add_initializer(graph, namer, f"{base}_scale", scale.astype(np.float32))
+    scale_v = add_initializer(graph, namer, f"{base}_scale", scale_like(scale, weight))
     zp_v = add_initializer(graph, namer, f"{base}_zero_point", np.zeros(scale.shape, dtype=fmt.numpy))
     attributes = {}
     if block_size:
@@ -318,6 +320,16 @@ def insert_weight_dq(graph: ir.Graph, namer: Namer, weight: ir.Value, slots: Ite
         node.replace_input_with(index, dq.outputs[0])
     if not weight.uses() and weight.is_initializer() and not weight.is_graph_input():
         graph.initializers.pop(weight.name)
+
+
+def scale_like(scale, value: ir.Value) -> np.ndarray:
+    """`scale` in the float type of the tensor it (de)quantizes: QuantizeLinear needs x and its scale
+    of one type, and DequantizeLinear returns the scale's type, which readers of an FP16 tensor expect.
+    Float32 unless the tensor is FP16 or BF16 (opset 19); an FP16 scale is kept above zero."""
+    if value.dtype not in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16):
+        return np.asarray(scale, dtype=np.float32)
+    smallest = float(np.finfo(np.float16).smallest_subnormal)  # a scale must not round to zero
+    return np.maximum(np.asarray(scale, dtype=np.float32), smallest).astype(value.dtype.numpy())
 
 
 def tag(node: ir.Node, key: str, text: str) -> None:

@@ -26,7 +26,7 @@ def session(model: ir.Model | onnx.ModelProto | str | Path, *, threads: int = 0,
     """A CPU InferenceSession for an in-memory model or a path (models over 2 GiB go via a temp file)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # fatal only: failures reach the caller as exceptions, not as log lines
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     providers = ["CPUExecutionProvider"]

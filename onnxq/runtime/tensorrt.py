@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from pathlib import Path
 
 from onnxq.errors import OnnxqError
+from onnxq.ir.outputs import write_atomically
 
 INSTALL_HINT = ("TensorRT is not installed: build-engine needs the `tensorrt` Python package and an NVIDIA GPU "
                 "(pip install tensorrt --extra-index-url https://pypi.nvidia.com, or `pip install onnxq[tensorrt]`, "
@@ -69,9 +69,7 @@ def build_engine(onnx_path: str | os.PathLike, plan_path: str | os.PathLike, *, 
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise OnnxqError("TensorRT failed to build the engine (see its log above)")
-    tmp = Path(str(plan_path) + ".tmp")
-    tmp.write_bytes(bytes(serialized))
-    os.replace(tmp, plan_path)
+    write_atomically(plan_path, lambda tmp: tmp.write_bytes(bytes(serialized)))  # unique temp name, umask
     engine = trt.Runtime(logger).deserialize_cuda_engine(serialized)
     info = json.loads(engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON))
     return layer_precisions(info)

@@ -51,8 +51,13 @@ def model_inputs(model: ir.Model) -> list[InputSpec]:
     for value in model.graph.inputs:
         if value.is_initializer():
             continue
-        dtype = value.dtype.numpy() if value.dtype is not None else np.dtype(np.float32)
-        dims = tuple(d if isinstance(d, int) else None for d in value.shape) if value.shape is not None else ()
+        try:
+            dtype = value.dtype.numpy() if value.dtype is not None else np.dtype(np.float32)
+        except TypeError:  # an element type numpy has no counterpart for
+            raise OnnxqError(f"model input '{value.name}' has element type {value.dtype}, which calibration "
+                             "arrays cannot hold") from None
+        # a negative dimension (-1, as some exporters write for "any") is as free as a symbolic one
+        dims = tuple(d if isinstance(d, int) and d >= 0 else None for d in value.shape) if value.shape is not None else ()
         specs.append(InputSpec(value.name, np.dtype(dtype), dims))
     return specs
 
@@ -89,6 +94,11 @@ def load_calibration(source: Any, model: ir.Model, *, batch_size: int = 1, limit
     specs = model_inputs(model)
     if isinstance(source, CalibrationSet):
         return source
+    for name, value in (("batch size", batch_size), ("sample limit", limit)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise OnnxqError(f"{name} must be a positive integer, not {value!r}")
+    if not specs:
+        raise OnnxqError("the model takes no inputs, so there is nothing to feed it calibration data through")
     if isinstance(source, (str, os.PathLike)):
         data = _from_stacked_files(_files_of(Path(source), specs), specs, batch_size, limit)
     elif isinstance(source, Mapping):

@@ -56,7 +56,8 @@ class Equalize(GraphPass):
                 _scale_input_channels(conv2, s)
                 for node in bounds:
                     bound = node.inputs[1]
-                    replace_initializer(bound, (const_array(bound) / s.reshape(-1, 1, 1)).astype(np.float32))
+                    old = const_array(bound)
+                    replace_initializer(bound, (old / s.reshape(-1, 1, 1)).astype(old.dtype))
         return {"pairs_equalised": len(chains), "scales_from": "calibration data" if stats else "weights only"}
 
     def _select(self, graph, namer, per_channel: bool, use_data: bool, target: str):
@@ -155,14 +156,16 @@ def _clip_to_bounds(graph: ir.Graph, namer: Namer, conv1: ir.Node) -> None:
                 if float(lo) == 0.0:
                     steps.append(ir.node("Relu", [x], name=namer.fresh(f"{node.name}_relu")))
                 else:
-                    bound = add_initializer(graph, namer, f"{node.name}_min", np.full((channels, 1, 1), lo, np.float32))
+                    bound = add_initializer(graph, namer, f"{node.name}_min", np.full((channels, 1, 1), lo, lo.dtype))
                     steps.append(ir.node("Max", [x, bound], name=namer.fresh(f"{node.name}_lower")))
                 x = steps[-1].outputs[0]
             if hi is not None:
-                bound = add_initializer(graph, namer, f"{node.name}_max", np.full((channels, 1, 1), hi, np.float32))
+                bound = add_initializer(graph, namer, f"{node.name}_max", np.full((channels, 1, 1), hi, hi.dtype))
                 steps.append(ir.node("Min", [x, bound], name=namer.fresh(f"{node.name}_upper")))
             if not steps:
                 return
+            for step in steps:  # typed, so runs that expose them (statistics) keep FP16 as FP16
+                step.outputs[0].dtype, step.outputs[0].shape = out.dtype, out.shape
             for step in steps[:-1]:
                 step.outputs[0].name = namer.fresh(f"{step.name}_out")
             graph.insert_before(node, steps)
@@ -179,10 +182,11 @@ def _input_channels(conv: ir.Node) -> int:
 
 def _scale_output_channels(graph: ir.Graph, namer: Namer, conv: ir.Node, factor: np.ndarray) -> None:
     w = conv.inputs[1]
-    replace_initializer(w, (const_array(w) * factor.reshape(-1, *([1] * (const_array(w).ndim - 1)))).astype(np.float32))
+    old = const_array(w)  # every rescaled constant keeps its type (FP32, or FP16 in an FP16 model)
+    replace_initializer(w, (old * factor.reshape(-1, *([1] * (old.ndim - 1)))).astype(old.dtype))
     if len(conv.inputs) > 2 and conv.inputs[2] is not None:
         b = private_weight(graph, namer, conv, 2)
-        replace_initializer(b, (const_array(b) * factor).astype(np.float32))
+        replace_initializer(b, (const_array(b) * factor).astype(const_array(b).dtype))
 
 
 def _scale_input_channels(conv: ir.Node, factor: np.ndarray) -> None:
@@ -191,4 +195,4 @@ def _scale_input_channels(conv: ir.Node, factor: np.ndarray) -> None:
     cout, cin_per_group = w.shape[:2]
     f = factor.reshape(group, 1, cin_per_group)  # channel i = group g, column i mod cin_per_group
     scaled = w.reshape(group, cout // group, cin_per_group, -1) * f[..., None]
-    replace_initializer(conv.inputs[1], scaled.reshape(w.shape).astype(np.float32))
+    replace_initializer(conv.inputs[1], scaled.reshape(w.shape).astype(w.dtype))

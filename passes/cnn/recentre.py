@@ -66,15 +66,16 @@ class Recentre(GraphPass):
 def recentre(graph: ir.Graph, namer: Namer, q: ir.Node, readers: list["Reader"], shifts: dict) -> None:
     """Quantize q's input shifted down by half its range at half the scale; readers' biases absorb the
     shift and the change in mean rounding error (`shifts`, per input channel)."""
-    scale = float(const_array(q.inputs[1]))
-    c = np.float32(127 * scale / 2)
+    scale_array = const_array(q.inputs[1])
+    scale, float_type = float(scale_array), scale_array.dtype  # FP16 in an FP16 model
+    c = np.asarray(127 * scale / 2, dtype=float_type)
     x = q.inputs[0]
     sub = ir.node("Sub", [x, add_initializer(graph, namer, f"{x.name}_centre", c)],
                   name=namer.fresh(f"{x.name}_recentre"))
     sub.outputs[0].name, sub.outputs[0].dtype, sub.outputs[0].shape = namer.fresh(f"{x.name}_recentred"), x.dtype, x.shape
     graph.insert_before(q, sub)
     q.replace_input_with(0, sub.outputs[0])
-    half = add_initializer(graph, namer, f"{x.name}_recentred_scale", np.float32(scale / 2))
+    half = add_initializer(graph, namer, f"{x.name}_recentred_scale", np.asarray(scale / 2, dtype=float_type))
     for node in [q, *(dq for dq, _ in q.outputs[0].uses())]:
         node.replace_input_with(1, half)
     for r in readers:
@@ -214,13 +215,15 @@ def _add_to_bias(graph: ir.Graph, namer: Namer, node: ir.Node, delta: np.ndarray
     if slot is not None:
         owner, index = slot
         bias = owner.inputs[index]
-        new = (const_array(bias).astype(np.float64) + delta).astype(np.float32)
+        new = (const_array(bias).astype(np.float64) + delta).astype(const_array(bias).dtype)
         if len(bias.uses()) == 1 and bias.is_initializer():
             replace_initializer(bias, new)
         else:
             owner.replace_input_with(index, add_initializer(graph, namer, f"{node.name}_bias_recentred", new))
         return
-    value = add_initializer(graph, namer, f"{node.name}_bias_recentred", delta.astype(np.float32))
+    out_type = node.outputs[0].dtype
+    value = add_initializer(graph, namer, f"{node.name}_bias_recentred",
+                            delta.astype(out_type.numpy() if out_type is not None else np.float32))
     if node.op_type in ("Conv", "Gemm"):
         node.resize_inputs(3)
         node.replace_input_with(2, value)

@@ -1,0 +1,102 @@
+"""Argument checks at the boundary of `onnxq.quantize`, before any work.
+
+A wrong type raises OnnxqTypeError, a value out of range OnnxqValueError (both OnnxqErrors, see
+onnxq.errors), each naming the argument; the output path is checked against every file the run
+reads and for writability (onnxq.ir.outputs), so a mistake costs no calibration time.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import onnx
+import onnx_ir as ir
+
+from onnxq.errors import OnnxqError, OnnxqTypeError, OnnxqValueError
+from onnxq.ir.outputs import calibration_files, check_outputs, files_read_by_model
+
+_PATH = (str, os.PathLike)
+
+
+def check_quantize_arguments(model: Any, calibration_data: Any, *, output: Any, recipe: Any, target: Any,
+                             per_tensor: Any, calibrator: Any, rounding: Any, batch_size: Any, max_samples: Any,
+                             padding_mask: Any, allow_unknown_ops: Any, verify_exact: Any, show_progress: Any,
+                             log: Any) -> None:
+    """Raise OnnxqTypeError / OnnxqValueError / OnnxqError for the first unusable argument."""
+    from onnxq.quant.calibrate import CALIBRATORS
+    from onnxq.quant.targets import TARGETS
+    from onnxq.stats.calib_data import CalibrationSet
+
+    _type("model", model, _PATH + (onnx.ModelProto, ir.Model), "a path, an onnx.ModelProto or an onnx_ir Model")
+    if calibration_data is None or isinstance(calibration_data, (bytes, int, float, bool)) or not (
+            isinstance(calibration_data, _PATH + (Mapping, Iterable, CalibrationSet))
+            or hasattr(calibration_data, "get_next")):
+        raise OnnxqTypeError(f"calibration_data: expected an .npz/.npy path or folder, a dict of arrays, an iterable "
+                             f"of feeds or a CalibrationDataReader, not {type(calibration_data).__name__}")
+    _type("output", output, _PATH + (type(None),), "a path or None")
+    _type("recipe", recipe, _PATH + (list, type(None)), "a recipe name or file, a list of steps, or None")
+    if isinstance(recipe, list) and not recipe:
+        raise OnnxqValueError("recipe: an empty list of steps would quantize nothing; give at least one step")
+    _type("target", target, (str,), f"one of {', '.join(TARGETS)}")
+    if target not in TARGETS:
+        raise OnnxqValueError(f"target: unknown target {target!r} (choose from {', '.join(TARGETS)})")
+    for name, value, choices in (("calibrator", calibrator, (*CALIBRATORS, "auto")),
+                                 ("rounding", rounding, ("nearest", "gptq"))):
+        _type(name, value, (str, type(None)), f"one of {', '.join(choices)} or None")
+        if value is not None and value not in choices:
+            raise OnnxqValueError(f"{name}: {value!r} is not one of {', '.join(choices)}")
+    _type("per_tensor", per_tensor, (bool, type(None)), "True, False or None")
+    _count("batch_size", batch_size, optional=False)
+    _count("max_samples", max_samples, optional=True)
+    _type("padding_mask", padding_mask, (str, type(None)), "an input name, 'auto' or None")
+    for name, value in (("allow_unknown_ops", allow_unknown_ops), ("verify_exact", verify_exact),
+                        ("show_progress", show_progress)):
+        _type(name, value, (bool,), "True or False")
+    if not callable(log):
+        raise OnnxqTypeError(f"log: expected a callable such as print, not {type(log).__name__}")
+    if isinstance(recipe, _PATH):
+        _check_recipe_text(Path(recipe))
+    if output is not None:
+        if Path(output).suffix != ".onnx":
+            raise OnnxqValueError(f"output: {output} must end in .onnx")
+        reads = calibration_files(calibration_data)
+        if isinstance(model, _PATH):
+            reads += files_read_by_model(model)
+        if isinstance(recipe, _PATH) and Path(recipe).is_file():
+            reads.append(("the recipe", Path(recipe)))
+        check_outputs([("output", output), ("output's external-data file", f"{output}.data")], reads)
+
+
+def _type(name: str, value: Any, types: tuple, wanted: str) -> None:
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+        raise OnnxqTypeError(f"{name}: expected {wanted}, not {type(value).__name__} {_short(value)}")
+
+
+def _count(name: str, value: Any, *, optional: bool) -> None:
+    if value is None and optional:
+        return
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise OnnxqTypeError(f"{name}: expected a positive integer{' or None' if optional else ''}, "
+                             f"not {type(value).__name__} {_short(value)}")
+    if value < 1:
+        raise OnnxqValueError(f"{name}: must be at least 1, not {value}")
+
+
+def _check_recipe_text(path: Path) -> None:
+    """A recipe file must be UTF-8 text (YAML and JSON are); say so before the YAML reader chokes."""
+    if not path.is_file():
+        return  # a built-in name, or missing: the recipe loader says which
+    try:
+        path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise OnnxqError(f"{path}: recipe is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    except OSError as exc:
+        raise OnnxqError(f"{path}: cannot read recipe ({exc.strerror})") from None
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
