@@ -290,6 +290,15 @@ def max_pool(node, x, *, opset):
     return F.max_pool2d(padded, kernel, strides, 0, dilations)
 
 
+def trilu(node, x, k=None, *, opset):
+    diagonal = 0 if k is None else int(k.item())
+    return torch.triu(x, diagonal) if _int(node, "upper", 1) else torch.tril(x, diagonal)
+
+
+def expand(node, x, dims, *, opset):
+    return x * torch.ones(as_ints(dims), dtype=x.dtype, device=x.device)  # ONNX Expand broadcasts both ways
+
+
 def _one(fn: Callable) -> Callable:
     """A function of the inputs alone, ignoring attributes."""
     return lambda node, *xs, opset: fn(*xs)
@@ -310,6 +319,9 @@ OPS: dict[str, Callable] = {
     "AveragePool": average_pool, "MaxPool": max_pool,
     "Identity": _one(lambda x: x), "Dropout": _one(lambda x, *rest: x), "Cast": cast,
     "Shape": shape, "Gather": gather, "ConstantOfShape": constant_of_shape,
+    # what exporters build attention masks with
+    "Trilu": trilu, "Where": _one(torch.where), "Expand": expand, "Equal": _one(torch.eq), "Less": _one(torch.lt),
+    "Greater": _one(torch.gt), "Not": _one(torch.logical_not),
 }
 
 
