@@ -367,8 +367,9 @@ def test_learning_is_seeded():
 
 
 def test_transformer_layer_block_matches_ort(tmp_path):
-    """Each pre-LN decoder layer of a torch export is one block (its causal mask recomputed from the
-    token ids), with its six linear weights, and the converter computes what ORT does."""
+    """Each pre-LN decoder layer of a torch export is one block with its six linear weights (the causal
+    mask, built once, goes with the first layer and is an input of the second), and the converter
+    computes what ORT does."""
     from transformer_builders import export, feeds_for, tiny_gpt
 
     proto = onnx.shape_inference.infer_shapes(onnx.load(str(export(tiny_gpt(hidden=32), tmp_path / "gpt.onnx", "gpt"))))
@@ -376,6 +377,8 @@ def test_transformer_layer_block_matches_ort(tmp_path):
     blocks = transformer_blocks(model)
     assert len(blocks) == 2 and [len(b.weight_values) for b in blocks] == [6, 6]
     assert blocks[0].outputs[-1] in blocks[1].inputs  # the residual stream runs from one layer into the next
+    assert not any(v.is_graph_input() for v in blocks[1].inputs)
+    assert not set(blocks[0].nodes) & set(blocks[1].nodes)
     block = blocks[1]
     probe = onnx.ModelProto()
     probe.CopyFrom(proto)

@@ -140,7 +140,8 @@ def cnn_blocks(graph: ir.Graph, max_weighted: int = 4) -> list[Block]:
 
 def transformer_blocks(model: ir.Model, max_weighted: int = 8) -> list[Block]:
     """One block per encoder/decoder layer: the nodes between residual-stream tensors two Adds apart
-    (attention Add, then MLP Add), as onnxq.analysis.structure finds the stream. Where no stream is
+    (attention Add, then MLP Add), as onnxq.analysis.structure finds the stream; nodes that several layers
+    need (mask, positions) go with the first layer that needs them. Where no stream is
     found (or the layers do not come in Add pairs), falls back to `cnn_blocks` node ranges."""
     from onnxq.analysis.structure import analyse
 
@@ -149,9 +150,11 @@ def transformer_blocks(model: ir.Model, max_weighted: int = 8) -> list[Block]:
     if stream is None or not stream.adds or len(stream.adds) % 2 or not stream.pre_norm:
         return cnn_blocks(graph, max_weighted)
     start = stream.values[0]
-    blocks = []
+    blocks: list[Block] = []
+    earlier: list[ir.Value] = []  # what earlier layers compute (a shared mask, RoPE tables) is an input here
     for k in range(0, len(stream.adds), 2):
         end = stream.adds[k + 1].outputs[0]
-        blocks.append(block_between(graph, [start], [end]))
+        blocks.append(block_between(graph, [start, *earlier], [end]))
+        earlier.extend(v for node in blocks[-1].nodes for v in node.outputs)
         start = end
     return blocks

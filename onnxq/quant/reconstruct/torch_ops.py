@@ -220,7 +220,7 @@ def gather(node, data, indices, *, opset):
 
 def constant_of_shape(node, dims, *, opset):
     value = node.attributes.get("value")
-    fill = torch.from_numpy(value.value.numpy().copy()).reshape(-1) if value is not None else torch.zeros(1)
+    fill = torch.from_numpy(value.value.numpy().copy()).reshape(()) if value is not None else torch.zeros(())
     return fill.to(dims.device).expand(as_ints(dims)).clone()
 
 
@@ -299,6 +299,10 @@ def expand(node, x, dims, *, opset):
     return x * torch.ones(as_ints(dims), dtype=x.dtype, device=x.device)  # ONNX Expand broadcasts both ways
 
 
+def range_(node, start, limit, delta, *, opset):
+    return torch.arange(start.item(), limit.item(), delta.item(), dtype=start.dtype, device=start.device)
+
+
 def _one(fn: Callable) -> Callable:
     """A function of the inputs alone, ignoring attributes."""
     return lambda node, *xs, opset: fn(*xs)
@@ -321,7 +325,9 @@ OPS: dict[str, Callable] = {
     "Shape": shape, "Gather": gather, "ConstantOfShape": constant_of_shape,
     # what exporters build attention masks with
     "Trilu": trilu, "Where": _one(torch.where), "Expand": expand, "Equal": _one(torch.eq), "Less": _one(torch.lt),
-    "Greater": _one(torch.gt), "Not": _one(torch.logical_not),
+    "Greater": _one(torch.gt), "LessOrEqual": _one(torch.le), "GreaterOrEqual": _one(torch.ge),
+    "Not": _one(torch.logical_not), "And": _one(torch.logical_and), "Or": _one(torch.logical_or), "Range": range_,
+    "Sin": _one(torch.sin), "Cos": _one(torch.cos),  # rotary tables computed in the graph
 }
 
 
