@@ -14,7 +14,7 @@ from conftest import run
 
 torch = pytest.importorskip("torch")
 
-from onnxq.quant.qdq import INT8, Planner, activation_params  # noqa: E402
+from onnxq.quant.qdq import INT8, Planner  # noqa: E402
 from onnxq.quant.reconstruct.blocks import block_between, block_from_nodes, cnn_blocks, transformer_blocks  # noqa: E402
 from onnxq.quant.reconstruct.fold_back import fold_back, insert_activation_points, learned_weights  # noqa: E402
 from onnxq.quant.reconstruct.points import ActivationPoint, QuantPoints, points_from_plan, weight_point  # noqa: E402
@@ -173,7 +173,7 @@ def test_blocks_of_a_residual_cnn():
 # --- fake quantization and fold-back against ORT ----------------------------------------------------------
 
 
-def conv_block(bits: int = 8) -> onnx.ModelProto:
+def conv_block() -> onnx.ModelProto:
     rng = np.random.default_rng(1)
     inits = {"w1": rng.normal(size=(16, 8, 3, 3)).astype(np.float32) * 0.2, "b1": rng.normal(size=16).astype(np.float32) * 0.1,
              "w2": rng.normal(size=(8, 16, 1, 1)).astype(np.float32) * 0.3}

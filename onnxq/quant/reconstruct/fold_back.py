@@ -41,7 +41,8 @@ def learned_weights(module: BlockModule) -> dict[str, tuple[np.ndarray, np.ndarr
 
 def _check_layout(name: str, point: WeightPoint, q: np.ndarray, scale: np.ndarray) -> None:
     if scale.shape != np.shape(point.scale):
-        raise OnnxqError(f"weight '{name}': learned scale has shape {scale.shape}, the scheme's is {np.shape(point.scale)}")
+        raise OnnxqError(f"weight '{name}': learned scale has shape {scale.shape}, "
+                         f"the scheme's is {np.shape(point.scale)}")
     if not np.all(np.isfinite(scale)) or np.any(scale <= 0):
         raise OnnxqError(f"weight '{name}': learned scale is not positive and finite")
     if q.min() < point.fmt.qmin or q.max() > point.fmt.qmax:

@@ -8,8 +8,9 @@ drives every h to 0 or 1; the integers are ⌊W/s⌋ + 1[h ≥ 0.5].
 
 FlexRound (Lee et al., 2023) divides instead: Ŵ = s₁·round(W / (s₁·S₂·s₃·s₄)), with element-wise S₂,
 per-output s₃ and (2-D weights) per-input s₄, each exp of a learned log started at 0, and the step s₁
-the given scale times exp of a learned log (so relative, like the others); round passes gradients straight through. Only s₁ multiplies the integers,
-so the stored weight stays integers × s₁ in the scheme's granularity.
+the given scale times exp of a learned log (so it too moves relatively); round passes gradients
+straight through. Only s₁ multiplies the integers, so the stored weight stays integers × s₁ in the
+scheme's granularity.
 
 Both fit on captured block inputs (axis 0 is the sample axis) against the float block's outputs, with
 Adam on the rounding parameters only, in mini-batches drawn with a seeded generator, on CUDA when torch
@@ -27,7 +28,7 @@ import torch
 from torch import nn
 
 from onnxq.errors import OnnxqError
-from onnxq.quant.reconstruct.fake_quant import WeightQuantizer, along, expand_scale, round_ste
+from onnxq.quant.reconstruct.fake_quant import WeightQuantizer, along, round_ste
 from onnxq.quant.reconstruct.points import WeightPoint
 from onnxq.quant.reconstruct.torch_block import BlockModule
 
@@ -73,7 +74,8 @@ class FlexRoundWeight(WeightQuantizer):
         return self.base_scale * torch.exp(self.log_s1)
 
     def _divisor(self, w: torch.Tensor) -> torch.Tensor:
-        d = self.expanded_scale(w.shape) * torch.exp(self.log_s2) * along(torch.exp(self.log_s3), w.dim(), self.point.out_axis)
+        d = self.expanded_scale(w.shape) * torch.exp(self.log_s2)
+        d = d * along(torch.exp(self.log_s3), w.dim(), self.point.out_axis)
         if self.log_s4 is not None:
             d = d * along(torch.exp(self.log_s4), w.dim(), 1 - self.point.out_axis)
         return d
