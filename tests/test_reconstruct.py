@@ -368,8 +368,8 @@ def test_learning_is_seeded():
 
 def test_transformer_layer_block_matches_ort(tmp_path):
     """Each pre-LN decoder layer of a torch export is one block with its six linear weights (the causal
-    mask, built once, goes with the first layer and is an input of the second), and the converter
-    computes what ORT does."""
+    mask, built once, goes with the first layer and is an input of the second); the converter computes
+    what ORT does, and the layer's rounding can be learned."""
     from transformer_builders import export, feeds_for, tiny_gpt
 
     proto = onnx.shape_inference.infer_shapes(onnx.load(str(export(tiny_gpt(hidden=32), tmp_path / "gpt.onnx", "gpt"))))
@@ -384,11 +384,22 @@ def test_transformer_layer_block_matches_ort(tmp_path):
     probe.CopyFrom(proto)
     wanted = [v.name for v in [*block.inputs, *block.outputs] if not v.is_graph_input()]
     probe.graph.output.extend([helper.make_tensor_value_info(n, F, None) for n in wanted])
-    feeds = feeds_for("gpt", 3)
+    feeds = feeds_for("gpt", 16)
     values = {**feeds, **dict(zip([o.name for o in probe.graph.output], run(probe, feeds)))}
-    module = BlockModule(block, None, model=model)
+    points = QuantPoints({}, {s.value.name: weight_point(s.value.const_value.numpy(), 1, bits=4) for s in block.weights})
+    module = BlockModule(block, points, model=model)
+    module.quantized = False
+    inputs = [values[v.name] for v in block.inputs]
     with torch.no_grad():
-        outs = module(*[torch.from_numpy(values[v.name]) for v in block.inputs])
+        outs = module(*[torch.from_numpy(x) for x in inputs])
     for value, out in zip(block.outputs, outs):
         expected = values[value.name]
         np.testing.assert_allclose(out.numpy(), expected, rtol=1e-5, atol=1e-5 * float(np.abs(expected).max()))
+
+    # the layer learns its rounding; the causal mask has no sample axis and is passed whole
+    module.quantized = True
+    shared = [v.producer() is not None and v.producer().op_type == "Trilu" for v in block.inputs]
+    assert sum(shared) == 1
+    report = learn_rounding(module, inputs, config=LearnConfig(method="flexround", iterations=60, batch_size=4),
+                            shared=shared)
+    assert report.mse_learned < 0.9 * report.mse_nearest, report

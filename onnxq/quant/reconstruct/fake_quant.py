@@ -56,6 +56,10 @@ class WeightQuantizer(nn.Module):
     def expanded_scale(self, shape) -> torch.Tensor:
         return expand_scale(self.scale(), tuple(shape), self.point.axis, self.point.block_size)
 
+    def finish(self) -> None:
+        """Freeze in the final state (learned quantizers leave their soft training form here)."""
+        self.requires_grad_(False)
+
     def integers(self, w: torch.Tensor) -> torch.Tensor:
         fmt = self.point.fmt
         return torch.clamp(torch.round(w / self.expanded_scale(w.shape)), fmt.qmin, fmt.qmax)

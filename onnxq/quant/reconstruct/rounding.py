@@ -44,6 +44,10 @@ class AdaRoundWeight(WeightQuantizer):
         self.v = nn.Parameter(torch.logit((rest - GAMMA) / (ZETA - GAMMA)))
         self.soft = True
 
+    def finish(self) -> None:
+        self.soft = False
+        self.requires_grad_(False)
+
     def h(self) -> torch.Tensor:
         return torch.clamp(torch.sigmoid(self.v) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
 
@@ -122,9 +126,12 @@ Progress = Callable[[int, int, float], None]  # (iteration, iterations, loss)
 
 
 def learn_rounding(module: BlockModule, inputs: Sequence[np.ndarray], targets: Sequence[np.ndarray] | None = None,
-                   config: LearnConfig = LearnConfig(), progress: Progress | None = None) -> LearnReport:
+                   config: LearnConfig = LearnConfig(), progress: Progress | None = None,
+                   shared: Sequence[bool] | None = None) -> LearnReport:
     """Swap each quantized weight's quantizer for a learned one and fit it; the module ends in its final
-    (hard-rounded) state, ready for fold_back. `targets` default to the float block on `inputs`."""
+    (hard-rounded) state, ready for fold_back. Inputs follow `module.block.inputs`, samples along axis 0,
+    except those flagged in `shared` (a mask or rotary table every sample uses), which are passed whole.
+    `targets` default to the float block on `inputs`."""
     if config.method not in ("adaround", "flexround"):
         raise OnnxqError(f"unknown learned rounding '{config.method}' (choose adaround or flexround)")
     if not module.quantized_weights:
@@ -135,8 +142,9 @@ def learn_rounding(module: BlockModule, inputs: Sequence[np.ndarray], targets: S
     module.to(device)
     xs = [torch.as_tensor(np.asarray(x)).to(device) for x in inputs]
     xs = [x.float() if x.is_floating_point() else x for x in xs]
-    ys = _targets(module, xs, targets, device)
-    mse_nearest = _mse(module, xs, ys, config.batch_size)
+    shared = list(shared) if shared is not None else [False] * len(xs)
+    ys = _targets(module, xs, shared, targets)
+    mse_nearest = _mse(module, xs, shared, ys)
     nearest = {name: module.quantizer(name) for name in module.quantized_weights}
 
     cls = AdaRoundWeight if config.method == "adaround" else FlexRoundWeight
@@ -147,11 +155,11 @@ def learn_rounding(module: BlockModule, inputs: Sequence[np.ndarray], targets: S
     lr = config.lr or (3e-2 if config.method == "adaround" else 3e-4)
     optimizer = torch.optim.Adam(params, lr=lr)
     generator = torch.Generator(device="cpu").manual_seed(config.seed)
-    n = xs[0].shape[0]
+    n = next(x.shape[0] for x, whole in zip(xs, shared) if not whole)
     every = max(1, config.iterations // 100)
     for step in range(config.iterations):
         index = torch.randint(0, n, (min(config.batch_size, n),), generator=generator).to(device)
-        outs = module(*[x.index_select(0, index) for x in xs])
+        outs = module(*[x if whole else x.index_select(0, index) for x, whole in zip(xs, shared)])
         loss = sum(((o - y.index_select(0, index)) ** 2).sum() for o, y in zip(outs, ys)) / len(index)
         if config.method == "adaround":
             beta = _beta(step, config)
@@ -163,9 +171,8 @@ def learn_rounding(module: BlockModule, inputs: Sequence[np.ndarray], targets: S
         if progress is not None and (step % every == 0 or step == config.iterations - 1):
             progress(step + 1, config.iterations, float(loss.detach()))
     for quantizer in learned.values():
-        quantizer.soft = False
-        quantizer.requires_grad_(False)
-    mse_learned = _mse(module, xs, ys, config.batch_size)
+        quantizer.finish()
+    mse_learned = _mse(module, xs, shared, ys)
     kept = config.keep_better and mse_learned > mse_nearest
     if kept:
         for name, quantizer in nearest.items():
@@ -183,36 +190,40 @@ def _beta(step: int, config: LearnConfig) -> float | None:
     return config.beta[0] + (config.beta[1] - config.beta[0]) * t
 
 
+EVAL_BATCH = 64  # samples per forward when computing targets and errors (no gradients kept)
+
+
 @torch.no_grad()
-def _targets(module: BlockModule, xs, targets, device) -> list[torch.Tensor]:
+def _targets(module: BlockModule, xs, shared, targets) -> list[torch.Tensor]:
     if targets is not None:
-        return [torch.as_tensor(np.asarray(y, dtype=np.float32)).to(device) for y in targets]
+        return [torch.as_tensor(np.asarray(y, dtype=np.float32)).to(xs[0].device) for y in targets]
     module.quantized = False
     try:
-        return [torch.cat(parts) for parts in zip(*(module(*batch) for batch in _batches(xs, 64)))]
+        return [torch.cat(parts) for parts in zip(*(module(*batch) for _, batch in _batches(xs, shared)))]
     finally:
         module.quantized = True
 
 
-def _batches(xs, size):
-    for i in range(0, xs[0].shape[0], size):
-        yield [x[i:i + size] for x in xs]
+def _batches(xs, shared):
+    n = next(x.shape[0] for x, whole in zip(xs, shared) if not whole)
+    for i in range(0, n, EVAL_BATCH):
+        yield slice(i, i + EVAL_BATCH), [x if whole else x[i:i + EVAL_BATCH] for x, whole in zip(xs, shared)]
 
 
 @torch.no_grad()
-def _mse(module: BlockModule, xs, ys, size: int) -> float:
+def _mse(module: BlockModule, xs, shared, ys) -> float:
     total, count = 0.0, 0
-    for i, batch in enumerate(_batches(xs, max(size, 64))):
-        outs = module(*batch)
-        for o, y in zip(outs, ys):
-            part = y[i * max(size, 64): i * max(size, 64) + o.shape[0]]
-            total += float(((o - part) ** 2).sum())
+    for rows, batch in _batches(xs, shared):
+        for o, y in zip(module(*batch), ys):
+            total += float(((o - y[rows]) ** 2).sum())
             count += o.numel()
     return total / max(count, 1)
 
 
-def block_output_mse(module: BlockModule, inputs: Sequence[np.ndarray], targets: Sequence[np.ndarray]) -> float:
+def block_output_mse(module: BlockModule, inputs: Sequence[np.ndarray], targets: Sequence[np.ndarray],
+                     shared: Sequence[bool] | None = None) -> float:
     """Mean squared error of the module (as it is now) against `targets`, on the CPU."""
     xs = [torch.as_tensor(np.asarray(x)) for x in inputs]
+    xs = [x.float() if x.is_floating_point() else x for x in xs]
     ys = [torch.as_tensor(np.asarray(y, dtype=np.float32)) for y in targets]
-    return _mse(module, [x.float() if x.is_floating_point() else x for x in xs], ys, 64)
+    return _mse(module, xs, list(shared) if shared is not None else [False] * len(xs), ys)
