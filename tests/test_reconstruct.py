@@ -15,7 +15,8 @@ from conftest import run
 torch = pytest.importorskip("torch")
 
 from onnxq.quant.qdq import INT8, Planner  # noqa: E402
-from onnxq.quant.reconstruct.blocks import block_between, block_from_nodes, cnn_blocks, transformer_blocks  # noqa: E402
+from onnxq.quant.reconstruct.blocks import (block_between, block_from_nodes, block_of_range, cnn_blocks,  # noqa: E402
+                                           transformer_blocks)
 from onnxq.quant.reconstruct.fold_back import fold_back, insert_activation_points, learned_weights  # noqa: E402
 from onnxq.quant.reconstruct.points import ActivationPoint, QuantPoints, points_from_plan, weight_point  # noqa: E402
 from onnxq.quant.reconstruct.rounding import LearnConfig, block_output_mse, learn_rounding  # noqa: E402
@@ -166,6 +167,9 @@ def test_blocks_of_a_residual_cnn():
                             [model.graph.node("block/Add").outputs[0]])
     assert [len(between.weight_values), between.nodes[0].name] == [3, "expand/Conv"]
     assert [len(b.weight_values) for b in cnn_blocks(model.graph)] == [4, 1]
+    first = block_of_range(model.graph, 0, 4)  # stem Conv, BN, Clip, expand Conv
+    assert [n.op_type for n in first.nodes] == ["Conv", "BatchNormalization", "Clip", "Conv"]
+    assert [v.name for v in first.outputs] == ["stem.act", "expand.conv"]
     # no residual stream in a CNN: the transformer helper falls back to node ranges
     assert [len(b.weight_values) for b in transformer_blocks(model, max_weighted=2)] == [2, 2, 1]
 
