@@ -76,7 +76,7 @@ def test_pe_is_recognised_in_both_export_forms(tmp_path, pe_type, form):
     assert len(site.adds) == 1 and site.adds[0].add.name.endswith("cross_attn/Add_1")
     projections = site.key_projections
     assert len(projections) == model.cfg.num_layers
-    assert all("k_proj" in k.matmul.name and k.bias_add is not None for k in projections)
+    assert all("k_proj" in k.node.name and k.bias_node is not None for k in projections)
     if form == "in_graph":
         assert [n.op_type for n in site.encoder] == ["Conv", "Relu", "Conv"]
         ops = {n.op_type for n in site.nodes}

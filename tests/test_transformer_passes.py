@@ -127,7 +127,7 @@ def test_smooth_leaves_rotated_inputs_alone(models):
 
 
 def test_hadamard_sizes():
-    from onnxq.passes.transformer.rotate import hadamard
+    from onnxq.passes.transformer.rotation import hadamard
 
     for n in (1, 2, 4, 12, 16, 20, 36, 64, 384, 576, 1536):
         h = hadamard(n)

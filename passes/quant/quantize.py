@@ -24,7 +24,8 @@ from onnxq.quant.calibrator_choice import choose_calibrator
 from onnxq.errors import OnnxqError
 from onnxq.ir.graph import Namer, const_array, opset_version
 from onnxq.pipeline.core import GraphPass, Kind, PassContext
-from onnxq.quant.qdq import (FLOAT_REASON_KEY, INT4_WEIGHT, INT8_WEIGHT, QUANTIZED_KEY, Planner, activation_format,
+from onnxq.metadata import FLOAT_REASON_KEY, QUANTIZED_KEY, RANGE_MARGIN_KEY
+from onnxq.quant.qdq import (INT4_WEIGHT, INT8_WEIGHT, Planner, activation_format,
                        activation_params, insert_activation_qdq, insert_weight_dq, quantize_weight, scale_per_element, tag)
 from onnxq.quant.targets import get_target
 
@@ -178,7 +179,7 @@ def _range_margin(value: ir.Value) -> float:
     so evaluation data exceeds the calibrated max there, and a coarser step costs little on a
     tensor that is zero almost everywhere (zero stays exact)."""
     node = value.producer()
-    text = node.metadata_props.get("onnxq.range_margin") if node is not None else None
+    text = node.metadata_props.get(RANGE_MARGIN_KEY) if node is not None else None
     return float(text) if text else 1.0
 
 

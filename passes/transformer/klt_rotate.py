@@ -28,6 +28,9 @@ import onnx_ir as ir
 
 from onnxq.analysis import structure as st
 from onnxq.ir.graph import Namer
+from onnxq.passes.transformer.norm_folding import fold, linear_readers
+from onnxq.passes.transformer.rotation import (head_problem, insert_online_rotation, orthogonal, rotate_heads,
+                                              rotate_stream, stream_problem)
 from onnxq.pipeline.core import GraphPass, Kind, PassContext
 from onnxq.runtime.session import intermediate_outputs
 
@@ -43,10 +46,6 @@ class KltRotate(GraphPass):
     seed: int = 0
 
     def apply(self, model: ir.Model, ctx: PassContext) -> dict:
-        from onnxq.passes.transformer.fold_norm import fold, linear_readers
-        from onnxq.passes.transformer.rotate import head_problem, insert_online_rotation, orthogonal, rotate_heads, rotate_stream, \
-            stream_problem
-
         data = ctx.require_calibration(self.name)
         rng = np.random.default_rng(self.seed)
         graph, namer = model.graph, Namer(model.graph)
