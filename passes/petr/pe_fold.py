@@ -44,7 +44,7 @@ from onnxq.stats.calib_data import CalibrationSet
 from onnxq.errors import OnnxqError
 from onnxq.ir.graph import Namer, add_initializer, const_array
 from onnxq.ir.linear import fold_input_addend
-from onnxq.analysis.petr_pe import PESite, find_pe, stats
+from onnxq.analysis.petr_pe import PESite, find_pe
 from onnxq.pipeline.core import GraphPass, Kind, PassContext
 
 
@@ -90,7 +90,6 @@ class PeFold(GraphPass):
                    "folded_bias_absmax": round(bias_absmax, 3), "rig_from": self.rig or "first calibration sample"}
         if removed:
             summary["input_removed"] = removed
-        ctx.notes["pe_fold"] = {"pe": stats(pe_values[0]), "input_removed": removed}
         return summary
 
     def _source_value(self, site: PESite, ctx: PassContext) -> np.ndarray:

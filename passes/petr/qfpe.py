@@ -118,7 +118,6 @@ class Qfpe(GraphPass):
         if ctx.calibration is not None:
             feed = ctx.calibration.first()
             summary.update(self._validate(model, net, params, feed, site.source.name, new_pe.name, torch))
-        ctx.notes["qfpe"] = {"checkpoint": str(path)}
         return summary
 
     def _validate(self, model, net, params, feed, source: str, pe_name: str, torch) -> dict:
