@@ -103,10 +103,12 @@ def set_bias(graph: ir.Graph, namer: Namer, lin: Linear, b: np.ndarray) -> None:
     lin.bias, lin.bias_node = bias, add
 
 
-def replace_bias(graph: ir.Graph, namer: Namer, lin: Linear, b: np.ndarray, name: str, unbiased_name: str) -> None:
+def replace_bias(graph: ir.Graph, namer: Namer, lin: Linear, b: np.ndarray, name: str,
+                 unbiased_name: str | None = None) -> None:
     """Give `lin` the bias `b` as a new initializer named after `name` (the old bias stays for its other
-    readers). A layer without one gets it as Gemm's C, or through an Add after the MatMul, whose output
-    takes the layer output's name while the MatMul's output is renamed `unbiased_name`."""
+    readers). A layer without one gets it as Gemm's/Conv's C, or through an Add after the MatMul, whose
+    output takes the layer output's name while the MatMul's output is renamed `unbiased_name`
+    (default `<output>_unbiased`)."""
     value = add_initializer(graph, namer, name, np.asarray(b, dtype=np.float32))
     if lin.bias is not None:
         owner = lin.node if lin.bias_node is None else lin.bias_node
@@ -119,7 +121,7 @@ def replace_bias(graph: ir.Graph, namer: Namer, lin: Linear, b: np.ndarray, name
         lin.bias = value
         return
     out = lin.node.outputs[0]
-    result_name, out.name = out.name, namer.fresh(unbiased_name)
+    result_name, out.name = out.name, namer.fresh(unbiased_name or f"{out.name}_unbiased")
     lin.bias_node = append_bias(graph, namer, lin.node, value, result_name)
     lin.bias = value
 
@@ -163,7 +165,7 @@ def fold_input_addend(graph: ir.Graph, namer: Namer, lin: Linear, x: ir.Value, a
     lin.node.replace_input_with(0, x)
     out = lin.node.outputs[0]
     if lin.bias is not None:
-        replace_bias(graph, namer, lin, c, f"{base}_{tag}", "")
+        replace_bias(graph, namer, lin, c, f"{base}_{tag}")
         out.name = namer.fresh(f"{out.name}_{tag}")
     else:  # a new Add takes the layer output's name
         replace_bias(graph, namer, lin, c, f"{base}_{tag}", f"{out.name}_{tag}")

@@ -195,7 +195,6 @@ def _add_to_bias(graph: ir.Graph, namer: Namer, lin: Linear, delta: np.ndarray) 
         if len(lin.bias.uses()) == 1 and lin.bias.is_initializer():
             replace_initializer(lin.bias, new)
         else:
-            replace_bias(graph, namer, lin, new, name, "")
+            replace_bias(graph, namer, lin, new, name)
         return
-    out = lin.node.outputs[0]
-    replace_bias(graph, namer, lin, delta.astype(np.float32), name, f"{out.name}_unbiased")
+    replace_bias(graph, namer, lin, delta.astype(np.float32), name)
