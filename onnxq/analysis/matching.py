@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
+from onnxscript.rewriter.pattern import MatchingTracer, MatchStatus
 
 from onnxq.ir.graph import attr, traced_const
 
@@ -118,8 +119,6 @@ def is_last_axis(axes: list[int] | None, value: ir.Value) -> bool:
 def match_or_reason(pattern, model: ir.Model, node: ir.Node):
     """(match, None) when the onnxscript `pattern` matches at `node` and its check passes; (None, reason)
     when the subgraph matches but the check fails (the reason its check gave); (None, None) otherwise."""
-    from onnxscript.rewriter.pattern import MatchingTracer, MatchStatus
-
     tracer = MatchingTracer()
     match = pattern.match(model, model.graph, node, check_nodes_are_removable=False, tracer=tracer)
     if match:
