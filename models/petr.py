@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .petr_data import CLASS_NAMES
+from models.petr_data import CLASS_NAMES
 
 
 @dataclass

@@ -33,8 +33,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .petr import PETR, metric_boxes
-from .petr_data import CameraRig
+from models.petr import PETR, metric_boxes
+from models.petr_data import CameraRig
 
 PE_FORMS = ("in_graph", "input")
 IMAGES, IMG2LIDAR, POS_EMBED = "images", "img2lidar", "pos_embed"

@@ -114,7 +114,7 @@ def export_onnx(path: str | os.PathLike, *, model=None, dynamo: bool = False, op
 def cached_onnx(*, dynamo: bool = False) -> Path:
     """The exported model under .cache/models/, exported on first use (legacy exporter, falling back
     to dynamo if the legacy one fails)."""
-    from .cache import cache_dir
+    from models.cache import cache_dir
 
     name = "smollm2_135m_dynamo.onnx" if dynamo else "smollm2_135m.onnx"
     path = cache_dir("models") / name
@@ -133,7 +133,7 @@ def cached_onnx(*, dynamo: bool = False) -> Path:
 
 @functools.lru_cache(maxsize=4)
 def _tokens(split: str) -> np.ndarray:
-    from .text_data import wiki_articles
+    from models.text_data import wiki_articles
 
     tok = load_tokenizer()
     ids: list[int] = []

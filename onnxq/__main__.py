@@ -1,3 +1,5 @@
-from onnxq.cli.main import main
 import sys
+
+from onnxq.cli.main import main
+
 sys.exit(main())

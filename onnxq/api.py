@@ -9,15 +9,15 @@ import onnx
 import onnx_ir as ir
 
 from onnxq.arguments import check_quantize_arguments
-from onnxq.stats.calib_data import load_calibration
 from onnxq.errors import OnnxqError
 from onnxq.ir.modelio import load_model, save_model
 from onnxq.pipeline import PassContext, load_recipe, run_pipeline
 from onnxq.pipeline.recipes import with_options
-from onnxq.quant.scheme import QuantScheme
 from onnxq.quant.qdq import Planner
+from onnxq.quant.scheme import QuantScheme
 from onnxq.quant.selection import select_nodes
 from onnxq.quant.targets import get_target
+from onnxq.stats.calib_data import load_calibration
 
 
 def quantize(model: str | os.PathLike | onnx.ModelProto | ir.Model, calibration_data: Any, *,

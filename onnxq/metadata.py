@@ -1,21 +1,22 @@
-"""Every metadata key onnxq writes, in one place.
+"""Names of the metadata onnxq writes into models: one place, so writers and readers agree.
 
-Model-level keys (metadata_props of the model) record what ran; node-level keys (metadata_props of
-a node) say how a node was treated. Netron shows both; `onnxq inspect` reads them back.
+Model metadata (`model.metadata_props`) records what onnxq did; node metadata
+(`node.metadata_props`) marks single nodes for later passes and for `onnxq inspect`.
 """
 
-# model level
-VERSION = "onnxq.version"
-RECIPE = "onnxq.recipe"
-TARGET = "onnxq.target"
-PASSES = "onnxq.passes"  # JSON list of pass records
-PASS_LINE_PREFIX = "onnxq.pass."  # one readable line per pass: onnxq.pass.NN.name
-FIDELITY = "onnxq.fidelity"  # JSON list: measured error of each lookup table / integer op
+# model metadata
+VERSION_KEY = "onnxq.version"      # the onnxq version that wrote the model
+RECIPE_KEY = "onnxq.recipe"        # the recipe's name
+TARGET_KEY = "onnxq.target"        # the deployment target
+PASSES_KEY = "onnxq.passes"        # JSON list: one record per pass run (name, kind, options, summary)
+FIDELITY_KEY = "onnxq.fidelity"    # JSON list: one fidelity entry per replaced nonlinear op
 
-# node level
-QUANTIZED = "onnxq.quantized"
-FLOAT_REASON = "onnxq.float_reason"
-REPLACEMENT = "onnxq.replacement"
-INPUT_ROTATED = "onnxq.input_rotated"
-BIAS_CORRECTED = "onnxq.bias_corrected"
-RANGE_MARGIN = "onnxq.range_margin"
+# node metadata
+REPLACEMENT_KEY = "onnxq.replacement"      # which original op(s) an emitted node replaces
+QUANTIZED_KEY = "onnxq.quantized"          # how quantize stored the node's inputs
+FLOAT_REASON_KEY = "onnxq.float_reason"    # why quantize kept an input in float
+CORRECTED_KEY = "onnxq.bias_corrected"     # the mean output shift bias correction removed
+INPUT_ROTATED_KEY = "onnxq.input_rotated"  # a linear layer whose input rotate rotated (smooth leaves it alone)
+RANGE_MARGIN_KEY = "onnxq.range_margin"    # widen this node's output range by the factor given (split_range → quantize)
+PE_KEY = "onnxq.analysis.petr_pe"          # a PETR position-embedding node, or the Add of the PE to the image features
+PASS_LINE_PREFIX = "onnxq.pass."  # model metadata: one readable line per pass run, onnxq.pass.NN.name

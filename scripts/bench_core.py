@@ -20,15 +20,15 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-
 import onnxq
-from benchlib import anchors
-from benchlib.facts import lint_verdict
-from benchlib.minilm_task import minilm_task
 from onnxq.ir.modelio import load_model
 from onnxq.runtime.session import latency_ms, session
 from onnxq_models import images, minilm, mobilenet_v2
 from onnxq_models.cache import cache_dir
+
+from benchlib import anchors
+from benchlib.facts import lint_verdict
+from benchlib.minilm_task import minilm_task
 
 
 @dataclass

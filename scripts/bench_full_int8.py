@@ -164,7 +164,6 @@ def minilm_calibration(n_sentences: int, n_words: int) -> dict:
 
 def minilm_eval(path: Path, words: list[str], ref: np.ndarray | None) -> tuple[dict, np.ndarray]:
     import onnxruntime as ort
-
     from onnxq_models import minilm, text_data
 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

@@ -44,8 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchlib import REPO, log, repo_relative
-from benchlib import facts
+from benchlib import REPO, facts, log, repo_relative
 
 WORK = REPO / ".cache" / "petr_bench"
 CHECKPOINTS = REPO / "models" / "checkpoints"
@@ -99,8 +98,8 @@ def export_models() -> dict[str, Path]:
 
 def evaluate(path: Path, val, pos_embed: np.ndarray | None = None) -> dict:
     """mAP, NDS-like score and TP errors on the val scenes; median per-scene ORT CPU latency."""
-    from onnxq_models import petr_data, petr_eval, petr_export
     from onnxq.runtime.session import session
+    from onnxq_models import petr_data, petr_eval, petr_export
 
     sess = session(path)
     inputs = {i.name for i in sess.get_inputs()}
@@ -150,10 +149,10 @@ def key_input_scale(model) -> float | None:
 
 def pe_ranges(path: Path, val, folded_bias_absmax: float | None = None) -> dict:
     """|memory|, |PE| and |key-projection input| on the first val scenes of an FP32 graph (form A)."""
-    from onnxq_models import petr_data, petr_export
-    from onnxq.ir.modelio import load_model
     from onnxq.analysis.petr_pe import find_pe, stats
+    from onnxq.ir.modelio import load_model
     from onnxq.runtime.session import exposing, session
+    from onnxq_models import petr_data, petr_export
 
     model = load_model(str(path))
     try:

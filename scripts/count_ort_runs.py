@@ -49,11 +49,10 @@ def main(argv=None) -> int:
     parser.add_argument("--output", default=None, help="also write the quantized model here (to compare two runs)")
     args = parser.parse_args(argv)
 
-    from onnxq_models import minilm
-
     from onnxq.api import quantize
-    from onnxq.stats.calib_data import load_calibration
     from onnxq.ir.modelio import load_model
+    from onnxq.stats.calib_data import load_calibration
+    from onnxq_models import minilm
 
     fp32 = minilm.cached_onnx()
     calib = minilm.calibration_feeds(args.sentences, args.words)

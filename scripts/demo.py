@@ -19,11 +19,10 @@ import subprocess
 import sys
 
 import numpy as np
-
-from onnxq_models import images, mobilenet_v2
-from onnxq_models.cache import cache_dir
 from onnxq.cli.tables import table
 from onnxq.runtime.session import latency_ms, session
+from onnxq_models import images, mobilenet_v2
+from onnxq_models.cache import cache_dir
 
 
 def onnxq(*args: str) -> None:

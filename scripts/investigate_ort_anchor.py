@@ -21,11 +21,11 @@ import warnings
 import numpy as np
 import onnx
 from onnx import numpy_helper
+from onnxq_models import images, minilm, mobilenet_v2, text_data
+from onnxq_models.cache import cache_dir
 
 from benchlib import anchors, latency
 from benchlib.latency import interleaved_latency
-from onnxq_models import images, minilm, mobilenet_v2, text_data
-from onnxq_models.cache import cache_dir
 
 OUT = cache_dir("investigate_ort")
 CALIB_SENTENCES, CALIB_LENGTH, WORD_LENGTH = 128, 32, 16

@@ -50,7 +50,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from onnxq_models import petr, petr_data, petr_eval, petr_qat
 
 

@@ -23,8 +23,8 @@ def sqnr_db(ref: np.ndarray, out: np.ndarray) -> float:
 
 def assert_lint_clean(model):
     """Every model the test suite produces is linted against the TensorRT rules."""
-    from onnxq.quant.lint import lint
     from onnxq.ir.modelio import load_model
+    from onnxq.quant.lint import lint
 
     failures = [(r.rule, r.violations[:3]) for r in lint(load_model(model)) if r.status == "FAIL"]
     assert not failures, failures

@@ -7,10 +7,10 @@ import sys
 import numpy as np
 import onnx
 import pytest
+from onnxq.cli.main import main
 
 from builders import mobilenet_block_model, random_images
 from conftest import assert_lint_clean
-from onnxq.cli.main import main
 
 
 @pytest.fixture

@@ -4,12 +4,12 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 from onnx import TensorProto, helper, numpy_helper
-
-from builders import IR_VERSION
-from conftest import rel_change, run
 from onnxq.api import quantize
 from onnxq.ir.graph import const_array
 from onnxq.pipeline import PassContext, load_recipe, run_pipeline
+
+from builders import IR_VERSION
+from conftest import rel_change, run
 
 TOKENS, WIDTH = 12, 16
 

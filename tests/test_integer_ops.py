@@ -6,12 +6,20 @@ import math
 import numpy as np
 import onnx
 import pytest
-from conftest import assert_lint_clean, run
 from onnx import TensorProto, helper, numpy_helper
-
 from onnxq.api import quantize
-from onnxq.passes.nonlinear.integer_ref import (NormParams, SoftmaxParams, di_exp, di_exp_step, di_norm, di_softmax, dyadic,
-                               isqrt_round)
+from onnxq.passes.nonlinear.integer_ref import (
+    NormParams,
+    SoftmaxParams,
+    di_exp,
+    di_exp_step,
+    di_norm,
+    di_softmax,
+    dyadic,
+    isqrt_round,
+)
+
+from conftest import assert_lint_clean, run
 
 F32 = np.float32
 OPTS = dict(batch_size=8, show_progress=False, log=lambda *_: None)

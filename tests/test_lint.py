@@ -4,10 +4,10 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-
-from builders import concat_model, mobilenet_block_model, random_images
 from onnxq import quantize
 from onnxq.quant.lint import lint, passed
+
+from builders import concat_model, mobilenet_block_model, random_images
 
 CALIB = {"input": random_images(8, seed=1)}
 
@@ -74,8 +74,10 @@ def test_unquantized_conv_input(clean):
 
 
 def test_qoperator_ops_and_old_opset():
+    import os
+    import tempfile
+
     from onnxruntime.quantization import QuantFormat, quantize_static  # QOperator output from ORT's own tool
-    import tempfile, os
 
     class Reader:
         def __init__(self):

@@ -2,9 +2,17 @@
 
 import numpy as np
 import pytest
-
-from onnxq.passes.nonlinear.lut import (DEFAULT_RANGES, FUNCTIONS, build_dulut, build_uniform, fidelity, int8_fidelity, int8_table,
-                       output_step, table_domain)
+from onnxq.passes.nonlinear.lut import (
+    DEFAULT_RANGES,
+    FUNCTIONS,
+    build_dulut,
+    build_uniform,
+    fidelity,
+    int8_fidelity,
+    int8_table,
+    output_step,
+    table_domain,
+)
 
 ISSUE_FUNCTIONS = ["gelu", "gelu_tanh", "silu", "sigmoid", "softplus", "tanh", "hardswish", "exp"]
 

@@ -6,10 +6,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-
 from onnxq.api import quantize
-from onnxq.stats.calib_data import load_calibration
 from onnxq.errors import OnnxqError
+from onnxq.stats.calib_data import load_calibration
 from onnxq.stats.service import real_rows
 
 SEQ, HIDDEN = 6, 8

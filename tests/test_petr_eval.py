@@ -4,7 +4,6 @@ import math
 
 import numpy as np
 import pytest
-
 from onnxq_models.petr_eval import (
     Detections,
     GroundTruth,

@@ -8,7 +8,6 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-
 from onnxq_models import petr, petr_data, petr_eval, petr_export
 
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "models" / "checkpoints"

@@ -6,18 +6,18 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxq
 import pytest
 import torch
-
-import onnxq
-from conftest import assert_lint_clean, rel_change, run
+from onnxq.analysis.petr_pe import find_pe
 from onnxq.errors import OnnxqError
 from onnxq.ir.modelio import load_model
-from onnxq_models import petr, petr_data, petr_export
-from onnxq.analysis.petr_pe import find_pe
 from onnxq.pipeline import load_recipe
 from onnxq.pipeline.recipes import with_options
 from onnxq.runtime.session import session
+from onnxq_models import petr, petr_data, petr_export
+
+from conftest import assert_lint_clean, rel_change, run
 
 SMALL_RIG = petr_data.CameraRig(image_hw=(64, 176))
 CANONICAL = ["lift_constants", "fold_constants", {"upgrade_opset": {"opset": 19}}, "fold_batchnorm"]
@@ -78,7 +78,7 @@ def test_pe_is_recognised_in_both_export_forms(tmp_path, pe_type, form):
     assert len(site.adds) == 1 and site.adds[0].add.name.endswith("cross_attn/Add_1")
     projections = site.key_projections
     assert len(projections) == model.cfg.num_layers
-    assert all("k_proj" in k.matmul.name and k.bias_add is not None for k in projections)
+    assert all("k_proj" in k.node.name and k.bias_node is not None for k in projections)
     if form == "in_graph":
         assert [n.op_type for n in site.encoder] == ["Conv", "Relu", "Conv"]
         ops = {n.op_type for n in site.nodes}

@@ -8,14 +8,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
-
 import onnxq
-from builders import mobilenet_block_model, random_images
+import pytest
 from onnxq.errors import OnnxqError
 from onnxq.passes.petr.qfpe_data import read_qfpe_weights
-from test_petr_passes import export, feeds, one, outputs, small_model
 from onnxq_models import petr, petr_export
+
+from builders import mobilenet_block_model, random_images
+from test_petr_passes import export, feeds, one, outputs, small_model
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 QUIET = dict(show_progress=False, log=lambda *a: None)

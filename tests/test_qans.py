@@ -7,12 +7,12 @@ import math
 import numpy as np
 import onnx
 import pytest
-from builders import attention_model
-from conftest import assert_lint_clean, run
-
 from onnxq.api import quantize
 from onnxq.ir.modelio import load_model
 from onnxq.passes.nonlinear.qans import FIXED_POINT, choose_beta, exp_table
+
+from builders import attention_model
+from conftest import assert_lint_clean, run
 
 OPTS = dict(batch_size=8, show_progress=False, log=lambda *_: None)
 SEQ = 8
@@ -135,7 +135,7 @@ def test_bad_options():
 def test_attention_only_uses_structure():
     """With attention_only, only Softmaxes between the QKᵀ and PV MatMuls (onnxq.analysis.structure) are rewritten."""
     from onnxq.ir.modelio import load_model
-    from onnxq.passes.nonlinear.qans import softmax_nodes
+    from onnxq.passes.nonlinear.softmax import softmax_nodes
 
     model = load_model(onnx.shape_inference.infer_shapes(attention_model(seq=SEQ)))  # the pass sees typed values
     assert [n.name for n in softmax_nodes(model, True, [])] == ["softmax"]

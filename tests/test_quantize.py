@@ -6,12 +6,12 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-
-from builders import attention_model, concat_model, mobilenet_block_model, random_images
-from conftest import assert_lint_clean, run, sqnr_db
 from onnxq import quantize
 from onnxq.errors import OnnxqError
 from onnxq.ir.graph import const_array
+
+from builders import attention_model, concat_model, mobilenet_block_model, random_images
+from conftest import assert_lint_clean, run, sqnr_db
 
 CALIB = {"input": random_images(32, seed=1)}
 EVAL = {"input": random_images(8, seed=2)}

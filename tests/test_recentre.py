@@ -5,10 +5,10 @@ exactly, padded convs and asymmetric (ONNX Runtime CPU) quantizers are left alon
 import numpy as np
 import onnx
 import pytest
-from conftest import assert_lint_clean, run
 from onnx import TensorProto, helper, numpy_helper
-
 from onnxq.api import quantize
+
+from conftest import assert_lint_clean, run
 
 OPTS = dict(batch_size=8, show_progress=False, log=lambda *_: None)
 QUANTIZE = {"quantize": {"calibrator": "max", "weights": "per-tensor", "bias_correction": False}}

@@ -15,8 +15,13 @@ from conftest import run
 torch = pytest.importorskip("torch")
 
 from onnxq.quant.qdq import INT8, Planner  # noqa: E402
-from onnxq.quant.reconstruct.blocks import (block_between, block_from_nodes, block_of_range, cnn_blocks,  # noqa: E402
-                                           transformer_blocks)
+from onnxq.quant.reconstruct.blocks import (  # noqa: E402
+    block_between,
+    block_from_nodes,
+    block_of_range,
+    cnn_blocks,
+    transformer_blocks,
+)
 from onnxq.quant.reconstruct.fold_back import fold_back, insert_activation_points, learned_weights  # noqa: E402
 from onnxq.quant.reconstruct.points import ActivationPoint, QuantPoints, points_from_plan, weight_point  # noqa: E402
 from onnxq.quant.reconstruct.rounding import LearnConfig, block_output_mse, learn_rounding  # noqa: E402

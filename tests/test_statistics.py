@@ -7,19 +7,22 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from onnxruntime.quantization.calibrate import (CalibrationDataReader, CalibrationMethod, HistogramCollector,
-                                                create_calibrator)
-
-from builders import IR_VERSION
-from onnxq.quant.calibrate import ActivationStatistics, collect_statistics
-from onnxq.quant.calibrator_choice import TRIAL_BATCHES, reference_outputs
 from onnxq.passes.cnn.recentre import RoundingChange
 from onnxq.quant.bias_correction import OutputShift
+from onnxq.quant.calibrate import ActivationStatistics, collect_statistics
+from onnxq.quant.calibrator_choice import TRIAL_BATCHES, reference_outputs
 from onnxq.quant.gptq import HessianObserver
 from onnxq.stats.calib_data import load_calibration
-from onnxq.stats.observers import (BatchValues, ChannelStatistics, Histograms, Ranges, RowSample,
-                                   SecondMoments)
+from onnxq.stats.observers import BatchValues, ChannelStatistics, Histograms, Ranges, RowSample, SecondMoments
 from onnxq.stats.service import StatisticsService, observe
+from onnxruntime.quantization.calibrate import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    HistogramCollector,
+    create_calibrator,
+)
+
+from builders import IR_VERSION
 
 WIDTH = 16
 NAMES = ["x", "h", "r", "y"]

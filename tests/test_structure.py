@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-
-from builders import IR_VERSION, mobilenet_block_model
 from onnxq.analysis import structure
 from onnxq.ir.modelio import load_model
+
+from builders import IR_VERSION, mobilenet_block_model
 from transformer_builders import export, tiny_bert, tiny_gpt, tiny_llama
 
 
@@ -94,8 +94,8 @@ def _norm_graph(nodes, inits, opset=18, domain_ops=()):
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=IR_VERSION)
 
 
-def _rms(variant: str, axis: int = -1):
-    inits = {"two": np.array(2.0), "eps": np.array(1e-6), "one": np.array(1.0), "axes": np.array([axis]),
+def _rms(variant: str, axis: int = -1, two: float = 2.0, eps: float = 1e-6, one: float = 1.0):
+    inits = {"two": np.array(two), "eps": np.array(eps), "one": np.array(one), "axes": np.array([axis]),
              "gamma": np.linspace(0.5, 2, D)}
     n = [helper.make_node("Pow", ["x", "two"], ["sq"]) if variant != "mulsq" else helper.make_node("Mul", ["x", "x"], ["sq"]),
          helper.make_node("ReduceMean", ["sq", "axes"], ["ms"], keepdims=1),
@@ -125,6 +125,38 @@ def test_rmsnorm_over_another_axis_is_rejected_with_reason():
     rejected = []
     assert structure.find_norms(load_model(_rms("div", axis=1)), rejected) == []
     assert rejected and "last axis" in rejected[0].why
+
+
+@pytest.mark.parametrize("variant,change,reason", [("div", {"two": 3.0}, "exponent other than 2"),
+                                                   ("reciprocal", {"eps": 0.5}, "ε is not a small"),
+                                                   ("one_over", {"one": 2.0}, "c ≠ 1")])
+def test_decomposed_rmsnorm_check_gives_its_reason(variant, change, reason):
+    rejected = []
+    assert structure.find_norms(load_model(_rms(variant, **change)), rejected) == []
+    assert [r.what for r in rejected] == ["rms norm"] and reason in rejected[0].why
+
+
+def _gelu_mlp(root2: float):
+    """x·W1 → 0.5·h·(1 + erf(h/root2)) → ·W2, as torch's legacy exporter writes GELU."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(size=(D, 16)).astype(np.float32), "W1"),
+             numpy_helper.from_array(rng.normal(size=(16, D)).astype(np.float32), "W2"),
+             *(numpy_helper.from_array(np.array(v, np.float32), k) for k, v in
+               {"root2": root2, "one": 1.0, "half": 0.5}.items())]
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"]), helper.make_node("Div", ["h", "root2"], ["s"]),
+             helper.make_node("Erf", ["s"], ["e"]), helper.make_node("Add", ["e", "one"], ["p"]),
+             helper.make_node("Mul", ["h", "p"], ["hp"]), helper.make_node("Mul", ["hp", "half"], ["g"]),
+             helper.make_node("MatMul", ["g", "W2"], ["out"])]
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", D])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", D])], inits)
+    return load_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=IR_VERSION))
+
+
+def test_erf_gelu_mlp_needs_root_two_inside_erf():
+    s = structure.analyse(_gelu_mlp(float(np.sqrt(2.0))))
+    assert [(m.kind, m.up.node.outputs[0].name, m.down.output.name, m.gelu_divisor.outputs[0].name) for m in s.mlps] \
+        == [("gelu", "h", "out", "s")]
+    assert structure.analyse(_gelu_mlp(2.0)).mlps == []  # erf(h/2) is not GELU
 
 
 def test_decomposed_layernorm_and_fused_forms():

@@ -4,16 +4,16 @@ relative in ONNX Runtime; the transformer recipes (W8A8, W4A8, W4A4) run and lin
 import numpy as np
 import onnx_ir as ir
 import pytest
+from onnxq.analysis import structure
+from onnxq.api import default_recipe_for, quantize
+from onnxq.ir.modelio import load_model
+from onnxq.pipeline import PassContext, load_recipe, run_pipeline
+from onnxq.quant.lint import lint
+from onnxq.runtime.session import session
+from onnxq.stats.calib_data import load_calibration
 
 from builders import mobilenet_block_model
 from conftest import assert_lint_clean, rel_change
-from onnxq.analysis import structure
-from onnxq.api import default_recipe_for, quantize
-from onnxq.stats.calib_data import load_calibration
-from onnxq.quant.lint import lint
-from onnxq.ir.modelio import load_model
-from onnxq.pipeline import PassContext, load_recipe, run_pipeline
-from onnxq.runtime.session import session
 from transformer_builders import export, feeds_for, tiny_bert, tiny_gpt, tiny_llama
 
 CANONICAL = ["lift_constants", "fold_constants", {"upgrade_opset": {"opset": 19}}]
@@ -32,9 +32,6 @@ def models(tmp_path_factory):
     return out
 
 
-def copy(model: ir.Model) -> ir.Model:
-    return ir.from_proto(ir.to_proto(model))
-
 
 def outputs(model: ir.Model, feed) -> np.ndarray:
     sess = session(model)
@@ -43,7 +40,7 @@ def outputs(model: ir.Model, feed) -> np.ndarray:
 
 def run_exact(model: ir.Model, kind: str, steps: list) -> tuple[ir.Model, list]:
     """Run `steps` (declared exact: the pipeline itself fails beyond 1e-4) and check again on other data."""
-    work = copy(model)
+    work = model.clone()
     data = load_calibration(feeds_for(kind, 8, seed=1), work, batch_size=2)
     _, passes = load_recipe(steps)
     records = run_pipeline(work, passes, PassContext(calibration=data, show_progress=False, log=lambda s: None))
@@ -127,7 +124,7 @@ def test_smooth_leaves_rotated_inputs_alone(models):
 
 
 def test_hadamard_sizes():
-    from onnxq.passes.transformer.rotate import hadamard
+    from onnxq.passes.transformer.rotation import hadamard
 
     for n in (1, 2, 4, 12, 16, 20, 36, 64, 384, 576, 1536):
         h = hadamard(n)
@@ -147,7 +144,7 @@ def test_default_recipe_picks_transformer(models):
 @pytest.mark.parametrize("kind", ["llama", "bert"])
 def test_w8a8_recipe_lints_clean_and_stays_close(models, kind):
     feed = feeds_for(kind, 2, seed=5)
-    q = quantize(copy(models[kind]), feeds_for(kind, 8, seed=1), batch_size=2, show_progress=False, log=lambda s: None)
+    q = quantize(models[kind].clone(), feeds_for(kind, 8, seed=1), batch_size=2, show_progress=False, log=lambda s: None)
     assert_lint_clean(q)
     ref, out = outputs(models[kind], feed), outputs(ir.from_proto(q), feed)
     cos = float(np.sum(ref * out) / np.linalg.norm(ref) / np.linalg.norm(out))
@@ -156,7 +153,7 @@ def test_w8a8_recipe_lints_clean_and_stays_close(models, kind):
 
 
 def test_w4a8_runs_and_lints_clean(models):
-    q = quantize(copy(models["llama"]), feeds_for("llama", 8, seed=1), recipe="transformer-w4a8", batch_size=2,
+    q = quantize(models["llama"].clone(), feeds_for("llama", 8, seed=1), recipe="transformer-w4a8", batch_size=2,
                  show_progress=False, log=lambda s: None)
     assert_lint_clean(q)
     m = load_model(q)
@@ -166,7 +163,7 @@ def test_w4a8_runs_and_lints_clean(models):
 
 
 def test_w4a4_runs_and_fails_lint_only_on_int4_activations(models):
-    q = quantize(copy(models["llama"]), feeds_for("llama", 8, seed=1), recipe="transformer-w4a4", batch_size=2,
+    q = quantize(models["llama"].clone(), feeds_for("llama", 8, seed=1), recipe="transformer-w4a4", batch_size=2,
                  show_progress=False, log=lambda s: None)
     failing = {r.rule for r in lint(load_model(q)) if r.status == "FAIL"}
     assert failing == {"R3b"}  # TensorRT allows INT4 only on weights

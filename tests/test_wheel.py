@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxq
 import pytest
 
-import onnxq
 from builders import mobilenet_block_model, random_images
 
 REPO = Path(__file__).resolve().parents[1]

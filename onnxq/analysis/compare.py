@@ -15,14 +15,13 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
-
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
-from onnxq.stats.calib_data import load_calibration, model_inputs
-from onnxq.ir.checks import infer_shapes
 from onnxq.errors import OnnxqError
+from onnxq.ir.checks import infer_shapes
 from onnxq.progress import progress
 from onnxq.runtime.session import exposing, session
+from onnxq.stats.calib_data import load_calibration, model_inputs
 
 _FLOAT = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE}
 

@@ -25,9 +25,8 @@ import onnx_ir as ir
 
 from onnxq.ir.checks import infer_shapes
 from onnxq.ir.graph import WEIGHTED_OPS, const_array, opset_version
-from onnxq.passes.nonlinear.lut import FIDELITY_KEY, REPLACEMENT_KEY
+from onnxq.metadata import FIDELITY_KEY, FLOAT_REASON_KEY, QUANTIZED_KEY, REPLACEMENT_KEY
 from onnxq.pipeline import read_record
-from onnxq.quant.qdq import FLOAT_REASON_KEY, QUANTIZED_KEY
 from onnxq.quant.qdq_rules import NON_NUMERIC, NONLINEAR, NORMALISATION
 
 _BOOKKEEPING = set(NON_NUMERIC) | {"QuantizeLinear", "DequantizeLinear", "Constant", "Identity"}

@@ -1,4 +1,4 @@
-"""Recognition of a PETR-family 3D position embedding (PE) in an ONNX graph (methods.md §1).
+"""Recognition of a PETR-family 3D position embedding (PE) in an ONNX graph.
 
 PETR adds a camera-ray position embedding to the image features ("memory") to form the keys of
 every cross-attention: K = (memory + pe)·W_k + b_k, while the values read the memory alone. The PE is
@@ -34,20 +34,11 @@ import onnx_ir as ir
 
 from onnxq.errors import OnnxqError
 from onnxq.ir.graph import attr, const_array
+from onnxq.ir.linear import Linear
+from onnxq.metadata import PE_KEY
 
 DATA_MOVEMENT = frozenset({"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Expand"})
-PE_TAG = "onnxq.analysis.petr_pe"
 _FLOAT = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE})
-
-
-@dataclass
-class KeyProjection:
-    """MatMul(add_output, W) [+ bias]: a cross-attention key projection reading memory + pe."""
-
-    matmul: ir.Node
-    weight: ir.Value
-    bias_add: ir.Node | None  # the Add of a constant bias right after the MatMul, if any
-    bias_index: int | None    # which input of bias_add is the bias
 
 
 @dataclass
@@ -58,7 +49,7 @@ class AddSite:
     memory: ir.Value           # the image-feature operand
     pe: ir.Value               # the PE operand, as added (token-major for PETR)
     pe_index: int              # which input of `add` is the PE
-    key_projections: list[KeyProjection] = field(default_factory=list)
+    key_projections: list[Linear] = field(default_factory=list)
     other_readers: list[ir.Node] = field(default_factory=list)
 
 
@@ -78,7 +69,7 @@ class PESite:
         return self.encoder[-1].outputs[0] if self.encoder else None
 
     @property
-    def key_projections(self) -> list[KeyProjection]:
+    def key_projections(self) -> list[Linear]:
         return [k for a in self.adds for k in a.key_projections]
 
     def describe(self) -> str:
@@ -291,14 +282,14 @@ def _readers(site: AddSite) -> None:
         weight = node.inputs[1] if node.op_type == "MatMul" and len(node.inputs) == 2 else None
         w = const_array(weight)
         if node.inputs[0] is out and w is not None and w.ndim == 2 and not out.is_graph_output():
-            bias_add, bias_index = None, None
+            projection = Linear(node, weight)
             users = node.outputs[0].consumers()
             if len(users) == 1 and users[0].op_type == "Add" and not node.outputs[0].is_graph_output():
-                for i, v in enumerate(users[0].inputs):
+                for v in users[0].inputs:
                     b = const_array(v)
                     if v is not node.outputs[0] and b is not None and b.shape[-1:] == (w.shape[1],):
-                        bias_add, bias_index = users[0], i
-            site.key_projections.append(KeyProjection(node, weight, bias_add, bias_index))
+                        projection.bias, projection.bias_node = v, users[0]
+            site.key_projections.append(projection)
         else:
             site.other_readers.append(node)
 
@@ -306,9 +297,9 @@ def _readers(site: AddSite) -> None:
 def tag_site(site: PESite) -> None:
     """Mark the PE nodes and the Adds in node metadata (Netron shows it; passes leave it alone)."""
     for node in site.nodes:
-        node.metadata_props[PE_TAG] = f"{site.pe_type or 'input'} position embedding from '{site.source.name}'"
+        node.metadata_props[PE_KEY] = f"{site.pe_type or 'input'} position embedding from '{site.source.name}'"
     for a in site.adds:
-        a.add.metadata_props[PE_TAG] = (f"image features + position embedding, read by {len(a.key_projections)} "
+        a.add.metadata_props[PE_KEY] = (f"image features + position embedding, read by {len(a.key_projections)} "
                                         "key projection(s)")
 
 

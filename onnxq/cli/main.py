@@ -11,8 +11,8 @@ import sys
 import textwrap
 from pathlib import Path
 
-from onnxq.errors import OnnxqError
 from onnxq.cli.tables import clean, table
+from onnxq.errors import OnnxqError
 
 # Exit statuses (docs/guarantees.md): what a script calling onnxq can rely on.
 EXIT_OK = 0
@@ -262,12 +262,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _quantize(args) -> int:
-    from onnxq.api import quantize
     from onnxq.analysis.inspection import inspect_model
-    from onnxq.quant.lint import lint, passed
+    from onnxq.api import quantize
     from onnxq.ir.modelio import load_model
     from onnxq.ir.outputs import calibration_files, check_outputs, files_read_by_model
     from onnxq.pipeline import read_record
+    from onnxq.quant.lint import lint, passed
 
     reads = files_read_by_model(args.model) + calibration_files(args.calib)
     if args.recipe and Path(args.recipe).is_file():
@@ -364,9 +364,9 @@ def _compare(args) -> int:
 
 
 def _lint(args) -> int:
-    from onnxq.quant.lint import lint, passed
     from onnxq.ir.modelio import load_model
     from onnxq.ir.outputs import check_outputs, files_read_by_model
+    from onnxq.quant.lint import lint, passed
 
     check_outputs([("--json", args.json)], files_read_by_model(args.model))
     results = lint(load_model(args.model))
@@ -435,10 +435,10 @@ def _build_engine(args) -> int:
 
 
 def _recipes(args) -> int:
+    import yaml
+
     from onnxq.pipeline.recipes import RECIPE_DIR, builtin_recipes
     from onnxq.pipeline.registry import pass_class, pass_names
-
-    import yaml
 
     rows = []
     for name in builtin_recipes():

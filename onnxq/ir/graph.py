@@ -7,7 +7,7 @@ keep needing: constant arrays, fresh names derived from existing ones, initializ
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -25,9 +25,17 @@ def const_array(value: ir.Value | None) -> np.ndarray | None:
     return None if tensor is None else tensor.numpy()
 
 
-def is_weight(value: ir.Value | None) -> bool:
-    """True for a constant initializer that is not also a graph input (which a user could override)."""
-    return value is not None and value.is_initializer() and not value.is_graph_input() and value.const_value is not None
+def traced_const(value: ir.Value | None) -> np.ndarray | None:
+    """`const_array` that also looks through Identity nodes (the legacy exporter writes one for every
+    initializer it de-duplicates; fold_constants removes them later)."""
+    for _ in range(4):
+        if value is None:
+            return None
+        producer = value.producer()
+        if producer is None or producer.op_type != "Identity":
+            return const_array(value)
+        value = producer.inputs[0]
+    return None
 
 
 def attr(node: ir.Node, name: str, default: Any = None) -> Any:
@@ -48,13 +56,12 @@ def only_consumer(value: ir.Value) -> ir.Node | None:
     return users[0]
 
 
-def iter_nodes(graph: ir.Graph) -> Iterator[ir.Node]:
-    """Nodes of the main graph (a snapshot, so callers may edit the graph while iterating)."""
-    return iter(list(graph))
-
-
 class Namer:
-    """Hands out names derived from existing ones that clash with nothing in the graph."""
+    """Hands out names derived from existing ones that clash with nothing in the graph.
+
+    onnx_ir's NameFixPass only names unnamed values and de-duplicates; passes need a fresh name
+    derived from a base they choose (`<weight>_rotated`), which is what this does.
+    """
 
     def __init__(self, graph: ir.Graph):
         self._taken: set[str] = set(graph.initializers)
@@ -92,22 +99,6 @@ def replace_initializer(value: ir.Value, array: np.ndarray) -> None:
     value.type = ir.TensorType(ir.DataType.from_numpy(array.dtype))
 
 
-def append_bias(graph: ir.Graph, namer: Namer, node: ir.Node, bias: ir.Value, result_name: str) -> ir.Node:
-    """Insert Add(node's output, bias) after `node`; the Add's output, named `result_name`, takes over
-    the output's readers and graph-output slot (the caller has renamed the node's own output)."""
-    out = node.outputs[0]
-    users = list(out.uses())
-    add = ir.node("Add", [out, bias], name=namer.fresh(f"{node.name}_bias"))
-    add.outputs[0].name, add.outputs[0].dtype, add.outputs[0].shape = result_name, out.dtype, out.shape
-    graph.insert_after(node, add)
-    for user, index in users:
-        user.replace_input_with(index, add.outputs[0])
-    for i, output in enumerate(graph.outputs):
-        if output is out:
-            graph.outputs[i] = add.outputs[0]
-    return add
-
-
 def private_weight(graph: ir.Graph, namer: Namer, node: ir.Node, index: int) -> ir.Value:
     """The weight at `node.inputs[index]`, copied first if other nodes share it, so it can be edited."""
     value = node.inputs[index]
@@ -127,7 +118,8 @@ def _generic(name: str | None) -> bool:
 
 def name_anonymous(graph: ir.Graph) -> None:
     """Give nodes and tensors that library rewrites left with generic names (`node`, `_v_12`) names
-    derived from their neighbours, so Netron shows where they belong."""
+    derived from their neighbours, so Netron shows where they belong. (NameFixPass does not fit: it
+    keeps any name already set, generic or not, and numbers the unnamed ones.)"""
     namer = Namer(graph)
     for node in graph:
         reader = next((user for v in node.outputs for user in v.consumers()), None)
@@ -140,3 +132,45 @@ def name_anonymous(graph: ir.Graph) -> None:
         for i, value in enumerate(node.outputs):
             if _generic(value.name) and not value.is_graph_output():
                 value.name = namer.fresh(f"{node.name}_output{i}" if i else f"{node.name}_output")
+
+
+def insert_elementwise(graph: ir.Graph, namer: Namer, value: ir.Value, op_type: str, constant: np.ndarray, base: str,
+                       readers: list[tuple[ir.Node, int]] | None = None) -> ir.Node:
+    """Insert `op_type`(value, constant) and move `readers` (default: all readers of `value`) onto its output."""
+    readers = list(value.uses()) if readers is None else readers
+    const = add_initializer(graph, namer, f"{base}_{op_type.lower()}_by", np.asarray(constant, dtype=np.float32))
+    node = ir.node(op_type, [value, const], name=namer.fresh(f"{base}_{op_type}"))
+    node.outputs[0].name = namer.fresh(f"{value.name}_{op_type.lower()}")
+    node.outputs[0].dtype, node.outputs[0].shape = value.dtype, value.shape
+    producer = value.producer()
+    if producer is not None:
+        graph.insert_after(producer, node)
+    else:
+        graph.insert_before(graph.node(0), node) if len(graph) else graph.append(node)
+    for user, index in readers:
+        user.replace_input_with(index, node.outputs[0])
+    return node
+
+
+def mark_changed(value: ir.Value | None, suffix: str, namer: Namer | None = None) -> None:
+    """Append `suffix` to the name of a tensor whose values a pass changed (never a graph input or
+    output, whose names are API), so a tensor name never stands for two different values."""
+    if value is None or value.is_graph_output() or value.is_graph_input() or not value.name:
+        return
+    if not value.name.endswith(suffix):
+        new = f"{value.name}{suffix}"
+        value.name = namer.fresh(new) if namer is not None else new
+
+
+def take_over_output(old: ir.Value, new: ir.Value, *, keep: ir.Node, rename: bool = True) -> None:
+    """Move every reader of `old` except `keep` (the node computing `new` from it) onto `new`, graph
+    output slot included; with `rename`, a graph output keeps its name (`new` takes it, `old` becomes
+    `<name>_inner`)."""
+    was_output, name = old.is_graph_output(), old.name
+    ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
+    for index, value in enumerate(keep.inputs):
+        if value is new:
+            keep.replace_input_with(index, old)
+    if was_output and rename:
+        old.name = f"{name}_inner"
+        new.name = name

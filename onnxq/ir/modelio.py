@@ -155,7 +155,7 @@ def check_onnxq_metadata(model: ir.Model, label: str) -> None:
     """Refuse `onnxq.*` metadata that onnxq itself would not have written (hand-edited or corrupted),
     in one line, instead of failing wherever it is read."""
     props = model.metadata_props
-    for key, fields in ((metadata.PASSES, _PASS_FIELDS), (metadata.FIDELITY, _FIDELITY_FIELDS)):
+    for key, fields in ((metadata.PASSES_KEY, _PASS_FIELDS), (metadata.FIDELITY_KEY, _FIDELITY_FIELDS)):
         if key not in props:
             continue
         try:
@@ -166,9 +166,9 @@ def check_onnxq_metadata(model: ir.Model, label: str) -> None:
             raise OnnxqError(f"{label}: model metadata '{key}' is malformed (expected the JSON list onnxq "
                              "writes); remove it or re-export the model")
     for node in model.graph.all_nodes():
-        text = node.metadata_props.get(metadata.RANGE_MARGIN)
+        text = node.metadata_props.get(metadata.RANGE_MARGIN_KEY)
         if text is not None and not _positive_number(text):
-            raise OnnxqError(f"{label}: node '{node.name}' has malformed metadata {metadata.RANGE_MARGIN}={text!r}")
+            raise OnnxqError(f"{label}: node '{node.name}' has malformed metadata {metadata.RANGE_MARGIN_KEY}={text!r}")
 
 
 _NUMBER = (int, float)

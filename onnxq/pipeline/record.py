@@ -28,10 +28,10 @@ def write_record(model: ir.Model, records: list[PassRecord], recipe_name: str, t
     props = model.metadata_props
     previous = read_record(model)
     start = len(previous)
-    props[metadata.VERSION] = __version__
-    props[metadata.RECIPE] = recipe_name
-    props[metadata.TARGET] = target
-    props[metadata.PASSES] = json.dumps(previous + [dataclasses.asdict(r) for r in records])
+    props[metadata.VERSION_KEY] = __version__
+    props[metadata.RECIPE_KEY] = recipe_name
+    props[metadata.TARGET_KEY] = target
+    props[metadata.PASSES_KEY] = json.dumps(previous + [dataclasses.asdict(r) for r in records])
     for i, r in enumerate(records, start=start + 1):
         options = ", ".join(f"{k}={v}" for k, v in r.options.items())
         summary = ", ".join(f"{k}={v}" for k, v in r.summary.items() if not isinstance(v, (dict, list)))
@@ -41,7 +41,7 @@ def write_record(model: ir.Model, records: list[PassRecord], recipe_name: str, t
 def read_record(model: ir.Model) -> list[dict[str, Any]]:
     """The passes recorded in `model` ([] when none, or when the record is not onnxq's JSON list)."""
     try:
-        record = json.loads(model.metadata_props.get(metadata.PASSES, "[]"))
+        record = json.loads(model.metadata_props.get(metadata.PASSES_KEY, "[]"))
     except json.JSONDecodeError:
         return []
     return record if isinstance(record, list) and all(isinstance(r, dict) for r in record) else []

@@ -13,12 +13,12 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from onnxq.stats.calib_data import CalibrationSet
 from onnxq.ir.graph import Namer, add_initializer, const_array, replace_initializer
+from onnxq.metadata import CORRECTED_KEY
+from onnxq.stats.calib_data import CalibrationSet
 from onnxq.stats.service import observe
 
 _CORRECTABLE = ("Conv", "Gemm")
-CORRECTED_KEY = "onnxq.bias_corrected"  # node metadata: the mean output shift removed from the bias
 
 
 def correct_biases(model: ir.Model, float_weights: dict[str, np.ndarray], data: CalibrationSet, *,

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from onnxq.stats.calib_data import CalibrationSet
 from onnxq.quant.qdq import IntFormat
+from onnxq.stats.calib_data import CalibrationSet
 from onnxq.stats.service import observe
 
 # fractions of mean(diag H) added to H's diagonal, tried per layer (gptq_round): 0.01 is the paper's; larger

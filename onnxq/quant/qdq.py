@@ -21,8 +21,6 @@ from onnxq.errors import OnnxqError
 from onnxq.ir.graph import WEIGHTED_OPS, Namer, add_initializer, const_array
 from onnxq.quant.qdq_rules import Treatment
 
-FLOAT_REASON_KEY = "onnxq.float_reason"
-QUANTIZED_KEY = "onnxq.quantized"
 MASK_CONSTANT = 1e4  # constants at least this large in magnitude are masks or sentinels, not data
 _FLOAT_TYPES = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
 # ops through which a mask's huge constant survives unchanged in magnitude

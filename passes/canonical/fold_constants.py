@@ -13,7 +13,6 @@ from typing import ClassVar
 
 import onnx_ir as ir
 import onnxscript.optimizer as optimizer
-
 from onnxq.pipeline.passes import GraphPass, Kind, PassContext
 
 

@@ -25,13 +25,13 @@ layers; the backbone's 3x3 convs pad).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, NamedTuple
+from typing import ClassVar
 
 import numpy as np
 import onnx_ir as ir
-
-from onnxq.quant.bias_correction import CORRECTED_KEY
-from onnxq.ir.graph import Namer, add_initializer, append_bias, attr, const_array, replace_initializer
+from onnxq.ir.graph import Namer, add_initializer, attr, const_array, replace_initializer
+from onnxq.ir.linear import Linear, dequantized_weight, replace_bias
+from onnxq.metadata import CORRECTED_KEY
 from onnxq.pipeline.passes import GraphPass, Kind, PassContext, after_quantize
 from onnxq.stats.service import observe
 
@@ -63,7 +63,7 @@ class Recentre(GraphPass):
         return {"recentred": len(sites), "left_alone": skipped}
 
 
-def recentre(graph: ir.Graph, namer: Namer, q: ir.Node, readers: list["Reader"], shifts: dict) -> None:
+def recentre(graph: ir.Graph, namer: Namer, q: ir.Node, readers: list[Linear], shifts: dict) -> None:
     """Quantize q's input shifted down by half its range at half the scale; readers' biases absorb the
     shift and the change in mean rounding error (`shifts`, per input channel)."""
     scale_array = const_array(q.inputs[1])
@@ -82,7 +82,7 @@ def recentre(graph: ir.Graph, namer: Namer, q: ir.Node, readers: list["Reader"],
         delta = float(c) * _weighted_channels(r, np.ones(_in_channels(r)))
         if CORRECTED_KEY in r.node.metadata_props:
             delta -= _weighted_channels(r, shifts[(x.name, _channel_axis(r.node))])
-        _add_to_bias(graph, namer, r.node, delta)
+        _add_to_bias(graph, namer, r, delta)
 
 
 def _mean_rounding_change(model: ir.Model, sites, data, show_progress: bool) -> dict[tuple[str, int], np.ndarray]:
@@ -129,15 +129,16 @@ def _channel_axis(node: ir.Node) -> int:
     return 1 if node.op_type == "Conv" else -1
 
 
-def _in_channels(r: "Reader") -> int:
+def _in_channels(r: Linear) -> int:
+    w = dequantized_weight(r.weight)
     if r.node.op_type == "Conv":
-        return r.weight.shape[1] * attr(r.node, "group", 1)
-    return r.weight.shape[0 if r.node.op_type != "Gemm" or not attr(r.node, "transB", 0) else 1]
+        return w.shape[1] * attr(r.node, "group", 1)
+    return w.shape[0 if r.node.op_type != "Gemm" or not attr(r.node, "transB", 0) else 1]
 
 
-def _weighted_channels(r: "Reader", per_channel: np.ndarray) -> np.ndarray:
+def _weighted_channels(r: Linear, per_channel: np.ndarray) -> np.ndarray:
     """Ŵ applied to a per-input-channel constant: what the layer adds per output channel (Ŵ·1 for ones)."""
-    w, node = r.weight, r.node
+    w, node = dequantized_weight(r.weight), r.node
     if node.op_type == "Conv":
         groups = attr(node, "group", 1)
         per_group = w.reshape(w.shape[0], w.shape[1], -1).sum(axis=2)  # [out, in/group]
@@ -169,80 +170,54 @@ def _symmetric_int8(q: ir.Node) -> bool:
             and not zero.any())
 
 
-class Reader(NamedTuple):
-    node: ir.Node
-    weight: np.ndarray  # the dequantized weight the runtime multiplies
-
-
-def _readers(q: ir.Node) -> tuple[list[Reader], str]:
+def _readers(q: ir.Node) -> tuple[list[Linear], str]:
     """The linear layers reading q's dequantized outputs, or why the tensor is left alone."""
     readers = []
     for dq, _ in q.outputs[0].uses():
         if dq.op_type != "DequantizeLinear" or dq.outputs[0].is_graph_output():
             return [], f"read by {dq.op_type}"
         for node, index in dq.outputs[0].uses():
-            w = _weight(node) if index == 0 and node.op_type in ("MatMul", "Gemm", "Conv") else None
+            w = dequantized_weight(node.inputs[1]) if index == 0 and node.op_type in ("MatMul", "Gemm", "Conv") else None
             if w is None or (node.op_type != "Conv" and w.ndim != 2):
                 return [], f"read by {node.op_type} (input {index}), not a linear layer with a constant weight"
             if node.op_type == "Gemm" and attr(node, "transA", 0):
                 return [], "read by a Gemm with transA"
             if node.op_type == "Conv" and (any(attr(node, "pads", [0])) or attr(node, "auto_pad", "NOTSET") not in ("NOTSET", "VALID")):
                 return [], "read by a padded Conv (zero padding would stand for x = centre)"
-            readers.append(Reader(node, w))
+            readers.append(_as_linear(node))
     return readers, ""
 
 
-def _weight(node: ir.Node) -> np.ndarray | None:
-    """The weight the runtime multiplies: a constant, or a per-tensor/per-axis DequantizeLinear of one."""
-    value = node.inputs[1]
-    dq = value.producer()
-    if dq is None or dq.op_type != "DequantizeLinear":
-        return const_array(value)
-    codes, scale = const_array(dq.inputs[0]), const_array(dq.inputs[1])
-    zero = const_array(dq.inputs[2]) if len(dq.inputs) > 2 and dq.inputs[2] is not None else None
-    if codes is None or scale is None or attr(dq, "block_size", 0):
-        return None
-    shape = [1] * codes.ndim
-    shape[attr(dq, "axis", 1)] = -1  # per-axis scale and zero point broadcast along that axis
-    zero = np.zeros(1) if zero is None else zero.astype(np.float64)
-    return (codes.astype(np.float64) - zero.reshape(shape if zero.size > 1 else ())) \
-        * scale.astype(np.float64).reshape(shape if scale.size > 1 else ())
-
-
-def _add_to_bias(graph: ir.Graph, namer: Namer, node: ir.Node, delta: np.ndarray) -> None:
-    """Add `delta` (one value per output channel) to the layer's constant bias, creating one if needed."""
-    slot = _bias_slot(node, delta.size)
-    if slot is not None:
-        owner, index = slot
-        bias = owner.inputs[index]
-        new = (const_array(bias).astype(np.float64) + delta).astype(const_array(bias).dtype)
-        if len(bias.uses()) == 1 and bias.is_initializer():
-            replace_initializer(bias, new)
-        else:
-            owner.replace_input_with(index, add_initializer(graph, namer, f"{node.name}_bias_recentred", new))
-        return
-    out_type = node.outputs[0].dtype
-    value = add_initializer(graph, namer, f"{node.name}_bias_recentred",
-                            delta.astype(out_type.numpy() if out_type is not None else np.float32))
-    if node.op_type in ("Conv", "Gemm"):
-        node.resize_inputs(3)
-        node.replace_input_with(2, value)
-        return
-    out = node.outputs[0]
-    result_name, out.name = out.name, namer.fresh(f"{out.name}_unbiased")
-    append_bias(graph, namer, node, value, result_name)
-
-
-def _bias_slot(node: ir.Node, channels: int) -> tuple[ir.Node, int] | None:
-    """(node, input index) of the layer's constant bias: Conv/Gemm input 2, or the constant of the Add
+def _as_linear(node: ir.Node) -> Linear:
+    """A reader as a linear layer with its constant bias: Conv/Gemm input 2, or the constant of the Add
     that alone reads a MatMul (channels last, so any bias shape ending in them takes a per-channel delta)."""
+    lin = Linear(node, node.inputs[1], transposed=node.op_type == "Gemm" and bool(attr(node, "transB", 0)))
     if node.op_type in ("Conv", "Gemm"):
-        ok = len(node.inputs) > 2 and node.inputs[2] is not None and const_array(node.inputs[2]) is not None
-        return (node, 2) if ok else None
+        if len(node.inputs) > 2 and node.inputs[2] is not None and const_array(node.inputs[2]) is not None:
+            lin.bias = node.inputs[2]
+        return lin
+    channels = dequantized_weight(node.inputs[1]).shape[1]
     uses = list(node.outputs[0].uses())
     if len(uses) == 1 and uses[0][0].op_type == "Add" and not node.outputs[0].is_graph_output():
         add, slot = uses[0]
         bias = const_array(add.inputs[1 - slot])
         if bias is not None and (bias.ndim == 0 or bias.shape[-1] == channels):
-            return add, 1 - slot
-    return None
+            lin.bias, lin.bias_node = add.inputs[1 - slot], add
+    return lin
+
+
+def _add_to_bias(graph: ir.Graph, namer: Namer, lin: Linear, delta: np.ndarray) -> None:
+    """Add `delta` (one value per output channel) to the layer's constant bias, creating one if needed:
+    edited in place when nothing else reads it, else a new initializer `<layer>_bias_recentred`."""
+    name = f"{lin.node.name}_bias_recentred"
+    out_type = lin.node.outputs[0].dtype  # an FP16 model keeps FP16 biases
+    dtype = out_type.numpy() if out_type is not None else np.float32
+    if lin.bias is not None:
+        old = const_array(lin.bias)
+        new = (old.astype(np.float64) + delta).astype(old.dtype)
+        if len(lin.bias.uses()) == 1 and lin.bias.is_initializer():
+            replace_initializer(lin.bias, new)
+        else:
+            replace_bias(graph, namer, lin, new, name, dtype=old.dtype)
+        return
+    replace_bias(graph, namer, lin, delta, name, dtype=dtype)

@@ -1,6 +1,6 @@
 """integer_ops: I-LLM's integer-only softmax and normalisation as float-carried integer subgraphs.
 
-Kind: approximate. The algorithms and their NumPy integer reference are in onnxq/integer_ref.py
+Kind: approximate. The algorithms and their NumPy integer reference are in integer_ref.py
 (DI-Exp, DI-ClippedSoftmax, DI-Norm for LayerNorm and RMSNorm); this pass emits them with every
 integer carried exactly in float32 (all intermediates stay below 2^24): `a >> k` is
 Floor(a · 2^-k), a shift by a per-element amount q is Floor(a · T[q]) with T a 32-entry table of
@@ -25,18 +25,19 @@ from typing import ClassVar
 
 import numpy as np
 import onnx_ir as ir
-
+from onnxq.analysis.structure import find_norms
 from onnxq.ir.graph import Namer, attr, opset_version
+from onnxq.passes.nonlinear.emit import Builder, record_fidelity
 from onnxq.passes.nonlinear.integer_ref import NormParams, SoftmaxParams, di_exp_step, di_norm, di_softmax
-from onnxq.passes.nonlinear.dulut import Builder, record_fidelity
-from onnxq.passes.nonlinear.qans import sample_rows, softmax_nodes
+from onnxq.passes.nonlinear.softmax import exact_softmax, softmax_nodes
 from onnxq.pipeline.passes import GraphPass, Kind, PassContext
+from onnxq.stats.samples import sample_rows
 
 F32 = np.float32
 
 
 @dataclass
-class Norm:
+class NormSite:
     """A normalisation over the last axis to replace: output = (x - mean?) / rms · gamma + beta."""
 
     x: ir.Value
@@ -49,17 +50,15 @@ class Norm:
     label: str
 
 
-def find_norms(model: ir.Model) -> list[Norm]:
-    """LayerNorm/RMSNorm over the last axis, fused or decomposed, as onnxq.analysis.structure finds them."""
-    from onnxq.analysis.structure import find_norms as structure_norms
-
+def norm_sites(model: ir.Model) -> list[NormSite]:
+    """LayerNorm/RMSNorm over the last axis, fused or decomposed, as onnxq.analysis finds them."""
     order = {node: i for i, node in enumerate(model.graph)}
     found = []
-    for norm in structure_norms(model):
+    for norm in find_norms(model):
         if norm.input.dtype != ir.DataType.FLOAT or not isinstance(norm.width, int):
             continue
         nodes = sorted(norm.nodes, key=lambda n: order.get(n, 0))
-        found.append(Norm(norm.input, norm.output, norm.width, norm.kind == "rms", norm.gamma(), norm.beta(), nodes,
+        found.append(NormSite(norm.input, norm.output, norm.width, norm.kind == "rms", norm.gamma(), norm.beta(), nodes,
                           norm.name or norm.output.name))
     return found
 
@@ -89,7 +88,7 @@ class IntegerOps(GraphPass):
         graph, namer = model.graph, Namer(model.graph)
         opset = opset_version(model)
         softmaxes = softmax_nodes(model, self.attention_only, self.exclude) if "softmax" in self.ops else []
-        norms = [m for m in find_norms(model) if "norm" in self.ops and m.label not in self.exclude]
+        norms = [m for m in norm_sites(model) if "norm" in self.ops and m.label not in self.exclude]
         if not softmaxes and not norms:
             return {"replaced": 0}
         data = ctx.require_calibration(self.name)
@@ -104,7 +103,7 @@ class IntegerOps(GraphPass):
             b.finish(node, node.outputs[0], p, remove=[node])
             entries.append(_entry(self.name, node.name, "softmax", ["Softmax"],
                                   f"DI-ClippedSoftmax c={self.clip:g} in={self.softmax_bits}b out={self.out_levels}",
-                                  rows, lambda r: di_softmax(r, params), _softmax, 1.0 / 255, [-self.clip, 0.0],
+                                  rows, lambda r: di_softmax(r, params), exact_softmax, 1.0 / 255, [-self.clip, 0.0],
                                   b.replaces))
         for norm in norms:
             p = NormParams(norm.width, norm.rms, self.norm_bits)
@@ -146,11 +145,6 @@ def _entry(pass_name, node, function, ops, method, rows, approx, exact, step, in
     return entry
 
 
-def _softmax(rows):
-    e = np.exp(rows - rows.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
-
-
 def _norm(rows, rms, gamma, beta):
     d = rows if rms else rows - rows.mean(axis=-1, keepdims=True)
     y = d / np.sqrt((d * d).mean(axis=-1, keepdims=True) + 1e-30)
@@ -160,7 +154,7 @@ def _norm(rows, rms, gamma, beta):
 
 
 # ---------------------------------------------------------------------------------------------
-# Emission (the same arithmetic as onnxq.passes.nonlinear.integer_ref, each integer carried exactly in float32)
+# Emission (the same arithmetic as integer_ref.py, each integer carried exactly in float32)
 
 
 def _shift_right(b: Builder, a: ir.Value, k: int, name: str) -> ir.Value:
@@ -199,7 +193,7 @@ def emit_di_softmax(b: Builder, x: ir.Value, p: SoftmaxParams, axis: int, opset:
 
 
 def emit_di_norm(b: Builder, x: ir.Value, p: NormParams, gamma, beta, opset: int) -> ir.Value:
-    """DI-Norm over the last axis (see onnxq.passes.nonlinear.integer_ref.di_norm_int)."""
+    """DI-Norm over the last axis (see integer_ref.di_norm_int)."""
     amax = b.op("Max", b.reduce("ReduceMax", b.op("Abs", x, suffix="abs"), -1, opset, suffix="token_max"),
                 b.const("tiny", 1e-30), suffix="token_max_safe")
     inv = b.op("Div", b.const("levels", float(p.K)), amax, suffix="token_scale")

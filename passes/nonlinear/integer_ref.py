@@ -1,4 +1,4 @@
-"""NumPy integer reference of I-LLM's integer-only operators (shared/notes/methods.md §4.3-4.6).
+"""NumPy integer reference of I-LLM's integer-only operators.
 
 Written with integer arithmetic only (int64 arrays, `>>`, `<<`, `//`), independently of the ONNX
 subgraphs `passes/integer_ops.py` emits; the tests check the two agree bit for bit. Where an

@@ -1,8 +1,8 @@
 """Lookup tables for nonlinear functions, in pure NumPy: FQ-PETR's dual LUT (DULUT), the uniform
 LUT it is compared with, the exact 256-entry table of an INT8 input, and their fidelity.
 
-DULUT (shared/notes/methods.md §2.2; the paper gives no formulas, this is the reconstruction [R]
-there, made error-driven). Two cascaded linearly interpolated tables over a domain [lo, hi]:
+DULUT (the paper gives no formulas; this is a reconstruction, made error-driven). Two cascaded
+linearly interpolated tables over a domain [lo, hi]:
 
     a = (clip(x, lo, hi) - lo) / Δ1           Δ1 = (hi - lo) / (N1 - 1)
     i = min(floor(a), N1 - 2)
@@ -43,8 +43,6 @@ from typing import Callable
 import numpy as np
 
 F32 = np.float32
-REPLACEMENT_KEY = "onnxq.replacement"  # node metadata: which original op(s) an emitted node replaces
-FIDELITY_KEY = "onnxq.fidelity"        # model metadata: JSON list, one fidelity entry per replaced op
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""qans: quantize softmax inputs after numerical stabilisation (FQ-PETR's QANS, methods.md §2.3).
+"""qans: quantize softmax inputs after numerical stabilisation (FQ-PETR's QANS).
 
 Kind: approximate. Each Softmax(x) becomes
     d = x - max(x)                 (exact: softmax(d) = softmax(x))
@@ -30,13 +30,12 @@ from typing import ClassVar
 
 import numpy as np
 import onnx_ir as ir
-
 from onnxq.ir.graph import Namer, attr, opset_version
+from onnxq.passes.nonlinear.emit import Builder, emit_dulut, record_fidelity
 from onnxq.passes.nonlinear.lut import build_dulut
-from onnxq.passes.nonlinear.dulut import Builder, emit_dulut, record_fidelity
+from onnxq.passes.nonlinear.softmax import exact_softmax, softmax_nodes
 from onnxq.pipeline.passes import GraphPass, Kind, PassContext
-from onnxq.stats.observers import RowSample
-from onnxq.stats.service import observe
+from onnxq.stats.samples import sample_rows
 
 FIXED_POINT = 15  # exp table entries are integers round(e^v · 2^15)
 STEP = 1.0 / 255  # one INT8 output step of a probability
@@ -78,7 +77,7 @@ class Qans(GraphPass):
                 continue
             beta = self.beta or choose_beta(rows, self.candidates, self.centre, floor_is_zero=self.exp != "float")
             p_hat, replacement = self._rewrite(model, namer, node, beta, opset_version(model), rows)
-            ref = _softmax(rows)
+            ref = exact_softmax(rows)
             err = np.abs(p_hat - ref) / STEP
             entries.append({"pass": self.name, "node": node.name, "function": "softmax",
                             "replaced_ops": ["Softmax"] if self.exp != "float" else [],
@@ -111,7 +110,7 @@ class Qans(GraphPass):
         if self.exp == "float":  # keep the Softmax op, now reading the quantized input
             b.insert(node)
             node.replace_input_with(0, q)
-            return _softmax(rows_q), b.replaces
+            return exact_softmax(rows_q), b.replaces
         if self.exp == "lut8":
             table = exp_table(scale, offset)
             code = b.op("Round", b.op("Mul", q, b.const("inv_scale", np.float32(1.0) / scale), suffix="codes"),
@@ -135,17 +134,6 @@ class Qans(GraphPass):
         return e_rows / np.maximum(e_rows.sum(axis=-1, keepdims=True), 1e-300), b.replaces
 
 
-def softmax_nodes(model: ir.Model, attention_only: bool, exclude) -> list[ir.Node]:
-    """FLOAT Softmax nodes of the main graph (those in attention only, when asked)."""
-    if attention_only:
-        from onnxq.analysis.structure import find_softmaxes
-
-        candidates = find_softmaxes(model)
-    else:
-        candidates = [n for n in model.graph if n.op_type == "Softmax" and n.domain in ("", "ai.onnx")]
-    return [n for n in candidates if n.name not in exclude and n.inputs[0].dtype == ir.DataType.FLOAT]
-
-
 def exp_table(scale: float, offset: float) -> np.ndarray:
     """E[k] = round(exp((k - 128)·scale - offset) · 2^15), k = 0..255, with the clip floor (codes -128
     and -127) at 0: exact per code, integers, so the row sums are exact too."""
@@ -153,12 +141,6 @@ def exp_table(scale: float, offset: float) -> np.ndarray:
     table = np.round(np.exp(np.minimum(codes * np.float64(scale) - offset, 0.0)) * 2.0 ** FIXED_POINT)
     table[:2] = 0.0
     return table.astype(np.float32)
-
-
-def _softmax(rows: np.ndarray) -> np.ndarray:
-    rows = np.asarray(rows, dtype=np.float64)
-    e = np.exp(rows - rows.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
 
 
 def _quantized_input(rows: np.ndarray, beta: float, centre: bool) -> np.ndarray:
@@ -175,7 +157,7 @@ def choose_beta(rows: np.ndarray, candidates: list[float], centre: bool, *, floo
     """The β whose QANS softmax is closest to the exact one in mean total variation. The integer exps
     (lut8, dulut) give the clip floor zero probability; a float Softmax (exp: float) gives it e^-β, so
     there a small β leaks mass to every clipped key (a cross-attention row of thousands of keys)."""
-    ref = _softmax(rows)
+    ref = exact_softmax(rows)
     best, best_err = candidates[0], np.inf
     for beta in candidates:
         q = _quantized_input(rows, beta, centre)
@@ -192,11 +174,3 @@ def choose_beta(rows: np.ndarray, candidates: list[float], centre: bool, *, floo
     return float(best)
 
 
-def sample_rows(model: ir.Model, axes: dict[str, int], data, limit: int, seed: int = 0, *,
-                show_progress: bool = True) -> dict[str, np.ndarray]:
-    """Up to `limit` rows of each tensor named in `axes` (rows along that axis), sampled over the calibration
-    set: an equal share from each batch, padded positions left out, drawn by one generator seeded with `seed`."""
-    per_batch = max(1, limit // max(len(data), 1))
-    sample = RowSample({n: axes[n] for n in sorted(axes)}, per_batch, seed, limit=limit)
-    observe(model, data, sample, desc="sampling rows", show_progress=show_progress)
-    return sample.result

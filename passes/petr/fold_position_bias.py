@@ -18,21 +18,14 @@ computed in float64; the only change is float32 rounding of the reassociated sum
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, NamedTuple
+from typing import ClassVar
 
 import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
-
-from onnxq.ir.graph import Namer, add_initializer, append_bias, const_array
+from onnxq.ir.graph import Namer, const_array
+from onnxq.ir.linear import Linear, fold_input_addend
 from onnxq.pipeline.passes import GraphPass, Kind, PassContext, before_quantize
-
-
-class Linear(NamedTuple):
-    matmul: ir.Node
-    weight: np.ndarray
-    bias_add: ir.Node | None  # the Add of a 1-D constant bias that is the MatMul's only reader
-    bias_index: int
 
 
 @dataclass(frozen=True)
@@ -53,7 +46,7 @@ class FoldPositionBias(GraphPass):
             x, position = match
             linears = [lin for node, index in list(add.outputs[0].uses()) if (lin := _linear(node, index)) is not None]
             for lin in linears:
-                fold_into_bias(graph, namer, lin, x, position)
+                fold_input_addend(graph, namer, lin, x, position)
             adds += bool(linears)
             folded += len(linears)
         RemoveUnusedNodesPass()(model)  # sums that only linear layers read are dead now
@@ -82,24 +75,5 @@ def _linear(node: ir.Node, index: int) -> Linear | None:
         add, slot = uses[0]
         bias = const_array(add.inputs[1 - slot])
         if bias is not None and bias.ndim == 1 and len(add.inputs[1 - slot].uses()) == 1:
-            return Linear(node, weight, add, 1 - slot)
-    return Linear(node, weight, None, 0)
-
-
-def fold_into_bias(graph: ir.Graph, namer: Namer, lin: Linear, x: ir.Value, addend: np.ndarray,
-                   tag: str = "position_folded") -> np.ndarray:
-    """Make `lin` read `x` instead of x + addend, with bias addend·W + b; returns that bias. The MatMul's
-    output (now x·W) is renamed `<name>_<tag>`; the layer's result keeps its name and value."""
-    bias = const_array(lin.bias_add.inputs[lin.bias_index]).astype(np.float64) if lin.bias_add else 0.0
-    c = (addend.astype(np.float64) @ lin.weight.astype(np.float64) + bias).astype(np.float32)
-    base = lin.bias_add.inputs[lin.bias_index].name if lin.bias_add else f"{lin.matmul.name}_bias"
-    c_value = add_initializer(graph, namer, f"{base}_{tag}", c)
-    lin.matmul.replace_input_with(0, x)
-    out = lin.matmul.outputs[0]
-    result_name = out.name
-    out.name = namer.fresh(f"{result_name}_{tag}")
-    if lin.bias_add is not None:
-        lin.bias_add.replace_input_with(lin.bias_index, c_value)
-        return c
-    append_bias(graph, namer, lin.matmul, c_value, result_name)  # no bias: a new Add takes the layer output's name
-    return c
+            return Linear(node, node.inputs[1], add.inputs[1 - slot], add)
+    return Linear(node, node.inputs[1])

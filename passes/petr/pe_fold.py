@@ -39,13 +39,12 @@ from typing import ClassVar
 import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
-
-from onnxq.stats.calib_data import CalibrationSet
+from onnxq.analysis.petr_pe import PESite, find_pe
 from onnxq.errors import OnnxqError
-from onnxq.ir.graph import Namer, add_initializer, const_array
-from onnxq.passes.petr.fold_position_bias import Linear, fold_into_bias
-from onnxq.analysis.petr_pe import PESite, find_pe, stats
+from onnxq.ir.graph import Namer, add_initializer
+from onnxq.ir.linear import fold_input_addend
 from onnxq.pipeline.passes import GraphPass, Kind, PassContext, before_quantize
+from onnxq.stats.calib_data import CalibrationSet
 
 
 @dataclass(frozen=True)
@@ -75,8 +74,7 @@ class PeFold(GraphPass):
         folded, bias_absmax = 0, 0.0
         for add_site, pe in zip(site.adds, pe_values):
             for proj in add_site.key_projections:
-                lin = Linear(proj.matmul, const_array(proj.weight), proj.bias_add, proj.bias_index)
-                c = fold_into_bias(graph, namer, lin, add_site.memory, pe, tag="pe_folded")
+                c = fold_input_addend(graph, namer, proj, add_site.memory, pe, tag="pe_folded")
                 bias_absmax = max(bias_absmax, float(np.abs(c).max()))
                 folded += 1
             if add_site.other_readers:  # keep memory + pe for them, the PE now a constant

@@ -54,10 +54,9 @@ from typing import ClassVar
 import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
-
+from onnxq.analysis.petr_pe import find_pe, stats
 from onnxq.errors import OnnxqError
 from onnxq.ir.graph import WEIGHTED_OPS, Namer, add_initializer, const_array
-from onnxq.analysis.petr_pe import find_pe, stats
 from onnxq.passes.petr.qfpe_data import QfpeWeights, read_qfpe_weights
 from onnxq.pipeline.options import option
 from onnxq.pipeline.passes import GraphPass, Kind, PassContext, before_quantize

@@ -28,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
-
 from onnxq.errors import OnnxqError
 from onnxq.ir.graph import const_array
 

@@ -16,20 +16,28 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import onnx_ir as ir
-
-from onnxq.quant import gptq
-from onnxq.quant.bias_correction import correct_biases
-from onnxq.quant.calibrate import CALIBRATORS, Range, collect_statistics
-from onnxq.quant.calibrator_choice import choose_calibrator, reference_outputs
-from onnxq.errors import OnnxqError
 from onnxq.ir.graph import Namer, const_array, opset_version
+from onnxq.metadata import FLOAT_REASON_KEY, QUANTIZED_KEY, RANGE_MARGIN_KEY
 from onnxq.pipeline.options import option
 from onnxq.pipeline.passes import GraphPass, Kind, PassConditionError, PassContext, has_qdq
+from onnxq.quant import gptq
+from onnxq.quant.bias_correction import correct_biases
+from onnxq.quant.calibrate import Range, collect_statistics
+from onnxq.quant.calibrator_choice import choose_calibrator, reference_outputs
+from onnxq.quant.qdq import (
+    INT4_WEIGHT,
+    INT8_WEIGHT,
+    Planner,
+    activation_format,
+    activation_params,
+    insert_activation_qdq,
+    insert_weight_dq,
+    quantize_weight,
+    scale_per_element,
+    tag,
+)
 from onnxq.quant.selection import select_nodes
-from onnxq.quant.qdq import (FLOAT_REASON_KEY, INT4_WEIGHT, INT8_WEIGHT, QUANTIZED_KEY, Planner, activation_format,
-                       activation_params, insert_activation_qdq, insert_weight_dq, quantize_weight, scale_per_element, tag)
 from onnxq.quant.targets import get_target
-
 
 
 @dataclass(frozen=True)
@@ -181,7 +189,7 @@ def _range_margin(value: ir.Value) -> float:
     so evaluation data exceeds the calibrated max there, and a coarser step costs little on a
     tensor that is zero almost everywhere (zero stays exact)."""
     node = value.producer()
-    text = node.metadata_props.get("onnxq.range_margin") if node is not None else None
+    text = node.metadata_props.get(RANGE_MARGIN_KEY) if node is not None else None
     return float(text) if text else 1.0
 
 

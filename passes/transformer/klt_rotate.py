@@ -25,9 +25,17 @@ from typing import ClassVar
 
 import numpy as np
 import onnx_ir as ir
-
 from onnxq.analysis import structure as st
 from onnxq.ir.graph import Namer
+from onnxq.passes.transformer.norm_folding import fold, linear_readers
+from onnxq.passes.transformer.rotation import (
+    head_problem,
+    insert_online_rotation,
+    orthogonal,
+    rotate_heads,
+    rotate_stream,
+    stream_problem,
+)
 from onnxq.pipeline.passes import GraphPass, Kind, PassContext, before_quantize
 from onnxq.stats.observers import SecondMoments
 from onnxq.stats.service import observe
@@ -47,10 +55,6 @@ class KltRotate(GraphPass):
         before_quantize(self, model)
 
     def apply(self, model: ir.Model, ctx: PassContext) -> dict:
-        from onnxq.passes.transformer.fold_norm import fold, linear_readers
-        from onnxq.passes.transformer.rotate import head_problem, insert_online_rotation, orthogonal, rotate_heads, rotate_stream, \
-            stream_problem
-
         data = ctx.require_calibration(self.name)
         rng = np.random.default_rng(self.seed)
         graph, namer = model.graph, Namer(model.graph)

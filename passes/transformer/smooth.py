@@ -41,13 +41,22 @@ from typing import ClassVar
 
 import numpy as np
 import onnx_ir as ir
-
 from onnxq.analysis import structure as st
-from onnxq.ir.graph import Namer, add_initializer, const_array, replace_initializer
+from onnxq.ir.graph import (
+    Namer,
+    add_initializer,
+    const_array,
+    insert_elementwise,
+    mark_changed,
+    private_weight,
+    replace_initializer,
+)
+from onnxq.ir.linear import set_bias, set_weight_io
+from onnxq.metadata import INPUT_ROTATED_KEY
+from onnxq.passes.transformer.rotation import head_problem
 from onnxq.pipeline.passes import GraphPass, Kind, PassContext, before_quantize
 from onnxq.quant.scheme import QuantScheme
-from onnxq.stats.observers import ChannelStatistics, RowSample
-from onnxq.stats.service import observe
+from onnxq.stats.samples import channel_max_and_rows
 
 SITES = ("norm", "vo", "mlp")
 
@@ -87,7 +96,7 @@ class Smooth(GraphPass):
         if not sites:
             return {"smoothed": 0, "left_rotated": len(rotated)}
         names = sorted({site.activation.name for site in sites})
-        stats = collect(model, names, ctx.require_calibration(self.name), self.sample_rows, self.seed,
+        stats = channel_max_and_rows(model, names, ctx.require_calibration(self.name), self.sample_rows, self.seed,
                         show_progress=ctx.show_progress)
         rng = np.random.default_rng(self.seed)
         chosen: dict[str, list[float]] = {}
@@ -186,27 +195,6 @@ def _fake_quant(x: np.ndarray, amax: float, bits: int) -> np.ndarray:
 # statistics
 
 
-@dataclass
-class Stats:
-    """Per-channel (last axis) max |x| and a bounded random row sample of each tensor."""
-
-    amax: dict[str, np.ndarray]
-    samples: dict[str, np.ndarray]
-
-    def rows(self, name: str) -> np.ndarray:
-        return self.samples[name]
-
-
-def collect(model: ir.Model, names: list[str], data, sample_rows: int, seed: int, *, show_progress: bool = True) -> Stats:
-    """One pass over the calibration data: channel maxima and about `sample_rows` rows per tensor, an
-    equal share from each batch (padding dropped), drawn by one generator seeded with `seed`."""
-    per_batch = max(1, math.ceil(sample_rows / max(len(data), 1)))
-    amax = ChannelStatistics(names, axis=-1, mean_square=False)
-    sample = RowSample({n: -1 for n in names}, per_batch, seed, in_order=True)
-    observe(model, data, amax, sample, desc="smoothing statistics", show_progress=show_progress)
-    return Stats({n: s.amax for n, s in amax.result.items()}, sample.result)
-
-
 # ----------------------------------------------------------------------------------------------------
 # sites
 
@@ -232,7 +220,7 @@ class Site:
 
     def scale_readers(self, graph: ir.Graph, namer: Namer, per_act: np.ndarray) -> None:
         for lin in self.readers:
-            st.set_weight_io(graph, namer, lin, per_act.astype(np.float64)[:, None] * lin.weight_io().astype(np.float64))
+            set_weight_io(graph, namer, lin, per_act.astype(np.float64)[:, None] * lin.weight_io().astype(np.float64))
 
 
 @dataclass(eq=False)
@@ -244,13 +232,13 @@ class NormSite(Site):
         norm, inv = self.norm, 1.0 / scales.astype(np.float64)
         if not self.shared and norm.op is not None:
             _set_norm_affine(graph, namer, norm, norm.op, inv)
-            st.rename(norm.output, "_smoothed", namer)
+            mark_changed(norm.output, "_smoothed", namer)
         elif not self.shared and norm.scale_node is not None:
             replace_initializer(_private(graph, namer, norm.scale_node, norm.scale), (norm.gamma().reshape(-1) * inv).astype(np.float32))
             if norm.bias_node is not None:
                 replace_initializer(_private(graph, namer, norm.bias_node, norm.bias), (norm.beta().reshape(-1) * inv).astype(np.float32))
-            st.rename(norm.scale_node.outputs[0], "_smoothed", namer)
-            st.rename(norm.output, "_smoothed", namer)
+            mark_changed(norm.scale_node.outputs[0], "_smoothed", namer)
+            mark_changed(norm.output, "_smoothed", namer)
         elif self.shared and norm.op is not None:
             # the linear readers get their own norm with γ/s, β/s; the other readers keep the original
             readers = [(lin.node, 0) for lin in self.readers]
@@ -266,15 +254,13 @@ class NormSite(Site):
                 node.replace_input_with(index, copy.outputs[0])
         else:
             readers = [(lin.node, 0) for lin in self.readers]
-            node = st.insert_elementwise(graph, namer, norm.output, "Mul", inv.astype(np.float32), f"{norm.name}_smooth",
+            node = insert_elementwise(graph, namer, norm.output, "Mul", inv.astype(np.float32), f"{norm.name}_smooth",
                                          readers)
             node.outputs[0].name = namer.fresh(f"{norm.output.name}_smoothed")
         self.scale_readers(graph, namer, scales)
 
 
 def _private(graph, namer, node, value):
-    from onnxq.ir.graph import private_weight
-
     return private_weight(graph, namer, node, list(node.inputs).index(value))
 
 
@@ -312,13 +298,13 @@ class VOSite(Site):
     def apply(self, graph, namer, scales):
         a = self.att
         inv = 1.0 / scales.astype(np.float64)
-        st.set_weight_io(graph, namer, a.v, a.v.weight_io().astype(np.float64) * inv[None, :])
+        set_weight_io(graph, namer, a.v, a.v.weight_io().astype(np.float64) * inv[None, :])
         if a.v.bias is not None:
-            st.set_bias(graph, namer, a.v, a.v.bias_array().astype(np.float64) * inv)
+            set_bias(graph, namer, a.v, a.v.bias_array().astype(np.float64) * inv)
         self.scale_readers(graph, namer, self.expand(scales))
         for value in (a.v.node.outputs[0], a.v.output, *(n.outputs[0] for n in a.v_path), a.pv.outputs[0],
                       *(n.outputs[0] for n in a.o_path)):
-            st.rename(value, "_smoothed", namer)
+            mark_changed(value, "_smoothed", namer)
 
 
 @dataclass(eq=False)
@@ -336,11 +322,11 @@ class MLPSite(Site):
         m = self.mlp
         inv = 1.0 / scales.astype(np.float64)
         if self.folds_into_up():
-            st.set_weight_io(graph, namer, m.up, m.up.weight_io().astype(np.float64) * inv[None, :])
+            set_weight_io(graph, namer, m.up, m.up.weight_io().astype(np.float64) * inv[None, :])
             if m.up.bias is not None:
-                st.set_bias(graph, namer, m.up, m.up.bias_array().astype(np.float64) * inv)
-            st.rename(m.up.node.outputs[0], "_smoothed", namer)
-            st.rename(m.up.output, "_smoothed", namer)
+                set_bias(graph, namer, m.up, m.up.bias_array().astype(np.float64) * inv)
+            mark_changed(m.up.node.outputs[0], "_smoothed", namer)
+            mark_changed(m.up.output, "_smoothed", namer)
             if m.kind == "gelu":
                 div = m.gelu_divisor
                 c = const_array(div.inputs[1]).astype(np.float64).reshape(-1)  # √2, or √2/s after an earlier smooth
@@ -349,17 +335,15 @@ class MLPSite(Site):
                 div.replace_input_with(1, const)
             for node in m.act_nodes + ([m.product] if m.product is not None else []):
                 for out in node.outputs:
-                    st.rename(out, "_smoothed", namer)
+                    mark_changed(out, "_smoothed", namer)
         else:
-            node = st.insert_elementwise(graph, namer, m.down.input, "Mul", inv.astype(np.float32), f"{m.down.name}_smooth",
+            node = insert_elementwise(graph, namer, m.down.input, "Mul", inv.astype(np.float32), f"{m.down.name}_smooth",
                                          [(m.down.node, 0)])
             node.outputs[0].name = namer.fresh(f"{m.down.input.name}_smoothed")
         self.scale_readers(graph, namer, scales)
 
 
 def _rotated(site: Site) -> bool:
-    from onnxq.passes.transformer.rotate import INPUT_ROTATED_KEY
-
     return all(INPUT_ROTATED_KEY in lin.node.metadata_props for lin in site.readers)
 
 
@@ -377,8 +361,6 @@ def find_sites(s: st.Structure, kinds: list[str]) -> list[Site]:
                 continue
             sites.append(NormSite("norm", norm.output, readers, norm=norm, shared=bool(others) or norm.output.is_graph_output()))
     if "vo" in kinds:
-        from onnxq.passes.transformer.rotate import head_problem
-
         for att in s.attentions:
             if head_problem(att) is None:
                 sites.append(VOSite("vo", att.o.input, [att.o], att=att))

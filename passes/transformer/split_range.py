@@ -28,11 +28,11 @@ from typing import ClassVar
 
 import numpy as np
 import onnx_ir as ir
-
 from onnxq.analysis import structure as st
-from onnxq.ir.graph import Namer, add_initializer, const_array
+from onnxq.ir.graph import Namer, add_initializer, const_array, take_over_output
+from onnxq.metadata import RANGE_MARGIN_KEY
 from onnxq.pipeline.passes import GraphPass, Kind, PassContext, before_quantize
-from onnxq.passes.transformer.smooth import collect
+from onnxq.stats.samples import channel_max_and_rows
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ class SplitRange(GraphPass):
         if not targets:
             return {"split": 0}
         names = sorted({node.inputs[0].name for _, node, _ in targets})
-        stats = collect(model, names, ctx.require_calibration(self.name), self.sample_rows, self.seed,
+        stats = channel_max_and_rows(model, names, ctx.require_calibration(self.name), self.sample_rows, self.seed,
                         show_progress=ctx.show_progress)
         done = 0
         for kind, node, pct in targets:
@@ -141,18 +141,13 @@ def split_input(graph: ir.Graph, namer: Namer, node: ir.Node, thresholds: float 
             partial = acc.outputs[0]
         rest = sub.outputs[0]
     if margin != 1:
-        rest.producer().metadata_props["onnxq.range_margin"] = f"{margin:g}"
+        rest.producer().metadata_props[RANGE_MARGIN_KEY] = f"{margin:g}"
     graph.insert_before(node, new)
     node.replace_input_with(0, rest)
-    uses = list(out.uses())
     add = ir.node("Add", [partial, out], name=namer.fresh(f"{base}_split_Add"))
     add.outputs[0].dtype, add.outputs[0].shape = out.dtype, out.shape
     graph.insert_after(node, add)
-    for user, index in uses:
-        user.replace_input_with(index, add.outputs[0])
-    name = out.name
+    take_over_output(out, add.outputs[0], keep=add, rename=False)
+    name = out.name  # the sum keeps the MatMul's name (and graph-output slot); the MatMul computes a part now
     out.name = namer.fresh(f"{name}_outlier_part")
-    if out.is_graph_output():
-        st._swap_graph_output(graph, out, add.outputs[0])
-    else:
-        add.outputs[0].name = name
+    add.outputs[0].name = name

@@ -16,8 +16,15 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxq.ir.graph import const_array
-from onnxq.quant.qdq import (INT4_WEIGHT, INT8_WEIGHT, IntFormat, Plan, activation_format, activation_params,
-                             quantize_weight)
+from onnxq.quant.qdq import (
+    INT4_WEIGHT,
+    INT8_WEIGHT,
+    IntFormat,
+    Plan,
+    activation_format,
+    activation_params,
+    quantize_weight,
+)
 from onnxq.quant.qdq_rules import weight_axis
 from onnxq.quant.reconstruct.blocks import Block
 
