@@ -15,8 +15,9 @@ from __future__ import annotations
 import functools
 import os
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -63,7 +64,7 @@ def calibration_feeds(n_sentences: int = 96, n_words: int = 160, max_length: int
     the words is a WordSim-353 or SimLex-999 word."""
     import re
 
-    from models.text_data import WORD_SETS, wiki_sentences, word_pairs
+    from onnxq_models.text_data import WORD_SETS, wiki_sentences, word_pairs
 
     sentences = wiki_sentences("calib")
     eval_words = {w.lower() for d in WORD_SETS for pair in word_pairs(d)[0] for w in pair}
@@ -98,7 +99,7 @@ def embed(model: Any, texts: Sequence[str], max_length: int = MAX_LENGTH, batch_
 def quality(model: Any, sentences: Sequence[str], reference: np.ndarray) -> dict[str, float]:
     """Spearman ρ on every word-similarity set (each word embedded alone, 16 tokens) and the mean cosine
     of the sentence embeddings (32 tokens) to `reference`, the FP32 model's embeddings of `sentences`."""
-    from models.text_data import WORD_SETS, word_similarity_spearman
+    from onnxq_models.text_data import WORD_SETS, word_similarity_spearman
 
     run = _runner(model)
     out = {ds: word_similarity_spearman(lambda words: embed(run, words, max_length=16), ds) for ds in WORD_SETS}
@@ -121,7 +122,7 @@ def torch_runner(model=None) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
 
 def cached_onnx() -> Path:
     """The exported model under .cache/models/, exported on first use."""
-    from models.cache import cache_dir
+    from onnxq_models.cache import cache_dir
 
     path = cache_dir("models") / "minilm_l6_v2.onnx"
     return path if path.exists() else export_onnx(path)

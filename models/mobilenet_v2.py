@@ -72,7 +72,7 @@ def load_model() -> MobileNetV2:
 
 def cached_onnx(batch: int | None = None) -> Path:
     """The exported model under .cache/models/, exported on first use."""
-    from models.cache import cache_dir
+    from onnxq_models.cache import cache_dir
 
     path = cache_dir("models") / f"mobilenet_v2_{'dyn' if batch is None else f'b{batch}'}.onnx"
     return path if path.exists() else export_onnx(path, batch=batch)

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.petr_data import CLASS_NAMES
+from onnxq_models.petr_data import CLASS_NAMES
 
 
 @dataclass
@@ -67,7 +67,7 @@ class PETRConfig:
         return self.image_hw[0] // self.stride, self.image_hw[1] // self.stride
 
     @staticmethod
-    def from_dict(values: dict) -> "PETRConfig":
+    def from_dict(values: dict) -> PETRConfig:
         return PETRConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 

@@ -205,7 +205,7 @@ class SceneBatch:
     noise_seeds: list[int]
 
     @staticmethod
-    def stack(scenes: list[Scene], device: torch.device | str) -> "SceneBatch":
+    def stack(scenes: list[Scene], device: torch.device | str) -> SceneBatch:
         k = MAX_OBJECTS
         boxes = np.zeros((len(scenes), k, 7))
         boxes[..., 3:6] = 1.0  # harmless size for padding slots (they never hit: masked)
@@ -370,7 +370,7 @@ class DetectionBatch:
     gt_labels: list[torch.Tensor]  # per scene (M,)
     indices: list[int] = field(default_factory=list)
 
-    def to(self, device: torch.device | str) -> "DetectionBatch":
+    def to(self, device: torch.device | str) -> DetectionBatch:
         return DetectionBatch(self.images.to(device), [b.to(device) for b in self.gt_boxes],
                               [l.to(device) for l in self.gt_labels], self.indices)
 

@@ -22,8 +22,8 @@ Matching and AP follow the nuScenes detection benchmark:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 

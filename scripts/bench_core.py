@@ -15,20 +15,20 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
+
 import onnxq
+from benchlib import anchors
+from benchlib.facts import lint_verdict
+from benchlib.minilm_task import minilm_task
 from onnxq.ir.modelio import load_model
 from onnxq.runtime.session import latency_ms, session
 from onnxq_models import images, minilm, mobilenet_v2
 from onnxq_models.cache import cache_dir
-
-from benchlib import anchors
-from benchlib.facts import lint_verdict
-from benchlib.minilm_task import minilm_task
 
 
 @dataclass
@@ -81,7 +81,7 @@ def benchmark(name: str, fp32: Path, calib: dict, evaluate: Callable[[Path], dic
         start = time.perf_counter()
         try:
             path, row.notes = quantize()
-        except Exception as exc:  # noqa: BLE001  (a quantizer that fails is a result)
+        except Exception as exc:
             row.error = str(exc)[:300]
             rows.append(row)
             continue

@@ -33,8 +33,8 @@ from benchlib.latency import ort_latency_ms
 
 os.environ.setdefault("ONNXQ_CACHE_DIR", str(REPO / ".cache" / "full_int8"))
 
-from onnxq.passes.nonlinear.integer_ref import di_exp_function, di_sigmoid_function  # noqa: E402
-from onnxq.passes.nonlinear.lut import DEFAULT_RANGES, FUNCTIONS, build_dulut, build_uniform, fidelity, output_step  # noqa: E402
+from onnxq.passes.nonlinear.integer_ref import di_exp_function, di_sigmoid_function
+from onnxq.passes.nonlinear.lut import DEFAULT_RANGES, FUNCTIONS, build_dulut, build_uniform, fidelity, output_step
 
 RESULTS = REPO / "scripts" / "results"
 WORK = Path(os.environ["ONNXQ_CACHE_DIR"])
@@ -164,6 +164,7 @@ def minilm_calibration(n_sentences: int, n_words: int) -> dict:
 
 def minilm_eval(path: Path, words: list[str], ref: np.ndarray | None) -> tuple[dict, np.ndarray]:
     import onnxruntime as ort
+
     from onnxq_models import minilm, text_data
 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -185,7 +186,7 @@ def run_minilm(args) -> dict:
     words = sorted({w for d in text_data.WORD_SETS for pair in text_data.word_pairs(d)[0] for w in pair})
     feeds = minilm.tokenize(text_data.wiki_sentences("eval")[:8], 64)
     runs = 10 if args.quick else 40
-    result = {"calibration_samples": int(len(calib["input_ids"])), "eval_words": len(words),
+    result = {"calibration_samples": len(calib["input_ids"]), "eval_words": len(words),
               "latency_feed": "8 sentences x 64 tokens", "models": {}}
     scores, ref = minilm_eval(fp32, words, None)
     result["models"]["fp32"] = {**scores, "cosine_to_fp32": 1.0, "latency_ms": latency(fp32, feeds, runs),
@@ -268,7 +269,7 @@ def run_smollm2(args) -> dict:
         out.parent.mkdir(parents=True, exist_ok=True)
         try:
             facts = quantize_variant(fp32, calib, variant, out, batch_size=1, residual_adds=residual_adds)
-        except Exception as exc:  # noqa: BLE001 - a failing variant is a result
+        except Exception as exc:
             result["models"][f"onnxq {variant}"] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0]}"}
             log(f"  onnxq {variant} FAILED", result["models"][f"onnxq {variant}"])
             continue
@@ -291,7 +292,7 @@ def markdown(res: dict) -> str:
               "| function | range | DULUT 32+32 | warp only | uniform 256 | uniform 64 | uniform 64 (f at grid) | uniform 32 | I-LLM integer |",
               "|---|---|---|---|---|---|---|---|---|"]
     for r in res["functions"]:
-        cell = lambda d: "—" if d is None else f"{d['max_steps']:.3f} ({d['mean_steps']:.3f})"  # noqa: E731
+        cell = lambda d: "—" if d is None else f"{d['max_steps']:.3f} ({d['mean_steps']:.3f})"
         lines.append(f"| {r['function']} | [{r['range'][0]:g}, {r['range'][1]:g}] | {cell(r['dulut_32_32'])} | "
                      f"{r['dulut_warp_only']:.3f} | {cell(r['uniform_256'])} | {cell(r['uniform_64'])} | "
                      f"{cell(r['uniform_64_plain'])} | {cell(r['uniform_32'])} | {cell(r['illm_integer'])} |")
@@ -301,9 +302,9 @@ def markdown(res: dict) -> str:
             continue
         lines += ["", f"## {title}", ""]
         if res[key].get("residual_adds_kept_float"):
-            lines += [f"`+float-residual`: the {res[key]['residual_adds_kept_float']} residual-stream Adds are excluded from "
+            lines += [(f"`+float-residual`: the {res[key]['residual_adds_kept_float']} residual-stream Adds are excluded from "
                       "quantization (their residual input stays float); `nonlinear-only`: no quantize step, every "
-                      "nonlinear op replaced (the replacements' own cost).", ""]
+                      "nonlinear op replaced (the replacements' own cost)."), ""]
         lines += ["| model | " + " | ".join(metrics) +
                   " | nonlinear coverage | coverage (count / FLOPs) | remaining nonlinear ops | worst table/integer error (steps) | lint | latency ms (median) |",
                   "|---|" + "---|" * (len(metrics) + 6)]

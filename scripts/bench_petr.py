@@ -159,7 +159,7 @@ def pe_ranges(path: Path, val, folded_bias_absmax: float | None = None) -> dict:
         site = find_pe(model)
         add = site.adds[0]
         names = {"memory": add.memory.name, "pe": add.pe.name, "k_proj_input": add.add.outputs[0].name}
-    except Exception:  # noqa: BLE001 - the PE was folded away: the key projection reads the memory itself
+    except Exception:
         node = next(n for n in model.graph if n.name == K_PROJ)
         names = {"memory": node.inputs[0].name, "k_proj_input": node.inputs[0].name}
     sess = session(exposing(model, list(dict.fromkeys(names.values()))))
@@ -321,7 +321,7 @@ def run(args) -> tuple[dict, dict]:
                                                   "pos_embed": np.repeat(np.load(paths["pos_embed_lid"]), CALIB_SCENES, 0)}
         try:
             info = onnxq_variant(source, data, out, steps)
-        except Exception as exc:  # noqa: BLE001 - a failed variant is a result
+        except Exception as exc:
             results[key] = {"mAP": None, "NDS": None, "error": f"{type(exc).__name__}: {exc}"}
             log(f"{key}: FAILED {exc}")
             continue
@@ -359,9 +359,9 @@ def run(args) -> tuple[dict, dict]:
             r = ranges[source]
             entry["k_proj_input_absmax_fp32"] = r["k_proj_input"]["absmax"]
             entry["memory_int8_steps"] = round(r["memory"]["p99.9"] / scale, 1)  # steps the features' p99.9 spans
-    for key in ranges:
+    for key, value in ranges.items():
         if key in results:
-            results[key]["ranges"] = ranges[key]
+            results[key]["ranges"] = value
     meta["ranges"] = ranges
     meta["total_seconds"] = round(time.perf_counter() - t0, 1)
     log(f"total {meta['total_seconds']} s")
@@ -370,14 +370,14 @@ def run(args) -> tuple[dict, dict]:
 
 def markdown(results: dict, meta: dict) -> str:
     fp = {k: results.get(k, {}).get("mAP") for k in ("fp32_pe", "fp32_qfpe", "fp32_qfpe_ptq")}
-    ref_of = lambda k: ("fp32_qfpe_ptq" if k.endswith("_ptq") else  # noqa: E731
+    ref_of = lambda k: ("fp32_qfpe_ptq" if k.endswith("_ptq") else
                         "fp32_qfpe" if ("qfpe" in k or k.startswith("full_int8")) else "fp32_pe")
     lines = [f"# PETR-tiny quantization benchmark ({meta['val_scenes']} val scenes)", "",
-             f"`{meta['command']}`, {meta['machine']}, total {meta['total_seconds']:.0f} s. Calibration: {meta['calibration']}. "
+             (f"`{meta['command']}`, {meta['machine']}, total {meta['total_seconds']:.0f} s. Calibration: {meta['calibration']}. "
              "W8A8 rows: per-tensor weights and activations unless the name says per_channel; "
              "petr-w8a8-pe-fold rounds weights with GPTQ (`_nearest`: to nearest; `_no_smooth_recentre`: without the smooth and recentre passes); petr-w8a8 and petr-full-int8 "
              "round the QAT checkpoint's weights to nearest at max scales (`_gptq_mse`: GPTQ at mse scales); "
-             "`_ptq` rows: the plain QFPE checkpoint, GPTQ at mse scales.", "",
+             "`_ptq` rows: the plain QFPE checkpoint, GPTQ at mse scales."), "",
              "| variant | mAP | NDS | Δ mAP (pts) vs its FP32 | AP@0.5/1/2/4 m | k_proj input absmax (FP32) | features' INT8 steps at k_proj | lint (TensorRT) | ORT CPU ms | quantize s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for key, e in results.items():

@@ -112,7 +112,7 @@ def quantize_in_subprocess(spec: dict) -> dict:
             python = str(anchors.ensure_inc())
         except subprocess.CalledProcessError as exc:  # a row's failure, not the benchmark's
             return {"error": f"neural-compressor setup failed ({exc}): see bash scripts/setup_inc.sh"}
-    proc = subprocess.run([python, __file__, "--worker", str(spec_file)], capture_output=True, text=True)
+    proc = subprocess.run([python, __file__, "--worker", str(spec_file)], check=False, capture_output=True, text=True)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()
         return {"error": tail[-1][:300] if tail else f"exit status {proc.returncode}"}
@@ -217,9 +217,9 @@ def minilm_rows(quick: bool, skip_anchors: bool, report) -> list[dict]:
 
 def markdown(results: dict, command: str, seconds: float) -> str:
     lines = ["# Transformers: onnxq W8A8/W4A8/W4A4 vs ORT quantize_static vs ModelOpt\n",
-             f"`{command}` — {os.cpu_count()} CPU cores, total {seconds:.0f} s. Activations per-tensor INT8 in "
+             (f"`{command}` — {os.cpu_count()} CPU cores, total {seconds:.0f} s. Activations per-tensor INT8 in "
              "every quantized row; `exact Δ` is the largest relative output change any exact pass made "
-             "(measured by the pipeline on a calibration batch).\n"]
+             "(measured by the pipeline on a calibration batch).\n")]
     for model, block in results.items():
         rows = block["rows"]
         metrics = [k for k in rows[0] if k != "quantizer"]

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+
 from onnxq_models import images, minilm, mobilenet_v2, text_data
 
 # A few ImageNet-1k class names, only to make the printout readable.

@@ -21,11 +21,11 @@ import warnings
 import numpy as np
 import onnx
 from onnx import numpy_helper
-from onnxq_models import images, minilm, mobilenet_v2, text_data
-from onnxq_models.cache import cache_dir
 
 from benchlib import anchors, latency
 from benchlib.latency import interleaved_latency
+from onnxq_models import images, minilm, mobilenet_v2, text_data
+from onnxq_models.cache import cache_dir
 
 OUT = cache_dir("investigate_ort")
 CALIB_SENTENCES, CALIB_LENGTH, WORD_LENGTH = 128, 32, 16
@@ -72,8 +72,8 @@ def mask_constant(model_path) -> dict:
     """The float constant that Where selects for padded keys, and what consumes the Where output."""
     graph = onnx.load(str(model_path)).graph
     producer = {o: n for n in graph.node for o in n.output}
-    where = [n for n in graph.node if n.op_type == "Where" and any(
-        c.op_type == "Add" for c in graph.node if n.output[0] in c.input)][0]
+    where = next(n for n in graph.node if n.op_type == "Where" and any(
+        c.op_type == "Add" for c in graph.node if n.output[0] in c.input))
     values = {}
     for name in where.input[1:]:
         node = producer.get(name)
@@ -85,7 +85,7 @@ def mask_constant(model_path) -> dict:
 
 def calibrator_crash_tensor(model_path, calib, method: str, preprocess: bool) -> dict:
     """Run one ORT calibrator, recording every tensor whose histogram numpy refuses."""
-    import onnxruntime.quantization.calibrate as calibrate
+    from onnxruntime.quantization import calibrate
 
     found = []
     collector = calibrate.HistogramCollector
@@ -162,7 +162,7 @@ def fused_ops(model_path) -> dict[str, int]:
 
 def main() -> None:
     report: dict = {}
-    report["cpu"] = subprocess.run("lscpu | grep -i -E 'model name|flags'", shell=True,
+    report["cpu"] = subprocess.run("lscpu | grep -i -E 'model name|flags'", shell=True, check=False,
                                    capture_output=True, text=True).stdout.strip()
     flags = report["cpu"].split()
     report["cpu_int8_features"] = {f: f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8", "amx_tile", "avx512_bf16")}

@@ -50,6 +50,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from onnxq_models import petr, petr_data, petr_eval, petr_qat
 
 
@@ -60,7 +61,7 @@ class Log:
         self.file = None
         if path:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-            self.file = open(path, "a")
+            self.file = open(path, "a")  # noqa: SIM115 (appended to for the whole run)
 
     def __call__(self, *parts):
         line = " ".join(str(p) for p in parts)
@@ -167,12 +168,12 @@ def lr_at(step: int, total: int, base: float, warmup: int) -> float:
     return base * (1e-3 + (1 - 1e-3) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def build_model(args, log) -> "petr.PETR":
+def build_model(args, log) -> petr.PETR:
     torch.manual_seed(args.seed)
     cfg = petr.PETRConfig(pe_type="qfpe" if args.qfpe else "lid", feature_guided_pe=args.feature_guided_pe)
     model = petr.PETR(cfg)
     if args.init:
-        init, meta = petr.load_checkpoint(args.init)
+        init, _meta = petr.load_checkpoint(args.init)
         source = init.state_dict()
         own = model.state_dict()
         loaded = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape

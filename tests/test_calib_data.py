@@ -3,10 +3,10 @@
 import numpy as np
 import onnx_ir as ir
 import pytest
-from onnxq.errors import OnnxqError
-from onnxq.stats.calib_data import load_calibration
 
 from builders import attention_model, mobilenet_block_model, random_images
+from onnxq.errors import OnnxqError
+from onnxq.stats.calib_data import load_calibration
 
 
 @pytest.fixture

@@ -5,11 +5,11 @@ import json
 import numpy as np
 import onnx
 import pytest
-from onnxq import quantize
-from onnxq.quant.calibrator_choice import AUTO_CANDIDATES
 
 from builders import IR_VERSION
 from conftest import run, sqnr_db
+from onnxq import quantize
+from onnxq.quant.calibrator_choice import AUTO_CANDIDATES
 
 
 def _linear_model(w: np.ndarray) -> onnx.ModelProto:

@@ -4,11 +4,11 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from onnxq.ir.graph import const_array
-from onnxq.pipeline import PassContext, load_recipe, run_pipeline
 
 from builders import mobilenet_block_model, random_images
 from conftest import rel_change, run
+from onnxq.ir.graph import const_array
+from onnxq.pipeline import PassContext, load_recipe, run_pipeline
 
 X = random_images(4)
 

@@ -5,6 +5,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+
 from onnxq.errors import OnnxqError
 from onnxq.ir.checks import find_problem, input_problem
 from onnxq.pipeline import GraphPass, Kind, PassContext, run_pipeline

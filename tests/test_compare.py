@@ -3,10 +3,10 @@
 import math
 
 import onnx_ir as ir
-from onnxq import quantize
-from onnxq.analysis.compare import compare_models
 
 from builders import mobilenet_block_model, random_images
+from onnxq import quantize
+from onnxq.analysis.compare import compare_models
 
 DATA = {"input": random_images(8, seed=3)}
 

@@ -8,12 +8,12 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+
+from conftest import assert_lint_clean, run
 from onnxq.analysis.inspection import inspect_model
 from onnxq.api import quantize
 from onnxq.ir.modelio import load_model
 from onnxq.passes.nonlinear.lut import FUNCTIONS, DualLUT, get_function
-
-from conftest import assert_lint_clean, run
 
 ANCHORS = {"Gelu", "Erf", "Tanh", "Sigmoid", "Softplus", "HardSwish", "Exp", "Pow"}
 

@@ -2,9 +2,9 @@
 
 import onnx
 import pytest
-from onnxq import quantize
 
 from builders import mobilenet_block_model, random_images
+from onnxq import quantize
 
 trt = pytest.importorskip("tensorrt")
 

@@ -4,12 +4,12 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 from onnx import TensorProto, helper, numpy_helper
-from onnxq.api import quantize
-from onnxq.ir.graph import const_array
-from onnxq.pipeline import PassContext, load_recipe, run_pipeline
 
 from builders import IR_VERSION
 from conftest import rel_change, run
+from onnxq.api import quantize
+from onnxq.ir.graph import const_array
+from onnxq.pipeline import PassContext, load_recipe, run_pipeline
 
 TOKENS, WIDTH = 12, 16
 
@@ -31,7 +31,7 @@ def decoder_block(position_scale: float = 3.0) -> onnx.ModelProto:
              helper.make_node("Add", ["with_pos", "v"], ["residual"], name="residual/Add"),
              helper.make_node("Add", ["residual", "channel_shift"], ["shifted"], name="shift/Add"),
              helper.make_node("MatMul", ["shifted", "w_o"], ["o"], name="o_proj/MatMul")]
-    value = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, ["B", TOKENS, WIDTH])  # noqa: E731
+    value = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, ["B", TOKENS, WIDTH])
     graph = helper.make_graph(nodes, "decoder_block", [value("tgt")], [value("q"), value("k"), value("o")],
                               [numpy_helper.from_array(a.astype(np.float32), n) for n, a in inits.items()])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=IR_VERSION)

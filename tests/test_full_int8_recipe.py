@@ -4,12 +4,12 @@ FP32, and lints clean for TensorRT."""
 
 import numpy as np
 import pytest
+
+from conftest import assert_lint_clean
 from onnxq.api import quantize
 from onnxq.errors import OnnxqError
 from onnxq.pipeline import load_recipe
 from onnxq.runtime.session import session
-
-from conftest import assert_lint_clean
 from transformer_builders import export, feeds_for, tiny_bert, tiny_llama
 
 NONLINEAR = {"Gelu", "Erf", "Tanh", "Sigmoid", "Softmax", "Softplus", "Exp", "LayerNormalization",

@@ -26,9 +26,9 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, numpy_helper
-from onnxq.cli.main import main
 
 from builders import mobilenet_block_model, random_images
+from onnxq.cli.main import main
 
 CI = settings(max_examples=100, derandomize=True, deadline=None, database=None, print_blob=True,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 import pytest
-from onnxq import quantize
-from onnxq.quant import gptq
-from onnxq.quant.qdq import INT4_WEIGHT, INT8_WEIGHT, quantize_weight
 
 from builders import attention_model, mobilenet_block_model, random_images
 from conftest import assert_lint_clean, run, sqnr_db
+from onnxq import quantize
+from onnxq.quant import gptq
+from onnxq.quant.qdq import INT4_WEIGHT, INT8_WEIGHT, quantize_weight
 
 torch = pytest.importorskip("torch")
 

@@ -7,6 +7,8 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+
+from conftest import assert_lint_clean, run
 from onnxq.api import quantize
 from onnxq.passes.nonlinear.integer_ref import (
     NormParams,
@@ -19,10 +21,8 @@ from onnxq.passes.nonlinear.integer_ref import (
     isqrt_round,
 )
 
-from conftest import assert_lint_clean, run
-
 F32 = np.float32
-OPTS = dict(batch_size=8, show_progress=False, log=lambda *_: None)
+OPTS = {"batch_size": 8, "show_progress": False, "log": lambda *_: None}
 
 
 def _c(name, value):

@@ -4,10 +4,10 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from onnxq import quantize
-from onnxq.quant.lint import lint, passed
 
 from builders import concat_model, mobilenet_block_model, random_images
+from onnxq import quantize
+from onnxq.quant.lint import lint, passed
 
 CALIB = {"input": random_images(8, seed=1)}
 

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+
 from onnxq.passes.nonlinear.lut import (
     DEFAULT_RANGES,
     FUNCTIONS,

@@ -6,6 +6,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+
 from onnxq.api import quantize
 from onnxq.errors import OnnxqError
 from onnxq.stats.calib_data import load_calibration

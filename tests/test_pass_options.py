@@ -8,6 +8,8 @@ import dataclasses
 import numpy as np
 import onnx
 import pytest
+
+from builders import mobilenet_block_model, random_images
 from onnxq import quantize
 from onnxq.errors import OnnxqError
 from onnxq.ir.modelio import load_model
@@ -15,8 +17,6 @@ from onnxq.pipeline import PassConditionError, PassContext, load_recipe, make_pa
 from onnxq.pipeline.recipes import with_options
 from onnxq.quant.scheme import QuantScheme
 from onnxq.stats.calib_data import load_calibration
-
-from builders import mobilenet_block_model, random_images
 
 CALIB = {"input": random_images(8)}
 

@@ -4,6 +4,7 @@ import math
 
 import numpy as np
 import pytest
+
 from onnxq_models.petr_eval import (
     Detections,
     GroundTruth,

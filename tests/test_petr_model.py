@@ -8,6 +8,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+
 from onnxq_models import petr, petr_data, petr_eval, petr_export
 
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "models" / "checkpoints"
@@ -19,8 +20,8 @@ pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 def small_config(**overrides) -> petr.PETRConfig:
     """A PETR-tiny shrunk for fast tests: 64×176 images (4×11 features), 8 depth bins, 20 queries."""
-    values = dict(image_hw=(64, 176), backbone_channels=(8, 8, 16, 16), embed_dims=32, num_heads=4, ffn_dims=64,
-                  num_layers=2, num_queries=20, depth_num=8, qfpe_anchor_dims=8)
+    values = {"image_hw": (64, 176), "backbone_channels": (8, 8, 16, 16), "embed_dims": 32, "num_heads": 4, "ffn_dims": 64,
+                  "num_layers": 2, "num_queries": 20, "depth_num": 8, "qfpe_anchor_dims": 8}
     values.update(overrides)
     return petr.PETRConfig(**values)
 
@@ -91,7 +92,7 @@ def test_qfpe_interpolation_is_linear_between_adjacent_anchors():
     for i, point in enumerate(coords):
         for axis in range(3):
             t = float(point[axis].clamp(0, 1)) * (n - 1)
-            low = min(int(math.floor(t)), n - 2)
+            low = min(math.floor(t), n - 2)
             frac = t - low
             expected = (1 - frac) * anchors[axis, low] + frac * anchors[axis, low + 1]  # Floor/Gather/lerp form
             dims = anchors.shape[2]
@@ -143,9 +144,9 @@ def test_hungarian_loss_matches_exact_predictions():
     regs[0, 0, 7], regs[0, 0, 3] = targets[0], targets[1]
     logits[0, 0, 7, 0], logits[0, 0, 3, 2] = 8.0, 8.0
     criterion = petr.HungarianLoss(model.cfg.num_classes)
-    (scene, query, gt), = criterion.match(logits, regs, targets=[targets], labels=gt_labels)
+    (_scene, query, gt), = criterion.match(logits, regs, targets=[targets], labels=gt_labels)
     assert dict(zip(gt.tolist(), query.tolist())) == {0: 7, 1: 3}
-    loss, parts = criterion(logits, regs, gt_boxes, gt_labels)
+    _loss, parts = criterion(logits, regs, gt_boxes, gt_labels)
     assert parts["box"] == pytest.approx(0.0, abs=1e-5)
     assert parts["cls"] < 1e-3
 
@@ -237,7 +238,7 @@ def test_committed_checkpoints_load_and_detect(name, pe_type):
     if not path.exists():
         pytest.skip(f"{path} not present")
     assert path.stat().st_size < 10e6
-    model, meta = petr.load_checkpoint(path)
+    model, _meta = petr.load_checkpoint(path)
     assert model.cfg.pe_type == pe_type and petr.count_parameters(model) < 2.5e6
     data = petr_data.SyntheticDetectionSet("val", seed=0).render([0, 1, 2, 3])
     with torch.no_grad():

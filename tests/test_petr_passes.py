@@ -6,9 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxq
 import pytest
 import torch
+
+import onnxq
+from conftest import assert_lint_clean, rel_change, run
 from onnxq.analysis.petr_pe import find_pe
 from onnxq.errors import OnnxqError
 from onnxq.ir.modelio import load_model
@@ -16,8 +18,6 @@ from onnxq.pipeline import load_recipe
 from onnxq.pipeline.recipes import with_options
 from onnxq.runtime.session import session
 from onnxq_models import petr, petr_data, petr_export
-
-from conftest import assert_lint_clean, rel_change, run
 
 SMALL_RIG = petr_data.CameraRig(image_hw=(64, 176))
 CANONICAL = ["lift_constants", "fold_constants", {"upgrade_opset": {"opset": 19}}, "fold_batchnorm"]
@@ -28,8 +28,8 @@ pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 def small_model(seed=0, **overrides) -> petr.PETR:
     """PETR-tiny shrunk for tests: 64×176 images (4×11 features), 8 depth bins, 2 layers, 20 queries."""
-    values = dict(image_hw=(64, 176), backbone_channels=(8, 8, 16, 16), embed_dims=32, num_heads=4, ffn_dims=64,
-                  num_layers=2, num_queries=20, depth_num=8, qfpe_anchor_dims=8)
+    values = {"image_hw": (64, 176), "backbone_channels": (8, 8, 16, 16), "embed_dims": 32, "num_heads": 4, "ffn_dims": 64,
+                  "num_layers": 2, "num_queries": 20, "depth_num": 8, "qfpe_anchor_dims": 8}
     values.update(overrides)
     torch.manual_seed(seed)
     model = petr.PETR(petr.PETRConfig(**values)).eval()

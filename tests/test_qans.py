@@ -7,14 +7,14 @@ import math
 import numpy as np
 import onnx
 import pytest
+
+from builders import attention_model
+from conftest import assert_lint_clean, run
 from onnxq.api import quantize
 from onnxq.ir.modelio import load_model
 from onnxq.passes.nonlinear.qans import FIXED_POINT, choose_beta, exp_table
 
-from builders import attention_model
-from conftest import assert_lint_clean, run
-
-OPTS = dict(batch_size=8, show_progress=False, log=lambda *_: None)
+OPTS = {"batch_size": 8, "show_progress": False, "log": lambda *_: None}
 SEQ = 8
 
 

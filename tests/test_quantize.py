@@ -6,12 +6,12 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from onnxq import quantize
-from onnxq.errors import OnnxqError
-from onnxq.ir.graph import const_array
 
 from builders import attention_model, concat_model, mobilenet_block_model, random_images
 from conftest import assert_lint_clean, run, sqnr_db
+from onnxq import quantize
+from onnxq.errors import OnnxqError
+from onnxq.ir.graph import const_array
 
 CALIB = {"input": random_images(32, seed=1)}
 EVAL = {"input": random_images(8, seed=2)}
@@ -46,7 +46,7 @@ def test_tensorrt_structure():
         if node.op_type == "DequantizeLinear" and const_array(node.inputs[0]) is not None:
             w = const_array(node.inputs[0])
             assert w.dtype == np.int8 and w.min() >= -127
-            assert node.attributes["axis"].value == (0 if w.ndim == 4 else 0)  # Conv axis 0; Gemm transB=1 axis 0
+            assert node.attributes["axis"].value == 0  # Conv: axis 0; Gemm with transB=1: axis 0 too
             assert const_array(node.inputs[1]).shape == (w.shape[0],)
     zero_points = [const_array(n.inputs[2]) for n in graph if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
     assert all(np.all(z == 0) for z in zero_points)

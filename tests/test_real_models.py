@@ -2,9 +2,9 @@
 
 import numpy as np
 import pytest
-from onnxq import quantize
 
 from conftest import assert_lint_clean, run
+from onnxq import quantize
 
 pytestmark = pytest.mark.slow
 
@@ -23,6 +23,7 @@ def test_mobilenet_v2_photos():
 
 def test_ppocr_detector_with_weights_in_constant_nodes():
     import onnx
+
     from onnxq_models import ppocr
 
     path = ppocr.det_model_path()

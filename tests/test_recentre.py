@@ -6,11 +6,11 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from onnxq.api import quantize
 
 from conftest import assert_lint_clean, run
+from onnxq.api import quantize
 
-OPTS = dict(batch_size=8, show_progress=False, log=lambda *_: None)
+OPTS = {"batch_size": 8, "show_progress": False, "log": lambda *_: None}
 QUANTIZE = {"quantize": {"calibrator": "max", "weights": "per-tensor", "bias_correction": False}}
 
 
@@ -53,7 +53,7 @@ def feeds(shape, n=32, seed=0):
 def _record(proto, name):
     import json
 
-    return next(r for r in json.loads(dict((p.key, p.value) for p in proto.metadata_props)["onnxq.passes"])
+    return next(r for r in json.loads({p.key: p.value for p in proto.metadata_props}["onnxq.passes"])
                 if r["name"] == name)
 
 

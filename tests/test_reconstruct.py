@@ -14,20 +14,20 @@ from conftest import run
 
 torch = pytest.importorskip("torch")
 
-from onnxq.quant.qdq import INT8, Planner  # noqa: E402
-from onnxq.quant.reconstruct.blocks import (  # noqa: E402
+from onnxq.quant.qdq import INT8, Planner
+from onnxq.quant.reconstruct.blocks import (
     block_between,
     block_from_nodes,
     block_of_range,
     cnn_blocks,
     transformer_blocks,
 )
-from onnxq.quant.reconstruct.fold_back import fold_back, insert_activation_points, learned_weights  # noqa: E402
-from onnxq.quant.reconstruct.points import ActivationPoint, QuantPoints, points_from_plan, weight_point  # noqa: E402
-from onnxq.quant.reconstruct.rounding import LearnConfig, block_output_mse, learn_rounding  # noqa: E402
-from onnxq.quant.reconstruct.torch_block import BlockModule  # noqa: E402
-from onnxq.quant.reconstruct.torch_ops import UnsupportedOp  # noqa: E402
-from onnxq.quant.targets import get_target  # noqa: E402
+from onnxq.quant.reconstruct.fold_back import fold_back, insert_activation_points, learned_weights
+from onnxq.quant.reconstruct.points import ActivationPoint, QuantPoints, points_from_plan, weight_point
+from onnxq.quant.reconstruct.rounding import LearnConfig, block_output_mse, learn_rounding
+from onnxq.quant.reconstruct.torch_block import BlockModule
+from onnxq.quant.reconstruct.torch_ops import UnsupportedOp
+from onnxq.quant.targets import get_target
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 F, I64 = TensorProto.FLOAT, TensorProto.INT64
@@ -76,8 +76,8 @@ X4 = R.normal(size=(2, 4, 7, 6)).astype(np.float32)
 X3 = R.normal(size=(2, 5, 8)).astype(np.float32)
 W_CONV = R.normal(size=(6, 2, 3, 2)).astype(np.float32)
 W_MAT = R.normal(size=(8, 3)).astype(np.float32)
-I = lambda *v: np.array(v, dtype=np.int64)  # noqa: E731
-S = lambda v: np.array(v, dtype=np.float32)  # noqa: E731
+I = lambda *v: np.array(v, dtype=np.int64)
+S = lambda v: np.array(v, dtype=np.float32)
 
 # id: (nodes, inputs, initializers, opset)
 CASES = {
@@ -322,7 +322,7 @@ def test_learned_rounding_beats_nearest_and_folds_back_exactly(method, make, sha
     # the folded graph holds INT4 integers with per-channel scales, and ORT computes the learned block
     qdq = folded(proto, points, module)
     weights = {t.name: numpy_helper.to_array(t) for t in qdq.graph.initializer}
-    for name, (q, scale) in learned_weights(module).items():
+    for name in learned_weights(module):
         assert weights[f"{name}_scale"].shape == np.shape(points.weights[name].scale)
         assert qdq.graph.initializer[[t.name for t in qdq.graph.initializer].index(f"{name}_quantized")].data_type \
             == TensorProto.INT4

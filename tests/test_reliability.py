@@ -12,15 +12,15 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxq
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+
+import onnxq
+from builders import mobilenet_block_model, random_images
 from onnxq.cli.main import EXIT_LINT_FAILED, main
 from onnxq.errors import OnnxqError, OnnxqTypeError, OnnxqValueError
 from onnxq.ir.outputs import write_text
-
-from builders import mobilenet_block_model, random_images
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ and every other up weight rounds to zero (PETR-tiny's decoder MLPs: mAP 0.59 →
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
 from onnxq.api import quantize
 from onnxq.runtime.session import session
 

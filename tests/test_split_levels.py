@@ -4,12 +4,12 @@ here: exact in float; after `quantize` the top part's scale is the margin times 
 import numpy as np
 import onnx_ir as ir
 from onnx import TensorProto, helper, numpy_helper
+
+from conftest import assert_lint_clean, rel_change
 from onnxq.api import quantize
 from onnxq.ir.graph import Namer
 from onnxq.passes.transformer.split_range import split_input
 from onnxq.runtime.session import session
-
-from conftest import assert_lint_clean, rel_change
 
 
 def heavy_tailed(n: int, seed: int) -> np.ndarray:

@@ -7,14 +7,6 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from onnxq.passes.cnn.recentre import RoundingChange
-from onnxq.quant.bias_correction import OutputShift
-from onnxq.quant.calibrate import ActivationStatistics, collect_statistics
-from onnxq.quant.calibrator_choice import TRIAL_BATCHES, reference_outputs
-from onnxq.quant.gptq import HessianObserver
-from onnxq.stats.calib_data import load_calibration
-from onnxq.stats.observers import BatchValues, ChannelStatistics, Histograms, Ranges, RowSample, SecondMoments
-from onnxq.stats.service import StatisticsService, observe
 from onnxruntime.quantization.calibrate import (
     CalibrationDataReader,
     CalibrationMethod,
@@ -23,6 +15,14 @@ from onnxruntime.quantization.calibrate import (
 )
 
 from builders import IR_VERSION
+from onnxq.passes.cnn.recentre import RoundingChange
+from onnxq.quant.bias_correction import OutputShift
+from onnxq.quant.calibrate import ActivationStatistics, collect_statistics
+from onnxq.quant.calibrator_choice import TRIAL_BATCHES, reference_outputs
+from onnxq.quant.gptq import HessianObserver
+from onnxq.stats.calib_data import load_calibration
+from onnxq.stats.observers import BatchValues, ChannelStatistics, Histograms, Ranges, RowSample, SecondMoments
+from onnxq.stats.service import StatisticsService, observe
 
 WIDTH = 16
 NAMES = ["x", "h", "r", "y"]

@@ -5,11 +5,11 @@ its peak memory does not grow with the calibration set."""
 import tracemalloc
 
 import onnx_ir as ir
+
 from onnxq.api import quantize
 from onnxq.ir.checks import infer_shapes
 from onnxq.ir.modelio import load_model
 from onnxq.runtime.session import exposing, session
-
 from transformer_builders import export, feeds_for, tiny_llama
 
 

@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from onnxq.analysis import structure
-from onnxq.ir.modelio import load_model
 
 from builders import IR_VERSION, mobilenet_block_model
+from onnxq.analysis import structure
+from onnxq.ir.modelio import load_model
 from transformer_builders import export, tiny_bert, tiny_gpt, tiny_llama
 
 

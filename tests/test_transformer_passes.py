@@ -4,6 +4,9 @@ relative in ONNX Runtime; the transformer recipes (W8A8, W4A8, W4A4) run and lin
 import numpy as np
 import onnx_ir as ir
 import pytest
+
+from builders import mobilenet_block_model
+from conftest import assert_lint_clean, rel_change
 from onnxq.analysis import structure
 from onnxq.api import default_recipe_for, quantize
 from onnxq.ir.modelio import load_model
@@ -11,9 +14,6 @@ from onnxq.pipeline import PassContext, load_recipe, run_pipeline
 from onnxq.quant.lint import lint
 from onnxq.runtime.session import session
 from onnxq.stats.calib_data import load_calibration
-
-from builders import mobilenet_block_model
-from conftest import assert_lint_clean, rel_change
 from transformer_builders import export, feeds_for, tiny_bert, tiny_gpt, tiny_llama
 
 CANONICAL = ["lift_constants", "fold_constants", {"upgrade_opset": {"opset": 19}}]

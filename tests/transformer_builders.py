@@ -118,7 +118,7 @@ def export(model, path: Path, kind: str, *, dynamo: bool = False) -> Path:
         def forward(self, input_ids, attention_mask=None, token_type_ids=None):
             if kind == "gpt":
                 return self.m(input_ids)
-            given = dict(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+            given = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
             out = self.m(**{k: v for k, v in given.items() if k in names})
             return out.logits if kind == "llama" else out.last_hidden_state
 

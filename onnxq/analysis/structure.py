@@ -38,8 +38,21 @@ from onnxq.analysis.norms import Norm, find_norms
 from onnxq.analysis.residual import Embedding, ResidualStream, find_embeddings, find_residual_stream
 from onnxq.ir.linear import Linear
 
-__all__ = ["Linear", "Norm", "Attention", "MLP", "Embedding", "ResidualStream", "Structure", "Rejection",
-           "analyse", "find_linears", "find_norms", "find_softmaxes", "is_transformer"]
+__all__ = [
+    "MLP",
+    "Attention",
+    "Embedding",
+    "Linear",
+    "Norm",
+    "Rejection",
+    "ResidualStream",
+    "Structure",
+    "analyse",
+    "find_linears",
+    "find_norms",
+    "find_softmaxes",
+    "is_transformer",
+]
 
 
 @dataclass

@@ -76,7 +76,7 @@ weight rounding (--rounding):
   nearest     each weight to its nearest integer (default of the default recipe; fast)
   gptq        integers chosen so each layer's output on its calibration inputs moves least (GPTQ),
               damping picked per layer on held-out batches; the transformer and PETR pe-fold recipes
-              use it (SmolLM2 W4A8 perplexity +121% -> +31%)
+              use it (slower; needs torch)
 
 examples:
   onnxq quantize mobilenet.onnx --calib photos.npz -o mobilenet.int8.onnx

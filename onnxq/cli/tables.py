@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,7 +29,7 @@ def _is_number(x: Any) -> bool:
 
 def _fmt(x: Any) -> str:
     if isinstance(x, float):
-        if x != x:
+        if math.isnan(x):
             return "nan"
         if x == 0 or 1e-3 <= abs(x) < 1e5:
             return f"{x:.4f}".rstrip("0").rstrip(".") if abs(x) < 1e3 else f"{x:.1f}"

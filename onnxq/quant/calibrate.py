@@ -15,15 +15,15 @@ of each tail (asymmetric targets):
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import onnx_ir as ir
 
 from onnxq.errors import OnnxqError
 from onnxq.stats.calib_data import CalibrationSet
-from onnxq.stats.observers import Histograms, Range, Ranges  # noqa: F401 (Range: re-exported for the planner)
+from onnxq.stats.observers import Histograms, Range, Ranges
 from onnxq.stats.service import Observer, StatisticsService
 
 CALIBRATORS = ("max", "percentile", "entropy", "mse")

@@ -1,9 +1,7 @@
 """Choose the activation calibrator by what it does to the model's outputs (`calibrator: auto`).
 
-No calibrator is best on every model. With the transformer-w8a8 recipe, SmolLM2's perplexity is
-lower with entropy's clipped ranges (+0.91% over FP32 against +1.03% with max), while MiniLM with
-per-tensor weights does better with max's full ranges (relative output error 4.2e-3 against 2.8e-2).
-`auto` therefore tries each candidate on the same statistics (one calibration sweep; thresholds
+No calibrator is best on every model: clipped ranges (entropy, percentile) suit LMs whose rare
+large activations matter little, full ranges (max) suit models where they carry the signal. `auto` therefore tries each candidate on the same statistics (one calibration sweep; thresholds
 are cheap), inserts the activation Q/DQ into a copy of the model with its weights still float, runs
 a few calibration batches and keeps the calibrator whose outputs are nearest the float model's:
 relative squared error Σ(q − f)² / Σf², averaged over the float outputs. The trial batches are part
@@ -13,7 +11,7 @@ held-out error.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import onnx_ir as ir

@@ -1,4 +1,5 @@
-"""`onnxq lint --target tensorrt`: the statically checkable rules of shared/notes/tensorrt-qdq.md.
+"""`onnxq lint --target tensorrt`: the statically checkable rules a QDQ graph must meet for TensorRT
+(docs/tensorrt-rules.md says what each rule is and why).
 
 Each rule is a function returning the places that break it, with a severity: `error` for what makes
 TensorRT refuse the model (parser hard rules) or what onnxq promises (every weighted layer fully
@@ -7,8 +8,8 @@ quantized), `warning` for placement advice whose violation costs speed, not corr
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import onnx_ir as ir

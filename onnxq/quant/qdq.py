@@ -11,8 +11,8 @@ node with what was done to it (metadata `onnxq.*`, shown by Netron and `onnxq in
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 import numpy as np
 import onnx_ir as ir
@@ -189,7 +189,7 @@ class IntFormat:
 
 INT8 = IntFormat(ir.DataType.INT8, -128, 127)
 UINT8 = IntFormat(ir.DataType.UINT8, 0, 255)
-# Weights use the symmetric range [-127, 127] (tensorrt-qdq.md rule 6).
+# Weights use the symmetric range [-127, 127]: TensorRT's INT8 weight grid (lint rule R6).
 INT8_WEIGHT = IntFormat(ir.DataType.INT8, -127, 127)
 INT4 = IntFormat(ir.DataType.INT4, -8, 7)
 UINT4 = IntFormat(ir.DataType.UINT4, 0, 15)

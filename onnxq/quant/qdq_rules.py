@@ -1,8 +1,8 @@
 """Which op gets which QDQ treatment, per target: one table each, no if-chains.
 
 A treatment looks at one node and tells the planner (`onnxq.quant.qdq.Planner`) which of the node's
-tensors to quantize, or why the node stays in float. The TensorRT table follows
-shared/notes/tensorrt-qdq.md: quantize every input of weighted layers (activations per tensor,
+tensors to quantize, or why the node stays in float. The TensorRT table follows the rules in
+docs/tensorrt-rules.md: quantize every input of weighted layers (activations per tensor,
 weights per output channel), quantize the residual input of an Add that TensorRT fuses into the
 preceding weighted layer, put no Q/DQ on data-movement ops (TensorRT moves Q/DQ across them), and
 share one scale across Concat inputs. The ONNX Runtime CPU table quantizes inputs *and* outputs of
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 
 class Treatment:
-    def plan(self, node: ir.Node, p: "Planner") -> None:
+    def plan(self, node: ir.Node, p: Planner) -> None:
         raise NotImplementedError
 
 
@@ -50,7 +50,8 @@ class Weighted(Treatment):
 
 
 def weight_axis(node: ir.Node, index: int) -> int | None:
-    """The output-channel axis of a weight input (per tensorrt-qdq.md rule 3), None for per-tensor only."""
+    """The output-channel axis of a weight input (TensorRT takes per-axis scales there only), None for
+    per-tensor only."""
     value = node.inputs[index]
     rank = len(value.shape) if value.shape is not None else 0
     if node.op_type == "Conv":
@@ -103,7 +104,7 @@ class FusedActivation(Treatment):
 
     def plan(self, node, p):
         if p.is_weighted_output(node.inputs[0]):
-            p.keep_float(node, "fused into the preceding weighted layer by TensorRT (tensorrt-qdq.md rule 10)")
+            p.keep_float(node, "fused into the preceding weighted layer by TensorRT")
         else:
             p.keep_float(node, "activation on a float tensor: not fused, runs in float")
 

@@ -21,7 +21,7 @@ INSTALL_HINT = ("TensorRT is not installed: build-engine needs the `tensorrt` Py
 
 def import_tensorrt():
     try:
-        import tensorrt as trt  # noqa: PLC0415  (optional dependency)
+        import tensorrt as trt
     except ImportError:
         raise OnnxqError(INSTALL_HINT) from None
     return trt

@@ -14,8 +14,8 @@ its running statistic, so any number of them can share one pass over the data:
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 import numpy as np
 

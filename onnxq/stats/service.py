@@ -13,7 +13,8 @@ stacked as (rows, ...) (see real_rows). Tensors of other layouts arrive whole.
 from __future__ import annotations
 
 import itertools
-from typing import Iterable, Mapping, Protocol, Sequence, TypeVar
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Protocol, TypeVar
 
 import numpy as np
 import onnx_ir as ir

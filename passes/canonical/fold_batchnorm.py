@@ -12,13 +12,14 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import onnx_ir as ir
-from onnxq.pipeline.passes import GraphPass, Kind, PassContext, before_quantize
 from onnxscript import rewriter
 from onnxscript.rewriter.rules.common import (
     fuse_batchnorm_into_conv_rule,
     fuse_batchnorm_into_conv_transpose_rule,
     fuse_batchnorm_into_gemm_rule,
 )
+
+from onnxq.pipeline.passes import GraphPass, Kind, PassContext, before_quantize
 
 _RULES = [fuse_batchnorm_into_conv_rule, fuse_batchnorm_into_conv_transpose_rule, fuse_batchnorm_into_gemm_rule]
 _FUSABLE = {"Conv", "ConvTranspose", "Gemm"}

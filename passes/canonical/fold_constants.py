@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import onnx_ir as ir
-import onnxscript.optimizer as optimizer
+from onnxscript import optimizer
+
 from onnxq.pipeline.passes import GraphPass, Kind, PassContext
 
 

@@ -12,6 +12,7 @@ from typing import ClassVar
 
 import onnx_ir as ir
 from onnx_ir.passes.common import LiftConstantsToInitializersPass
+
 from onnxq.pipeline.passes import GraphPass, Kind, PassContext
 
 

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import onnx_ir as ir
-import onnxscript.version_converter as version_converter
+from onnxscript import version_converter
+
 from onnxq.errors import OnnxqError
 from onnxq.ir.graph import opset_version
 from onnxq.pipeline.passes import GraphPass, Kind, PassContext

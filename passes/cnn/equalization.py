@@ -45,7 +45,7 @@ class SecondConv:
     channel: np.ndarray
 
     @classmethod
-    def of(cls, w2: np.ndarray, group: int) -> "SecondConv":
+    def of(cls, w2: np.ndarray, group: int) -> SecondConv:
         cout, cin_per_group = w2.shape[:2]
         first = (np.arange(cout) // (cout // group)) * cin_per_group
         return cls(w2.reshape(cout, cin_per_group, -1), first[:, None] + np.arange(cin_per_group)[None, :])
@@ -76,7 +76,7 @@ def best_scales(w1: np.ndarray, conv2: SecondConv, stats: ChainStats, per_channe
     """The candidate s with the least modelled noise: powers of activation and weight ranges."""
     r1 = np.abs(w1).reshape(len(w1), -1).max(axis=1)
     r2 = conv2.input_range()
-    floor = lambda v: np.maximum(v, v.max() * 1e-6 + 1e-30)  # noqa: E731  (dead channels stay finite)
+    floor = lambda v: np.maximum(v, v.max() * 1e-6 + 1e-30)
     a, r1f, r2f = floor(stats.amax), floor(r1), floor(r2)
     candidates = [np.ones_like(a), data_free_scales(r1, r2)]
     for alpha in (0.25, 0.5, 0.75, 1.0):

@@ -18,6 +18,7 @@ from typing import ClassVar
 
 import numpy as np
 import onnx_ir as ir
+
 from onnxq.ir.graph import Namer, add_initializer, attr, const_array, only_consumer, private_weight, replace_initializer
 from onnxq.passes.cnn.equalization import ChainStats, SecondConv, best_scales, data_free_scales
 from onnxq.pipeline.passes import GraphPass, Kind, PassContext, before_quantize

@@ -29,6 +29,7 @@ from typing import ClassVar
 
 import numpy as np
 import onnx_ir as ir
+
 from onnxq.ir.graph import Namer, add_initializer, attr, const_array, replace_initializer
 from onnxq.ir.linear import Linear, dequantized_weight, replace_bias
 from onnxq.metadata import CORRECTED_KEY

@@ -39,6 +39,7 @@ from typing import ClassVar
 
 import numpy as np
 import onnx_ir as ir
+
 from onnxq.ir.graph import Namer, attr, const_array
 from onnxq.passes.nonlinear.emit import Builder, dq_params, emit_dulut, emit_lut8, record_fidelity
 from onnxq.passes.nonlinear.lut import (

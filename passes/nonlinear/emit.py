@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
+
 from onnxq.ir.graph import Namer, add_initializer, const_array
 from onnxq.metadata import FIDELITY_KEY, REPLACEMENT_KEY
 from onnxq.passes.nonlinear.lut import DualLUT, UniformLUT

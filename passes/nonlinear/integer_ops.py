@@ -25,6 +25,7 @@ from typing import ClassVar
 
 import numpy as np
 import onnx_ir as ir
+
 from onnxq.analysis.structure import find_norms
 from onnxq.ir.graph import Namer, attr, opset_version
 from onnxq.passes.nonlinear.emit import Builder, record_fidelity
@@ -115,8 +116,8 @@ class IntegerOps(GraphPass):
             rows = samples.get(norm.x.name)
             ops = [n.op_type for n in norm.nodes]
             entries.append(_entry(self.name, norm.label, what.lower(), ops, f"DI-Norm {self.norm_bits}b", rows,
-                                  lambda r: di_norm(r, p, norm.gamma, norm.beta),
-                                  lambda r: _norm(r, norm.rms, norm.gamma, norm.beta), None, None, b.replaces))
+                                  lambda r, p=p, norm=norm: di_norm(r, p, norm.gamma, norm.beta),
+                                  lambda r, norm=norm: _norm(r, norm.rms, norm.gamma, norm.beta), None, None, b.replaces))
         record_fidelity(model, entries)
         graph.sort()
         return {"replaced": len(entries), "softmax": len(softmaxes), "norm": len(entries) - len(softmaxes),

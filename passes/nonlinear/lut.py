@@ -37,8 +37,8 @@ Runtime reproduces `DualLUT.__call__`).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
@@ -267,7 +267,8 @@ def build_dulut(fn: Function | str, lo: float, hi: float, entries: tuple[int, in
     target = fn(x)
     history = [float(np.abs(lut(x) - target).max() / step)]
     if iterations:
-        for lut in _refine(fn, lut, step, iterations):
+        for refined in _refine(fn, lut, step, iterations):
+            lut = refined
             history.append(float(np.abs(lut(x) - target).max() / step))
     if fit:
         lut.values = _minimax_values(lut.position(x), target - _tail_term(x, lut), n2, lut.values)

@@ -30,6 +30,7 @@ from typing import ClassVar
 
 import numpy as np
 import onnx_ir as ir
+
 from onnxq.ir.graph import Namer, attr, opset_version
 from onnxq.passes.nonlinear.emit import Builder, emit_dulut, record_fidelity
 from onnxq.passes.nonlinear.lut import build_dulut

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
+
 from onnxq.analysis.structure import find_softmaxes
 
 

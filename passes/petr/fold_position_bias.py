@@ -7,8 +7,7 @@ position embedding, DETR/PETR's `tgt + query_pos`), a linear layer reading the s
 
 so each MatMul reads x directly and its bias becomes C. A per-tensor INT8 quantizer then sees only
 x; P reaches the output through the float bias instead of through the input's INT8 steps, where
-its rounding would blur every query's positional identity (PETR-tiny with pe_fold at W8A8: 0.593 ->
-0.603 mAP, scripts/results/petr.md). Readers of the sum that are not linear layers (a residual Add) keep the sum.
+its rounding would blur every query's positional identity. Readers of the sum that are not linear layers (a residual Add) keep the sum.
 
 Only position-dependent constants fold (P must vary along an axis other than the last): a per-channel
 bias vector feeding the next layer is a layer's own bias and stays where TensorRT fuses it. C is
@@ -23,6 +22,7 @@ from typing import ClassVar
 import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
+
 from onnxq.ir.graph import Namer, const_array
 from onnxq.ir.linear import Linear, fold_input_addend
 from onnxq.pipeline.passes import GraphPass, Kind, PassContext, before_quantize

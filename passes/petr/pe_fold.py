@@ -1,7 +1,7 @@
 """pe_fold: fold a fixed camera rig's PETR position embedding into the key projections' biases.
 
 Kind: exact, for one fixed camera rig. PETR's cross-attention keys are K = (x + pe)·W_k + b_k with
-x the image features and pe the position embedding (methods.md §1.3). The PE is a function of the
+x the image features and pe the position embedding. The PE is a function of the
 camera calibration only, so for a fixed rig it is a constant, and
 
     K = x·W_k + (pe·W_k + b_k) = x·W_k + C,   C = pe·W_k + b_k   (one (tokens, E) constant per layer)
@@ -39,6 +39,7 @@ from typing import ClassVar
 import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
+
 from onnxq.analysis.petr_pe import PESite, find_pe
 from onnxq.errors import OnnxqError
 from onnxq.ir.graph import Namer, add_initializer

@@ -54,6 +54,7 @@ from typing import ClassVar
 import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
+
 from onnxq.analysis.petr_pe import find_pe, stats
 from onnxq.errors import OnnxqError
 from onnxq.ir.graph import WEIGHTED_OPS, Namer, add_initializer, const_array

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
+
 from onnxq.errors import OnnxqError
 from onnxq.ir.graph import const_array
 
@@ -109,7 +110,7 @@ def read_qfpe_weights(path: Path) -> QfpeWeights:
 
 def _layout_problem(meta: dict, arrays: dict[str, np.ndarray]) -> str | None:
     """What is wrong with a file's tables (so that a damaged file fails here, in one line), or None."""
-    ints = lambda v, n: isinstance(v, list) and len(v) == n and all(isinstance(x, int) for x in v)  # noqa: E731
+    ints = lambda v, n: isinstance(v, list) and len(v) == n and all(isinstance(x, int) for x in v)
     if not isinstance(meta.get("pe_type"), str) or not ints(meta.get("feat_hw"), 2) or not ints(meta.get("image_hw"), 2) \
             or not isinstance(meta.get("embed_dims"), int) or not isinstance(meta.get("num_cameras"), int):
         return "its configuration (pe_type, feat_hw, image_hw, embed_dims, num_cameras) is incomplete"

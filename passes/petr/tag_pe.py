@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import onnx_ir as ir
+
 from onnxq.analysis.petr_pe import find_pe, tag_site
 from onnxq.pipeline.passes import GraphPass, Kind, PassContext
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import onnx_ir as ir
+
 from onnxq.ir.graph import Namer, const_array, opset_version
 from onnxq.metadata import FLOAT_REASON_KEY, QUANTIZED_KEY, RANGE_MARGIN_KEY
 from onnxq.pipeline.options import option

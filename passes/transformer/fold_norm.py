@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import onnx_ir as ir
+
 from onnxq.analysis import structure as st
 from onnxq.ir.graph import Namer
 from onnxq.passes.transformer.norm_folding import fold, linear_readers

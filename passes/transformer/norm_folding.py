@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
+
 from onnxq.analysis import structure as st
 from onnxq.ir.graph import Namer, add_initializer, mark_changed
 from onnxq.ir.linear import set_bias, set_weight_io

@@ -32,6 +32,7 @@ from typing import ClassVar
 
 import numpy as np
 import onnx_ir as ir
+
 from onnxq.analysis import structure as st
 from onnxq.ir.graph import Namer
 from onnxq.passes.transformer.rotation import (

@@ -12,6 +12,7 @@ import math
 
 import numpy as np
 import onnx_ir as ir
+
 from onnxq.analysis import structure as st
 from onnxq.analysis.matching import last_dim
 from onnxq.ir.graph import Namer, add_initializer, const_array, mark_changed, private_weight, replace_initializer
@@ -53,7 +54,7 @@ def head_problem(att: st.Attention) -> str | None:
 
 
 def _is_prime(n: int) -> bool:
-    return n >= 2 and all(n % p for p in range(2, int(math.isqrt(n)) + 1))
+    return n >= 2 and all(n % p for p in range(2, math.isqrt(n) + 1))
 
 
 def _sylvester(n: int) -> np.ndarray:

@@ -27,8 +27,8 @@ X·W‖² / ‖X·W‖² is smallest, with per-tensor activation scales from the
 and the weight format of the recipe (per-channel or per-tensor, INT8 or INT4, blocked). Where 1/s
 lands in a linear layer's weight columns (V for V → O, up for the MLP), that layer's relative weight
 error in its original units is added: with per-tensor weights one column grown by a tiny s would
-set the whole tensor's scale (PETR-tiny's ReLU MLPs, whose dead units have no activation to
-smooth, went from 0.59 mAP to 0.00 before this term). Channels never non-zero keep s = 1. Statistics
+set the whole tensor's scale (a ReLU MLP's dead units, with no activation to smooth, would otherwise
+get huge weight columns). Channels never non-zero keep s = 1. Statistics
 stream batch by batch (per-channel maxima plus a fixed-size row sample per site), so memory holds
 one batch of activations and the samples, never the whole calibration set's activations.
 """
@@ -41,6 +41,7 @@ from typing import ClassVar
 
 import numpy as np
 import onnx_ir as ir
+
 from onnxq.analysis import structure as st
 from onnxq.ir.graph import (
     Namer,
@@ -74,9 +75,7 @@ class Smooth(GraphPass):
     max_scale: float = 1e4
     seed: int = 0
     # Inputs that rotate has rotated are left alone: rotation already spread their outlier channels,
-    # and scales on top move magnitude back into the weights. SmolLM2 W8A8 (3 eval windows, FP32
-    # ppl 17.03, split_range on down inputs in each): rotate + smooth everywhere 18.32, rotate + smooth
-    # on the norm and V/O sites 17.21, rotate alone 17.08.
+    # and scales on top move magnitude back into the weights.
     skip_rotated: bool = True
 
     def __post_init__(self):
@@ -120,7 +119,7 @@ class Smooth(GraphPass):
 
     # --- α search ---------------------------------------------------------------------------------
 
-    def choose(self, site: "Site", amax: np.ndarray, rows: np.ndarray, rng,
+    def choose(self, site: Site, amax: np.ndarray, rows: np.ndarray, rng,
                scheme: QuantScheme) -> tuple[np.ndarray | None, float]:
         """(scales in the site's channel layout, α) with the least simulated error under `scheme` (the
         format the quantize step will store); (None, -1) if s = 1 wins."""

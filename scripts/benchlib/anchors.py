@@ -23,9 +23,9 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 
@@ -135,7 +135,7 @@ def ort_quantize(
                 nodes_to_exclude=list(nodes_to_exclude), op_types_to_quantize=list(op_types_to_quantize) or None,
                 extra_options=options,
             )
-        except Exception:  # noqa: BLE001 - an anchor that crashes is a result, not a benchmark failure
+        except Exception:
             return AnchorResult(name, None, time.perf_counter() - start, _tail(traceback.format_exc()), notes=notes)
     return AnchorResult(name, output, time.perf_counter() - start, notes=notes)
 
@@ -198,7 +198,7 @@ def _pre_process(model_path: Path, out: Path, notes: list[str]) -> Path:
 
     try:
         quant_pre_process(str(model_path), str(out))
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         if "Incomplete symbolic shape inference" not in str(exc):
             raise
         # ORT's documented remedy (quant_pre_process --auto_merge): conflicting symbolic dims,
@@ -250,7 +250,7 @@ def modelopt_quantize(
                "--high_precision_dtype", "fp32", "--output_path", str(output), *extra_args]
         start = time.perf_counter()
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, cwd=tmp)
+            proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout_s, cwd=tmp)
         except subprocess.TimeoutExpired as exc:
             return AnchorResult(name, None, time.perf_counter() - start, f"timed out after {exc.timeout} s")
         seconds = time.perf_counter() - start

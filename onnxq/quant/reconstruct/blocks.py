@@ -10,8 +10,8 @@ shapes, norm parameters) stay fixed. Cutting never edits the graph.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 import onnx_ir as ir
 

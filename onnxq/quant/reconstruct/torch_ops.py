@@ -10,7 +10,7 @@ not cover raises `UnsupportedOp` naming the node.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import onnx_ir as ir
 import torch
