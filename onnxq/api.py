@@ -60,6 +60,7 @@ def quantize(model: str | os.PathLike | onnx.ModelProto | ir.Model, calibration_
     passes = _with_overrides(passes, per_tensor=per_tensor, calibrator=calibrator, rounding=rounding,
                              allow_unknown_ops=allow_unknown_ops)
     _check_rules_cover(work, passes, target)
+    _check_float_type(work, target)
     quantize_step = next((p for p in passes if p.name == "quantize"), None)
     ctx = PassContext(calibration=data, scheme=QuantScheme.of(quantize_step, target), show_progress=show_progress,
                       log=log)
@@ -95,6 +96,15 @@ def default_recipe_for(model: ir.Model) -> str:
         return "transformer-w8a8" if is_transformer(model) else "default"
     except Exception:  # recognition must never stop a quantization: fall back to the generic recipe
         return "default"
+
+
+def _check_float_type(model: ir.Model, target: str) -> None:
+    """FP16 models quantize for TensorRT; the ort-cpu placement (UINT8 activations, quantized outputs)
+    is not yet right for them, so refuse rather than write a silently wrong model."""
+    half = {ir.DataType.FLOAT16, ir.DataType.BFLOAT16}
+    if target == "ort-cpu" and any(v.dtype in half for v in [*model.graph.inputs, *model.graph.initializers.values()]):
+        raise OnnxqError("FP16/BF16 models quantize for --target tensorrt only; for --target ort-cpu convert the "
+                         "model to FP32 first")
 
 
 def _check_rules_cover(model: ir.Model, passes, target: str) -> None:

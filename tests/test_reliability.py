@@ -415,6 +415,15 @@ def test_fp16_model_quantizes(files, capsys, target="tensorrt"):
     assert scales and all(i.data_type == TensorProto.FLOAT16 for i in scales)
 
 
+def test_fp16_model_for_ort_cpu_is_refused_not_silently_wrong(files, capsys):
+    onnx.save(fp16_model(), files / "fp16.onnx")
+    np.savez(files / "calib16.npz", input=random_images(16, seed=1).astype(np.float16))
+    code, _, err = cli(capsys, "quantize", files / "fp16.onnx", "--calib", files / "calib16.npz",
+                       "-o", files / "q.onnx", "--target", "ort-cpu", "-q")
+    assert code == 1 and "tensorrt only" in err and len(err.strip().splitlines()) == 1
+    assert not (files / "q.onnx").exists()
+
+
 def test_minus_one_batch_dimension(files, capsys):
     """PaddlePaddle writes -1 for a free dimension: quantize and compare treat it as symbolic."""
     model = mobilenet_block_model()
