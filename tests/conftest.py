@@ -44,3 +44,12 @@ def torch_one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def cli(capsys, *argv):
+    """Run the onnxq command line in-process: (exit status, stdout, stderr)."""
+    from onnxq.cli.main import main
+
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err

@@ -10,8 +10,7 @@ import onnx
 import pytest
 
 from builders import mobilenet_block_model, random_images
-from conftest import assert_lint_clean
-from onnxq.cli.main import main
+from conftest import assert_lint_clean, cli
 
 
 @pytest.fixture
@@ -21,12 +20,6 @@ def files(tmp_path):
     np.savez(tmp_path / "calib.npz", input=random_images(16, seed=1))
     np.savez(tmp_path / "eval.npz", input=random_images(8, seed=2))
     return tmp_path
-
-
-def cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_gptq_rounding_from_the_command_line(files, capsys):

@@ -18,6 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnxq
 from builders import mobilenet_block_model, random_images
+from conftest import cli
 from onnxq.cli.main import EXIT_LINT_FAILED, main
 from onnxq.errors import OnnxqError, OnnxqTypeError, OnnxqValueError
 from onnxq.ir.outputs import write_text
@@ -28,12 +29,6 @@ def files(tmp_path):
     onnx.save(mobilenet_block_model(), tmp_path / "model.onnx")
     np.savez(tmp_path / "calib.npz", input=random_images(8, seed=1))
     return tmp_path
-
-
-def cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def one_line_error(err: str, *needles: str) -> bool:
