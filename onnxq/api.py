@@ -11,7 +11,9 @@ import onnx_ir as ir
 from onnxq.arguments import check_quantize_arguments
 from onnxq.errors import OnnxqError
 from onnxq.ir.modelio import load_model, save_model
+from onnxq.metadata import RECIPE_REASON_KEY
 from onnxq.pipeline import PassContext, load_recipe, run_pipeline
+from onnxq.pipeline.choice import choose_recipe
 from onnxq.pipeline.recipes import with_options
 from onnxq.quant.qdq import Planner
 from onnxq.quant.scheme import QuantScheme
@@ -56,7 +58,11 @@ def quantize(model: str | os.PathLike | onnx.ModelProto | ir.Model, calibration_
     data = load_calibration(calibration_data, work, batch_size=batch_size, limit=max_samples, padding_mask=padding_mask)
     if data.padding_mask:
         log(f"calibration: positions where '{data.padding_mask}' is 0 are padding, left out of the statistics")
-    recipe_name, passes = load_recipe(recipe, default=default_recipe_for(work))
+    choice = None
+    if recipe is None:
+        choice = choose_recipe(work, data.first())
+        log(f"recipe: {choice.recipe} ({choice.reason}; --recipe chooses another)")
+    recipe_name, passes = load_recipe(recipe if choice is None else choice.recipe)
     passes = _with_overrides(passes, per_tensor=per_tensor, calibrator=calibrator, rounding=rounding,
                              allow_unknown_ops=allow_unknown_ops)
     _check_rules_cover(work, passes, target)
@@ -65,6 +71,7 @@ def quantize(model: str | os.PathLike | onnx.ModelProto | ir.Model, calibration_
     ctx = PassContext(calibration=data, scheme=QuantScheme.of(quantize_step, target), show_progress=show_progress,
                       log=log)
     run_pipeline(work, passes, ctx, verify_exact=verify_exact, recipe_name=recipe_name)
+    work.metadata_props[RECIPE_REASON_KEY] = choice.reason if choice is not None else "named by the user"
     proto = ir.to_proto(work)
     if output is not None:
         save_model(proto, output, source=source_path)
@@ -87,15 +94,9 @@ def _with_overrides(passes: list, *, per_tensor: bool | None, calibrator: str | 
     return [with_options(p, **changes) if p.name == "quantize" and changes else p for p in passes]
 
 
-def default_recipe_for(model: ir.Model) -> str:
-    """The built-in recipe onnxq picks when the user names none: transformer-w8a8 when
-    onnxq.analysis.structure finds attention (Softmax between activation MatMuls) and a norm, else default."""
-    from onnxq.analysis.structure import is_transformer
-
-    try:
-        return "transformer-w8a8" if is_transformer(model) else "default"
-    except Exception:  # recognition must never stop a quantization: fall back to the generic recipe
-        return "default"
+def default_recipe_for(model: ir.Model, sample: dict | None = None) -> str:
+    """The built-in recipe onnxq picks when the user names none (onnxq.pipeline.choice says why)."""
+    return choose_recipe(model, sample).recipe
 
 
 def _check_float_type(model: ir.Model, target: str) -> None:

@@ -7,6 +7,7 @@ Model metadata (`model.metadata_props`) records what onnxq did; node metadata
 # model metadata
 VERSION_KEY = "onnxq.version"      # the onnxq version that wrote the model
 RECIPE_KEY = "onnxq.recipe"        # the recipe's name
+RECIPE_REASON_KEY = "onnxq.recipe_reason"  # why that recipe: picked automatically (and why) or named by the user
 TARGET_KEY = "onnxq.target"        # the deployment target
 PASSES_KEY = "onnxq.passes"        # JSON list: one record per pass run (name, kind, options, summary)
 FIDELITY_KEY = "onnxq.fidelity"    # JSON list: one fidelity entry per replaced nonlinear op

@@ -39,6 +39,8 @@ def test_full_session(files, capsys):
     assert_lint_clean(onnx.load(out))
     report = json.loads((files / "report.json").read_text())
     assert report["coverage_by_flops"] > 0.9 and [p["name"] for p in report["passes"]][-2:] == ["quantize", "recentre"]
+    assert (report["recipe"], report["target"], report["output"]) == ("default", "tensorrt", str(out))
+    assert report["recipe_reason"] == "no attention (no Softmax in the graph)"
 
     code, text, _ = cli(capsys, "compare", files / "model.onnx", out, "--data", files / "eval.npz", "--json", files / "c.json")
     assert code == 0 and "logits" in text and "SQNR" in text

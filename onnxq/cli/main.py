@@ -13,6 +13,7 @@ from pathlib import Path
 
 from onnxq.cli.tables import clean, table
 from onnxq.errors import OnnxqError
+from onnxq.metadata import RECIPE_KEY, RECIPE_REASON_KEY, TARGET_KEY
 
 # Exit statuses (docs/guarantees.md): what a script calling onnxq can rely on.
 EXIT_OK = 0
@@ -300,7 +301,11 @@ def _quantize(args) -> int:
         if results:
             _say(f"tensorrt lint: {'pass' if not failed else 'FAIL (' + ', '.join(failed) + ')'}")
     if args.report:
-        _write_json(args.report, {"passes": read_record(model), "coverage_by_count": info.coverage_by_count,
+        props = model.metadata_props
+        _write_json(args.report, {"model": str(args.model), "output": str(args.output),
+                                  "recipe": props.get(RECIPE_KEY), "recipe_reason": props.get(RECIPE_REASON_KEY),
+                                  "target": props.get(TARGET_KEY),
+                                  "passes": read_record(model), "coverage_by_count": info.coverage_by_count,
                                   "coverage_by_flops": info.coverage_by_flops,
                                   "nonlinear_coverage": info.nonlinear_coverage, "fidelity": info.fidelity,
                                   "lint": [vars(r) for r in results]})
