@@ -3,9 +3,9 @@ recognised transformer blocks carry most of the weighted-layer compute."""
 
 import numpy as np
 import onnx
-from builders import attention_model, mobilenet_block_model, random_images
 from onnx import TensorProto, helper, numpy_helper
 
+from builders import attention_model, mobilenet_block_model, random_images
 from onnxq import quantize
 from onnxq.ir.modelio import load_model
 from onnxq.pipeline.choice import choose_recipe
