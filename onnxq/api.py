@@ -67,7 +67,7 @@ def quantize(model: str | os.PathLike | onnx.ModelProto | ir.Model, calibration_
     run_pipeline(work, passes, ctx, verify_exact=verify_exact, recipe_name=recipe_name)
     proto = ir.to_proto(work)
     if output is not None:
-        save_model(proto, output, source=source_path)
+        save_model(work, output, source=source_path)
     return proto
 
 
