@@ -2,9 +2,12 @@
 
 Loading checks that the file exists and really is an ONNX model before anything else touches it:
 a graph with outputs, an opset, every node input defined, and readable `onnxq.*` metadata; external
-data may not lie outside the model's folder (the onnx loader refuses `..`, absolute paths and
-symlinks). Saving goes through onnxq.ir.outputs: a temporary file beside the target renamed into
-place, so a failure never leaves a half-written model behind, and never over the input model.
+data may not lie outside the model's folder (`..`, absolute paths and symlinks are refused) and must
+fit its file. External data is not read: its tensors stay in their file, memory-mapped when used, so
+a model above protobuf's 2 GiB limit is never built as one proto. Saving goes through
+onnxq.ir.outputs: a temporary file beside the target renamed into place, so a failure never leaves
+a half-written model behind, and never over the input model; large models and models that came with
+external data are written with it (`<output>.data`).
 """
 
 from __future__ import annotations
