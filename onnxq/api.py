@@ -74,7 +74,7 @@ def quantize(model: str | os.PathLike | onnx.ModelProto | ir.Model, calibration_
     work.metadata_props[RECIPE_REASON_KEY] = choice.reason if choice is not None else "named by the user"
     proto = ir.to_proto(work)
     if output is not None:
-        save_model(proto, output, source=source_path)
+        save_model(work, output, source=source_path)
     return proto
 
 

@@ -2,9 +2,12 @@
 
 Loading checks that the file exists and really is an ONNX model before anything else touches it:
 a graph with outputs, an opset, every node input defined, and readable `onnxq.*` metadata; external
-data may not lie outside the model's folder (the onnx loader refuses `..`, absolute paths and
-symlinks). Saving goes through onnxq.ir.outputs: a temporary file beside the target renamed into
-place, so a failure never leaves a half-written model behind, and never over the input model.
+data may not lie outside the model's folder (`..`, absolute paths and symlinks are refused) and must
+fit its file. External data is not read: its tensors stay in their file, memory-mapped when used, so
+a model above protobuf's 2 GiB limit is never built as one proto. Saving goes through
+onnxq.ir.outputs: a temporary file beside the target renamed into place, so a failure never leaves
+a half-written model behind, and never over the input model; large models and models that came with
+external data are written with it (`<output>.data`).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from google.protobuf.message import DecodeError
 
 from onnxq import metadata
 from onnxq.errors import OnnxqError
-from onnxq.ir.outputs import same_file, write_atomically
+from onnxq.ir.outputs import files_read_by_model, same_file, write_atomically
 
 # Protobuf cannot serialise a model above 2 GiB in one piece; larger ones keep weights beside it.
 _PROTOBUF_LIMIT = 2**31 - 1
@@ -44,8 +47,9 @@ def load_model(source: str | os.PathLike | onnx.ModelProto | ir.Model) -> ir.Mod
         raise OnnxqError(f"{path}: no such file")
     if path.is_dir():
         raise OnnxqError(f"{path}: is a folder, expected an .onnx file")
-    try:
-        proto = onnx.load(str(path))
+    try:  # weights in external files stay there: checked here, memory-mapped when read
+        proto = onnx.load(str(path), load_external_data=False)
+        external = _check_external_data(proto, path.parent)
     except (DecodeError, ValueError, RuntimeError, OSError, onnx.onnx_cpp2py_export.checker.ValidationError) as exc:
         raise OnnxqError(f"{path}: not a readable ONNX model ({_first_line(exc)})") from None
     if not proto.graph.node and not proto.graph.output:
@@ -57,8 +61,46 @@ def load_model(source: str | os.PathLike | onnx.ModelProto | ir.Model) -> ir.Mod
         model = ir.from_proto(proto)
     except Exception as exc:  # onnx_ir raises assorted errors on malformed protos
         raise OnnxqError(f"{path}: corrupt ONNX model ({_first_line(exc)})") from None
+    if external:
+        ir.external_data.set_base_dir(model.graph, path.parent)
     check_onnxq_metadata(model, str(path))
     return model
+
+
+def _check_external_data(proto: onnx.ModelProto, folder: Path) -> bool:
+    """Check, without reading them, that the external-data references of `proto` are what onnx.load
+    would accept: a file inside `folder` (no `..`, absolute path or symlink), the range within the file
+    and as long as the tensor's type and dims need. True when there is any external data."""
+    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, _open_external_data_fd
+
+    found = False
+    for tensor in _get_all_tensors(proto):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        found = True
+        info = ExternalDataInfo(tensor)
+        fd = _open_external_data_fd(str(folder), info.location, tensor.name, True)
+        try:
+            size = os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+        offset = info.offset or 0
+        length = info.length if info.length is not None else size - offset
+        expected = _stored_bytes(tensor)
+        if offset > size or length > size - offset or (expected is not None and length != expected):
+            raise ValueError(f"external data of tensor '{tensor.name}' ({length} bytes at offset {offset}) does "
+                             f"not fit its file of {size} bytes or its dims {list(tensor.dims)}")
+    return found
+
+
+def _stored_bytes(tensor: onnx.TensorProto) -> int | None:
+    """Bytes of raw data `tensor`'s type and dims call for (None for a type onnx does not know)."""
+    try:
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    except (KeyError, ValueError, TypeError):
+        return None
+    bits = _PACKED_BITS.get(tensor.data_type, dtype.itemsize * 8)
+    return (math.prod(tensor.dims) * bits + 7) // 8
 
 
 def _check_graph(proto: onnx.ModelProto, label: str) -> None:
@@ -201,8 +243,51 @@ def to_proto(model: ir.Model | onnx.ModelProto) -> onnx.ModelProto:
     return model if isinstance(model, onnx.ModelProto) else ir.to_proto(model)
 
 
-def save_model(model: ir.Model | onnx.ModelProto, path: str | os.PathLike, *, source: str | os.PathLike | None = None) -> Path:
-    """Write `model` to `path` atomically (see onnxq.ir.outputs); refuse to overwrite `source`."""
+# Initializers from this size up are kept out of the protos built for the checker and ONNX Runtime.
+LARGE_TENSOR_BYTES = 1 << 20
+# The location written into such a proto's references: nothing reads it (see to_proto_without_weights).
+WEIGHTS_IN_MEMORY = "onnxq-weights-held-in-memory"
+
+
+def to_proto_without_weights(model: ir.Model, *, min_bytes: int = LARGE_TENSOR_BYTES,
+                             keep=lambda tensor: False) -> tuple[onnx.ModelProto, dict[str, ir.TensorProtocol]]:
+    """`model` as a proto in which every main-graph initializer of at least `min_bytes`, and every one
+    still in an external file, is a data-less reference (location WEIGHTS_IN_MEMORY, offset 0, length
+    its byte size), plus those tensors by name. Type, dims and small constants are all there, so the
+    checker and shape inference see the model as it is, and a runtime given the tensors can run it;
+    the weights are never copied, so this works above protobuf's 2 GiB. `keep(tensor)` True keeps a
+    tensor inline. `model` is left as it was."""
+    held = {}
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if tensor is not None and (tensor.nbytes >= min_bytes or isinstance(tensor, ir.ExternalTensor)) and not keep(tensor):
+            held[value.name] = tensor
+    values = model.graph.initializers
+    try:
+        for name, tensor in held.items():
+            values[name].const_value = ir.ExternalTensor(WEIGHTS_IN_MEMORY, 0, tensor.nbytes, tensor.dtype,
+                                                         shape=tensor.shape, name=name)
+        proto = ir.to_proto(model)
+    finally:
+        for name, tensor in held.items():
+            values[name].const_value = tensor
+    return proto, held
+
+
+def has_external_data(model: ir.Model) -> bool:
+    """True when some initializer of `model` is still read from an external file (loaded lazily)."""
+    return any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
+
+
+def save_model(model: ir.Model | onnx.ModelProto, path: str | os.PathLike, *, source: str | os.PathLike | None = None,
+               external_data: bool | None = None) -> Path:
+    """Write `model` to `path` atomically (see onnxq.ir.outputs); refuse to overwrite `source`.
+
+    With `external_data` the tensors go to `<path>.data` beside it (written and renamed into place
+    first, then the model). None decides: external data when `source` has external data or the model
+    still reads weights from an external file (a model that came with external data leaves with it),
+    or when the weights pass protobuf's 2 GiB limit. An onnx_ir model is written
+    by onnx_ir, tensor by tensor, never as one proto, and still points at its own weights afterwards."""
     path = Path(path)
     if source is not None and same_file(path, Path(source)):
         raise OnnxqError(f"{path}: output path is the input model; choose another output path")
@@ -210,20 +295,49 @@ def save_model(model: ir.Model | onnx.ModelProto, path: str | os.PathLike, *, so
         raise OnnxqError(f"{path}: output path must end in .onnx")
     if not path.parent.exists():
         raise OnnxqError(f"{path.parent}: output folder does not exist")
-    proto = to_proto(model)
     data_name = path.name + ".data"
+    if external_data is None and source is not None:
+        external_data = len(files_read_by_model(source)) > 1 or None
+    if isinstance(model, ir.Model):
+        if external_data is None:
+            external_data = has_external_data(model) or weight_bytes(model) > _PROTOBUF_LIMIT
+        proto = None if external_data else _inline_proto(model)
+    else:
+        proto = model
+        if external_data is None:
+            external_data = proto.ByteSize() > _PROTOBUF_LIMIT
 
     def write(tmp: Path) -> None:
-        if proto.ByteSize() > _PROTOBUF_LIMIT:
-            tmp_data = tmp.with_name(tmp.name + ".data")
+        tmp_data = tmp.with_name(tmp.name + ".data")
+        if not external_data:
+            onnx.save_model(proto, str(tmp))
+            return
+        if proto is None:
+            ir.save(model, tmp, external_data=tmp_data.name)
+        else:
             onnx.save_model(proto, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
                             location=tmp_data.name)
-            _rename_external_data(tmp, tmp_data.name, data_name)
-            os.replace(tmp_data, path.parent / data_name)
-        else:
-            onnx.save_model(proto, str(tmp))
+        _rename_external_data(tmp, tmp_data.name, data_name)
+        os.replace(tmp_data, path.parent / data_name)
 
     return write_atomically(path, write, extra_suffixes=(".data",))
+
+
+def _inline_proto(model: ir.Model) -> onnx.ModelProto:
+    """`model` as one proto with every weight in it, those still in external files read in."""
+    proto = ir.to_proto(model)
+    external = {v.name: v.const_value for v in model.graph.initializers.values()
+                if isinstance(v.const_value, ir.ExternalTensor)}
+    for tensor in proto.graph.initializer:
+        if tensor.name in external:
+            stored = external[tensor.name]
+            tensor.CopyFrom(ir.serde.serialize_tensor(ir.Tensor(stored.numpy(), dtype=stored.dtype, name=tensor.name)))
+    return proto
+
+
+def weight_bytes(model: ir.Model) -> int:
+    """Bytes of all main-graph initializers of `model` (read from metadata: nothing is loaded)."""
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
 
 
 def _rename_external_data(model_path: Path, old: str, new: str) -> None:

@@ -3,6 +3,11 @@
 Everything that executes a model goes through here, on the CPU execution provider, so calibration,
 comparison, verification of exact passes and benchmarks all see the same runtime settings.
 Statistics over the calibration data run through onnxq.stats.service, which builds on these.
+
+A large onnx_ir model reaches ONNX Runtime without its weights serialised: the proto names them as
+external data (see onnxq.ir.modelio.to_proto_without_weights) and the session options hand ORT the
+arrays themselves (memory-mapped ones stay mapped), which ORT takes instead of reading any file. So
+models above protobuf's 2 GiB limit run without a copy of their weights in a proto (see `detach`).
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,12 +24,37 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from onnxq.errors import OnnxqError
-from onnxq.ir.modelio import _PROTOBUF_LIMIT, to_proto
+from onnxq.ir.modelio import _PROTOBUF_LIMIT, LARGE_TENSOR_BYTES, to_proto_without_weights, weight_bytes
 
 
-def session(model: ir.Model | onnx.ModelProto | str | Path, *, threads: int = 0,
+@dataclass(frozen=True)
+class DetachedModel:
+    """A proto whose large initializers are data-less external references, and those tensors by name."""
+
+    proto: onnx.ModelProto
+    weights: dict[str, ir.TensorProtocol]
+
+
+# element types numpy (and so OrtValue.ortvalue_from_numpy) holds natively; others stay in the proto
+_NUMPY_TYPES = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.INT8, ir.DataType.UINT8,
+                ir.DataType.INT16, ir.DataType.UINT16, ir.DataType.INT32, ir.DataType.UINT32, ir.DataType.INT64,
+                ir.DataType.UINT64, ir.DataType.BOOL}
+
+
+def detach(model: ir.Model) -> DetachedModel:
+    """`model` ready for `session`: out of the proto go the weights still in external files and, when
+    all weights together pass 1 GiB, every large one. Below that the weights stay inline: serialising
+    them is cheap, and a model that fits runs exactly as it always did."""
+    large = weight_bytes(model) > _PROTOBUF_LIMIT // 2
+    proto, weights = to_proto_without_weights(model, min_bytes=LARGE_TENSOR_BYTES if large else _PROTOBUF_LIMIT,
+                                              keep=lambda t: t.dtype not in _NUMPY_TYPES)
+    return DetachedModel(proto, weights)
+
+
+def session(model: ir.Model | onnx.ModelProto | DetachedModel | str | Path, *, threads: int = 0,
             optimize: bool = True) -> ort.InferenceSession:
-    """A CPU InferenceSession for an in-memory model or a path (models over 2 GiB go via a temp file)."""
+    """A CPU InferenceSession for an in-memory model or a path. An onnx_ir model's large weights reach
+    ORT as arrays, not serialised; a ModelProto over 2 GiB goes via a temporary file."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.log_severity_level = 4  # fatal only: failures reach the caller as exceptions, not as log lines
@@ -33,7 +64,11 @@ def session(model: ir.Model | onnx.ModelProto | str | Path, *, threads: int = 0,
     try:
         if isinstance(model, (str, Path)):
             return ort.InferenceSession(str(model), options, providers=providers)
-        proto = to_proto(model)
+        if isinstance(model, ir.Model):
+            model = detach(model)
+        if isinstance(model, DetachedModel):
+            return _detached_session(model, options, providers)
+        proto = model
         if proto.ByteSize() < _PROTOBUF_LIMIT:
             return ort.InferenceSession(proto.SerializeToString(), options, providers=providers)
         with tempfile.TemporaryDirectory(prefix="onnxq-") as tmp:
@@ -46,15 +81,26 @@ def session(model: ir.Model | onnx.ModelProto | str | Path, *, threads: int = 0,
         raise OnnxqError(f"ONNX Runtime cannot run the model: {str(exc).splitlines()[0]}") from None
 
 
-def exposing(model: ir.Model, names: Sequence[str]) -> onnx.ModelProto:
-    """A copy of `model` whose graph outputs also include the intermediate tensors `names`."""
-    proto = to_proto(model)
+def _detached_session(model: DetachedModel, options: ort.SessionOptions, providers: list[str]) -> ort.InferenceSession:
+    names = list(model.weights)
+    values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(t.numpy())) for t in model.weights.values()]
+    if names:
+        options.add_external_initializers(names, values)
+    sess = ort.InferenceSession(model.proto.SerializeToString(), options, providers=providers)
+    sess._onnxq_weights = values  # ORT reads the arrays in place: they must live as long as the session
+    return sess
+
+
+def exposing(model: ir.Model, names: Sequence[str]) -> DetachedModel:
+    """A copy of `model` (for `session`) whose graph outputs also include the intermediate tensors `names`."""
+    detached = detach(model)
+    proto = detached.proto
     existing = {o.name for o in proto.graph.output}
     types = _elem_types(model)
     for name in names:
         if name not in existing:
             proto.graph.output.append(onnx.helper.make_tensor_value_info(name, types.get(name, onnx.TensorProto.FLOAT), None))
-    return proto
+    return detached
 
 
 def _elem_types(model: ir.Model) -> dict[str, int]:
