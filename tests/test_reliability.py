@@ -246,14 +246,19 @@ def test_bad_option_values_are_one_line_usage_errors(files, capsys):
         assert stop.value.code == 2 and one_line_error(err, option)
 
 
-def test_nan_weights_are_refused(files, capsys):
-    """Found by the fuzz suite: NaN weights were cast to arbitrary integers and the run succeeded."""
+def model_with_one_weight(value: float) -> onnx.ModelProto:
+    """The test CNN with one classifier weight set to `value` (NaN, Inf)."""
     model = mobilenet_block_model()
     w = next(t for t in model.graph.initializer if t.name == "fc.weight")
     array = numpy_helper.to_array(w).copy()
-    array[0, 0] = np.nan
+    array[0, 0] = value
     w.CopyFrom(numpy_helper.from_array(array, w.name))
-    onnx.save(model, files / "nan.onnx")
+    return model
+
+
+def test_nan_weights_are_refused(files, capsys):
+    """Found by the fuzz suite: NaN weights were cast to arbitrary integers and the run succeeded."""
+    onnx.save(model_with_one_weight(np.nan), files / "nan.onnx")
     code, _, err = cli(capsys, "quantize", files / "nan.onnx", "--calib", files / "calib.npz", "-o", files / "q.onnx",
                        "-q")
     assert code == 1 and one_line_error(err, "NaN or infinite") and not (files / "q.onnx").exists()
@@ -308,12 +313,7 @@ def test_data_the_model_cannot_run_on_is_a_user_error(tmp_path, capsys):
 
 def test_compare_with_a_model_that_overflows(files, capsys):
     """Found by the fuzz suite: an infinite weight made the SQNR's log10 fail (an internal error)."""
-    model = mobilenet_block_model()
-    w = next(t for t in model.graph.initializer if t.name == "fc.weight")
-    array = numpy_helper.to_array(w).copy()
-    array[0, 0] = np.inf
-    w.CopyFrom(numpy_helper.from_array(array, w.name))
-    onnx.save(model, files / "inf.onnx")
+    onnx.save(model_with_one_weight(np.inf), files / "inf.onnx")
     code, _, err = cli(capsys, "compare", files / "model.onnx", files / "inf.onnx", "--data", files / "calib.npz",
                        "--json", files / "c.json")
     assert code == 0, err

@@ -226,18 +226,15 @@ def _affine_tail(norm: Norm) -> None:
     nodes = []
     user = sole_reader(tail)
     width = last_dim(norm.input)
-    if user is not None and user.op_type == "Mul" and len(user.inputs) == 2:
+    for op_type, role in (("Mul", "scale"), ("Add", "bias")):  # γ first, then β, each optional
+        if user is None or user.op_type != op_type or len(user.inputs) != 2:
+            continue
         other = user.inputs[1] if user.inputs[0] is tail else user.inputs[0]
         if other is not tail and vector_const(other, width) is not None:
-            norm.scale, norm.scale_node = other, user
+            setattr(norm, role, other)
+            setattr(norm, f"{role}_node", user)
             nodes.append(user)
             tail = user.outputs[0]
             user = sole_reader(tail)
-    if user is not None and user.op_type == "Add" and len(user.inputs) == 2:
-        other = user.inputs[1] if user.inputs[0] is tail else user.inputs[0]
-        if other is not tail and vector_const(other, width) is not None:
-            norm.bias, norm.bias_node = other, user
-            nodes.append(user)
-            tail = user.outputs[0]
     norm.output = tail
     norm.nodes.extend(nodes)
