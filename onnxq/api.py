@@ -94,11 +94,6 @@ def _with_overrides(passes: list, *, per_tensor: bool | None, calibrator: str | 
     return [with_options(p, **changes) if p.name == "quantize" and changes else p for p in passes]
 
 
-def default_recipe_for(model: ir.Model, sample: dict | None = None) -> str:
-    """The built-in recipe onnxq picks when the user names none (onnxq.pipeline.choice says why)."""
-    return choose_recipe(model, sample).recipe
-
-
 def _check_float_type(model: ir.Model, target: str) -> None:
     """FP16 models quantize for TensorRT; the ort-cpu placement (UINT8 activations, quantized outputs)
     is not yet right for them, so refuse rather than write a silently wrong model."""

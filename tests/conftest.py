@@ -1,3 +1,4 @@
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -53,3 +54,15 @@ def cli(capsys, *argv):
     code = main([str(a) for a in argv])
     out = capsys.readouterr()
     return code, out.out, out.err
+
+
+def digest(path: Path) -> str | None:
+    """SHA-256 of a file (a folder: of its files in order); None when nothing is there."""
+    if path.is_dir():
+        return "|".join(digest(p) or "" for p in sorted(path.iterdir()))
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+
+
+def temp_files(folder: Path) -> list[str]:
+    """onnxq's temporary files left under `folder` (there should never be any)."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if ".onnxq-" in p.name or ".tmp" in p.name)

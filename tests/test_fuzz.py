@@ -14,7 +14,6 @@ The CI run is seeded and bounded; `-m slow` runs the same properties with many m
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import os
 import tempfile
@@ -28,6 +27,7 @@ from hypothesis import strategies as st
 from onnx import TensorProto, numpy_helper
 
 from builders import mobilenet_block_model, random_images
+from conftest import digest, temp_files
 from onnxq.cli.main import main
 
 CI = settings(max_examples=100, derandomize=True, deadline=None, database=None, print_blob=True,
@@ -255,14 +255,6 @@ OPTIONS = st.lists(st.sampled_from([
 
 # --- the contract -----------------------------------------------------------------------------------
 
-def _digest(path: Path) -> str | None:
-    if path.is_dir():
-        return "|".join(_digest(p) or "" for p in sorted(path.iterdir()))
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
-
-
-def _temp_files(folder: Path) -> list[str]:
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if ".onnxq-" in p.name or p.name.endswith(".tmp"))
 
 
 def _run(argv: list[str]) -> tuple[int, str, str]:
@@ -287,8 +279,8 @@ def _check_contract(code: int, err: str, inputs: dict[Path, str | None], folder:
     if code == 4:  # lint prints its verdict on stdout; quantize says on stderr that its output fails lint
         assert argv[0] == "lint" or err.startswith("onnxq: lint failed:"), where
     for path, before in inputs.items():
-        assert _digest(path) == before, f"{path} changed: {where}"
-    assert _temp_files(folder) == [], where
+        assert digest(path) == before, f"{path} changed: {where}"
+    assert temp_files(folder) == [], where
 
 
 TARGETS = ["nothing", "model", "model_bytes", "calibration", "recipe", "options", "outputs"]
@@ -326,7 +318,7 @@ def _fuzz_once(data, command: str) -> None:
             argv = [command, str(model_path), *(["--json", str(report)] if report else [])]
             outputs = [report] if report else []
         watched = [model_path] + ([calib] if command in ("quantize", "compare") else []) + ([recipe] if recipe else [])
-        inputs = {p: _digest(p) for p in watched}
+        inputs = {p: digest(p) for p in watched}
         existed = {p for p in outputs if p.exists()}
         code, _, err = _run(argv)
         event(f"{command}, {target} mutated: exit {code}")

@@ -1,7 +1,6 @@
 """Models with external data: loaded lazily, checked and run without serialising their weights, saved
 with external data; the skeleton check answers as the full one; one model above protobuf's 2 GiB."""
 
-import os
 import re
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import assert_lint_clean, cli, run
+from conftest import assert_lint_clean, cli, run, temp_files
 from onnxq.api import quantize
 from onnxq.ir.checks import find_problem
 from onnxq.ir.modelio import load_model, save_model
@@ -48,7 +47,7 @@ def test_external_data_model_loads_lazily_quantizes_and_round_trips(tmp_path):
     out = tmp_path / "q.onnx"
     proto = quantize(source, {"x": x}, output=out, show_progress=False)
     assert (tmp_path / "q.onnx.data").is_file()  # came with external data, leaves with it
-    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp") or ".tmp." in p]
+    assert not temp_files(tmp_path)
     quantized = run(out, {"x": x})[0]
     assert np.array_equal(session(load_model(out)).run(None, {"x": x})[0], quantized)
     assert np.array_equal(run(proto, {"x": x})[0], quantized)

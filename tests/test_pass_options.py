@@ -141,3 +141,14 @@ def test_quantize_that_quantizes_nothing_is_an_error():
     with pytest.raises(OnnxqError, match="inserted no Q/DQ node"):
         quantize(mobilenet_block_model(), CALIB, recipe=[{"quantize": {"exclude": [".*"], "unknown_ops": "float"}}],
                  show_progress=False, log=lambda _: None)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"entries": [1, 1]}, "option 'entries': every value must be at least 2"),
+    ({"margin": -5}, "option 'margin': -5.0 is below its minimum"),
+    ({"table": "cubic"}, "option 'table': 'cubic' is not one of"),
+])
+def test_lookup_table_options_are_bounded(options, message):
+    """Before the bounds, entries [1, 1] ended in an internal error and a negative margin ran silently."""
+    with pytest.raises(OnnxqError, match=message):
+        make_pass("dulut", options)

@@ -116,7 +116,7 @@ def test_petr_pe_pass_reports_and_tags(tmp_path):
     path = export(model, tmp_path, "in_graph")
     proto = onnxq.quantize(str(path), feeds(model, "in_graph", 1), recipe=["petr_pe"], show_progress=False,
                            log=lambda *a: None)
-    tagged = [n for n in proto.graph.node if any(p.key == "onnxq.analysis.petr_pe" for p in n.metadata_props)]
+    tagged = [n for n in proto.graph.node if any(p.key == "onnxq.petr_pe" for p in n.metadata_props)]
     assert any(n.op_type == "Log" for n in tagged) and any(n.name.endswith("cross_attn/Add_1") for n in tagged)
 
 

@@ -1,7 +1,6 @@
 """The CLI and API boundary: no destroyed files, outputs checked before any work, every bad input a
 one-line error with exit status 1, valid but unusual models accepted (docs/guarantees.md)."""
 
-import hashlib
 import json
 import os
 import signal
@@ -18,7 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnxq
 from builders import mobilenet_block_model, random_images
-from conftest import cli
+from conftest import cli, digest, temp_files
 from onnxq.cli.main import EXIT_LINT_FAILED, main
 from onnxq.errors import OnnxqError, OnnxqTypeError, OnnxqValueError
 from onnxq.ir.outputs import write_text
@@ -35,12 +34,6 @@ def one_line_error(err: str, *needles: str) -> bool:
     return err.startswith("onnxq: error: ") and err.count("\n") == 1 and all(n in err for n in needles)
 
 
-def digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def leftovers(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp") or ".tmp." in p.name)
 
 
 def run_cli(*argv, env=None, preexec_fn=None, timeout=300):
@@ -78,7 +71,7 @@ def test_outputs_never_overwrite_inputs(files, capsys, case):
     code, _, err = cli(capsys, "quantize", model, "--calib", calib, "-o", out, "--report", report, *extra, "-q")
     assert code == 1 and one_line_error(err, "which this run reads")
     assert {p: digest(p) for p in inputs} == inputs
-    assert leftovers(files) == []
+    assert temp_files(files) == []
 
 
 def test_output_is_the_inputs_external_data(tmp_path, capsys):
@@ -161,7 +154,7 @@ def test_unwritable_outputs_fail_before_any_work(files, capsys, case, message):
                        "--report", report, "-q")
     assert code == 1 and one_line_error(err, message)
     # before the check moved up front, the model was quantized and written, then the report failed
-    assert not (files / "out.onnx").exists() and leftovers(files) == []
+    assert not (files / "out.onnx").exists() and temp_files(files) == []
     assert time.perf_counter() - start < 5
 
 
@@ -200,7 +193,7 @@ def test_full_disk_at_save_time_leaves_nothing(files):
     result = run_cli("quantize", files / "model.onnx", "--calib", files / "calib.npz", "-o", files / "q.onnx",
                      "--no-verify", "-q", preexec_fn=limit_file_size)
     assert result.returncode == 1 and one_line_error(result.stderr, "cannot write", "nothing was written")
-    assert not (files / "q.onnx").exists() and leftovers(files) == []
+    assert not (files / "q.onnx").exists() and temp_files(files) == []
 
 
 # --- user problems are user errors, not internal errors --------------------------------------------
@@ -473,7 +466,7 @@ def test_json_reports_use_unique_temporary_names(tmp_path):
     write_text(target, '{"ok": true}')
     assert json.loads(target.read_text()) == {"ok": True}
     assert other_writer.read_text() == "someone else's half-written report"
-    assert leftovers(tmp_path) == ["report.json.tmp"]
+    assert temp_files(tmp_path) == ["report.json.tmp"]
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077])
@@ -509,7 +502,7 @@ def test_sigterm_cleans_up_like_ctrl_c(files):
     err = proc.stderr.read()
     proc.wait(timeout=120)
     assert proc.returncode == 143 and err.strip().splitlines()[-1] == "onnxq: terminated; no partial file left"
-    assert not (files / "q.onnx").exists() and leftovers(files) == []
+    assert not (files / "q.onnx").exists() and temp_files(files) == []
 
 
 def test_printed_names_are_sanitised(files, capsys):

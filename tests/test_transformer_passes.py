@@ -8,9 +8,10 @@ import pytest
 from builders import mobilenet_block_model
 from conftest import assert_lint_clean, rel_change
 from onnxq.analysis import structure
-from onnxq.api import default_recipe_for, quantize
+from onnxq.api import quantize
 from onnxq.ir.modelio import load_model
 from onnxq.pipeline import PassContext, load_recipe, run_pipeline
+from onnxq.pipeline.choice import choose_recipe
 from onnxq.quant.lint import lint
 from onnxq.runtime.session import session
 from onnxq.stats.calib_data import load_calibration
@@ -136,9 +137,9 @@ def test_hadamard_sizes():
 
 
 def test_default_recipe_picks_transformer(models):
-    assert default_recipe_for(models["llama"]) == "transformer-w8a8"
-    assert default_recipe_for(models["bert"]) == "transformer-w8a8"
-    assert default_recipe_for(load_model(mobilenet_block_model())) == "default"
+    assert choose_recipe(models["llama"]).recipe == "transformer-w8a8"
+    assert choose_recipe(models["bert"]).recipe == "transformer-w8a8"
+    assert choose_recipe(load_model(mobilenet_block_model())).recipe == "default"
 
 
 @pytest.mark.parametrize("kind", ["llama", "bert"])

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import numpy as np
 import onnx_ir as ir
@@ -52,6 +52,7 @@ from onnxq.passes.nonlinear.lut import (
     fidelity,
     get_function,
 )
+from onnxq.pipeline.options import option
 from onnxq.pipeline.passes import GraphPass, Kind, PassContext
 from onnxq.quant.qdq import INT8, activation_params
 from onnxq.stats.observers import Range, Ranges
@@ -277,19 +278,17 @@ class Dulut(GraphPass):
 
     functions: list[str] = field(default_factory=lambda: ["gelu", "gelu_tanh", "quick_gelu", "silu", "sigmoid",
                                                           "softplus", "tanh", "hardswish", "hardsigmoid", "exp"])
-    entries: list[int] = field(default_factory=lambda: [32, 32])
-    table: str = "dulut"          # "dulut" (two levels) or "uniform" (one level of entries[0] values)
+    entries: list[int] = option([32, 32], each_low=2)  # table sizes: each level needs two entries
+    table: Literal["dulut", "uniform"] = "dulut"  # two levels, or one level of entries[0] values
     lut8: bool = False            # exact 256-entry table where the input is per-tensor INT8
     quantize_input: bool = False  # insert a symmetric INT8 Q/DQ on each input first (then every table is lut8)
-    margin: float = 0.0           # widen the calibrated input range by this fraction on each side
+    margin: float = option(0.0, low=0.0)  # widen the calibrated input range by this fraction on each side
     exclude: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         unknown = sorted(set(self.functions) - set(FUNCTIONS))
         if unknown:
             raise ValueError(f"unknown functions {unknown} (known: {', '.join(FUNCTIONS)})")
-        if self.table not in ("dulut", "uniform"):
-            raise ValueError("table must be 'dulut' or 'uniform'")
         if len(self.entries) != (2 if self.table == "dulut" else 1) and not (self.table == "uniform" and self.entries):
             raise ValueError("entries: [N1, N2] for dulut, [N] for uniform")
 
