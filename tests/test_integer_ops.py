@@ -140,6 +140,26 @@ def test_di_layernorm_bit_exact():
     assert np.abs(got - ref).max() / step < 0.5
 
 
+def test_a_norm_reading_another_norm_is_replaced_in_one_run():
+    """A final norm straight after the last layer's norm (PETR's post_norm): both become DI-Norm in one
+    run, the second reading the first's replacement, bit-exact to the chained integer reference."""
+    rng = np.random.default_rng(2)
+    g1, b1, g2, b2 = rng.uniform(0.5, 1.5, 48), rng.normal(size=48) * 0.1, rng.uniform(0.5, 1.5, 48), rng.normal(size=48)
+    nodes = [helper.make_node("LayerNormalization", ["x", "g1", "b1"], ["n1"], name="norm3", axis=-1, epsilon=1e-12),
+             helper.make_node("LayerNormalization", ["n1", "g2", "b2"], ["y"], name="post_norm", axis=-1, epsilon=1e-12)]
+    graph = helper.make_graph(nodes, "two_norms", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 5, 48])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5, 48])],
+                              [_c("g1", g1), _c("b1", b1), _c("g2", g2), _c("b2", b2)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    calib = {"x": (rng.normal(size=(16, 5, 48)) * 3).astype(F32)}
+    out = quantize(model, calib, recipe=[{"integer_ops": {"ops": ["norm"]}}], **OPTS)
+    assert "LayerNormalization" not in {n.op_type for n in out.graph.node}
+    x = (rng.normal(size=(8, 5, 48)) * 2).astype(F32)
+    p = NormParams(48)
+    want = di_norm(di_norm(x, p, F32(g1), F32(b1)), p, F32(g2), F32(b2))
+    np.testing.assert_array_equal(run(out, {"x": x})[0], want)
+
+
 def test_di_rmsnorm_decomposed_bit_exact():
     model = rmsnorm_model()
     rng = np.random.default_rng(1)

@@ -30,11 +30,33 @@ CALIB = {"input": random_images(8)}
     ({"exclude": 5}, "is not a list"),
     ({"bias_correction": "no"}, "is not true or false"),
     ({"weight_bits": 6}, "is not one of 4, 8"),
-    ({"gptq_dampings": [0.1, -1]}, "at least"),
+    ({"gptq_dampings": [0.1, -1]}, "greater than 0"),
 ])
 def test_bad_option_values_are_refused_naming_pass_and_option(options, message):
     with pytest.raises(OnnxqError, match=rf"pass 'quantize', option '{next(iter(options))}': .*{message}"):
         make_pass("quantize", options)
+
+
+@pytest.mark.parametrize("pass_name, options, message", [
+    ("split_range", {"down_ratio": 0.5}, "would not split further"),
+    ("split_range", {"down_percentile": [99.0, 120.0]}, "at most 100"),
+    ("split_range", {"outlier_margin": 0.5}, "below its minimum"),
+    ("split_range", {"sites": ["down", "up"]}, "is not one of"),
+    ("smooth", {"alpha": 2}, "above its maximum"),
+    ("smooth", {"sites": ["norm", "qk"]}, "'qk' is not one of"),
+    ("qans", {"exp": "lut16"}, "is not one of"),
+    ("qans", {"candidates": [8.0, 0.0]}, "greater than 0"),
+    ("integer_ops", {"ops": ["softmax", "gelu"]}, "is not one of"),
+    ("integer_ops", {"clip": 0}, "greater than 0"),
+    ("integer_ops", {"max_row": 1 << 22}, "float32-exact"),
+    ("rotate", {"rotation": "givens"}, "is not one of"),
+    ("upgrade_opset", {"opset": 11}, "below its minimum 13"),
+    ("equalize", {"iterations": 0}, "below its minimum"),
+    ("lift_constants", {"min_elements": 0}, "below its minimum"),
+])
+def test_every_pass_bounds_its_options(pass_name, options, message):
+    with pytest.raises(OnnxqError, match=rf"pass '{pass_name}'.*{message}"):
+        make_pass(pass_name, options)
 
 
 def test_good_options_are_accepted_and_the_pass_is_frozen():
@@ -144,7 +166,7 @@ def test_quantize_that_quantizes_nothing_is_an_error():
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"entries": [1, 1]}, "option 'entries': every value must be at least 2"),
+    ({"entries": [1, 1]}, r"option 'entries': \[1, 1\] is below its minimum 2 \(every value must be at least 2\)"),
     ({"margin": -5}, "option 'margin': -5.0 is below its minimum"),
     ({"table": "cubic"}, "option 'table': 'cubic' is not one of"),
 ])

@@ -19,10 +19,10 @@ _NO_DEFAULT = dataclasses.MISSING
 
 
 def option(default: Any = _NO_DEFAULT, *, low: float | None = None, high: float | None = None,
-           choices: tuple | None = None, each_low: float | None = None, path: bool = False):
-    """A dataclass field with bounds (low <= value <= high, value in choices, list items >= each_low);
-    path=True: a file name, read relative to the recipe that names it."""
-    meta = {"low": low, "high": high, "choices": choices, "each_low": each_low, "path": path}
+           above: float | None = None, choices: tuple | None = None, path: bool = False):
+    """A dataclass field with bounds: low <= value <= high, value > above, value in choices (for a list,
+    every item); path=True: a file name, read relative to the recipe that names it."""
+    meta = {"low": low, "high": high, "above": above, "choices": choices, "path": path}
     if isinstance(default, (list, dict, set)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -94,16 +94,17 @@ def _describe(hint: Any) -> str:
 
 
 def _check_bounds(value: Any, meta, where: str) -> None:
-    low, high, choices, each_low = (meta.get(k) for k in ("low", "high", "choices", "each_low"))
     if value is None:
         return
-    if low is not None and value < low:
-        raise OnnxqError(f"{where}: {value!r} is below its minimum {low}")
-    if high is not None and value > high:
-        raise OnnxqError(f"{where}: {value!r} is above its maximum {high}")
-    if choices is not None:
-        bad = [v for v in (value if isinstance(value, (list, tuple)) else [value]) if v not in choices]
-        if bad:
-            raise OnnxqError(f"{where}: {bad[0]!r} is not one of {', '.join(map(repr, choices))}")
-    if each_low is not None and any(v < each_low for v in value):
-        raise OnnxqError(f"{where}: every value must be at least {each_low}, got {list(value)!r}")
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
+    low, high, above, choices = (meta.get(k) for k in ("low", "high", "above", "choices"))
+    every = "every value" if isinstance(value, (list, tuple)) else "the value"
+    for item in items:
+        if low is not None and item < low:
+            raise OnnxqError(f"{where}: {value!r} is below its minimum {low} ({every} must be at least {low})")
+        if high is not None and item > high:
+            raise OnnxqError(f"{where}: {value!r} is above its maximum {high} ({every} must be at most {high})")
+        if above is not None and item <= above:
+            raise OnnxqError(f"{where}: {value!r}: {every} must be greater than {above}")
+        if choices is not None and item not in choices:
+            raise OnnxqError(f"{where}: {item!r} is not one of {', '.join(map(repr, choices))}")

@@ -14,6 +14,7 @@ from typing import ClassVar
 import onnx_ir as ir
 from onnxscript import optimizer
 
+from onnxq.pipeline.options import option
 from onnxq.pipeline.passes import GraphPass, Kind, PassContext
 
 
@@ -22,8 +23,8 @@ class FoldConstants(GraphPass):
     name: ClassVar[str] = "fold_constants"
     kind: ClassVar[Kind] = Kind.EXACT
 
-    max_input_elements: int = 1 << 26   # fold through weights of any realistic size
-    max_output_elements: int = 1 << 26  # but never materialise an enormous tensor
+    max_input_elements: int = option(1 << 26, low=0)  # fold through weights of any realistic size
+    max_output_elements: int = option(1 << 26, low=0)  # but never materialise an enormous tensor
 
     def apply(self, model: ir.Model, ctx: PassContext) -> dict:
         before = model.graph.num_nodes()

@@ -13,6 +13,7 @@ from typing import ClassVar
 import onnx_ir as ir
 from onnx_ir.passes.common import LiftConstantsToInitializersPass
 
+from onnxq.pipeline.options import option
 from onnxq.pipeline.passes import GraphPass, Kind, PassContext
 
 
@@ -21,7 +22,7 @@ class LiftConstants(GraphPass):
     name: ClassVar[str] = "lift_constants"
     kind: ClassVar[Kind] = Kind.EXACT
 
-    min_elements: int = 2  # scalars stay Constant nodes: they are operator arguments, not weights
+    min_elements: int = option(2, low=1)  # scalars stay Constant nodes: they are operator arguments, not weights
 
     def apply(self, model: ir.Model, ctx: PassContext) -> dict:
         before = sum(1 for n in model.graph if n.op_type == "Constant")

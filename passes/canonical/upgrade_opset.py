@@ -16,6 +16,7 @@ from onnxscript import version_converter
 
 from onnxq.errors import OnnxqError
 from onnxq.ir.graph import opset_version
+from onnxq.pipeline.options import option
 from onnxq.pipeline.passes import GraphPass, Kind, PassContext
 
 
@@ -24,11 +25,7 @@ class UpgradeOpset(GraphPass):
     name: ClassVar[str] = "upgrade_opset"
     kind: ClassVar[Kind] = Kind.EXACT
 
-    opset: int = 19
-
-    def __post_init__(self):
-        if self.opset < 13:
-            raise ValueError("opset must be at least 13 (per-channel Q/DQ needs it)")
+    opset: int = option(19, low=13)  # per-channel Q/DQ needs 13
 
     def apply(self, model: ir.Model, ctx: PassContext) -> dict:
         before = opset_version(model)

@@ -21,6 +21,7 @@ import onnx_ir as ir
 
 from onnxq.ir.graph import Namer, add_initializer, attr, const_array, only_consumer, private_weight, replace_initializer
 from onnxq.passes.cnn.equalization import ChainStats, SecondConv, best_scales, data_free_scales
+from onnxq.pipeline.options import option
 from onnxq.pipeline.passes import GraphPass, Kind, PassContext, before_quantize
 from onnxq.stats.observers import ChannelStatistics
 from onnxq.stats.service import observe
@@ -34,8 +35,8 @@ class Equalize(GraphPass):
     name: ClassVar[str] = "equalize"
     kind: ClassVar[Kind] = Kind.EXACT
 
-    iterations: int = 4     # rounds of the data-free rule (the data-driven choice needs one)
-    max_scale: float = 1e3  # bound s_i so nearly-dead channels are not blown up
+    iterations: int = option(4, low=1)  # rounds of the data-free rule (the data-driven choice needs one)
+    max_scale: float = option(1e3, low=1.0)  # bound s_i so nearly-dead channels are not blown up
     use_data: bool = True   # choose s from calibration statistics when data is given
 
     def requires(self, model: ir.Model) -> None:

@@ -278,7 +278,7 @@ class Dulut(GraphPass):
 
     functions: list[str] = field(default_factory=lambda: ["gelu", "gelu_tanh", "quick_gelu", "silu", "sigmoid",
                                                           "softplus", "tanh", "hardswish", "hardsigmoid", "exp"])
-    entries: list[int] = option([32, 32], each_low=2)  # table sizes: each level needs two entries
+    entries: list[int] = option([32, 32], low=2)  # table sizes: each level needs two entries
     table: Literal["dulut", "uniform"] = "dulut"  # two levels, or one level of entries[0] values
     lut8: bool = False            # exact 256-entry table where the input is per-tensor INT8
     quantize_input: bool = False  # insert a symmetric INT8 Q/DQ on each input first (then every table is lut8)

@@ -21,7 +21,7 @@ Run it after `quantize` (recipe full-int8 does): the rule tables then never see 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import numpy as np
 import onnx_ir as ir
@@ -31,6 +31,7 @@ from onnxq.ir.graph import Namer, attr, opset_version
 from onnxq.passes.nonlinear.emit import Builder, record_fidelity
 from onnxq.passes.nonlinear.integer_ref import NormParams, SoftmaxParams, di_exp_step, di_norm, di_softmax
 from onnxq.passes.nonlinear.softmax import exact_softmax, softmax_nodes
+from onnxq.pipeline.options import option
 from onnxq.pipeline.passes import GraphPass, Kind, PassContext
 from onnxq.stats.samples import sample_rows
 
@@ -69,20 +70,17 @@ class IntegerOps(GraphPass):
     name: ClassVar[str] = "integer_ops"
     kind: ClassVar[Kind] = Kind.APPROXIMATE
 
-    ops: list[str] = field(default_factory=lambda: ["softmax", "norm"])
-    clip: float = 15.0        # DI-ClippedSoftmax: Δ clipped to [-c, 0]
-    softmax_bits: int = 8     # input bits of DI-ClippedSoftmax
-    out_levels: int = 127     # softmax output levels (127: what a symmetric INT8 Q/DQ holds exactly)
-    max_row: int = 1024       # longest softmax row the integer sums are sized for
-    norm_bits: int = 12       # DI-Norm per-token requantization width
-    rows: int = 2048          # calibration rows sampled per op for the fidelity figures
+    ops: list[Literal["softmax", "norm"]] = option(["softmax", "norm"])
+    clip: float = option(15.0, above=0.0)    # DI-ClippedSoftmax: Δ clipped to [-c, 0]
+    softmax_bits: int = option(8, low=2, high=16)  # input bits of DI-ClippedSoftmax
+    out_levels: int = option(127, low=1)     # softmax output levels (127: what a symmetric INT8 Q/DQ holds exactly)
+    max_row: int = option(1024, low=1)       # longest softmax row the integer sums are sized for
+    norm_bits: int = option(12, low=2, high=16)  # DI-Norm per-token requantization width
+    rows: int = option(2048, low=1)          # calibration rows sampled per op for the fidelity figures
     attention_only: bool = False  # softmax: only those onnxq.analysis.structure places in attention
     exclude: list[str] = field(default_factory=list)
 
-    def __post_init__(self):
-        unknown = sorted(set(self.ops) - {"softmax", "norm"})
-        if unknown:
-            raise ValueError(f"unknown ops {unknown}: choose from softmax, norm")
+    def __post_init__(self):  # the bounds that tie options together
         SoftmaxParams(self.clip, self.softmax_bits, self.out_levels, self.max_row).check()
 
     def apply(self, model: ir.Model, ctx: PassContext) -> dict:
@@ -106,14 +104,19 @@ class IntegerOps(GraphPass):
                                   f"DI-ClippedSoftmax c={self.clip:g} in={self.softmax_bits}b out={self.out_levels}",
                                   rows, lambda r: di_softmax(r, params), exact_softmax, 1.0 / 255, [-self.clip, 0.0],
                                   b.replaces))
-        for norm in norms:
+        # A norm may read another's output (a final norm after the last layer's): its input is then the
+        # replacement, and its rows are found by the name sampled before any value was renamed.
+        input_names = [norm.x.name for norm in norms]
+        replaced: dict[ir.Value, ir.Value] = {}
+        for i, norm in enumerate(norms):
             p = NormParams(norm.width, norm.rms, self.norm_bits)
             p.check()
             what = "RMSNorm" if norm.rms else "LayerNorm"
             b = Builder(graph, namer, norm.label, f"{what} '{norm.label}' (DI-Norm)")
-            y = emit_di_norm(b, norm.x, p, norm.gamma, norm.beta, opset)
+            y = emit_di_norm(b, replaced.get(norm.x, norm.x), p, norm.gamma, norm.beta, opset)
             b.finish(norm.nodes[0], norm.y, y, remove=norm.nodes)
-            rows = samples.get(norm.x.name)
+            replaced[norm.y] = y
+            rows = samples.get(input_names[i])
             ops = [n.op_type for n in norm.nodes]
             entries.append(_entry(self.name, norm.label, what.lower(), ops, f"DI-Norm {self.norm_bits}b", rows,
                                   lambda r, p=p, norm=norm: di_norm(r, p, norm.gamma, norm.beta),

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import numpy as np
 import onnx_ir as ir
@@ -35,6 +35,7 @@ from onnxq.ir.graph import Namer, attr, opset_version
 from onnxq.passes.nonlinear.emit import Builder, emit_dulut, record_fidelity
 from onnxq.passes.nonlinear.lut import build_dulut
 from onnxq.passes.nonlinear.softmax import exact_softmax, softmax_nodes
+from onnxq.pipeline.options import option
 from onnxq.pipeline.passes import GraphPass, Kind, PassContext
 from onnxq.stats.samples import sample_rows
 
@@ -47,21 +48,15 @@ class Qans(GraphPass):
     name: ClassVar[str] = "qans"
     kind: ClassVar[Kind] = Kind.APPROXIMATE
 
-    beta: float = 0.0                 # 0: calibrate per Softmax from `candidates`
-    candidates: list[float] = field(default_factory=lambda: [4.0, 6.0, 8.0, 10.0, 12.0, 14.0, 16.0, 20.0, 24.0])
+    beta: float = option(0.0, low=0.0)  # 0: calibrate per Softmax from `candidates`
+    candidates: list[float] = option([4.0, 6.0, 8.0, 10.0, 12.0, 14.0, 16.0, 20.0, 24.0], above=0.0)
     centre: bool = True               # shift by β/2 so the INT8 grid covers [-β, 0] with all 255 codes
-    exp: str = "lut8"                 # float | lut8 | dulut
-    entries: list[int] = field(default_factory=lambda: [32, 32])  # DULUT sizes for exp: dulut
-    max_row: int = 2048               # longest softmax row the division is sized for
-    rows: int = 4096                  # calibration rows sampled per Softmax (β search and fidelity)
+    exp: Literal["float", "lut8", "dulut"] = "lut8"
+    entries: list[int] = option([32, 32], low=2)  # DULUT sizes for exp: dulut
+    max_row: int = option(2048, low=1)  # longest softmax row the division is sized for
+    rows: int = option(4096, low=1)     # calibration rows sampled per Softmax (β search and fidelity)
     attention_only: bool = False      # only the Softmaxes onnxq.analysis.structure places in attention (QKᵀ → PV)
     exclude: list[str] = field(default_factory=list)
-
-    def __post_init__(self):
-        if self.exp not in ("float", "lut8", "dulut"):
-            raise ValueError("exp must be 'float', 'lut8' or 'dulut'")
-        if self.beta < 0 or any(b <= 0 for b in self.candidates):
-            raise ValueError("beta and the candidates must be positive")
 
     def apply(self, model: ir.Model, ctx: PassContext) -> dict:
         graph, namer = model.graph, Namer(model.graph)

@@ -44,6 +44,7 @@ from onnxq.analysis.petr_pe import PESite, find_pe
 from onnxq.errors import OnnxqError
 from onnxq.ir.graph import Namer, add_initializer
 from onnxq.ir.linear import fold_input_addend
+from onnxq.pipeline.options import option
 from onnxq.pipeline.passes import GraphPass, Kind, PassContext, before_quantize
 from onnxq.stats.calib_data import CalibrationSet
 
@@ -55,7 +56,7 @@ class PeFold(GraphPass):
 
     rig: str = ""        # .npy/.npz holding the PE source input for the deployment rig; "" = first calibration sample
     pe_input: str = ""   # the graph input the PE comes from, if the recognition is ambiguous
-    tolerance: float = 1e-6  # calibration samples must match the rig to this relative difference
+    tolerance: float = option(1e-6, low=0.0)  # calibration samples must match the rig to this relative difference
 
     def requires(self, model: ir.Model) -> None:
         before_quantize(self, model)

@@ -74,7 +74,7 @@ class Qfpe(GraphPass):
     load_weights: bool = True     # also load every other fine-tuned weight by name (the QFPE model itself)
     float_geometry: bool = True   # ray projection and anchor interpolation as Mul/Add (float under INT8), not MatMul
     pe_input: str = ""            # the camera-matrix input, if the recognition is ambiguous
-    tolerance: float = 1e-4       # relative difference allowed against the PyTorch module / model
+    tolerance: float = option(1e-4, low=0.0)  # relative difference allowed against the PyTorch module / model
 
     def requires(self, model: ir.Model) -> None:
         before_quantize(self, model)

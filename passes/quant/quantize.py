@@ -58,7 +58,7 @@ class Quantize(GraphPass):
     unknown_ops: Literal["error", "float"] = "error"
     bias_correction: bool = True
     rounding: Literal["nearest", "gptq"] = "nearest"  # gptq: integers chosen for the layer's output error
-    gptq_dampings: tuple[float, ...] = option(gptq.DAMPINGS, each_low=1e-12)  # tried per layer on held-out batches
+    gptq_dampings: tuple[float, ...] = option(gptq.DAMPINGS, above=0.0)  # tried per layer on held-out batches
     float_residual: bool = False  # keep Adds of two activations (the residual stream) in float
 
     def __post_init__(self):

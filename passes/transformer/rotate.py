@@ -28,7 +28,7 @@ The matrices (randomised Hadamard, random orthogonal, 1-fixing) and the rewrites
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import numpy as np
 import onnx_ir as ir
@@ -55,12 +55,9 @@ class Rotate(GraphPass):
     residual: bool = True  # rotate the residual stream (pre-norm models)
     heads: bool = True  # per-head V/O rotation
     online_down: bool = False  # insert an online Hadamard MatMul before each down projection
-    rotation: str = "hadamard"  # "hadamard" (randomised Hadamard) or "random" (random orthogonal)
+    rotation: Literal["hadamard", "random"] = "hadamard"  # randomised Hadamard, or random orthogonal
     seed: int = 0
 
-    def __post_init__(self):
-        if self.rotation not in ("hadamard", "random"):
-            raise ValueError("rotation must be 'hadamard' or 'random'")
 
     def requires(self, model: ir.Model) -> None:
         before_quantize(self, model)

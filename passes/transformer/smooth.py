@@ -36,7 +36,7 @@ one batch of activations and the samples, never the whole calibration set's acti
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
@@ -55,6 +55,7 @@ from onnxq.ir.graph import (
 from onnxq.ir.linear import set_bias, set_weight_io
 from onnxq.metadata import INPUT_ROTATED_KEY
 from onnxq.passes.transformer.rotation import head_problem
+from onnxq.pipeline.options import option
 from onnxq.pipeline.passes import GraphPass, Kind, PassContext, before_quantize
 from onnxq.quant.scheme import QuantScheme
 from onnxq.stats.samples import channel_max_and_rows
@@ -67,21 +68,17 @@ class Smooth(GraphPass):
     name: ClassVar[str] = "smooth"
     kind: ClassVar[Kind] = Kind.EXACT
 
-    sites: list[str] = field(default_factory=lambda: list(SITES))
-    alpha: float | None = None  # fixed α; None searches α per site
-    alphas: int = 11  # grid size of the search over [0, 1]
-    sample_rows: int = 512  # activation rows kept per site for the search
-    max_columns: int = 4096  # readers wider than this (LM head) are scored on a column sample
-    max_scale: float = 1e4
+    sites: list[str] = option(list(SITES), choices=SITES)
+    alpha: float | None = option(None, low=0.0, high=1.0)  # fixed α; None searches α per site
+    alphas: int = option(11, low=2)  # grid size of the search over [0, 1]
+    sample_rows: int = option(512, low=1)  # activation rows kept per site for the search
+    max_columns: int = option(4096, low=1)  # readers wider than this (LM head) are scored on a column sample
+    max_scale: float = option(1e4, low=1.0)
     seed: int = 0
     # Inputs that rotate has rotated are left alone: rotation already spread their outlier channels,
     # and scales on top move magnitude back into the weights.
     skip_rotated: bool = True
 
-    def __post_init__(self):
-        unknown = set(self.sites) - set(SITES)
-        if unknown:
-            raise ValueError(f"unknown smoothing sites {sorted(unknown)} (choose from {', '.join(SITES)})")
 
     def requires(self, model: ir.Model) -> None:
         before_quantize(self, model)

@@ -21,8 +21,8 @@ and evaluation text exceeds them; the part is zero almost everywhere, so its coa
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import ClassVar
+from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import numpy as np
 import onnx_ir as ir
@@ -30,6 +30,7 @@ import onnx_ir as ir
 from onnxq.analysis import structure as st
 from onnxq.ir.graph import Namer, add_initializer, const_array, take_over_output
 from onnxq.metadata import RANGE_MARGIN_KEY
+from onnxq.pipeline.options import option
 from onnxq.pipeline.passes import GraphPass, Kind, PassContext, before_quantize
 from onnxq.stats.samples import channel_max_and_rows
 
@@ -41,15 +42,19 @@ class SplitRange(GraphPass):
     name: ClassVar[str] = "split_range"
     kind: ClassVar[Kind] = Kind.EXACT
 
-    sites: list[str] = field(default_factory=lambda: ["down", "probs"])
+    sites: list[Literal["down", "probs"]] = option(["down", "probs"])
     # threshold t = this percentile of |x|; a list: the one whose simulated INT8 split has the least
     # output error on the sampled rows (x·W for down projections, x itself for probabilities)
-    down_percentile: float | list[float] = field(default_factory=lambda: [99.0, 99.5, 99.9, 99.97])
-    probs_percentile: float | list[float] = field(default_factory=lambda: [99.0, 99.9])
-    sample_rows: int = 256
+    down_percentile: float | list[float] = option([99.0, 99.5, 99.9, 99.97], low=50.0, high=100.0)
+    probs_percentile: float | list[float] = option([99.0, 99.9], low=50.0, high=100.0)
+    sample_rows: int = option(256, low=1)
     seed: int = 0
-    down_ratio: float = 0.0  # > 1: further split down inputs at t·r^k below their max (multi-level)
-    outlier_margin: float = 1.0  # widen the top (outlier) part's calibrated range this many times
+    down_ratio: float = option(0.0, low=0.0)  # > 1: further split down inputs at t·r^k below their max (multi-level)
+    outlier_margin: float = option(1.0, low=1.0)  # widen the top (outlier) part's calibrated range this many times
+
+    def __post_init__(self):
+        if 0.0 < self.down_ratio <= 1.0:
+            raise ValueError(f"down_ratio {self.down_ratio} would not split further: 0 (off) or above 1")
 
     def requires(self, model: ir.Model) -> None:
         before_quantize(self, model)
