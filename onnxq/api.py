@@ -39,7 +39,7 @@ def quantize(model: str | os.PathLike | onnx.ModelProto | ir.Model, calibration_
             recipe for the model.
         target: "tensorrt" (symmetric INT8 for TensorRT) or "ort-cpu" (ONNX Runtime int8 kernels).
         per_tensor / calibrator / rounding: override the recipe's quantize step (weights per tensor;
-            activation calibrator max | percentile | entropy | mse; weight rounding nearest | gptq).
+            activation calibrator max | percentile | entropy | mse; weight rounding nearest | gptq | adaround | flexround).
         padding_mask: the input whose zeros mark padded positions, left out of every statistic;
             a rank-2 integer or bool input, 1 for real positions; "auto" takes such an input named
             attention_mask; None counts every position.

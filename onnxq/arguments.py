@@ -44,7 +44,7 @@ def check_quantize_arguments(model: Any, calibration_data: Any, *, output: Any, 
     if target not in TARGETS:
         raise OnnxqValueError(f"target: unknown target {target!r} (choose from {', '.join(TARGETS)})")
     for name, value, choices in (("calibrator", calibrator, (*CALIBRATORS, "auto")),
-                                 ("rounding", rounding, ("nearest", "gptq"))):
+                                 ("rounding", rounding, ("nearest", "gptq", "adaround", "flexround"))):
         _type(name, value, (str, type(None)), f"one of {', '.join(choices)} or None")
         if value is not None and value not in choices:
             raise OnnxqValueError(f"{name}: {value!r} is not one of {', '.join(choices)}")

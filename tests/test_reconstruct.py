@@ -311,8 +311,7 @@ def test_learned_rounding_beats_nearest_and_folds_back_exactly(method, make, sha
     module = BlockModule(block, points, model=model)
     nearest_mse = block_output_mse(module, [x], [target])
     seen = []
-    config = LearnConfig(method=method, iterations=250, batch_size=32, lr=0.05 if method == "adaround" else 3e-4,
-                         reg_weight=0.1, seed=0)
+    config = LearnConfig(method=method, iterations=250, batch_size=32, lr=0.05 if method == "adaround" else 3e-4, seed=0)
     report = learn_rounding(module, [x], config=config, progress=lambda i, n, loss: seen.append(i))
     assert seen[-1] == 250 and not report.kept_nearest
     learned_mse = block_output_mse(module, [x], [target])

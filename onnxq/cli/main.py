@@ -78,6 +78,11 @@ weight rounding (--rounding):
   gptq        integers chosen so each layer's output on its calibration inputs moves least (GPTQ),
               damping picked per layer on held-out batches; the transformer and PETR pe-fold recipes
               use it (slower; needs torch)
+  adaround    learned per block: each weight's up/down choice fitted so the block's output on its
+              quantized inputs matches the float block's (AdaRound; minutes per model on a CPU,
+              faster on a GPU; needs torch; learn_iterations in the recipe sets the steps per block)
+  flexround   learned per block like adaround, dividing each weight by learned element-wise,
+              per-channel and step factors before rounding (FlexRound)
 
 examples:
   onnxq quantize mobilenet.onnx --calib photos.npz -o mobilenet.int8.onnx
@@ -208,9 +213,10 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--target", default="tensorrt", choices=["tensorrt", "ort-cpu"], help="deployment target (default tensorrt)")
     q.add_argument("--per-tensor", action="store_true", help="one scale per weight tensor instead of per output channel")
     q.add_argument("--calibrator", choices=["max", "percentile", "entropy", "mse", "auto"], help="activation calibrator (default: the recipe's)")
-    q.add_argument("--rounding", choices=["nearest", "gptq"],
+    q.add_argument("--rounding", choices=["nearest", "gptq", "adaround", "flexround"],
                    help="weight rounding (default: the recipe's): gptq chooses the integers against each layer's "
-                        "calibration inputs (GPTQ; slower, uses torch; matters most at 4 bits)")
+                        "calibration inputs; adaround/flexround learn them block by block (all use torch; "
+                        "they matter most at 4 bits)")
     q.add_argument("--batch-size", type=_positive, default=1, help="calibration batch size for models with a dynamic batch (default 1)")
     q.add_argument("--max-samples", type=_positive, help="use at most this many calibration samples")
     q.add_argument("--padding-mask", default="auto", metavar="INPUT",

@@ -5,7 +5,8 @@ error is at most s/2 inside the calibrated range and saturates outside it; `onnx
 the effect on the outputs. Weights are stored as integers with a DequantizeLinear (per output
 channel by default, per tensor with weights="per-tensor"); biases stay in float. With
 rounding="gptq" the integers are chosen against each layer's calibration inputs (onnxq.quant.gptq) at the
-same scales, so the format is unchanged.
+same scales; with "adaround" or "flexround" they are learned block by block against the float block's
+outputs (onnxq.quant.reconstruct; FlexRound also learns the step). Either way the format is unchanged.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import ClassVar, Literal
 
 import onnx_ir as ir
 
+from onnxq.errors import OnnxqError
 from onnxq.ir.graph import Namer, const_array, opset_version
 from onnxq.metadata import FLOAT_REASON_KEY, QUANTIZED_KEY, RANGE_MARGIN_KEY
 from onnxq.pipeline.options import option
@@ -57,7 +59,9 @@ class Quantize(GraphPass):
     exclude: list[str] = option([])  # node names or regular expressions kept in float
     unknown_ops: Literal["error", "float"] = "error"
     bias_correction: bool = True
-    rounding: Literal["nearest", "gptq"] = "nearest"  # gptq: integers chosen for the layer's output error
+    # gptq: integers chosen for each layer's output error; adaround/flexround: learned per block (needs torch)
+    rounding: Literal["nearest", "gptq", "adaround", "flexround"] = "nearest"
+    learn_iterations: int = option(1000, low=1)  # optimisation steps per block for adaround/flexround
     gptq_dampings: tuple[float, ...] = option(gptq.DAMPINGS, above=0.0)  # tried per layer on held-out batches
     float_residual: bool = False  # keep Adds of two activations (the residual stream) in float
 
@@ -111,20 +115,27 @@ class Quantize(GraphPass):
                          for node, index in slots if index == 1}
         fmt = INT4_WEIGHT if self.weight_bits == 4 else INT8_WEIGHT
         hessians, gptq_readers = self._gptq_statistics(model, plan, data, ctx)
-        for (weight, axis), slots in plan.weights.items():
-            array = const_array(weight)
-            # blocks apply to 2-D (MatMul/Gemm) weights; conv kernels stay per channel
-            block = self.block_size if array.ndim == 2 and axis is not None else 0
-            axis = axis if self.weights == "per-channel" or block else None
-            q, scale = quantize_weight(array, axis, fmt, self.weight_calibrator, block)
-            if weight.name in hessians:
-                q = gptq.gptq_round(array, scale_per_element(scale, array.shape, axis, block), hessians[weight.name],
-                                    fmt, gptq_readers[weight.name][0], self.gptq_dampings)
+        layouts = {weight.name: self._layout(weight, axis) for weight, axis in plan.weights}
+        slots_of = {weight.name: (weight, slots) for (weight, _), slots in plan.weights.items()}
+
+        def write(name: str, q, scale) -> None:
+            weight, slots = slots_of.pop(name)
+            axis, block = layouts[name]
             insert_weight_dq(graph, namer, weight, slots, q, scale, axis, fmt, block)
             granularity = (f"blocks of {block}" if block else
                            f"per-channel axis {axis}" if axis is not None else "per-tensor")
             for node, index in slots:
                 notes[node].append(f"input {index}: weight {fmt.dtype.name.lower()} {granularity}")
+
+        learned = self._learn_rounding(model, plan, layouts, fmt, data, write, ctx)
+        for name, (weight, _) in list(slots_of.items()):
+            array = const_array(weight)
+            axis, block = layouts[name]
+            q, scale = quantize_weight(array, axis, fmt, self.weight_calibrator, block)
+            if name in hessians:
+                q = gptq.gptq_round(array, scale_per_element(scale, array.shape, axis, block), hessians[name],
+                                    fmt, gptq_readers[name][0], self.gptq_dampings)
+            write(name, q, scale)
 
         for value, reason in plan.skipped.items():
             for node, index in value.uses():
@@ -138,7 +149,7 @@ class Quantize(GraphPass):
         corrected = correct_biases(model, float_weights, data, show_progress=ctx.show_progress) if self.bias_correction else 0
         return {"biases_corrected": corrected, "activations_quantized": len(plan.activations) - len(plan.skipped),
                 "weights_quantized": len(plan.weights), "kept_float": len(plan.float_reasons),
-                "skipped": len(plan.skipped), "gptq_rounded": len(hessians), **choice}
+                "skipped": len(plan.skipped), "gptq_rounded": len(hessians), **learned, **choice}
 
     def _plan(self, model: ir.Model, target) -> Planner:
         """Which tensors get Q/DQ, by the target's rule table; residual Adds float if asked."""
@@ -168,6 +179,38 @@ class Quantize(GraphPass):
             for node, index in slots:
                 notes[node].append(f"input {index}: {act_fmt.dtype.name.lower()} per-tensor")
         return notes
+
+    def _layout(self, weight: ir.Value, axis: int | None) -> tuple[int | None, int]:
+        """(axis, block size) of a weight's scales: blocks apply to 2-D (MatMul/Gemm) weights, conv
+        kernels stay per channel."""
+        rank = len(weight.shape) if weight.shape is not None else const_array(weight).ndim
+        block = self.block_size if rank == 2 and axis is not None else 0
+        return (axis if self.weights == "per-channel" or block else None), block
+
+    def _learn_rounding(self, model: ir.Model, plan, layouts, fmt, data, write, ctx: PassContext) -> dict:
+        """adaround/flexround: learn and write the weights of every block (onnxq.quant.reconstruct);
+        the weights it leaves are rounded to nearest by the caller."""
+        if self.rounding not in ("adaround", "flexround"):
+            return {}
+        if importlib.util.find_spec("torch") is None:
+            raise OnnxqError(f"rounding '{self.rounding}' learns with torch: pip install 'onnxq[torch]'")
+        from onnxq.quant.reconstruct.engine import learn_model_rounding
+        from onnxq.quant.reconstruct.points import WeightPoint, output_axis
+        from onnxq.quant.reconstruct.rounding import LearnConfig
+
+        points = {}
+        for (weight, _), slots in plan.weights.items():
+            axis, block = layouts[weight.name]
+            _, scale = quantize_weight(const_array(weight), axis, fmt, self.weight_calibrator, block)
+            points[weight.name] = WeightPoint(scale, axis, fmt, output_axis(*slots[0]), block)
+        model.graph.sort()
+        config = LearnConfig(method=self.rounding, iterations=self.learn_iterations)
+        summary = learn_model_rounding(model, points, data, config, write, show_progress=ctx.show_progress,
+                                       log=ctx.log)
+        ctx.log(f"quantize: {self.rounding} learned {summary['learned_weights']} weights in "
+                f"{summary['learned_blocks']} blocks (block output error {summary['block_mse_nearest']:.3e} "
+                f"-> {summary['block_mse_learned']:.3e})")
+        return summary
 
     def _gptq_statistics(self, model: ir.Model, plan, data, ctx: PassContext) -> tuple[dict, dict]:
         """GPTQ's H per weight name, over the inputs as quantized so far (weights still float); only for

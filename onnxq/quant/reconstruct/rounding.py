@@ -3,8 +3,8 @@
 AdaRound (Nagel et al., 2020) keeps each weight's step s and learns whether it rounds down or up:
 Ŵ = s·clamp(⌊W/s⌋ + h(V), qmin, qmax) with h(V) = clip(σ(V)·(ζ − γ) + γ, 0, 1), ζ = 1.1, γ = −0.1, V
 started where h(V) equals W/s's fractional part (so the soft start is the float weight). The loss is
-‖y_q − y_fp‖² + λ·Σ(1 − |2h − 1|^β): after a warm-up without it, β falls linearly from 20 to 2, which
-drives every h to 0 or 1; the integers are ⌊W/s⌋ + 1[h ≥ 0.5].
+‖y_q − y_fp‖² / ‖y_nearest − y_fp‖² + λ·mean(1 − |2h − 1|^β): after a warm-up without the regulariser,
+β falls linearly from 20 to 2, which drives every h to 0 or 1; the integers are ⌊W/s⌋ + 1[h ≥ 0.5].
 
 FlexRound (Lee et al., 2023) divides instead: Ŵ = s₁·round(W / (s₁·S₂·s₃·s₄)), with element-wise S₂,
 per-output s₃ and (2-D weights) per-input s₄, each exp of a learned log started at 0, and the step s₁
@@ -97,14 +97,17 @@ class FlexRoundWeight(WeightQuantizer):
 class LearnConfig:
     """How rounding is learned. `lr` None: 3e-2 for AdaRound's V, 3e-4 for FlexRound's log-factors (Adam moves every
     element by about lr per step, and a few percent flip a rounding).
-    `reg_weight` is AdaRound's λ (per weight, against the per-sample squared output error), `warmup` the
-    fraction of iterations before its regulariser starts, `beta` its start and end exponent."""
+    `reg_weight` is AdaRound's λ: the loss is the block's mean squared output error divided by round-to-
+    nearest's, plus λ times the regulariser's mean over the block's weights, so λ means the same in every
+    block; a large λ makes every h 0 or 1 soon after the warm-up, which on the blocks tried ended with the
+    least output error. `warmup` is the fraction of iterations before the regulariser starts, `beta` its
+    start and end exponent."""
 
     method: str = "adaround"  # adaround | flexround
     iterations: int = 1000
     batch_size: int = 32
     lr: float | None = None
-    reg_weight: float = 0.01
+    reg_weight: float = 1000.0
     warmup: float = 0.2
     beta: tuple[float, float] = (20.0, 2.0)
     seed: int = 0
@@ -148,10 +151,12 @@ def learn_rounding(module: BlockModule, inputs: Sequence[np.ndarray], targets: S
     nearest = {name: module.quantizer(name) for name in module.quantized_weights}
 
     cls = AdaRoundWeight if config.method == "adaround" else FlexRoundWeight
-    learned = {name: cls(nearest[name].point, module.weight(name).detach()).to(device) for name in nearest}
+    # built on the CPU, where the points' scales live, then moved with their parameters
+    learned = {name: cls(nearest[name].point, module.weight(name).detach().cpu()).to(device) for name in nearest}
     for name, quantizer in learned.items():
         module.set_quantizer(name, quantizer)
     params = [p for q in learned.values() for p in q.parameters() if p.requires_grad]
+    n_weights = sum(module.weight(name).numel() for name in learned)
     lr = config.lr or (3e-2 if config.method == "adaround" else 3e-4)
     optimizer = torch.optim.Adam(params, lr=lr)
     generator = torch.Generator(device="cpu").manual_seed(config.seed)
@@ -160,11 +165,12 @@ def learn_rounding(module: BlockModule, inputs: Sequence[np.ndarray], targets: S
     for step in range(config.iterations):
         index = torch.randint(0, n, (min(config.batch_size, n),), generator=generator).to(device)
         outs = module(*[x if whole else x.index_select(0, index) for x, whole in zip(xs, shared)])
-        loss = sum(((o - y.index_select(0, index)) ** 2).sum() for o, y in zip(outs, ys)) / len(index)
+        # the output error relative to round-to-nearest's, so that reg_weight means the same in every block
+        loss = sum(((o - y.index_select(0, index)) ** 2).mean() for o, y in zip(outs, ys)) / max(mse_nearest, 1e-30)
         if config.method == "adaround":
             beta = _beta(step, config)
             if beta is not None:
-                loss = loss + config.reg_weight * sum(q.regularizer(beta) for q in learned.values())
+                loss = loss + config.reg_weight * sum(q.regularizer(beta) for q in learned.values()) / n_weights
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

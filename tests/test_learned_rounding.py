@@ -1,0 +1,77 @@
+"""rounding: adaround | flexround in the quantize step: weights learned block by block against the float
+block's outputs, written as the same integer weights with a DequantizeLinear as round-to-nearest writes."""
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from builders import mobilenet_block_model, random_images
+from conftest import assert_lint_clean, run, sqnr_db
+from onnxq import quantize
+from onnxq.errors import OnnxqError
+
+pytest.importorskip("torch")
+
+OPTS = {"show_progress": False, "log": lambda *_: None}
+
+
+def w4_recipe(rounding: str, iterations: int = 300) -> list:
+    return ["fold_batchnorm", {"upgrade_opset": {"opset": 21}}, {"quantize": {"weight_bits": 4, "calibrator": "max", "weight_calibrator": "max",
+                                            "bias_correction": False, "rounding": rounding,
+                                            "learn_iterations": iterations}}]
+
+
+def quantized_weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if t.name.endswith("_quantized")}
+
+
+def quantize_w4(model, calib, rounding: str, iterations: int = 300) -> onnx.ModelProto:
+    return quantize(model, calib, recipe=w4_recipe(rounding, iterations), batch_size=16, **OPTS)
+
+
+def test_flexround_lowers_the_output_error_of_w4_weights_on_held_out_data(torch_one_thread):
+    model = mobilenet_block_model(channels=8, seed=3)
+    calib = {"input": random_images(64, seed=1)}
+    held_out = random_images(64, seed=2)
+    nearest = quantize_w4(model, calib, "nearest")
+    learned = quantize_w4(model, calib, "flexround")
+    ref = run(model, {"input": held_out})[0]
+    sqnr_nearest = sqnr_db(ref, run(nearest, {"input": held_out})[0])
+    sqnr_learned = sqnr_db(ref, run(learned, {"input": held_out})[0])
+    assert sqnr_learned > sqnr_nearest + 1.0, (sqnr_nearest, sqnr_learned)
+    assert_same_format(nearest, learned)
+
+
+def test_adaround_writes_the_same_format_and_reports_its_blocks(torch_one_thread):
+    model = mobilenet_block_model(channels=8, seed=3)
+    calib = {"input": random_images(32, seed=1)}
+    logs = []
+    learned = quantize(model, calib, recipe=w4_recipe("adaround", 100), batch_size=16, show_progress=False,
+                       log=logs.append)
+    assert any("adaround learned 5 weights in 2 blocks" in line for line in logs), logs
+    assert_same_format(quantize_w4(model, calib, "nearest"), learned, moved=False)
+
+
+def assert_same_format(nearest: onnx.ModelProto, learned: onnx.ModelProto, moved: bool = True) -> None:
+    """The same ops, INT4 weight tensors and scale shapes as round-to-nearest; lint clean."""
+    assert sorted(n.op_type for n in learned.graph.node) == sorted(n.op_type for n in nearest.graph.node)
+    q_nearest, q_learned = quantized_weights(nearest), quantized_weights(learned)
+    assert q_nearest.keys() == q_learned.keys() and q_nearest
+    assert all(q_learned[k].dtype == q_nearest[k].dtype and q_learned[k].shape == q_nearest[k].shape for k in q_nearest)
+    if moved:
+        assert any(not np.array_equal(q_learned[k], q_nearest[k]) for k in q_nearest)
+    assert all(-8 <= q_learned[k].astype(int).min() and q_learned[k].astype(int).max() <= 7 for k in q_learned)
+    assert_lint_clean(learned)
+
+
+def test_learned_rounding_is_refused_as_an_option_value_it_does_not_know():
+    with pytest.raises(OnnxqError, match="option 'rounding'"):
+        quantize(mobilenet_block_model(), {"input": random_images(4)}, recipe=[{"quantize": {"rounding": "brecq"}}],
+                 **OPTS)
+
+
+def test_learn_iterations_is_bounded():
+    with pytest.raises(OnnxqError, match="learn_iterations"):
+        quantize(mobilenet_block_model(), {"input": random_images(4)},
+                 recipe=[{"quantize": {"rounding": "adaround", "learn_iterations": 0}}], **OPTS)
