@@ -134,3 +134,17 @@ def test_tensorrt_target_keeps_the_graph_as_it_is():
     qmodel = quantize(ppocr_like_model(), CALIB, show_progress=False)
     ops = Counter(n.op_type for n in qmodel.graph.node)
     assert ops["Div"] == 2 and ops["Conv"] == 5  # no ort-cpu rewrite
+
+
+def test_mask_sized_scalar_stays_a_float_constant():
+    """An attention-mask constant (-1e9) must stay visible to the planner, which keeps masked data float."""
+    import onnx_ir as ir
+
+    nodes = [helper.make_node("Add", ["input", "mask"], ["masked"], name="mask/Add"),
+             helper.make_node("Softmax", ["masked"], ["output"], name="Softmax", axis=-1)]
+    graph = helper.make_graph(nodes, "mask", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [2, 4])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, [2, 4])],
+                              [_init("mask", -1e9)])
+    model = ir.from_proto(onnx.shape_inference.infer_shapes(helper.make_model(graph)))
+    assert prepare(model)["scalar_operands_quantized"] == 0
+    assert not any(n.op_type == "DequantizeLinear" for n in model.graph)

@@ -9,7 +9,8 @@ and it has no integer Div at all. Before the planner runs, `prepare` therefore
   weights and bias (W' = c·W, b' = c·b for Mul; b' = b + c for Add);
 - rewrites Div by a scalar constant as Mul by its reciprocal (QLinearMul exists, QLinearDiv not);
 - gives the remaining scalar constant operands of Add/Mul a UINT8 DequantizeLinear that represents
-  them exactly (scale |c|/255, zero point 0 or 255), so QLinearAdd/QLinearMul fire.
+  them exactly (scale |c|/255, zero point 0 or 255), so QLinearAdd/QLinearMul fire; attention-mask
+  sized constants are left as they are, for the planner to recognise.
 
 Each rewrite changes the float result by rounding only. The TensorRT target does not use this.
 """
@@ -20,6 +21,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxq.ir.graph import Namer, add_initializer, const_array, mark_changed, only_consumer
+from onnxq.quant.qdq import MASK_CONSTANT
 
 _INT8_BINARY = ("Add", "Mul")
 
@@ -135,7 +137,7 @@ def _quantize_scalar_operands(graph: ir.Graph, namer: Namer) -> int:
             continue
         _, constant, index = operand
         value = float(constant.reshape(-1)[0])
-        if not np.isfinite(value):
+        if not np.isfinite(value) or abs(value) >= MASK_CONSTANT:  # attention-mask constants stay visible as such
             continue
         # exact in UINT8: the constant sits at one end of the grid [0, 255]·scale − zero_point·scale
         scale = abs(value) / 255.0 if value != 0 else 1.0
