@@ -126,6 +126,7 @@ def test_prepare_rewrites_are_float_exact_to_rounding():
     assert counts == {"folded_into_conv": 4, "div_to_mul": 2, "scalar_operands_quantized": 4}
     ops = Counter(n.op_type for n in model.graph)
     assert ops["Div"] == 0 and ops["Conv"] == 5
+    assert all(v.uses() for v in model.graph.initializers.values())  # replaced constants are dropped
     prepared = run(ir.to_proto(model), EVAL)[0]
     np.testing.assert_allclose(prepared, run(ppocr_like_model(), EVAL)[0], rtol=1e-5, atol=1e-5)
 

@@ -90,12 +90,17 @@ def _fold_affine_into_conv(graph: ir.Graph, namer: Namer) -> int:
                 bias = bias + c
             if len(conv.inputs) < 3:
                 conv.resize_inputs(3)
+            old_inputs = conv.inputs[1:3]
             conv.replace_input_with(1, add_initializer(graph, namer, f"{conv.name}_weight_folded", weight.astype(np.float32)))
             conv.replace_input_with(2, add_initializer(graph, namer, f"{conv.name}_bias_folded", bias))
-            result = user.outputs[0]
+            for old in old_inputs:
+                _drop_if_unused(graph, old)
+            result, user_constant = user.outputs[0], [v for v in user.inputs if v is not out]
             was_output, name = result.is_graph_output(), result.name
             ir.convenience.replace_all_uses_with(result, out, replace_graph_outputs=True)
             graph.remove(user, safe=True)
+            for old in user_constant:
+                _drop_if_unused(graph, old)
             if was_output:
                 out.name = name
             else:
@@ -113,6 +118,7 @@ def _div_by_scalar_to_mul(graph: ir.Graph, namer: Namer) -> int:
         operand = _constant_operand(node)
         if operand is None or operand[2] != 1 or operand[1].size != 1 or not np.all(operand[1] != 0):
             continue
+        divisor = node.inputs[1]
         reciprocal = (np.float32(1.0) / operand[1].astype(np.float32)).astype(np.float32)
         mul = ir.node("Mul", [node.inputs[0], add_initializer(graph, namer, f"{node.name}_reciprocal", reciprocal)],
                       name=namer.fresh(f"{node.name}_as_mul"))
@@ -123,6 +129,7 @@ def _div_by_scalar_to_mul(graph: ir.Graph, namer: Namer) -> int:
         ir.convenience.replace_all_uses_with(result, mul.outputs[0], replace_graph_outputs=True)
         graph.remove(node, safe=True)
         mul.outputs[0].name = name if was_output else namer.fresh(name)
+        _drop_if_unused(graph, divisor)
         rewritten += 1
     return rewritten
 
@@ -152,7 +159,11 @@ def _quantize_scalar_operands(graph: ir.Graph, namer: Namer) -> int:
         graph.insert_before(node, dq)
         old = node.inputs[index]
         node.replace_input_with(index, dq.outputs[0])
-        if not old.uses() and old.is_initializer() and not old.is_graph_input():
-            graph.initializers.pop(old.name)
+        _drop_if_unused(graph, old)
         quantized += 1
     return quantized
+
+
+def _drop_if_unused(graph: ir.Graph, value: ir.Value | None) -> None:
+    if value is not None and not value.uses() and value.is_initializer() and not value.is_graph_input():
+        graph.initializers.pop(value.name)
