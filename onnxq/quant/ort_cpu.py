@@ -8,6 +8,8 @@ and it has no integer Div at all. Before the planner runs, `prepare` therefore
 - folds Mul/Add by a per-output-channel constant that directly follows a Conv into the Conv's
   weights and bias (W' = c·W, b' = c·b for Mul; b' = b + c for Add);
 - rewrites Div by a scalar constant as Mul by its reciprocal (QLinearMul exists, QLinearDiv not);
+- folds a Mul by a scalar constant read only by Convs (as their data input) into those Convs'
+  weights, Conv(c·x) = (c·W)·x + b (zero padding stays zero), e.g. hard-swish's /6;
 - gives the remaining scalar constant operands of Add/Mul a UINT8 DequantizeLinear that represents
   them exactly (scale |c|/255, zero point 0 or 255), so QLinearAdd/QLinearMul fire; attention-mask
   sized constants are left as they are, for the planner to recognise.
@@ -30,8 +32,9 @@ def prepare(model: ir.Model) -> dict[str, int]:
     """Apply the rewrites above in place; how many of each were made."""
     graph, namer = model.graph, Namer(model.graph)
     counts = {"folded_into_conv": _fold_affine_into_conv(graph, namer),
-              "div_to_mul": _div_by_scalar_to_mul(graph, namer),
-              "scalar_operands_quantized": _quantize_scalar_operands(graph, namer)}
+              "div_to_mul": _div_by_scalar_to_mul(graph, namer)}
+    counts["folded_into_next_conv"] = _fold_scalar_mul_into_next_conv(graph, namer)
+    counts["scalar_operands_quantized"] = _quantize_scalar_operands(graph, namer)
     graph.sort()
     return counts
 
@@ -132,6 +135,34 @@ def _div_by_scalar_to_mul(graph: ir.Graph, namer: Namer) -> int:
         _drop_if_unused(graph, divisor)
         rewritten += 1
     return rewritten
+
+
+def _fold_scalar_mul_into_next_conv(graph: ir.Graph, namer: Namer) -> int:
+    folded = 0
+    for node in list(graph):
+        if node.op_type != "Mul" or node.domain not in ("", "ai.onnx"):
+            continue
+        operand = _constant_operand(node)
+        result = node.outputs[0]
+        if operand is None or operand[1].size != 1 or result.is_graph_output() or not result.uses():
+            continue
+        readers = result.uses()
+        if not all(user.op_type == "Conv" and user.domain in ("", "ai.onnx") and index == 0
+                   and const_array(user.inputs[1]) is not None for user, index in readers):
+            continue
+        data, constant, index = operand
+        c = np.float32(constant.reshape(-1)[0])
+        for user, _ in readers:
+            old = user.inputs[1]
+            user.replace_input_with(1, add_initializer(graph, namer, f"{user.name}_weight_folded",
+                                                       (const_array(old) * c).astype(np.float32)))
+            _drop_if_unused(graph, old)
+            user.replace_input_with(0, data)
+        constant_value = node.inputs[index]
+        graph.remove(node, safe=True)
+        _drop_if_unused(graph, constant_value)
+        folded += 1
+    return folded
 
 
 def _quantize_scalar_operands(graph: ir.Graph, namer: Namer) -> int:
