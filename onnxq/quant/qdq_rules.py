@@ -134,15 +134,20 @@ class Int8Op(Treatment):
 
 @dataclass(frozen=True)
 class Int8FusedActivation(Treatment):
-    """ONNX Runtime CPU: ReLU/Clip right after a weighted layer.
+    """ONNX Runtime CPU: ReLU/Clip right after a layer whose output ORT quantizes (weighted layer or
+    an op with an integer kernel, e.g. the Add of hard-swish's x + 3).
 
     The layer's output is quantized with the activation's output range (zero point at 0 for ReLU),
     so the unsigned clamp itself applies the activation: ORT drops the ReLU/Clip and the repeated
-    Q/DQ, leaving one integer kernel (QLinearConv, QGemm)."""
+    Q/DQ, leaving one integer kernel (QLinearConv, QGemm, QLinearAdd)."""
 
     def plan(self, node, p):
         source = node.inputs[0]
-        if p.is_weighted_output(source) and source.producer().op_type in WEIGHTED and len(source.uses()) == 1:
+        producer = source.producer() if source is not None else None
+        quantized_output = producer is not None and (
+            (p.is_weighted_output(source) and producer.op_type in WEIGHTED)
+            or (producer.op_type in _ORT_INT8_KERNELS and p.table.get(producer.op_type) == Int8Op()))
+        if quantized_output and len(source.uses()) == 1 and not source.is_graph_output():
             p.use_range_of(source, node.outputs[0])
             p.output(node)
         else:
@@ -239,6 +244,7 @@ TENSORRT_TABLE = _table({
 
 # ONNX Runtime's CPU provider has integer kernels (QLinear*, or DQ/Q removal) for these.
 _ORT_INT8 = ("Add", "Mul", "Sigmoid", "LeakyRelu", "GlobalAveragePool", "AveragePool", "Softmax", "Where")
+_ORT_INT8_KERNELS = _ORT_INT8 + ("Concat",)
 _ORT_INT8_MOVES = ("Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "MaxPool", "Resize", "Gather", "Slice",
                    "Split", "Pad")
 ORT_CPU_TABLE = _table({
@@ -250,6 +256,7 @@ ORT_CPU_TABLE = _table({
     _ORT_INT8_MOVES: Int8Op(share_in_out=True),
     ("Relu", "Clip"): Int8FusedActivation(),
     ("Concat",): Int8Op(),
+    ("ConvTranspose",): Float("ORT's CPU provider has no integer ConvTranspose: kept in float"),
     QDQ: AlreadyQuantized(),
     QOPERATOR: IntegerOperator(),
 })

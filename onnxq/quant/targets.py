@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import onnx_ir as ir
+
 from onnxq.errors import OnnxqError
+from onnxq.quant import ort_cpu
 from onnxq.quant.qdq import INT8, UINT8, IntFormat
 from onnxq.quant.qdq_rules import ORT_CPU_TABLE, TENSORRT_TABLE, Treatment
 
@@ -16,6 +20,8 @@ class Target:
     activation_format: IntFormat
     symmetric: bool
     description: str
+    # rewrites run just before Q/DQ placement so the target's runtime fuses what is placed
+    prepare: Callable[[ir.Model], dict[str, int]] | None = None
 
 
 TARGETS = {
@@ -23,7 +29,7 @@ TARGETS = {
                        "TensorRT explicit quantization: symmetric INT8, zero point 0, Q/DQ on weighted-layer inputs"),
     "ort-cpu": Target("ort-cpu", ORT_CPU_TABLE, UINT8, False,
                       "ONNX Runtime CPU: asymmetric UINT8 activations and INT8 weights, Q/DQ around every op "
-                      "with an integer kernel so ORT fuses them into QLinear* kernels"),
+                      "with an integer kernel so ORT fuses them into QLinear* kernels", ort_cpu.prepare),
 }
 
 

@@ -87,6 +87,7 @@ class Quantize(GraphPass):
     def apply(self, model: ir.Model, ctx: PassContext) -> dict:
         target = get_target(ctx.target)
         data = ctx.require_calibration(self.name)
+        prepared = target.prepare(model) if target.prepare else {}
         plan = self._plan(model, target)
         wanted = {plan.range_of.get(v, v).name for v in plan.activations}
         # the auto calibrator's float reference is an output of the model state the ranges are read from
@@ -149,7 +150,7 @@ class Quantize(GraphPass):
         corrected = correct_biases(model, float_weights, data, show_progress=ctx.show_progress) if self.bias_correction else 0
         return {"biases_corrected": corrected, "activations_quantized": len(plan.activations) - len(plan.skipped),
                 "weights_quantized": len(plan.weights), "kept_float": len(plan.float_reasons),
-                "skipped": len(plan.skipped), "gptq_rounded": len(hessians), **learned, **choice}
+                "skipped": len(plan.skipped), "gptq_rounded": len(hessians), **prepared, **learned, **choice}
 
     def _plan(self, model: ir.Model, target) -> Planner:
         """Which tensors get Q/DQ, by the target's rule table; residual Adds float if asked."""

@@ -1,0 +1,200 @@
+"""Graph preparation for the ort-cpu target: rewrites that let ONNX Runtime fuse every Q/DQ group.
+
+ORT's CPU provider replaces DQ→op→Q with an integer kernel only when *every* data input of the op
+comes from a DequantizeLinear; a float constant operand (the 3 and 6 of hard-swish, the scale and
+shift of an affine block after a Conv) leaves the op in float with a DQ before and a Q after it,
+and it has no integer Div at all. Before the planner runs, `prepare` therefore
+
+- folds Mul/Add by a per-output-channel constant that directly follows a Conv into the Conv's
+  weights and bias (W' = c·W, b' = c·b for Mul; b' = b + c for Add);
+- rewrites Div by a scalar constant as Mul by its reciprocal (QLinearMul exists, QLinearDiv not);
+- folds a Mul by a scalar constant read only by Convs (as their data input) into those Convs'
+  weights, Conv(c·x) = (c·W)·x + b (zero padding stays zero), e.g. hard-swish's /6;
+- gives the remaining scalar constant operands of Add/Mul a UINT8 DequantizeLinear that represents
+  them exactly (scale |c|/255, zero point 0 or 255), so QLinearAdd/QLinearMul fire; attention-mask
+  sized constants are left as they are, for the planner to recognise.
+
+Each rewrite changes the float result by rounding only. The TensorRT target does not use this.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxq.ir.graph import Namer, add_initializer, const_array, mark_changed, only_consumer
+from onnxq.quant.qdq import MASK_CONSTANT
+
+_INT8_BINARY = ("Add", "Mul")
+
+
+def prepare(model: ir.Model) -> dict[str, int]:
+    """Apply the rewrites above in place; how many of each were made."""
+    graph, namer = model.graph, Namer(model.graph)
+    counts = {"folded_into_conv": _fold_affine_into_conv(graph, namer),
+              "div_to_mul": _div_by_scalar_to_mul(graph, namer)}
+    counts["folded_into_next_conv"] = _fold_scalar_mul_into_next_conv(graph, namer)
+    counts["scalar_operands_quantized"] = _quantize_scalar_operands(graph, namer)
+    graph.sort()
+    return counts
+
+
+def _float32(value: ir.Value | None) -> bool:
+    return value is not None and value.dtype == ir.DataType.FLOAT
+
+
+def _constant_operand(node: ir.Node) -> tuple[ir.Value, np.ndarray, int] | None:
+    """(data input, constant array, constant's index) for a binary op with one float constant input."""
+    if len(node.inputs) != 2 or not all(_float32(v) for v in node.inputs):
+        return None
+    arrays = [const_array(v) for v in node.inputs]
+    if (arrays[0] is None) == (arrays[1] is None):
+        return None
+    index = 0 if arrays[0] is not None else 1
+    return node.inputs[1 - index], arrays[index], index
+
+
+def _per_channel(array: np.ndarray, rank: int, channels: int) -> np.ndarray | None:
+    """`array` as one value per output channel, if it broadcasts against a conv output of `rank` that way."""
+    if array.ndim > rank:
+        return None
+    shape = (1,) * (rank - array.ndim) + array.shape
+    if any(d != 1 for i, d in enumerate(shape) if i != 1) or shape[1] not in (1, channels):
+        return None
+    return np.broadcast_to(array.reshape(-1), (channels,)).astype(np.float32)
+
+
+def _fold_affine_into_conv(graph: ir.Graph, namer: Namer) -> int:
+    folded = 0
+    changed = True
+    while changed:
+        changed = False
+        for conv in list(graph):
+            if conv.op_type != "Conv" or conv.domain not in ("", "ai.onnx"):
+                continue
+            weight = const_array(conv.inputs[1])
+            bias = const_array(conv.inputs[2]) if len(conv.inputs) > 2 and conv.inputs[2] is not None else None
+            if weight is None or (len(conv.inputs) > 2 and conv.inputs[2] is not None and bias is None):
+                continue
+            out = conv.outputs[0]
+            user = only_consumer(out)
+            if user is None or user.op_type not in _INT8_BINARY or _constant_operand(user) is None:
+                continue
+            _, constant, _ = _constant_operand(user)
+            channels = weight.shape[0]
+            c = _per_channel(constant, len(out.shape) if out.shape is not None else weight.ndim, channels)
+            if c is None:
+                continue
+            bias = np.zeros(channels, np.float32) if bias is None else bias.astype(np.float32)
+            if user.op_type == "Mul":
+                weight = weight * c.reshape((-1,) + (1,) * (weight.ndim - 1))
+                bias = bias * c
+            else:
+                bias = bias + c
+            if len(conv.inputs) < 3:
+                conv.resize_inputs(3)
+            old_inputs = conv.inputs[1:3]
+            conv.replace_input_with(1, add_initializer(graph, namer, f"{conv.name}_weight_folded", weight.astype(np.float32)))
+            conv.replace_input_with(2, add_initializer(graph, namer, f"{conv.name}_bias_folded", bias))
+            for old in old_inputs:
+                _drop_if_unused(graph, old)
+            result, user_constant = user.outputs[0], [v for v in user.inputs if v is not out]
+            was_output, name = result.is_graph_output(), result.name
+            ir.convenience.replace_all_uses_with(result, out, replace_graph_outputs=True)
+            graph.remove(user, safe=True)
+            for old in user_constant:
+                _drop_if_unused(graph, old)
+            if was_output:
+                out.name = name
+            else:
+                mark_changed(out, "_affine", namer)
+            folded += 1
+            changed = True
+    return folded
+
+
+def _div_by_scalar_to_mul(graph: ir.Graph, namer: Namer) -> int:
+    rewritten = 0
+    for node in list(graph):
+        if node.op_type != "Div" or node.domain not in ("", "ai.onnx"):
+            continue
+        operand = _constant_operand(node)
+        if operand is None or operand[2] != 1 or operand[1].size != 1 or not np.all(operand[1] != 0):
+            continue
+        divisor = node.inputs[1]
+        reciprocal = (np.float32(1.0) / operand[1].astype(np.float32)).astype(np.float32)
+        mul = ir.node("Mul", [node.inputs[0], add_initializer(graph, namer, f"{node.name}_reciprocal", reciprocal)],
+                      name=namer.fresh(f"{node.name}_as_mul"))
+        graph.insert_after(node, mul)
+        result = node.outputs[0]
+        mul.outputs[0].dtype, mul.outputs[0].shape = result.dtype, result.shape
+        was_output, name = result.is_graph_output(), result.name
+        ir.convenience.replace_all_uses_with(result, mul.outputs[0], replace_graph_outputs=True)
+        graph.remove(node, safe=True)
+        mul.outputs[0].name = name if was_output else namer.fresh(name)
+        _drop_if_unused(graph, divisor)
+        rewritten += 1
+    return rewritten
+
+
+def _fold_scalar_mul_into_next_conv(graph: ir.Graph, namer: Namer) -> int:
+    folded = 0
+    for node in list(graph):
+        if node.op_type != "Mul" or node.domain not in ("", "ai.onnx"):
+            continue
+        operand = _constant_operand(node)
+        result = node.outputs[0]
+        if operand is None or operand[1].size != 1 or result.is_graph_output() or not result.uses():
+            continue
+        readers = result.uses()
+        if not all(user.op_type == "Conv" and user.domain in ("", "ai.onnx") and index == 0
+                   and const_array(user.inputs[1]) is not None for user, index in readers):
+            continue
+        data, constant, index = operand
+        c = np.float32(constant.reshape(-1)[0])
+        for user, _ in readers:
+            old = user.inputs[1]
+            user.replace_input_with(1, add_initializer(graph, namer, f"{user.name}_weight_folded",
+                                                       (const_array(old) * c).astype(np.float32)))
+            _drop_if_unused(graph, old)
+            user.replace_input_with(0, data)
+        constant_value = node.inputs[index]
+        graph.remove(node, safe=True)
+        _drop_if_unused(graph, constant_value)
+        folded += 1
+    return folded
+
+
+def _quantize_scalar_operands(graph: ir.Graph, namer: Namer) -> int:
+    quantized = 0
+    for node in list(graph):
+        if node.op_type not in _INT8_BINARY or node.domain not in ("", "ai.onnx"):
+            continue
+        operand = _constant_operand(node)
+        if operand is None or operand[1].size != 1:
+            continue
+        _, constant, index = operand
+        value = float(constant.reshape(-1)[0])
+        if not np.isfinite(value) or abs(value) >= MASK_CONSTANT:  # attention-mask constants stay visible as such
+            continue
+        # exact in UINT8: the constant sits at one end of the grid [0, 255]·scale − zero_point·scale
+        scale = abs(value) / 255.0 if value != 0 else 1.0
+        zero_point, q = (0, 255) if value > 0 else (255, 0) if value < 0 else (0, 0)
+        base = f"{node.name}_operand"
+        q_v = add_initializer(graph, namer, f"{base}_quantized", np.full(constant.shape, q, np.uint8))
+        scale_v = add_initializer(graph, namer, f"{base}_scale", np.array(scale, np.float32))
+        zp_v = add_initializer(graph, namer, f"{base}_zero_point", np.array(zero_point, np.uint8))
+        dq = ir.node("DequantizeLinear", [q_v, scale_v, zp_v], name=namer.fresh(f"{base}_DequantizeLinear"))
+        dq.outputs[0].name = namer.fresh(f"{base}_dequantized")
+        dq.outputs[0].dtype, dq.outputs[0].shape = ir.DataType.FLOAT, ir.Shape(constant.shape)
+        graph.insert_before(node, dq)
+        old = node.inputs[index]
+        node.replace_input_with(index, dq.outputs[0])
+        _drop_if_unused(graph, old)
+        quantized += 1
+    return quantized
+
+
+def _drop_if_unused(graph: ir.Graph, value: ir.Value | None) -> None:
+    if value is not None and not value.uses() and value.is_initializer() and not value.is_graph_input():
+        graph.initializers.pop(value.name)

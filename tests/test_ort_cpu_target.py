@@ -1,0 +1,154 @@
+"""--target ort-cpu: what ONNX Runtime's CPU provider leaves after its own Q/DQ fusions.
+
+The model is built here with the pieces of PP-OCR's backbone that used to stay in float: a Conv
+followed by a scalar affine (Mul, Add), hard-swish written as x·Clip(x + 3, 0, 6)/6, a squeeze-and-
+excitation gate with HardSigmoid, a ReLU after a residual Add, and a ConvTranspose head. The test
+reads the graph ORT itself optimised (SessionOptions.optimized_model_filepath).
+"""
+
+from collections import Counter
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from builders import conv_weights
+from conftest import run, sqnr_db
+from onnxq import quantize
+from onnxq.quant.ort_cpu import prepare
+
+C = 8
+
+
+def _init(name, array):
+    return numpy_helper.from_array(np.asarray(array, np.float32), name)
+
+
+def ppocr_like_model(seed: int = 0) -> onnx.ModelProto:
+    rng = np.random.default_rng(seed)
+    nodes, inits = [], []
+
+    def conv(name, x, cin, k=3, group=1, bias=True):
+        inits.append(_init(f"{name}.w", conv_weights(rng, C, cin, k, group)))
+        inputs = [x, f"{name}.w"]
+        if bias:
+            inits.append(_init(f"{name}.b", rng.normal(size=C) * 0.2))
+            inputs.append(f"{name}.b")
+        nodes.append(helper.make_node("Conv", inputs, [f"{name}.y"], name=f"{name}/Conv", pads=[k // 2] * 4,
+                                      group=group))
+        return f"{name}.y"
+
+    def affine(name, x):  # a learnable affine block: scalar scale and shift after the conv
+        inits.extend([_init(f"{name}.scale", [1.3]), _init(f"{name}.shift", [-0.2])])
+        nodes.append(helper.make_node("Mul", [x, f"{name}.scale"], [f"{name}.mul"], name=f"{name}/Mul"))
+        nodes.append(helper.make_node("Add", [f"{name}.mul", f"{name}.shift"], [f"{name}.add"], name=f"{name}/Add"))
+        return f"{name}.add"
+
+    def hardswish(name, x):
+        nodes.extend([helper.make_node("Add", [x, "three"], [f"{name}.p3"], name=f"{name}/Add"),
+                      helper.make_node("Clip", [f"{name}.p3", "zero", "six"], [f"{name}.r6"], name=f"{name}/Clip"),
+                      helper.make_node("Mul", [x, f"{name}.r6"], [f"{name}.m"], name=f"{name}/Mul"),
+                      helper.make_node("Div", [f"{name}.m", "six"], [f"{name}.y"], name=f"{name}/Div")])
+        return f"{name}.y"
+
+    inits.extend([_init("three", 3.0), _init("six", 6.0), _init("zero", 0.0)])
+    x = hardswish("hs1", affine("a1", conv("c1", "input", 3, bias=False)))
+    x = hardswish("hs2", affine("a2", conv("c2", x, C, group=C)))
+    # squeeze-and-excitation: GAP → 1x1 conv → ReLU → 1x1 conv → HardSigmoid → Mul
+    nodes.append(helper.make_node("GlobalAveragePool", [x], ["se.gap"], name="se/GlobalAveragePool"))
+    s = conv("se1", "se.gap", C, k=1)
+    nodes.append(helper.make_node("Relu", [s], ["se.relu"], name="se/Relu"))
+    s = conv("se2", "se.relu", C, k=1)
+    nodes.append(helper.make_node("HardSigmoid", [s], ["se.gate"], name="se/HardSigmoid", alpha=0.2, beta=0.5))
+    nodes.append(helper.make_node("Mul", [x, "se.gate"], ["se.y"], name="se/Mul"))
+    y = conv("c3", "se.y", C, k=1)
+    nodes.append(helper.make_node("Add", [y, x], ["res"], name="res/Add"))
+    nodes.append(helper.make_node("Relu", ["res"], ["res.relu"], name="res/Relu"))
+    inits.append(_init("up.w", rng.normal(size=(C, 1, 2, 2)) * 0.3))
+    nodes.append(helper.make_node("ConvTranspose", ["res.relu", "up.w"], ["up"], name="up/ConvTranspose",
+                                  strides=[2, 2]))
+    nodes.append(helper.make_node("Sigmoid", ["up"], ["output"], name="out/Sigmoid"))
+    graph = helper.make_graph(nodes, "ppocr_like", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                                                                   ["N", 3, 16, 16])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def images(n, seed):
+    return np.random.default_rng(seed).normal(size=(n, 3, 16, 16)).astype(np.float32)
+
+
+CALIB, EVAL = {"input": images(32, 1)}, {"input": images(8, 2)}
+
+
+def ort_optimized(model: onnx.ModelProto, tmp_path) -> onnx.ModelProto:
+    """The graph ORT's CPU provider runs (basic + extended fusions; the CPU-specific layout pass off,
+    so the saved graph holds standard ops and ORT's contrib ops only)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return onnx.load(str(tmp_path / "optimized.onnx"))
+
+
+@pytest.fixture(scope="module")
+def quantized():
+    return quantize(ppocr_like_model(), CALIB, target="ort-cpu", show_progress=False)
+
+
+def test_ort_fuses_every_quantized_op(quantized, tmp_path):
+    graph = ort_optimized(quantized, tmp_path).graph
+    ops = Counter(n.op_type for n in graph.node)
+    assert ops["QLinearConv"] == 5  # every Conv, SE convs included
+    assert ops["QLinearAdd"] >= 3 and ops["QLinearMul"] >= 3  # hard-swish's + 3 and · x/6, the residual
+    # no hard-swish, affine or ReLU piece left in float between the quantized convs
+    assert not {"Div", "Clip", "Relu", "Add", "Mul"} & set(ops), ops
+    # DQ left only where ORT has no integer kernel: the SE gate's HardSigmoid, the float ConvTranspose
+    # head (its input, and the DQ ORT itself puts on its weight) and the Sigmoid writing the float output
+    readers = Counter(n.op_type for dq in graph.node if dq.op_type == "DequantizeLinear"
+                      for n in graph.node if dq.output[0] in n.input)
+    assert set(readers) <= {"HardSigmoid", "ConvTranspose", "Sigmoid"} and ops["DequantizeLinear"] <= 4, readers
+    assert ops["HardSigmoid"] == 1 and ops["ConvTranspose"] == 1
+
+
+def test_ort_cpu_output_is_close_to_float(quantized):
+    reference = run(ppocr_like_model(), EVAL)[0]
+    assert sqnr_db(reference, run(quantized, EVAL)[0]) > 25
+
+
+def test_prepare_rewrites_are_float_exact_to_rounding():
+    import onnx_ir as ir
+
+    model = ir.from_proto(onnx.shape_inference.infer_shapes(ppocr_like_model()))
+    counts = prepare(model)
+    # hs1's /6 is read by the depthwise conv alone and folds into its weights; hs2's output is also
+    # read by the SE block and the residual Add, so its /6 stays a (quantized) Mul
+    assert counts == {"folded_into_conv": 4, "div_to_mul": 2, "folded_into_next_conv": 1,
+                      "scalar_operands_quantized": 3}
+    ops = Counter(n.op_type for n in model.graph)
+    assert ops["Div"] == 0 and ops["Conv"] == 5
+    assert all(v.uses() for v in model.graph.initializers.values())  # replaced constants are dropped
+    prepared = run(ir.to_proto(model), EVAL)[0]
+    np.testing.assert_allclose(prepared, run(ppocr_like_model(), EVAL)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_tensorrt_target_keeps_the_graph_as_it_is():
+    qmodel = quantize(ppocr_like_model(), CALIB, show_progress=False)
+    ops = Counter(n.op_type for n in qmodel.graph.node)
+    assert ops["Div"] == 2 and ops["Conv"] == 5  # no ort-cpu rewrite
+
+
+def test_mask_sized_scalar_stays_a_float_constant():
+    """An attention-mask constant (-1e9) must stay visible to the planner, which keeps masked data float."""
+    import onnx_ir as ir
+
+    nodes = [helper.make_node("Add", ["input", "mask"], ["masked"], name="mask/Add"),
+             helper.make_node("Softmax", ["masked"], ["output"], name="Softmax", axis=-1)]
+    graph = helper.make_graph(nodes, "mask", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [2, 4])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, [2, 4])],
+                              [_init("mask", -1e9)])
+    model = ir.from_proto(onnx.shape_inference.infer_shapes(helper.make_model(graph)))
+    assert prepare(model)["scalar_operands_quantized"] == 0
+    assert not any(n.op_type == "DequantizeLinear" for n in model.graph)
