@@ -93,7 +93,7 @@ def analyse(model: ir.Model) -> Structure:
     graph = model.graph
     s.linears = find_linears(graph)
     s.norms = find_norms(model, s.rejected)
-    s.attentions = find_attentions(graph, s.linears, s.norms, s.rejected)
+    s.attentions = find_attentions(model, s.linears, s.norms, s.rejected)
     s.mlps = find_mlps(model, s.linears, s.rejected)
     s.embeddings = find_embeddings(graph)
     s.stream = find_residual_stream(graph, s.linears, s.norms, s.embeddings)
