@@ -155,6 +155,10 @@ def test_default_command_quantizes_both_exports_close_to_fp32(exports, kind):
         ref, out = outputs(fp32, feed), outputs(quantized, feed)
         cos = float(np.sum(ref * out) / np.linalg.norm(ref) / np.linalg.norm(out))
         assert cos > 0.98, (exporter, cos)
+        # the PV MatMul reads the softmax (through the NaN guard) as INT8 Q/DQ
+        pv_names = {a.pv.name for a in structure.analyse(fp32).attentions}
+        pv = [n for n in quantized.graph if n.name in pv_names]
+        assert len(pv) == 2 and all(n.inputs[0].producer().op_type == "DequantizeLinear" for n in pv), exporter
 
 
 # --- the real models, as torch.onnx's dynamo exporter writes them from the packaged weights -----------
