@@ -32,6 +32,7 @@ process and of any subprocess it starts) are its own. Writes <out>.json and <out
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -70,10 +71,9 @@ def onnxq_steps(variant: str, weights: str) -> list:
         passes = [p for p in passes if p.name in CANONICAL or p.name == "quantize" or p.name in keep]
     else:
         _, passes = load_recipe(variant)
-    for p in passes:
-        if p.name in ("quantize", "smooth") and hasattr(p, "weights"):
-            p.weights = weights
-    return passes
+    # pass objects are frozen: a changed option is a new pass object (its bounds are checked again)
+    return [dataclasses.replace(p, weights=weights) if p.name in ("quantize", "smooth") and hasattr(p, "weights")
+            else p for p in passes]
 
 
 # ------------------------------------------------------------------------------------------------
