@@ -155,6 +155,22 @@ def test_default_command_quantizes_both_exports_close_to_fp32(exports, kind):
         ref, out = outputs(fp32, feed), outputs(quantized, feed)
         cos = float(np.sum(ref * out) / np.linalg.norm(ref) / np.linalg.norm(out))
         assert cos > 0.98, (exporter, cos)
+        assert _softmaxes_read_as_int8_by_a_matmul(quantized) == 2, exporter
+
+
+def _softmaxes_read_as_int8_by_a_matmul(model: ir.Model) -> int:
+    """Softmaxes that MatMuls read (through the NaN guard, and the outlier split of float_residual) via Q/DQ."""
+    reached = set()
+    for matmul in (n for n in model.graph if n.op_type == "MatMul"):
+        value, crossed = matmul.inputs[0], set()
+        while value.producer() is not None and value.producer().op_type in ("DequantizeLinear", "QuantizeLinear",
+                                                                            "Where", "Sub", "Cast", "Identity"):
+            producer = value.producer()
+            crossed.add(producer.op_type)
+            value = producer.inputs[2] if producer.op_type == "Where" else producer.inputs[0]
+        if value.producer() is not None and value.producer().op_type == "Softmax" and "DequantizeLinear" in crossed:
+            reached.add(value.producer())
+    return len(reached)
 
 
 
