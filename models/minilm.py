@@ -41,12 +41,13 @@ def load_tokenizer():
     return AutoTokenizer.from_pretrained(model_dir())
 
 
-def load_model():
-    """The BertModel in eval mode, with explicit (eager) attention so the export is plain
-    MatMul/Softmax and the torch reference computes exactly what the ONNX graph does."""
+def load_model(attn_implementation: str = "eager"):
+    """The BertModel in eval mode. Eager attention by default, so the export is plain MatMul/Softmax
+    and the torch reference computes exactly what the ONNX graph does; "sdpa" (transformers' own
+    default) exports scaled_dot_product_attention as the exporter decomposes it."""
     from transformers import AutoModel
 
-    return AutoModel.from_pretrained(model_dir(), attn_implementation="eager").eval()
+    return AutoModel.from_pretrained(model_dir(), attn_implementation=attn_implementation).eval()
 
 
 def tokenize(texts: Sequence[str], max_length: int = MAX_LENGTH, tokenizer=None) -> dict[str, np.ndarray]:
@@ -120,39 +121,60 @@ def torch_runner(model=None) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
     return run
 
 
-def cached_onnx() -> Path:
-    """The exported model under .cache/models/, exported on first use."""
+def cached_onnx(*, dynamo: bool = False) -> Path:
+    """The exported model under .cache/models/, exported on first use: the legacy exporter, or with
+    dynamo=True the dynamo exporter as a user would run it (sdpa attention, opset 20)."""
     from onnxq_models.cache import cache_dir
 
-    path = cache_dir("models") / "minilm_l6_v2.onnx"
-    return path if path.exists() else export_onnx(path)
+    path = cache_dir("models") / ("minilm_l6_v2_dynamo.onnx" if dynamo else "minilm_l6_v2.onnx")
+    if path.exists():
+        return path
+    return export_onnx(path, opset=20, dynamo=True, attn_implementation="sdpa") if dynamo else export_onnx(path)
 
 
-def export_onnx(path: str | os.PathLike, opset: int = 17) -> Path:
-    """Export to ONNX with the legacy (TorchScript) exporter, dynamic batch and sequence axes."""
+class _Encoder:
+    @staticmethod
+    def wrap(bert):
+        import torch
+
+        class Encoder(torch.nn.Module):  # positional inputs in INPUT_NAMES order, one tensor out
+            def __init__(self):
+                super().__init__()
+                self.bert = bert
+
+            def forward(self, input_ids, attention_mask, token_type_ids):
+                return self.bert(input_ids=input_ids, attention_mask=attention_mask,
+                                 token_type_ids=token_type_ids).last_hidden_state
+
+        # .eval() on the wrapper too: the exporter restores the wrapper's mode afterwards, and a
+        # fresh Module is in training mode, which would switch BERT's dropout back on recursively.
+        return Encoder().eval()
+
+
+def export_onnx(path: str | os.PathLike, opset: int = 17, *, dynamo: bool = False,
+                attn_implementation: str = "eager") -> Path:
+    """Export to ONNX with dynamic batch and sequence axes: the legacy (TorchScript) exporter, or the
+    dynamo exporter (torch.export, then onnxscript's optimizer) when dynamo=True."""
     import torch
-
-    class _Encoder(torch.nn.Module):  # positional inputs in INPUT_NAMES order, one tensor out
-        def __init__(self, bert):
-            super().__init__()
-            self.bert = bert
-
-        def forward(self, input_ids, attention_mask, token_type_ids):
-            return self.bert(input_ids=input_ids, attention_mask=attention_mask,
-                             token_type_ids=token_type_ids).last_hidden_state
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Trace with padding in the example so the mask subgraph is exercised, not constant-folded.
     feeds = tokenize(["a short one", "a somewhat longer example sentence for tracing"], max_length=16)
-    dynamic = {name: {0: "batch", 1: "sequence"} for name in (*INPUT_NAMES, OUTPUT_NAME)}
-    with warnings.catch_warnings():
+    args = tuple(torch.from_numpy(feeds[n]) for n in INPUT_NAMES)
+    encoder = _Encoder.wrap(load_model(attn_implementation))
+    with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # TracerWarnings from transformers' shape checks, legacy-exporter notice
-        # .eval() on the wrapper too: the exporter restores the wrapper's mode afterwards, and a
-        # fresh Module is in training mode, which would switch BERT's dropout back on recursively.
-        torch.onnx.export(_Encoder(load_model()).eval(), tuple(torch.from_numpy(feeds[n]) for n in INPUT_NAMES),
-                          str(path), dynamo=False, opset_version=opset, input_names=list(INPUT_NAMES),
-                          output_names=[OUTPUT_NAME], dynamic_axes=dynamic, do_constant_folding=True)
+        if dynamo:
+            batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence", max=512)
+            program = torch.onnx.export(encoder, args, dynamo=True, opset_version=opset, input_names=list(INPUT_NAMES),
+                                        output_names=[OUTPUT_NAME], dynamic_shapes={n: {0: batch, 1: seq} for n in INPUT_NAMES},
+                                        optimize=True)
+            program.save(str(path))
+        else:
+            dynamic = {name: {0: "batch", 1: "sequence"} for name in (*INPUT_NAMES, OUTPUT_NAME)}
+            torch.onnx.export(encoder, args, str(path), dynamo=False, opset_version=opset, input_names=list(INPUT_NAMES),
+                              output_names=[OUTPUT_NAME], dynamic_axes=dynamic, do_constant_folding=True)
     return path
 
 

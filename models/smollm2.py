@@ -54,15 +54,15 @@ def load_tokenizer():
         return AutoTokenizer.from_pretrained(gguf_dir(), gguf_file=GGUF_FILE)
 
 
-def load_model():
-    """FP32 LlamaForCausalLM in eval mode, eager attention, no KV cache."""
+def load_model(attn_implementation: str = "eager"):
+    """FP32 LlamaForCausalLM in eval mode, no KV cache; eager attention unless asked otherwise."""
     import torch
     from transformers import AutoModelForCausalLM
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = AutoModelForCausalLM.from_pretrained(gguf_dir(), gguf_file=GGUF_FILE, dtype=torch.float32,
-                                                     attn_implementation="eager")
+                                                     attn_implementation=attn_implementation)
     model.config.use_cache = False
     return model.eval()
 
@@ -85,13 +85,14 @@ class _LogitsOnly:
         return Wrapped(model).eval()
 
 
-def export_onnx(path: str | os.PathLike, *, model=None, dynamo: bool = False, opset: int = 18) -> Path:
+def export_onnx(path: str | os.PathLike, *, model=None, dynamo: bool = False, opset: int = 18,
+                attn_implementation: str = "eager") -> Path:
     """Export to ONNX with an explicit attention_mask; legacy exporter unless dynamo=True."""
     import torch
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    wrapped = _LogitsOnly.wrap(model if model is not None else load_model())
+    wrapped = _LogitsOnly.wrap(model if model is not None else load_model(attn_implementation))
     ids = torch.tensor([[1, 504, 3458, 314, 253, 1345, 30, 378]], dtype=torch.int64).repeat(2, 1)
     mask = torch.ones_like(ids)
     with warnings.catch_warnings(), torch.no_grad():
@@ -112,11 +113,15 @@ def export_onnx(path: str | os.PathLike, *, model=None, dynamo: bool = False, op
     return path
 
 
-def cached_onnx(*, dynamo: bool = False) -> Path:
+def cached_onnx(*, dynamo: bool = False, attention: str = "eager") -> Path:
     """The exported model under .cache/models/, exported on first use (legacy exporter, falling back
-    to dynamo if the legacy one fails)."""
+    to dynamo if the legacy one fails). dynamo=True with attention="sdpa" is the export as a user
+    would run it: transformers' default attention, the dynamo exporter, opset 20."""
     from onnxq_models.cache import cache_dir
 
+    if dynamo and attention != "eager":
+        path = cache_dir("models") / f"smollm2_135m_dynamo_{attention}.onnx"
+        return path if path.exists() else export_onnx(path, dynamo=True, opset=20, attn_implementation=attention)
     name = "smollm2_135m_dynamo.onnx" if dynamo else "smollm2_135m.onnx"
     path = cache_dir("models") / name
     if path.exists():

@@ -2,6 +2,7 @@
 Runtime quantize_static and NVIDIA ModelOpt, on the same models and data, side by side in one run.
 
     python scripts/bench_transformers.py [--quick] [--models smollm2,minilm] [--out scripts/results/transformers]
+                                         [--exporter torchscript|dynamo] [--with-auto]
 
 Models and metrics:
 * SmolLM2-135M (LLaMA architecture, RMSNorm, SwiGLU, grouped-query attention): perplexity on
@@ -20,6 +21,10 @@ Anchors: ORT quantize_static (symmetric INT8, per-tensor and per-channel weights
 SmoothQuant option, which runs neural-compressor 2.6 in .cache/inc-venv), ModelOpt INT8 (its
 default entropy calibration, and max).
 
+`--exporter dynamo` benchmarks the models as torch.onnx.export(dynamo=True) writes them (transformers'
+default sdpa attention, opset 20) instead of the TorchScript export; `--with-auto` adds the row of the
+default command, where onnxq chooses the recipe itself.
+
 Each quantizer runs in a subprocess of its own, so its wall time and peak memory (max RSS of the
 process and of any subprocess it starts) are its own. Writes <out>.json and <out>.md.
 """
@@ -27,6 +32,7 @@ process and of any subprocess it starts) are its own. Writes <out>.json and <out
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -57,16 +63,17 @@ def onnxq_steps(variant: str, weights: str) -> list:
     """Pass objects of an onnxq variant: 'w8a8 <ablation>' or the name of a built-in recipe."""
     from onnxq.pipeline import load_recipe
 
+    if variant == "auto":
+        return None  # the default command: onnxq chooses the recipe
     if variant.startswith("w8a8 "):
         keep = ABLATIONS[variant.split(" ", 1)[1]]
         _, passes = load_recipe("transformer-w8a8")
         passes = [p for p in passes if p.name in CANONICAL or p.name == "quantize" or p.name in keep]
     else:
         _, passes = load_recipe(variant)
-    for p in passes:
-        if p.name in ("quantize", "smooth") and hasattr(p, "weights"):
-            p.weights = weights
-    return passes
+    # pass objects are frozen: a changed option is a new pass object (its bounds are checked again)
+    return [dataclasses.replace(p, weights=weights) if p.name in ("quantize", "smooth") and hasattr(p, "weights")
+            else p for p in passes]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -125,7 +132,8 @@ def _result_file(spec_file: Path) -> Path:
 
 
 def quantizers(w8a8: list[tuple[str, str]], w4: bool) -> list[tuple[str, dict]]:
-    rows = [(f"onnxq W8A8 {ab} ({w})", {"kind": "onnxq", "variant": f"w8a8 {ab}", "weights": w}) for ab, w in w8a8]
+    rows = [(AUTO_LABEL, {"kind": "onnxq", "variant": "auto", "weights": "per-channel"})] if WITH_AUTO[0] else []
+    rows += [(f"onnxq W8A8 {ab} ({w})", {"kind": "onnxq", "variant": f"w8a8 {ab}", "weights": w}) for ab, w in w8a8]
     if w4:
         rows += [("onnxq W4A8 +rotate (transformer-w4a8)", {"kind": "onnxq", "variant": "transformer-w4a8", "weights": "per-channel"}),
                  ("onnxq W4A8 +rotate, round-to-nearest", {"kind": "onnxq", "variant": "transformer-w4a8", "weights": "per-channel",
@@ -146,7 +154,7 @@ ALL_W8A8 = [(ab, w) for w in ("per-channel", "per-tensor") for ab in ABLATIONS]
 def run_model(name: str, fp32: Path, calib: dict, evaluate, batch_size: int, w8a8: list[tuple[str, str]], w4: bool,
               skip_anchors: bool, report) -> list[dict]:
     """Every quantizer's row for one model; `report(rows)` after each, so a cut-short run keeps what it has."""
-    work = WORK / name
+    work = WORK / (name if EXPORTER[0] == "torchscript" else f"{name}_{EXPORTER[0]}")
     work.mkdir(parents=True, exist_ok=True)
     calib_file = work / "calib.npz"
     np.savez(calib_file, **calib)
@@ -182,7 +190,7 @@ def smollm2_rows(quick: bool, skip_anchors: bool, report) -> list[dict]:
     # 16 calibration windows: GPTQ's 576..1536-wide Hessians want more than 4 x 256 tokens (+1.16% -> +1.03%)
     n_cal, n_eval = (2, 2) if quick else (16, 6)
     n_cal = SMOLLM2_CALIB_WINDOWS[0] or n_cal
-    fp32 = smollm2.cached_onnx()
+    fp32 = smollm2.cached_onnx(dynamo=True, attention="sdpa") if EXPORTER[0] == "dynamo" else smollm2.cached_onnx()
     windows = smollm2.eval_windows(n_eval)
     reference = {}
 
@@ -200,7 +208,7 @@ def smollm2_rows(quick: bool, skip_anchors: bool, report) -> list[dict]:
 def minilm_rows(quick: bool, skip_anchors: bool, report) -> list[dict]:
     from benchlib.minilm_task import minilm_task
 
-    task = minilm_task(quick)
+    task = minilm_task(quick, dynamo=EXPORTER[0] == "dynamo")
     calib, sentences = task.calib, task.sentences
 
     def evaluate(path):
@@ -237,6 +245,9 @@ def markdown(results: dict, command: str, seconds: float) -> str:
 
 
 ONLY: list[str] = []
+EXPORTER = ["torchscript"]  # --exporter
+WITH_AUTO = [False]  # --with-auto
+AUTO_LABEL = "onnxq default command (automatic recipe choice)"
 SMOLLM2_CALIB_WINDOWS = [0]  # --smollm2-calib-windows (0: the default)
 
 
@@ -260,6 +271,10 @@ def main(argv=None) -> int:
                         "contains one (FP32 always runs), e.g. '+both,ORT' to fit a time budget")
     parser.add_argument("--smollm2-calib-windows", type=int, default=0,
                         help="SmolLM2 calibration windows of 256 tokens (default 16; 2 with --quick)")
+    parser.add_argument("--exporter", choices=("torchscript", "dynamo"), default="torchscript",
+                        help="which torch.onnx exporter writes the FP32 models (dynamo: sdpa attention, opset 20)")
+    parser.add_argument("--with-auto", action="store_true",
+                        help="add the default command's row (onnxq chooses the recipe itself)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -268,6 +283,8 @@ def main(argv=None) -> int:
         return 0
     ONLY[:] = [p for p in args.only.split(",") if p]
     SMOLLM2_CALIB_WINDOWS[0] = args.smollm2_calib_windows
+    EXPORTER[0] = args.exporter
+    WITH_AUTO[0] = args.with_auto
     start = time.perf_counter()
     runners = {"smollm2": ("SmolLM2-135M", smollm2_rows), "minilm": ("all-MiniLM-L6-v2", minilm_rows)}
     results = {}

@@ -21,13 +21,13 @@ def _torch():
     return torch
 
 
-def tiny_llama(*, hidden=64, layers=2, heads=4, kv_heads=2, intermediate=96):
+def tiny_llama(*, hidden=64, layers=2, heads=4, kv_heads=2, intermediate=96, attention="eager"):
     torch = _torch()
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
                          num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=64,
-                         tie_word_embeddings=True, attn_implementation="eager", use_cache=False)
+                         tie_word_embeddings=True, attn_implementation=attention, use_cache=False)
     model = LlamaForCausalLM(config).eval()
     with torch.no_grad():  # non-trivial norm scales and a few outlier channels
         for name, p in model.named_parameters():
@@ -38,12 +38,12 @@ def tiny_llama(*, hidden=64, layers=2, heads=4, kv_heads=2, intermediate=96):
     return model
 
 
-def tiny_bert(*, hidden=64, layers=2, heads=4, intermediate=128):
+def tiny_bert(*, hidden=64, layers=2, heads=4, intermediate=128, attention="eager"):
     torch = _torch()
     from transformers import BertConfig, BertModel
 
     config = BertConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                        intermediate_size=intermediate, max_position_embeddings=64, attn_implementation="eager")
+                        intermediate_size=intermediate, max_position_embeddings=64, attn_implementation=attention)
     model = BertModel(config, add_pooling_layer=False).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -103,8 +103,9 @@ def tiny_gpt(*, hidden=64, layers=2, heads=4):
     return model
 
 
-def export(model, path: Path, kind: str, *, dynamo: bool = False) -> Path:
-    """Export `model` ('llama' | 'bert' | 'gpt') with dynamic batch and sequence axes."""
+def export(model, path: Path, kind: str, *, dynamo: bool = False, opset: int | None = None) -> Path:
+    """Export `model` ('llama' | 'bert' | 'gpt') with dynamic batch and sequence axes (opset 17 for the
+    legacy exporter and 18 for dynamo unless given)."""
     torch = _torch()
     feeds = feeds_for(kind, 2)
     names = list(feeds)
@@ -127,13 +128,13 @@ def export(model, path: Path, kind: str, *, dynamo: bool = False) -> Path:
         warnings.simplefilter("ignore")
         if dynamo:
             batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq", max=64)
-            program = torch.onnx.export(Wrapped(model), args, dynamo=True, opset_version=18, input_names=names,
+            program = torch.onnx.export(Wrapped(model), args, dynamo=True, opset_version=opset or 18, input_names=names,
                                         output_names=[out_name],
                                         dynamic_shapes={n: {0: batch, 1: seq} for n in names}, optimize=True)
             program.save(str(path))
         else:
             axes = {n: {0: "batch", 1: "seq"} for n in [*names, out_name]}
-            torch.onnx.export(Wrapped(model), args, str(path), dynamo=False, opset_version=17, input_names=names,
+            torch.onnx.export(Wrapped(model), args, str(path), dynamo=False, opset_version=opset or 17, input_names=names,
                               output_names=[out_name], dynamic_axes=axes, do_constant_folding=True)
     return path
 

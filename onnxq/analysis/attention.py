@@ -5,6 +5,10 @@ reshapes and transposes, RoPE, the GQA repeat, dynamic shapes) vary too much bet
 fixed pattern. From each Softmax the walk finds the scores MatMul (through scaling, mask Adds and
 Where), the PV MatMul, traces Q, K and V back through head-shaping ops to one projection each and the
 attention output forward to the output projection; a candidate that fails a check is a `Rejection`.
+
+Between the Softmax and the PV MatMul the walk crosses the NaN guard that exporters write for
+`scaled_dot_product_attention`, Where(IsNaN(p), 0, p) (a fully masked row is 0, not NaN): a local
+pattern, matched as an onnxscript `PatternBase` whose check wants the fill a constant zero.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import onnx_ir as ir
+from onnxscript.rewriter import pattern
+from onnxscript.rewriter.pattern import MatchResult
 
 from onnxq.analysis.matching import (
     PASS_THROUGH,
@@ -19,6 +25,8 @@ from onnxq.analysis.matching import (
     data_readers,
     is_float_cast,
     last_dim,
+    match_or_reason,
+    scalar,
     skip_casts_forward,
     sole_reader,
 )
@@ -127,8 +135,46 @@ def _reaches_matmul(v: ir.Value | None, depth: int = 4) -> bool:
     return False
 
 
-def _pv_matmul(softmax: ir.Node) -> ir.Node | None:
-    v = skip_casts_forward(softmax.outputs[0])
+class NanGuard(pattern.PatternBase):
+    """Where(IsNaN(p), 0, p), rooted at the Where: the softmax output with NaN rows zeroed."""
+
+    def __init__(self):
+        super().__init__(name="nan_guard")
+
+    def pattern(self, op, p, fill):
+        return op.Where(op.IsNaN(p), fill, p)
+
+    def check(self, context, p, fill, **_) -> MatchResult:
+        """The fill a constant zero: the guard then changes only NaN entries, which a softmax of finite
+        scores never has, so the attention is the plain softmax·V the passes assume."""
+        result = MatchResult()
+        if scalar(fill) != 0.0:
+            return result.fail("the NaN fill is not a constant zero")
+        return result
+
+
+_NAN_GUARD = NanGuard()
+
+
+def skip_nan_guard(model: ir.Model, value: ir.Value, rejected: list[Rejection] | None = None) -> ir.Value:
+    """The NaN guard's output when `value` is read only by Where(IsNaN(value), 0, value), else `value`."""
+    readers = data_readers(value)
+    where = next((u for u, _ in readers if u.op_type == "Where"), None)
+    if where is None or len(readers) != 2 or value.is_graph_output():  # read by the IsNaN and the Where
+        return value
+    match, why = match_or_reason(_NAN_GUARD, model, where)
+    if why is not None and rejected is not None:
+        rejected.append(Rejection("NaN guard", where.name or "", why))
+    if match is None or match.bindings["p"] is not value:
+        return value
+    is_nan = next(n for n in match.nodes if n.op_type == "IsNaN")
+    if len(data_readers(is_nan.outputs[0])) != 1:
+        return value
+    return where.outputs[0]
+
+
+def _pv_matmul(model: ir.Model, softmax: ir.Node, rejected: list[Rejection] | None = None) -> ir.Node | None:
+    v = skip_casts_forward(skip_nan_guard(model, skip_casts_forward(softmax.outputs[0]), rejected))
     user = sole_reader(v)
     if user is not None and user.op_type == "MatMul" and user.inputs[0] is v and traced_const(user.inputs[1]) is None:
         return user
@@ -168,7 +214,7 @@ def _head_dim(qk: ir.Node, q_nodes: list[ir.Node]) -> int | None:
     return None
 
 
-def find_attentions(graph: ir.Graph, linears: list[Linear], norms: list[Norm],
+def find_attentions(model: ir.Model, linears: list[Linear], norms: list[Norm],
                     rejected: list[Rejection]) -> list[Attention]:
     by_output = {lin.output: lin for lin in linears}
     by_input: dict[ir.Value, list[Linear]] = {}
@@ -176,12 +222,12 @@ def find_attentions(graph: ir.Graph, linears: list[Linear], norms: list[Norm],
         by_input.setdefault(lin.input, []).append(lin)
     barriers = {n.output for n in norms}
     found = []
-    for sm in graph:
+    for sm in model.graph:
         if sm.op_type != "Softmax":
             continue
         where = sm.name or ""
         qk = _scores_matmul(sm)
-        pv = _pv_matmul(sm)
+        pv = _pv_matmul(model, sm, rejected)
         if qk is None or pv is None:
             rejected.append(Rejection("attention", where, "Softmax is not between two activation MatMuls"))
             continue
@@ -220,4 +266,4 @@ def find_attentions(graph: ir.Graph, linears: list[Linear], norms: list[Norm],
 def find_softmaxes(model: ir.Model) -> list[ir.Node]:
     """Softmax nodes that sit in attention (between the QKᵀ and PV MatMuls)."""
     return [sm for sm in model.graph if sm.op_type == "Softmax" and _scores_matmul(sm) is not None
-            and _pv_matmul(sm) is not None]
+            and _pv_matmul(model, sm) is not None]

@@ -54,7 +54,7 @@ def _erf_divisor(nodes) -> ir.Node | None:
 
 class ErfGelu(pattern.PatternBase):
     """0.5·x·(1 + erf(x/√2)) rooted at its last Mul; `order` says where the ½ multiplies:
-    "half_last" ((x·(1 + erf))·½), "half_first" ((x·½)·(1 + erf)) or "half_inner" (x·((1 + erf)·½))."""
+    "half_last" ((x·(1 + erf))·½), "half_first" ((x·½)·(1 + erf)) or "half_inner" (x·((1 + erf)·½)) or "half_inner_x" (((1 + erf)·½)·x)."""
 
     def __init__(self, order: str):
         super().__init__(name=f"gelu:{order}")
@@ -67,7 +67,8 @@ class ErfGelu(pattern.PatternBase):
             return op.Mul(pattern.OrValue([op.Mul(x, plus), op.Mul(plus, x)]), half)
         if self.order == "half_first":
             return op.Mul(pattern.OrValue([op.Mul(x, half), op.Mul(half, x)]), plus)
-        return op.Mul(x, op.Mul(plus, half))
+        inner = pattern.OrValue([op.Mul(plus, half), op.Mul(half, plus)])
+        return op.Mul(x, inner) if self.order == "half_inner" else op.Mul(inner, x)
 
     def check(self, context, x, root2, one, half, **_) -> MatchResult:
         """½ and 1 exactly; the erf divisor √2 (Div), 1/√2 (Mul), or a positive per-channel vector."""
@@ -90,7 +91,7 @@ class ErfGelu(pattern.PatternBase):
         return result.fail("the erf divisor is not √2")
 
 
-_GELU_PATTERNS = [ErfGelu(order) for order in ("half_last", "half_first", "half_inner")]
+_GELU_PATTERNS = [ErfGelu(order) for order in ("half_last", "half_first", "half_inner", "half_inner_x")]
 
 
 def _gelu_input(model: ir.Model, value: ir.Value) -> tuple[ir.Value, list[ir.Node], ir.Node | None] | None:
@@ -109,6 +110,26 @@ def _gelu_input(model: ir.Model, value: ir.Value) -> tuple[ir.Value, list[ir.Nod
     return None
 
 
+def _gated(model: ir.Model, p: ir.Node, down: Linear, by_output: dict[ir.Value, Linear],
+           rejected: list[Rejection]) -> MLP | None:
+    """The SwiGLU/GeGLU MLP whose product act(gate)·up is `p`, or None."""
+    for g_val, u_val in ((p.inputs[0], p.inputs[1]), (p.inputs[1], p.inputs[0])):
+        up = by_output.get(u_val)
+        if up is None:
+            continue
+        silu = _silu_input(g_val)
+        gelu = None if silu is not None else _gelu_input(model, g_val)
+        act = silu or (gelu[:2] if gelu else None)
+        if act is None or act[0] not in by_output:
+            continue
+        gate = by_output[act[0]]
+        if gate.input is not up.input:
+            rejected.append(Rejection("gated MLP", p.name or "", "gate and up read different inputs"))
+            return None
+        return MLP("swiglu" if silu else "geglu", up, down, gate, p, act[1])
+    return None
+
+
 def find_mlps(model: ir.Model, linears: list[Linear], rejected: list[Rejection]) -> list[MLP]:
     by_output = {lin.output: lin for lin in linears}
     out = []
@@ -118,22 +139,11 @@ def find_mlps(model: ir.Model, linears: list[Linear], rejected: list[Rejection])
         if p is None:
             continue
         if p.op_type == "Mul" and len(p.inputs) == 2 and all(traced_const(i) is None for i in p.inputs):
-            for g_val, u_val in ((p.inputs[0], p.inputs[1]), (p.inputs[1], p.inputs[0])):
-                up = by_output.get(u_val)
-                if up is None:
-                    continue
-                silu = _silu_input(g_val)
-                gelu = None if silu is not None else _gelu_input(model, g_val)
-                act = silu or (gelu[:2] if gelu else None)
-                if act is None or act[0] not in by_output:
-                    continue
-                gate = by_output[act[0]]
-                if gate.input is not up.input:
-                    rejected.append(Rejection("gated MLP", p.name or "", "gate and up read different inputs"))
-                    break
-                out.append(MLP("swiglu" if silu else "geglu", up, down, gate, p, act[1]))
-                break
-            continue
+            gated = _gated(model, p, down, by_output, rejected)
+            if gated is not None:
+                out.append(gated)
+                continue
+            # not gated: a product of two activations is also how x·Sigmoid(x) and x·(½(1 + erf)) end
         silu = _silu_input(a)
         if silu is not None and silu[0] in by_output:
             out.append(MLP("silu", by_output[silu[0]], down, act_nodes=silu[1]))

@@ -14,9 +14,10 @@ onnxq.ir.linear and onnxq.ir.graph:
 Three steps are kept apart, as in onnxscript's rewriter: *match* (a pattern or a graph walk finds
 candidate nodes), *check* (conditions on constants, shapes and readers; a failed check is recorded in
 `Structure.rejected` with the reason), and *rewrite* (done by the passes, never here). Norm and GELU
-subgraphs are onnxscript patterns with a check; attention, MLPs and the residual stream are walks
-over the IR, since their interiors (RoPE, GQA repeat, dynamic reshapes) vary too much between
-exporters for a fixed pattern.
+subgraphs, and the NaN guard that sdpa exports put after the softmax, are onnxscript patterns with a
+check; attention, MLPs and the residual stream are walks over the IR, since their interiors (RoPE,
+GQA repeat, dynamic reshapes) vary too much between exporters for a fixed pattern. The recognisers
+accept what the TorchScript and the dynamo exporters write, and their onnxscript / ORT optimized forms.
 
     s = analyse(model)
     for norm in s.norms: ...              # every LayerNorm/RMSNorm, fused or decomposed
@@ -93,7 +94,7 @@ def analyse(model: ir.Model) -> Structure:
     graph = model.graph
     s.linears = find_linears(graph)
     s.norms = find_norms(model, s.rejected)
-    s.attentions = find_attentions(graph, s.linears, s.norms, s.rejected)
+    s.attentions = find_attentions(model, s.linears, s.norms, s.rejected)
     s.mlps = find_mlps(model, s.linears, s.rejected)
     s.embeddings = find_embeddings(graph)
     s.stream = find_residual_stream(graph, s.linears, s.norms, s.embeddings)

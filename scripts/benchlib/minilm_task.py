@@ -26,11 +26,12 @@ class MiniLMTask:
         return minilm.quality(session(path), self.sentences, self.reference)
 
 
-def minilm_task(quick: bool) -> MiniLMTask:
+def minilm_task(quick: bool, dynamo: bool = False) -> MiniLMTask:
+    """dynamo: the model as torch.onnx's dynamo exporter writes it, instead of the TorchScript export."""
     from onnxq.runtime.session import session
     from onnxq_models import minilm, text_data
 
-    fp32 = minilm.cached_onnx()
+    fp32 = minilm.cached_onnx(dynamo=True) if dynamo else minilm.cached_onnx()
     calib = minilm.calibration_feeds(32 if quick else 96, 48 if quick else 160)
     sentences = text_data.wiki_sentences("eval")[: 64 if quick else 300]
     return MiniLMTask(fp32, calib, sentences, minilm.embed(session(fp32), sentences, max_length=32))
