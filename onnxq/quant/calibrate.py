@@ -152,7 +152,7 @@ def collect_statistics(model: ir.Model, names: Sequence[str], data: CalibrationS
     sweep.run("calibrating ranges")
     hists = {}
     if histograms:
-        second = StatisticsService(model, data, show_progress=show_progress)
+        second = StatisticsService(model, data, show_progress=show_progress, reuse=sweep)  # same model state
         hists = second.register(Histograms(ranges.result, bins)).result
         second.run("calibrating histograms")
     return ActivationStatistics(ranges.result, hists)

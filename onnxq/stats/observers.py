@@ -76,7 +76,10 @@ class Histograms:
             flat = x.ravel()
             if flat.size > MAX_HISTOGRAM_SAMPLES:
                 flat = flat[:: -(-flat.size // MAX_HISTOGRAM_SAMPLES)]
-            index = ((flat.astype(np.float64) + amax) * (bins / amax)).astype(np.int64)
+            shifted = flat.astype(np.float64)  # in place from here: one float64 temporary, not three
+            shifted += amax
+            shifted *= bins / amax
+            index = shifted.astype(np.int64)
             np.clip(index, 0, 2 * bins - 1, out=index)
             self.result[name] += np.bincount(index, minlength=2 * bins)
 

@@ -42,10 +42,13 @@ class StatisticsService:
     """The observers of one model state, served by a single pass over `data`.
 
     `data` is a CalibrationSet or any iterable of feeds (its `padding_mask` attribute, if any, names the
-    input whose zeros mark padding); `max_batches` stops after that many batches (a trial on a few)."""
+    input whose zeros mark padding); `max_batches` stops after that many batches (a trial on a few).
+    `reuse`: a service that already ran on this same model state, whose session (exposing at least the
+    tensors observed here) serves this pass too, sparing ORT a second start."""
 
     def __init__(self, model: ir.Model, data: Iterable[Feed], *, show_progress: bool = True,
-                 max_batches: int | None = None, padding_mask: str | None = None):
+                 max_batches: int | None = None, padding_mask: str | None = None,
+                 reuse: StatisticsService | None = None):
         self.model = model
         self.data = data
         self.show_progress = show_progress
@@ -53,6 +56,8 @@ class StatisticsService:
         self.padding_mask = padding_mask if padding_mask is not None else getattr(data, "padding_mask", None)
         self.observers: list[Observer] = []
         self._done = False
+        self._session = reuse._session if reuse is not None else None
+        self._exposed: set[str] = reuse._exposed if reuse is not None else set()
 
     def register(self, observer: O) -> O:
         if self._done:
@@ -68,7 +73,9 @@ class StatisticsService:
         names = list(dict.fromkeys(n for obs in self.observers for n in obs.names))
         if not names:
             return
-        sess = session(exposing(self.model, names))
+        if self._session is None or not self._exposed.issuperset(names):
+            self._session, self._exposed = session(exposing(self.model, names)), set(names)
+        sess = self._session
         batches = iter(self.data)
         total = len(self.data) if hasattr(self.data, "__len__") else None
         if self.max_batches is not None:
