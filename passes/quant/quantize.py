@@ -111,6 +111,7 @@ class Quantize(GraphPass):
                          for node, index in slots if index == 1}
         fmt = INT4_WEIGHT if self.weight_bits == 4 else INT8_WEIGHT
         hessians, gptq_readers = self._gptq_statistics(model, plan, data, ctx)
+        gptq_rounded = 0
         for (weight, axis), slots in plan.weights.items():
             array = const_array(weight)
             # blocks apply to 2-D (MatMul/Gemm) weights; conv kernels stay per channel
@@ -118,8 +119,10 @@ class Quantize(GraphPass):
             axis = axis if self.weights == "per-channel" or block else None
             q, scale = quantize_weight(array, axis, fmt, self.weight_calibrator, block)
             if weight.name in hessians:
-                q = gptq.gptq_round(array, scale_per_element(scale, array.shape, axis, block), hessians[weight.name],
+                # popped: a matrix is freed once the last weight reading its input is rounded
+                q = gptq.gptq_round(array, scale_per_element(scale, array.shape, axis, block), hessians.pop(weight.name),
                                     fmt, gptq_readers[weight.name][0], self.gptq_dampings)
+                gptq_rounded += 1
             insert_weight_dq(graph, namer, weight, slots, q, scale, axis, fmt, block)
             granularity = (f"blocks of {block}" if block else
                            f"per-channel axis {axis}" if axis is not None else "per-tensor")
@@ -138,7 +141,7 @@ class Quantize(GraphPass):
         corrected = correct_biases(model, float_weights, data, show_progress=ctx.show_progress) if self.bias_correction else 0
         return {"biases_corrected": corrected, "activations_quantized": len(plan.activations) - len(plan.skipped),
                 "weights_quantized": len(plan.weights), "kept_float": len(plan.float_reasons),
-                "skipped": len(plan.skipped), "gptq_rounded": len(hessians), **choice}
+                "skipped": len(plan.skipped), "gptq_rounded": gptq_rounded, **choice}
 
     def _plan(self, model: ir.Model, target) -> Planner:
         """Which tensors get Q/DQ, by the target's rule table; residual Adds float if asked."""
