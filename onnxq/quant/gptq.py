@@ -242,8 +242,8 @@ def gptq_round(weight: np.ndarray, scale: np.ndarray, hessian: np.ndarray | Spli
     import torch
 
     w_oi, restore = _as_out_by_in(weight, node)
-    s = torch.tensor(np.array(_as_out_by_in(np.broadcast_to(scale, weight.shape), node)[0], dtype=np.float64))
-    w = torch.tensor(np.array(w_oi, dtype=np.float64))
+    s = _as_out_by_in(_float64_broadcast(scale, weight.shape, torch), node)[0]
+    w = torch.from_numpy(np.array(w_oi, dtype=np.float64))
     nearest = torch.clamp(torch.round(w / s), fmt.qmin, fmt.qmax)
     if isinstance(hessian, SplitHessian) and np.any(hessian.check):
         fit, check = (torch.tensor(np.asarray(h, dtype=np.float64)) for h in (hessian.fit, hessian.check))
@@ -261,6 +261,14 @@ def gptq_round(weight: np.ndarray, scale: np.ndarray, hessian: np.ndarray | Spli
     if _output_error(w, nearest * s, h) < _output_error(w, q * s, h):
         q = nearest
     return restore(q.numpy()).astype(fmt.numpy)
+
+
+def _float64_broadcast(scale: np.ndarray, shape: tuple, torch):
+    """`scale` as a float64 tensor broadcast to `shape` without materialising repeated entries (per-channel
+    and per-tensor scales stay one value per channel: a weight-sized float64 copy less for a wide LM head)."""
+    scale = np.broadcast_to(scale, shape)
+    distinct = scale[tuple(slice(0, 1) if stride == 0 else slice(None) for stride in scale.strides)]
+    return torch.from_numpy(np.array(distinct, dtype=np.float64)).expand(shape)
 
 
 def _gptq(w, s, h, fmt: IntFormat, damping: float):
