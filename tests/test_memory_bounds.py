@@ -63,8 +63,8 @@ def test_mse_weight_quantization_temporaries_stay_below_the_weight_size():
 
 def _attention_readers():
     import onnx_ir as ir
-    from builders import attention_model
 
+    from builders import attention_model
     from onnxq.stats.calib_data import load_calibration
 
     model = ir.from_proto(attention_model(seq=8, hidden=16, heads=2))
