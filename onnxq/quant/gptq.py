@@ -10,7 +10,11 @@ step chose (max or mse), so the deployed format is unchanged: only the integers 
 X is each layer's input in the model as deployed: after the activation Q/DQ the quantize step has just
 inserted, so the compensation also absorbs part of the input's rounding error. H is accumulated batch
 by batch (a d_in × d_in matrix per distinct input; memory never holds the calibration set's activations),
-through onnxq.stats.service like every other statistic, so padded positions are left out.
+through onnxq.stats.service like every other statistic, so padded positions are left out. The sums are
+kept in float32 (half the memory of the d_in² matrices of every layer at once); each layer's rounding
+works in float64, where the Cholesky factorisation needs it. Readers of one input share one matrix, and
+the mapping collect_hessians returns holds the only reference: popping a weight's entry as it is
+rounded frees each matrix once its last reader is done.
 Handles MatMul with a 2-D weight, Gemm (transA = 0) and 2-D Conv with group = 1 (inputs unfolded into
 patches, one row per output position); other readers keep round-to-nearest. Torch does the linear
 algebra and is imported only when this rounding is asked for.
@@ -55,17 +59,17 @@ class SplitHessian:
 
     @property
     def total(self) -> np.ndarray:
-        return self.fit + self.check
+        return self.fit.astype(np.float64) + self.check
 
 
 class HessianObserver:
-    """Σ rowsᵀ·rows (float64) of each distinct reader input (input tensor and, for Conv, patch geometry),
+    """Σ rowsᵀ·rows (float32) of each distinct reader input (input tensor and, for Conv, patch geometry),
     kept apart for even and odd batches (SplitHessian)."""
 
     def __init__(self, readers: dict[str, list[ir.Node]]):
         self.sources = {_row_source(node): node for nodes in readers.values() for node in nodes}
         self.names = sorted({node.inputs[0].name for node in self.sources.values()})
-        self.totals: dict[tuple, object] = {}  # (*source, parity) -> torch float64 matrix
+        self.totals: dict[tuple, object] = {}  # (*source, parity) -> torch float32 matrix
         self.batches = 0
 
     def update(self, values: dict[str, np.ndarray]) -> None:
@@ -73,13 +77,12 @@ class HessianObserver:
 
         for source, node in self.sources.items():
             x = torch.from_numpy(np.asarray(values[node.inputs[0].name], dtype=np.float32))
-            rows = _input_rows(node, x, torch).to(torch.float64)
+            rows = _input_rows(node, x, torch)
             key = (*source, self.batches % 2)
-            product = rows.T @ rows
             if key in self.totals:
-                self.totals[key] += product  # in place: no new d_in × d_in matrix per batch
+                self.totals[key].addmm_(rows.T, rows)  # in place: no second matrix while adding
             else:
-                self.totals[key] = product
+                self.totals[key] = rows.T @ rows
         self.batches += 1
 
     def hessians(self, readers: dict[str, list[ir.Node]]) -> dict[str, SplitHessian]:
@@ -95,13 +98,112 @@ class HessianObserver:
         return hessians
 
 
+HESSIAN_BUDGET_BYTES = 1 << 30  # matrices held at once; more inputs than fit are collected in further passes
+
+
 def collect_hessians(model: ir.Model, readers: dict[str, list[ir.Node]], data: CalibrationSet, *,
-                     show_progress: bool = True) -> dict[str, SplitHessian]:
-    """Per weight key, H (float64) over the inputs of that weight's reader nodes, split by batch parity.
-    Readers of one input (Q/K/V, gate/up) share one matrix: memory grows with distinct inputs, not weights."""
-    observer = HessianObserver(readers)
-    observe(model, data, observer, desc="GPTQ statistics", show_progress=show_progress)
-    return observer.hessians(readers)
+                     show_progress: bool = True, budget_bytes: int = HESSIAN_BUDGET_BYTES) -> HessianStore:
+    """Per weight key, H (float32) over the inputs of that weight's reader nodes, split by batch parity,
+    as a HessianStore: `pop(key)` as each weight is rounded."""
+    return HessianStore(model, readers, data, show_progress=show_progress, budget_bytes=budget_bytes)
+
+
+class HessianStore:
+    """GPTQ's H per weight key, collected group by group within a memory budget and freed as used.
+
+    Readers of one input (Q/K/V, gate/up) share one matrix: memory grows with distinct inputs, not weights.
+    Inputs are grouped in the readers' order, as many as fit `budget_bytes` (2·d_in² float32 each, for the
+    two batch parities; a group always takes every key reading its inputs); a group's matrices are gathered
+    by one calibration pass when its first key is popped, and each matrix is released when its last key has
+    been popped. Every pass runs on a snapshot of the model as it was given (weights still float), whatever
+    the caller has since inserted, so the matrices are those one pass over all inputs would give; the
+    snapshot shares the model's weight arrays. A model whose matrices fit the budget takes one pass."""
+
+    def __init__(self, model: ir.Model, readers: dict[str, list[ir.Node]], data: CalibrationSet, *,
+                 show_progress: bool = True, budget_bytes: int = HESSIAN_BUDGET_BYTES):
+        self.readers = readers
+        self.data = data
+        self.show_progress = show_progress
+        self.groups = _groups(readers, budget_bytes)
+        self.group_of = {key: i for i, keys in enumerate(self.groups) for key in keys}
+        self.held: dict[str, SplitHessian] = {}
+        self.collected: set[int] = set()
+        self.snapshot = _snapshot(model) if len(self.groups) > 1 else model
+        self.passes = 0
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.group_of
+
+    def __len__(self) -> int:
+        return len(self.group_of)
+
+    def pop(self, key: str) -> SplitHessian:
+        group = self.group_of.pop(key)
+        if group not in self.collected:
+            self._collect(group)
+        return self.held.pop(key)
+
+    def _collect(self, group: int) -> None:
+        keys = self.groups[group]
+        readers = {k: self.readers[k] for k in keys}
+        observer = HessianObserver(readers)
+        desc = "GPTQ statistics" if len(self.groups) == 1 else f"GPTQ statistics {group + 1}/{len(self.groups)}"
+        observe(self.snapshot, self.data, observer, desc=desc, show_progress=self.show_progress)
+        self.held.update(observer.hessians(readers))
+        self.collected.add(group)
+        self.passes += 1
+        if len(self.collected) == len(self.groups):
+            self.snapshot = None
+
+
+def _groups(readers: dict[str, list[ir.Node]], budget_bytes: int) -> list[list[str]]:
+    """Weight keys in the readers' order, cut where the distinct inputs' matrices would pass the budget;
+    keys that share an input (directly or through others) stay in one group."""
+    width = {_row_source(node): _row_width(node) for nodes in readers.values() for node in nodes}
+    parent: dict[str, str] = {}
+    first_reader: dict[tuple, str] = {}
+
+    def root(key: str) -> str:
+        while parent[key] != key:
+            key = parent[key]
+        return key
+
+    for key, nodes in readers.items():  # union-find: keys linked through a shared input
+        parent.setdefault(key, key)
+        for node in nodes:
+            parent[root(key)] = root(first_reader.setdefault(_row_source(node), key))
+    units: dict[str, list[str]] = {}
+    for key in readers:
+        units.setdefault(root(key), []).append(key)
+    groups: list[list[str]] = []
+    size = 0
+    for keys in units.values():
+        extra = sum(2 * 4 * width[src] ** 2 for src in {_row_source(n) for k in keys for n in readers[k]})
+        if not groups or size + extra > budget_bytes:
+            groups.append([])
+            size = 0
+        groups[-1] += keys
+        size += extra
+    return groups
+
+
+def _row_width(node: ir.Node) -> int:
+    """d_in: the length of the rows a reader's weight meets (its Hessian is d_in × d_in)."""
+    shape = list(node.inputs[1].shape)
+    if node.op_type == "MatMul" or (node.op_type == "Gemm" and node.attributes.get_int("transB", 0) == 0):
+        return int(shape[0])
+    return int(np.prod(shape[1:]))
+
+
+def _snapshot(model: ir.Model) -> ir.Model:
+    """A copy of `model`'s graph that shares its weight arrays: later edits of `model` leave it as it is."""
+    from onnxq.ir.modelio import to_proto_without_weights
+
+    proto, held = to_proto_without_weights(model)
+    copy = ir.from_proto(proto)
+    for name, tensor in held.items():
+        copy.graph.initializers[name].const_value = tensor
+    return copy
 
 
 def _row_source(node: ir.Node) -> tuple:
@@ -140,11 +242,11 @@ def gptq_round(weight: np.ndarray, scale: np.ndarray, hessian: np.ndarray | Spli
     import torch
 
     w_oi, restore = _as_out_by_in(weight, node)
-    s = torch.tensor(np.array(_as_out_by_in(np.broadcast_to(scale, weight.shape), node)[0], dtype=np.float64))
-    w = torch.tensor(np.array(w_oi, dtype=np.float64))
+    s = _as_out_by_in(_float64_broadcast(scale, weight.shape, torch), node)[0]
+    w = torch.from_numpy(np.array(w_oi, dtype=np.float64))
     nearest = torch.clamp(torch.round(w / s), fmt.qmin, fmt.qmax)
     if isinstance(hessian, SplitHessian) and np.any(hessian.check):
-        fit, check = torch.tensor(hessian.fit), torch.tensor(hessian.check)
+        fit, check = (torch.tensor(np.asarray(h, dtype=np.float64)) for h in (hessian.fit, hessian.check))
         held_out = {d: _output_error(w, _gptq(w, s, fit, fmt, d) * s, check) for d in dampings}
         damping = min(held_out, key=held_out.get)
         if _output_error(w, nearest * s, check) <= held_out[damping]:
@@ -159,6 +261,14 @@ def gptq_round(weight: np.ndarray, scale: np.ndarray, hessian: np.ndarray | Spli
     if _output_error(w, nearest * s, h) < _output_error(w, q * s, h):
         q = nearest
     return restore(q.numpy()).astype(fmt.numpy)
+
+
+def _float64_broadcast(scale: np.ndarray, shape: tuple, torch):
+    """`scale` as a float64 tensor broadcast to `shape` without materialising repeated entries (per-channel
+    and per-tensor scales stay one value per channel: a weight-sized float64 copy less for a wide LM head)."""
+    scale = np.broadcast_to(scale, shape)
+    distinct = scale[tuple(slice(0, 1) if stride == 0 else slice(None) for stride in scale.strides)]
+    return torch.from_numpy(np.array(distinct, dtype=np.float64)).expand(shape)
 
 
 def _gptq(w, s, h, fmt: IntFormat, damping: float):

@@ -215,7 +215,7 @@ def quantize_weight(w: np.ndarray, axis: int | None, fmt: IntFormat = INT8_WEIGH
                     block_size: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric integer weights and scales: per tensor (axis None), per channel, or in blocks along the
     input axis (block_size > 0; scales then have w's rank). Returns (q, scale)."""
-    w = w.astype(np.float32)
+    w = np.asarray(w, dtype=np.float32)
     if not np.isfinite(w).all():  # would cast to arbitrary integers: the float model itself is broken
         raise OnnxqError(f"a weight of shape {list(w.shape)} holds NaN or infinite values; fix the float model first")
     if block_size:
@@ -229,8 +229,9 @@ def quantize_weight(w: np.ndarray, axis: int | None, fmt: IntFormat = INT8_WEIGH
     elif method != "max":
         raise OnnxqError(f"unknown weight calibrator '{method}' (choose max, mse or auto)")
     scale = np.where(amax > 0, amax / fmt.qmax, 1.0).astype(np.float32)
-    q = np.clip(np.round(w / scale), fmt.qmin, fmt.qmax).astype(fmt.numpy)
-    return q, (scale.reshape(-1) if axis is not None else scale.reshape(()))
+    steps = np.divide(w, scale)  # rounded and clipped in place: one float temporary of the weight's size
+    np.clip(np.round(steps, out=steps), fmt.qmin, fmt.qmax, out=steps)
+    return steps.astype(fmt.numpy), (scale.reshape(-1) if axis is not None else scale.reshape(()))
 
 
 def scale_per_element(scale: np.ndarray, shape: tuple, axis: int | None, block_size: int = 0) -> np.ndarray:
@@ -242,13 +243,54 @@ def scale_per_element(scale: np.ndarray, shape: tuple, axis: int | None, block_s
     return np.broadcast_to(scale.reshape([-1 if i == axis else 1 for i in range(len(shape))]), shape)
 
 
-def _mse_weight_amax(w, amax, reduce_axes, fmt, steps: int = 40):
-    """Per-channel (or per-tensor) clipping of weights that minimises the squared rounding error."""
-    best_amax, best_err = amax, None
+MSE_CHUNK_ELEMENTS = 1 << 20  # weight elements searched at a time: bounds the search's temporaries
+
+
+def _mse_weight_amax(w, amax, reduce_axes, fmt, steps: int = 40, chunk_elements: int = MSE_CHUNK_ELEMENTS):
+    """Per-channel (or per-tensor) clipping of weights that minimises the squared rounding error.
+
+    Each candidate amax·r (r in [0.5, 1]) is scored by Σ (Q(w) − w)² over the channel; the search runs on
+    blocks of whole channels of at most `chunk_elements` weights, so its temporaries stay that size
+    whatever the weight's (channels are independent: the result is the same as in one piece). Per tensor,
+    a weight above that size is scored as the sum of its row blocks' errors."""
+    if w.size <= chunk_elements:
+        return _mse_search(w, amax, reduce_axes, fmt, steps)
+    if amax.ndim == 0:  # per tensor: errors add over row blocks
+        rows = np.reshape(w, (w.shape[0], -1)) if w.ndim > 1 else w.reshape(-1, 1)
+        step = max(1, chunk_elements // max(rows.shape[1], 1))
+        errors = np.sum([_candidate_errors(rows[i:i + step], amax, None, fmt, steps)
+                         for i in range(0, rows.shape[0], step)], axis=0)
+        return _best_candidate(amax, errors, steps)
+    axis = next(i for i in range(w.ndim) if i not in reduce_axes)
+    step = max(1, chunk_elements * w.shape[axis] // w.size)
+    index = [slice(None)] * w.ndim
+    parts = []
+    for start in range(0, w.shape[axis], step):
+        index[axis] = slice(start, start + step)
+        parts.append(_mse_search(w[tuple(index)], amax[tuple(index)], reduce_axes, fmt, steps))
+    return np.concatenate(parts, axis=axis)
+
+
+def _mse_search(w, amax, reduce_axes, fmt, steps):
+    return _best_candidate(amax, _candidate_errors(w, amax, reduce_axes, fmt, steps), steps)
+
+
+def _candidate_errors(w, amax, reduce_axes, fmt, steps) -> list:
+    """Σ (Q(w) − w)² over `reduce_axes` for each candidate clipping amax·r, r in linspace(0.5, 1, steps)."""
+    keepdims = reduce_axes is not None and amax.ndim > 0
+    errors = []
     for ratio in np.linspace(0.5, 1.0, steps):
         candidate = amax * ratio
         scale = np.where(candidate > 0, candidate / fmt.qmax, 1.0)
-        err = ((np.clip(np.round(w / scale), fmt.qmin, fmt.qmax) * scale - w) ** 2).sum(axis=reduce_axes, keepdims=reduce_axes is not None and amax.ndim > 0)
+        errors.append(((np.clip(np.round(w / scale), fmt.qmin, fmt.qmax) * scale - w) ** 2).sum(axis=reduce_axes, keepdims=keepdims))
+    return errors
+
+
+def _best_candidate(amax, errors, steps):
+    """The candidate with the least error (the first among equals), channel by channel."""
+    best_amax, best_err = None, None
+    for ratio, err in zip(np.linspace(0.5, 1.0, steps), errors):
+        candidate = amax * ratio
         if best_err is None:
             best_amax, best_err = candidate, err
         else:

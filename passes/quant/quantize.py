@@ -129,13 +129,16 @@ class Quantize(GraphPass):
                 notes[node].append(f"input {index}: weight {fmt.dtype.name.lower()} {granularity}")
 
         learned = self._learn_rounding(model, plan, layouts, fmt, data, write, ctx)
+        gptq_rounded = 0
         for name, (weight, _) in list(slots_of.items()):
             array = const_array(weight)
             axis, block = layouts[name]
             q, scale = quantize_weight(array, axis, fmt, self.weight_calibrator, block)
             if name in hessians:
-                q = gptq.gptq_round(array, scale_per_element(scale, array.shape, axis, block), hessians[name],
+                # popped: a matrix is freed once the last weight reading its input is rounded
+                q = gptq.gptq_round(array, scale_per_element(scale, array.shape, axis, block), hessians.pop(name),
                                     fmt, gptq_readers[name][0], self.gptq_dampings)
+                gptq_rounded += 1
             write(name, q, scale)
 
         for value, reason in plan.skipped.items():
@@ -150,7 +153,7 @@ class Quantize(GraphPass):
         corrected = correct_biases(model, float_weights, data, show_progress=ctx.show_progress) if self.bias_correction else 0
         return {"biases_corrected": corrected, "activations_quantized": len(plan.activations) - len(plan.skipped),
                 "weights_quantized": len(plan.weights), "kept_float": len(plan.float_reasons),
-                "skipped": len(plan.skipped), "gptq_rounded": len(hessians), **prepared, **learned, **choice}
+                "skipped": len(plan.skipped), "gptq_rounded": gptq_rounded, **prepared, **learned, **choice}
 
     def _plan(self, model: ir.Model, target) -> Planner:
         """Which tensors get Q/DQ, by the target's rule table; residual Adds float if asked."""
