@@ -16,21 +16,12 @@ import argparse
 import collections
 import hashlib
 import json
-import sys
 import time
 
 import numpy as np
 import onnxruntime as ort
 
-
-def _pass_on_stack() -> str:
-    frame = sys._getframe(2)
-    while frame is not None:
-        owner = frame.f_locals.get("self")
-        if frame.f_code.co_name == "apply" and hasattr(owner, "name") and "/passes/" in frame.f_code.co_filename:
-            return owner.name
-        frame = frame.f_back
-    return "(pipeline)"
+from benchlib.profiling import pass_on_stack
 
 
 def _feed_key(feed: dict) -> str:
@@ -65,7 +56,7 @@ def main(argv=None) -> int:
     original_run = ort.InferenceSession.run
 
     def counting_run(self, output_names, input_feed, *rest, **kwargs):
-        where = _pass_on_stack()
+        where = pass_on_stack()
         runs_by_pass[where] += 1
         if _feed_key(input_feed) == last_batch:
             passes_by_pass[where] += 1

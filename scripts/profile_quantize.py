@@ -24,16 +24,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-
-def _pass_on_stack() -> str:
-    frame = sys._getframe(2)
-    while frame is not None:
-        owner = frame.f_locals.get("self")
-        if frame.f_code.co_name == "apply" and hasattr(owner, "name") and "/passes/" in frame.f_code.co_filename:
-            return owner.name
-        frame = frame.f_back
-    return "(pipeline)"
-
+from benchlib.profiling import pass_on_stack
 
 # functions timed (CPU, inclusive: a timed function inside another counts in both) and counted
 TIMED = {
@@ -101,7 +92,7 @@ class Timers:
         timed_init = self._timed("ORT InferenceSession() start", ort.InferenceSession.__init__)
 
         def run(session, *args, **kwargs):
-            self.runs_by_pass[_pass_on_stack()] += 1
+            self.runs_by_pass[pass_on_stack()] += 1
             return timed_run(session, *args, **kwargs)
         self._replace(ort.InferenceSession, "run", run)
         self._replace(ort.InferenceSession, "__init__", timed_init)
