@@ -99,8 +99,8 @@ class LearnConfig:
     element by about lr per step, and a few percent flip a rounding).
     `reg_weight` is AdaRound's λ: the loss is the block's mean squared output error divided by round-to-
     nearest's, plus λ times the regulariser's mean over the block's weights, so λ means the same in every
-    block; a large λ makes every h 0 or 1 soon after the warm-up, which on the blocks tried ended with the
-    least output error. `warmup` is the fraction of iterations before the regulariser starts, `beta` its
+    block; a large λ makes every h 0 or 1 soon after the warm-up (the default was picked on synthetic
+    test blocks only). `warmup` is the fraction of iterations before the regulariser starts, `beta` its
     start and end exponent."""
 
     method: str = "adaround"  # adaround | flexround
