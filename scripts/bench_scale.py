@@ -32,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib.scale_models import llama_parameters, random_llama, repeat_layers, save_external
 
 REPO = Path(__file__).resolve().parents[1]

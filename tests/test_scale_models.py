@@ -4,15 +4,11 @@ model with its own weights per copy, saved and reloaded with external data."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from benchlib.scale_models import llama_parameters, random_llama, repeat_layers, save_external
 from onnxq.analysis.structure import analyse
 

@@ -280,22 +280,27 @@ def _gptq(w, s, h, fmt: IntFormat, damping: float):
     h[dead, dead] = 1.0
     h += damping * torch.mean(torch.diag(h)) * torch.eye(h.shape[0], dtype=h.dtype)
     u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    q = torch.zeros_like(w)
-    # The column loop runs in numpy on views of the same memory: per-column vectors are small, and a
-    # torch call on them costs far more in dispatch and thread hand-off than the arithmetic (the
-    # element-wise operations are the same IEEE ones, so the result is unchanged). The block update
-    # stays a torch matrix product.
-    w_np, q_np, s_np, u_np = w.numpy(), q.numpy(), s.numpy(), u.numpy()
-    n = w.shape[1]
+    # The column loop runs in numpy on in × out copies, so that one input's column of W is a contiguous
+    # row, with preallocated buffers: per-column vectors are small, and a torch call on them costs far
+    # more in dispatch and thread hand-off than the arithmetic, while strided columns and a fresh
+    # temporary per column made the loop memory-bound. The element-wise operations and the block
+    # product are the same IEEE ones as on the out × in layout, so the integers are unchanged.
+    w_t, s_t, u_np = w.numpy().T.copy(), np.ascontiguousarray(s.numpy().T), u.numpy()
+    n, rows = w_t.shape
+    q_t = np.empty_like(w_t)
+    errors_t, scratch = np.empty((BLOCK, rows), dtype=w_t.dtype), np.empty((BLOCK, rows), dtype=w_t.dtype)
     for start in range(0, n, BLOCK):
         stop = min(start + BLOCK, n)
-        errors = np.zeros((w.shape[0], stop - start), dtype=w_np.dtype)
         for i in range(start, stop):
-            q_np[:, i] = np.clip(np.round(w_np[:, i] / s_np[:, i]), fmt.qmin, fmt.qmax)
-            err = (w_np[:, i] - q_np[:, i] * s_np[:, i]) / u_np[i, i]
-            w_np[:, i:stop] -= err[:, None] * u_np[i, i:stop][None, :]
-            errors[:, i - start] = err
-        w[:, stop:] -= torch.from_numpy(errors) @ u[start:stop, stop:]
+            np.clip(np.round(w_t[i] / s_t[i]), fmt.qmin, fmt.qmax, out=q_t[i])
+            err = errors_t[i - start]
+            np.divide(w_t[i] - q_t[i] * s_t[i], u_np[i, i], out=err)
+            np.multiply(u_np[i, i:stop, None], err[None, :], out=scratch[:stop - i])
+            w_t[i:stop] -= scratch[:stop - i]
+        if stop < n:
+            errors = torch.from_numpy(np.ascontiguousarray(errors_t[:stop - start].T))
+            w_t[stop:] -= (errors @ u[start:stop, stop:]).numpy().T
+    q = torch.from_numpy(np.ascontiguousarray(q_t.T))
     return q
 
 
