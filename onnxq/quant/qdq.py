@@ -279,10 +279,21 @@ def _candidate_errors(w, amax, reduce_axes, fmt, steps) -> list:
     """Σ (Q(w) − w)² over `reduce_axes` for each candidate clipping amax·r, r in linspace(0.5, 1, steps)."""
     keepdims = reduce_axes is not None and amax.ndim > 0
     errors = []
+    # one weight-sized buffer, reused by every candidate in place (the same operations as
+    # ((clip(round(w / s)) · s − w)²).sum(), without a fresh temporary per step)
+    buffer = None
     for ratio in np.linspace(0.5, 1.0, steps):
         candidate = amax * ratio
         scale = np.where(candidate > 0, candidate / fmt.qmax, 1.0)
-        errors.append(((np.clip(np.round(w / scale), fmt.qmin, fmt.qmax) * scale - w) ** 2).sum(axis=reduce_axes, keepdims=keepdims))
+        if buffer is None:
+            buffer = np.empty(np.shape(w), dtype=np.result_type(w, scale))
+        np.divide(w, scale, out=buffer)
+        np.round(buffer, out=buffer)
+        np.clip(buffer, fmt.qmin, fmt.qmax, out=buffer)
+        buffer *= scale
+        buffer -= w
+        buffer *= buffer
+        errors.append(buffer.sum(axis=reduce_axes, keepdims=keepdims))
     return errors
 
 
