@@ -36,11 +36,11 @@ from onnxq.quant.qdq import (
     insert_activation_qdq,
     insert_weight_dq,
     quantize_weight,
-    scale_per_element,
     tag,
 )
 from onnxq.quant.selection import select_nodes
 from onnxq.quant.targets import get_target
+from onnxq.quant.weight_rounding import WeightJob, round_weights
 
 
 @dataclass(frozen=True)
@@ -129,17 +129,13 @@ class Quantize(GraphPass):
                 notes[node].append(f"input {index}: weight {fmt.dtype.name.lower()} {granularity}")
 
         learned = self._learn_rounding(model, plan, layouts, fmt, data, write, ctx)
+        # a Hessian is popped as its weight is handed out: a matrix is freed once its last reader is rounded
+        jobs = (WeightJob(name, const_array(weight), *layouts[name], hessians.pop(name) if name in hessians else None,
+                          gptq_readers.get(name, [None])[0]) for name, (weight, _) in list(slots_of.items()))
         gptq_rounded = 0
-        for name, (weight, _) in list(slots_of.items()):
-            array = const_array(weight)
-            axis, block = layouts[name]
-            q, scale = quantize_weight(array, axis, fmt, self.weight_calibrator, block)
-            if name in hessians:
-                # popped: a matrix is freed once the last weight reading its input is rounded
-                q = gptq.gptq_round(array, scale_per_element(scale, array.shape, axis, block), hessians.pop(name),
-                                    fmt, gptq_readers[name][0], self.gptq_dampings)
-                gptq_rounded += 1
-            write(name, q, scale)
+        for job, q, scale in round_weights(jobs, fmt, self.weight_calibrator, self.gptq_dampings):
+            write(job.name, q, scale)
+            gptq_rounded += job.hessian is not None
 
         for value, reason in plan.skipped.items():
             for node, index in value.uses():
