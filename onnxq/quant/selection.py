@@ -33,3 +33,10 @@ def select_nodes(graph: ir.Graph, patterns: Iterable[str], what: str) -> list[st
             raise OnnxqError(f"{what}: no node is named or matches '{pattern}'{hint}")
         chosen += hits
     return sorted(set(chosen))
+
+
+def outside_op_types(graph: ir.Graph, op_types: Iterable[str]) -> list[str]:
+    """Names of the nodes whose op type is not in `op_types` (an empty list restricts nothing): what
+    quantizing only those op types leaves in float, like ONNX Runtime's op_types_to_quantize."""
+    wanted = set(op_types)
+    return [node.name for node in graph if wanted and node.name and node.op_type not in wanted]

@@ -39,7 +39,7 @@ from onnxq.quant.qdq import (
     scale_per_element,
     tag,
 )
-from onnxq.quant.selection import select_nodes
+from onnxq.quant.selection import outside_op_types, select_nodes
 from onnxq.quant.targets import get_target
 
 
@@ -57,6 +57,7 @@ class Quantize(GraphPass):
     block_size: int = option(0, low=0)
     bins: int = option(2048, low=16)
     exclude: list[str] = option([])  # node names or regular expressions kept in float
+    op_types: list[str] = option([])  # quantize only nodes of these op types (empty: every op type)
     unknown_ops: Literal["error", "float"] = "error"
     bias_correction: bool = True
     # gptq: integers chosen for each layer's output error; adaround/flexround: learned per block (needs torch)
@@ -159,7 +160,9 @@ class Quantize(GraphPass):
         """Which tensors get Q/DQ, by the target's rule table; residual Adds float if asked."""
         residual = [n for n in model.graph if self.float_residual and n.op_type == "Add"
                     and len(n.inputs) == 2 and all(v is not None and const_array(v) is None for v in n.inputs)]
-        plan = Planner(model.graph, target.table, exclude=[*select_nodes(model.graph, self.exclude, 'quantize: exclude'), *(n.name for n in residual)],
+        excluded = [*select_nodes(model.graph, self.exclude, "quantize: exclude"),
+                    *outside_op_types(model.graph, self.op_types), *(n.name for n in residual)]
+        plan = Planner(model.graph, target.table, exclude=excluded,
                        unknown_ops=self.unknown_ops, target=target.name).run()
         for node in residual:  # transformers: one token's massive activations rule out a per-tensor scale
             plan.float_reasons[node] = "residual-stream Add kept in float (float_residual): its range is set by outlier tokens"
