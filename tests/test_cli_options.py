@@ -177,3 +177,17 @@ def test_profiles_share_one_table():
     assert cpu["R8"].status == "FAIL" and "fc/Gemm" in cpu["R8"].nodes  # a float model is not an ort-cpu model either
     with pytest.raises(OnnxqError, match="no lint profile for target 'gpu'"):
         lint(model, "gpu")
+
+
+@pytest.mark.parametrize("command, examples", [
+    ("quantize", ["--exclude fc/Gemm", "--op-types Conv,MatMul", "--log-level debug", "exclusion"]),
+    ("compare", ["--batch-size 16", "--padding-mask attention_mask", "not a class distribution",
+                 "N of M elements differ"]),
+    ("lint", ["--target ort-cpu", "profiles"]),
+    ("inspect", ["--log-level"]),
+])
+def test_help_teaches_the_new_options(capsys, command, examples):
+    with pytest.raises(SystemExit) as caught:
+        cli(capsys, command, "--help")
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps option help: compare words, not lines
+    assert caught.value.code == 0 and all(" ".join(e.split()) in text for e in examples), text
