@@ -65,8 +65,8 @@ what happens:
 keeping nodes in float (like ORT's nodes_to_exclude / op_types_to_quantize, ModelOpt's --nodes_to_exclude):
   --exclude NAME_OR_REGEX and --op-types OP,OP join the recipe's quantize-step exclude. A pattern that
   matches no node, or an op type the model lacks, is a warning. A weighted layer kept in float breaks
-  lint rule R8: the model is still written, the exit status is 4, and stderr names the rule and the
-  nodes and says that the failure follows from your exclusion.
+  lint rule R8 (R8o for ort-cpu): the model is still written, the exit status is 4, stderr names the rule,
+  the nodes, and that the failure follows from your exclusion.
 
 recipes (--recipe NAME or a YAML/JSON file; `onnxq recipes` lists them):
   default          canonicalise, fold BatchNorm, equalise Conv chains, INT8 Q/DQ

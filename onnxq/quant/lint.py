@@ -174,10 +174,10 @@ def _is_activation_product(node: ir.Node) -> bool:
     return node.op_type == "MatMul" and not any(_is_weight(v) for v in node.inputs[:2])
 
 
-def rule_weighted_inputs(graph):
+def rule_weighted_inputs(graph, ops=WEIGHTED_OPS):
     out = []
     for n in graph:
-        if n.op_type in WEIGHTED_OPS and not _is_activation_product(n):
+        if n.op_type in ops and not _is_activation_product(n):
             for i, v in enumerate(n.inputs[:2]):
                 if v is not None and not _from_dq(v):
                     out.append((n.name, f"{n.op_type} '{n.name}': input {i} '{v.name}' not quantized"))
@@ -247,12 +247,20 @@ def _tensor_scales(value: ir.Value) -> set[float]:
     return {float(s) for s in scales if s is not None and s.size == 1}
 
 
+_ORT_INTEGER_WEIGHTED = frozenset({"Conv", "Gemm", "MatMul"})  # ORT's CPU provider has no integer ConvTranspose
+
+
+def rule_ort_weighted_inputs(graph):
+    return rule_weighted_inputs(graph, _ORT_INTEGER_WEIGHTED)
+
+
 def rule_signed_weights(graph):
-    """ONNX Runtime's x86 integer kernels are fastest (and exact, no u8u8 overflow workaround) with
-    unsigned activations and signed weights (U8S8)."""
-    return [(n.name, f"{n.name}: {_quantized_type(n).name} weight") for n in graph
-            if n.op_type == "DequantizeLinear" and _on_weight(n)
-            and _quantized_type(n) not in (ir.DataType.INT8, ir.DataType.INT4)]
+    """ONNX Runtime's x86 integer kernels are fastest with unsigned activations and signed weights
+    (U8S8); constant operands of elementwise ops (Add, Mul) are UINT8 like the activations they meet."""
+    return [(n.name, f"{n.name}: {_quantized_type(n).name} weight of {user.op_type} '{user.name}'")
+            for n in graph if n.op_type == "DequantizeLinear" and _on_weight(n)
+            and _quantized_type(n) not in (ir.DataType.INT8, ir.DataType.INT4)
+            for user, index in n.outputs[0].uses() if user.op_type in _ORT_INTEGER_WEIGHTED and index == 1]
 
 
 @dataclass(frozen=True)
@@ -283,7 +291,9 @@ RULES: list[Rule] = [
     Rule("O1", "weights are signed INT8/INT4 (ORT's U8S8 kernels)", "warning", rule_signed_weights, _ORT),
     Rule("QDQ", "every Q feeds only DQs with the same scale and zero point", "error", rule_q_dq_pairs, _BOTH),
     Rule("R8", "every input of a weighted Conv/ConvTranspose/Gemm/MatMul is quantized", "error", rule_weighted_inputs,
-         _BOTH),
+         _TRT),
+    Rule("R8o", "every input of a weighted Conv/Gemm/MatMul is quantized (ORT has no integer ConvTranspose)", "error",
+         rule_ort_weighted_inputs, _ORT),
     Rule("R8b", "activation x activation MatMuls (attention) are quantized", "warning", rule_activation_products, _BOTH),
     Rule("R9", "weighted-layer outputs are not quantized directly", "warning", rule_weighted_output_not_quantized, _TRT),
     Rule("R11", "residual input of an Add after a weighted layer is quantized", "warning", rule_residual_add, _TRT),
