@@ -75,7 +75,7 @@ def quantize(model: str | os.PathLike | onnx.ModelProto | ir.Model, calibration_
         choice = choose_recipe(work, data.first())
         log(f"recipe: {choice.recipe} ({choice.reason}; --recipe chooses another)")
     recipe_name, passes = load_recipe(recipe if choice is None else choice.recipe)
-    passes = _with_overrides(passes, per_tensor=per_tensor, calibrator=calibrator, rounding=rounding,
+    passes = _with_overrides(work, passes, per_tensor=per_tensor, calibrator=calibrator, rounding=rounding,
                              allow_unknown_ops=allow_unknown_ops, exclude=_matching(work, exclude or []),
                              op_types=_present(work, op_types or []))
     _check_rules_cover(work, passes, target)
@@ -119,7 +119,7 @@ def _present(model: ir.Model, op_types: Sequence[str]) -> list[str]:
     return list(op_types)
 
 
-def _with_overrides(passes: list, *, per_tensor: bool | None, calibrator: str | None, rounding: str | None,
+def _with_overrides(model: ir.Model, passes: list, *, per_tensor: bool | None, calibrator: str | None, rounding: str | None,
                     allow_unknown_ops: bool, exclude: list[str], op_types: list[str]) -> list:
     """The recipe's passes with the user's overrides applied to its quantize step (a new pass
     object: recipe passes are frozen). Passes that prepare for quantization read the scheme. The
@@ -127,7 +127,11 @@ def _with_overrides(passes: list, *, per_tensor: bool | None, calibrator: str | 
     changes: dict[str, Any] = {}
     step = next((p for p in passes if p.name == "quantize"), None)
     if exclude and step is not None:
+        # the recipe's patterns must match the input model, as the user's did: then a pattern that
+        # selects nothing at the quantize step named nodes an earlier pass removed, only a warning
+        select_nodes(model.graph, step.exclude, "quantize: exclude")
         changes["exclude"] = [*step.exclude, *exclude]
+        changes["exclude_missing"] = "warn"
     if op_types:
         changes["op_types"] = op_types
     if per_tensor is not None:

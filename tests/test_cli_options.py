@@ -82,6 +82,20 @@ def test_exclude_that_matches_nothing_is_a_warning_shown_under_quiet(files, caps
     assert code == 0 and err == ""  # --log-level error silences warnings too
 
 
+def test_exclude_of_a_node_an_earlier_pass_folds_is_a_warning(files, capsys):
+    """BatchNormalization nodes exist in the input model but are folded before quantization."""
+    code, out, err = quantize_cli(capsys, files, "bn.onnx", "--exclude", "stem/BatchNormalization", "--calibrator", "auto",
+                                  "-q")
+    assert code == 0 and out == ""
+    assert err == ("onnxq: warning: quantize: exclude: no node is named or matches 'stem/BatchNormalization' after "
+                   "the earlier passes (they removed or replaced the nodes it named); skipped\n")  # once, not per trial
+    assert_lint_clean(onnx.load(files / "bn.onnx"))
+    # the recipe's own patterns stay strict: a typo there is still an error
+    (files / "typo.yaml").write_text("passes:\n  - include: default\n    override:\n      quantize: {exclude: [fc/Gem]}\n")
+    code, _, err = quantize_cli(capsys, files, "typo_recipe.onnx", "--recipe", files / "typo.yaml", "--exclude", "fc/Gemm")
+    assert code == 1 and "no node is named or matches 'fc/Gem' (did you mean 'fc/Gemm'?)" in err
+
+
 def test_bad_regex_is_a_usage_error(files, capsys):
     code, err = usage_error(capsys, "quantize", files / "model.onnx", "--calib", files / "calib.npz",
                             "-o", files / "bad.onnx", "--exclude", "conv[")
