@@ -31,8 +31,8 @@ logger = logging.getLogger("onnxq")
 def quantize(model: str | os.PathLike | onnx.ModelProto | ir.Model, calibration_data: Any, *,
              output: str | os.PathLike | None = None, recipe: str | os.PathLike | list | None = None,
              target: str = "tensorrt", per_tensor: bool | None = None, calibrator: str | None = None,
-             rounding: str | None = None, exclude: Sequence[str] | None = None,
-             op_types: Sequence[str] | None = None, batch_size: int = 1, max_samples: int | None = None, padding_mask: str | None = "auto",
+             rounding: str | None = None, exclude: Sequence[str] | None = None, op_types: Sequence[str] | None = None,
+             batch_size: int = 1, max_samples: int | None = None, padding_mask: str | None = "auto",
              allow_unknown_ops: bool = False, verify_exact: bool = True, show_progress: bool = True,
              log=print) -> onnx.ModelProto:
     """Quantize `model` with `calibration_data` and return the QDQ model (written to `output` if given).
@@ -119,8 +119,8 @@ def _present(model: ir.Model, op_types: Sequence[str]) -> list[str]:
     return list(op_types)
 
 
-def _with_overrides(model: ir.Model, passes: list, *, per_tensor: bool | None, calibrator: str | None, rounding: str | None,
-                    allow_unknown_ops: bool, exclude: list[str], op_types: list[str]) -> list:
+def _with_overrides(model: ir.Model, passes: list, *, per_tensor: bool | None, calibrator: str | None,
+                    rounding: str | None, allow_unknown_ops: bool, exclude: list[str], op_types: list[str]) -> list:
     """The recipe's passes with the user's overrides applied to its quantize step (a new pass
     object: recipe passes are frozen). Passes that prepare for quantization read the scheme. The
     user's exclude patterns join the recipe's; their op types replace the recipe's."""

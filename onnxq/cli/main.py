@@ -171,14 +171,14 @@ def _pattern(text: str) -> str:
 
     problem = regex_problem(text)
     if problem:
-        raise argparse.ArgumentTypeError(f"--exclude: {problem}")
+        raise argparse.ArgumentTypeError(problem)
     return text
 
 
 def _op_list(text: str) -> list[str]:
     ops = [op.strip() for op in text.split(",")]
     if not all(ops):
-        raise argparse.ArgumentTypeError(f"--op-types: '{text}' has an empty op type (give e.g. Conv,MatMul)")
+        raise argparse.ArgumentTypeError(f"'{text}' has an empty op type (give e.g. Conv,MatMul)")
     return ops
 
 
