@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import onnx
@@ -17,15 +19,19 @@ from onnxq.pipeline.choice import choose_recipe
 from onnxq.pipeline.recipes import with_options
 from onnxq.quant.qdq import Planner
 from onnxq.quant.scheme import QuantScheme
-from onnxq.quant.selection import select_nodes
+from onnxq.quant.selection import outside_op_types, select_nodes
 from onnxq.quant.targets import get_target
 from onnxq.stats.calib_data import load_calibration
+
+# warnings (an exclusion that selects nothing) and debug detail; `log` carries the progress lines.
+# With no logging set up, Python prints warnings to stderr; the CLI sets the level (--log-level).
+logger = logging.getLogger("onnxq")
 
 
 def quantize(model: str | os.PathLike | onnx.ModelProto | ir.Model, calibration_data: Any, *,
              output: str | os.PathLike | None = None, recipe: str | os.PathLike | list | None = None,
              target: str = "tensorrt", per_tensor: bool | None = None, calibrator: str | None = None,
-             rounding: str | None = None,
+             rounding: str | None = None, exclude: Sequence[str] | None = None, op_types: Sequence[str] | None = None,
              batch_size: int = 1, max_samples: int | None = None, padding_mask: str | None = "auto",
              allow_unknown_ops: bool = False, verify_exact: bool = True, show_progress: bool = True,
              log=print) -> onnx.ModelProto:
@@ -40,6 +46,11 @@ def quantize(model: str | os.PathLike | onnx.ModelProto | ir.Model, calibration_
         target: "tensorrt" (symmetric INT8 for TensorRT) or "ort-cpu" (ONNX Runtime int8 kernels).
         per_tensor / calibrator / rounding: override the recipe's quantize step (weights per tensor;
             activation calibrator max | percentile | entropy | mse; weight rounding nearest | gptq | adaround | flexround).
+        exclude: node names or regular expressions (matched against whole names) of nodes to keep in
+            float, added to the recipe's quantize-step `exclude` (ONNX Runtime's nodes_to_exclude). A
+            pattern that matches no node of the model is a warning (logger "onnxq") and is ignored.
+        op_types: quantize only nodes of these op types, e.g. ["Conv", "MatMul"] (ONNX Runtime's
+            op_types_to_quantize); an op type the model lacks is a warning. None: every op type.
         padding_mask: the input whose zeros mark padded positions, left out of every statistic;
             a rank-2 integer or bool input, 1 for real positions; "auto" takes such an input named
             attention_mask; None counts every position.
@@ -48,7 +59,8 @@ def quantize(model: str | os.PathLike | onnx.ModelProto | ir.Model, calibration_
     ValueError, for an argument of the wrong type or value, named in the message), before any work.
     """
     check_quantize_arguments(model, calibration_data, output=output, recipe=recipe, target=target, per_tensor=per_tensor,
-                             calibrator=calibrator, rounding=rounding, batch_size=batch_size, max_samples=max_samples,
+                             calibrator=calibrator, rounding=rounding, exclude=exclude, op_types=op_types,
+                             batch_size=batch_size, max_samples=max_samples,
                              padding_mask=padding_mask, allow_unknown_ops=allow_unknown_ops, verify_exact=verify_exact,
                              show_progress=show_progress, log=log)
     source_path = model if isinstance(model, (str, os.PathLike)) else None
@@ -63,8 +75,9 @@ def quantize(model: str | os.PathLike | onnx.ModelProto | ir.Model, calibration_
         choice = choose_recipe(work, data.first())
         log(f"recipe: {choice.recipe} ({choice.reason}; --recipe chooses another)")
     recipe_name, passes = load_recipe(recipe if choice is None else choice.recipe)
-    passes = _with_overrides(passes, per_tensor=per_tensor, calibrator=calibrator, rounding=rounding,
-                             allow_unknown_ops=allow_unknown_ops)
+    passes = _with_overrides(work, passes, per_tensor=per_tensor, calibrator=calibrator, rounding=rounding,
+                             allow_unknown_ops=allow_unknown_ops, exclude=_matching(work, exclude or []),
+                             op_types=_present(work, op_types or []))
     _check_rules_cover(work, passes, target)
     _check_float_type(work, target)
     quantize_step = next((p for p in passes if p.name == "quantize"), None)
@@ -78,11 +91,49 @@ def quantize(model: str | os.PathLike | onnx.ModelProto | ir.Model, calibration_
     return proto
 
 
-def _with_overrides(passes: list, *, per_tensor: bool | None, calibrator: str | None, rounding: str | None,
-                    allow_unknown_ops: bool) -> list:
+def _matching(model: ir.Model, patterns: Sequence[str]) -> list[str]:
+    """The user's exclude patterns that select a node of `model`; each one that selects none is
+    warned about (naming the nearest node) and dropped, as ONNX Runtime and ModelOpt ignore them."""
+    kept = []
+    for pattern in patterns:
+        try:
+            names = select_nodes(model.graph, [pattern], "exclude")
+        except OnnxqError as exc:
+            logger.warning(f"{exc}; ignored")
+            continue
+        logger.debug(f"exclude: '{pattern}' keeps {len(names)} node(s) in float: {', '.join(names)}")
+        kept.append(pattern)
+    return kept
+
+
+def _present(model: ir.Model, op_types: Sequence[str]) -> list[str]:
+    """`op_types`, with a warning for each op type `model` does not contain."""
+    present = {node.op_type for node in model.graph}
+    for op in op_types:
+        if op not in present:
+            logger.warning(f"op_types: the model has no {op} node (its op types: {', '.join(sorted(present))}); "
+                           "ignored")
+    if op_types:
+        logger.debug(f"op_types: only {', '.join(op_types)} quantized; "
+                     f"{len(outside_op_types(model.graph, op_types))} node(s) of other types kept in float")
+    return list(op_types)
+
+
+def _with_overrides(model: ir.Model, passes: list, *, per_tensor: bool | None, calibrator: str | None,
+                    rounding: str | None, allow_unknown_ops: bool, exclude: list[str], op_types: list[str]) -> list:
     """The recipe's passes with the user's overrides applied to its quantize step (a new pass
-    object: recipe passes are frozen). Passes that prepare for quantization read the scheme."""
-    changes = {}
+    object: recipe passes are frozen). Passes that prepare for quantization read the scheme. The
+    user's exclude patterns join the recipe's; their op types replace the recipe's."""
+    changes: dict[str, Any] = {}
+    step = next((p for p in passes if p.name == "quantize"), None)
+    if exclude and step is not None:
+        # the recipe's patterns must match the input model, as the user's did: then a pattern that
+        # selects nothing at the quantize step named nodes an earlier pass removed, only a warning
+        select_nodes(model.graph, step.exclude, "quantize: exclude")
+        changes["exclude"] = [*step.exclude, *exclude]
+        changes["exclude_missing"] = "warn"
+    if op_types:
+        changes["op_types"] = op_types
     if per_tensor is not None:
         changes["weights"] = "per-tensor" if per_tensor else "per-channel"
     if calibrator:
@@ -108,7 +159,8 @@ def _check_rules_cover(model: ir.Model, passes, target: str) -> None:
     step = next((p for p in passes if p.name == "quantize"), None)
     if step is None or step.unknown_ops == "float":
         return
-    excluded = select_nodes(model.graph, step.exclude, "quantize: exclude")
+    excluded = [*select_nodes(model.graph, step.exclude, "quantize: exclude"),
+                *outside_op_types(model.graph, step.op_types)]
     unknown = Planner(model.graph, get_target(target).table, exclude=excluded).unknown()
     if unknown:
         raise OnnxqError(f"op {unknown[0]} has no QDQ rule for target '{target}'"

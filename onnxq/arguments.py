@@ -8,6 +8,7 @@ reads and for writability (onnxq.ir.outputs), so a mistake costs no calibration 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,8 @@ _PATH = (str, os.PathLike)
 
 
 def check_quantize_arguments(model: Any, calibration_data: Any, *, output: Any, recipe: Any, target: Any,
-                             per_tensor: Any, calibrator: Any, rounding: Any, batch_size: Any, max_samples: Any,
+                             per_tensor: Any, calibrator: Any, rounding: Any, exclude: Any, op_types: Any,
+                             batch_size: Any, max_samples: Any,
                              padding_mask: Any, allow_unknown_ops: Any, verify_exact: Any, show_progress: Any,
                              log: Any) -> None:
     """Raise OnnxqTypeError / OnnxqValueError / OnnxqError for the first unusable argument."""
@@ -48,6 +50,12 @@ def check_quantize_arguments(model: Any, calibration_data: Any, *, output: Any, 
         _type(name, value, (str, type(None)), f"one of {', '.join(choices)} or None")
         if value is not None and value not in choices:
             raise OnnxqValueError(f"{name}: {value!r} is not one of {', '.join(choices)}")
+    _names("exclude", exclude, "node names or regular expressions")
+    for pattern in exclude or ():
+        problem = regex_problem(pattern)
+        if problem:
+            raise OnnxqValueError(f"exclude: {problem}")
+    _names("op_types", op_types, "op types such as 'Conv'")
     _type("per_tensor", per_tensor, (bool, type(None)), "True, False or None")
     _count("batch_size", batch_size, optional=False)
     _count("max_samples", max_samples, optional=True)
@@ -73,6 +81,28 @@ def check_quantize_arguments(model: Any, calibration_data: Any, *, output: Any, 
 def _type(name: str, value: Any, types: tuple, wanted: str) -> None:
     if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
         raise OnnxqTypeError(f"{name}: expected {wanted}, not {type(value).__name__} {_short(value)}")
+
+
+def regex_problem(pattern: str) -> str | None:
+    """Why `pattern` cannot select nodes (empty, or not a Python regular expression), or None."""
+    if not pattern:
+        return "an empty pattern selects nothing"
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        return (f"'{pattern}' is not a valid regular expression ({exc}); "
+                "escape special characters with a backslash to name a node literally")
+    return None
+
+
+def _names(name: str, value: Any, what: str) -> None:
+    """None, or a list/tuple of non-empty strings (a bare string would be read character by character)."""
+    if value is None:
+        return
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise OnnxqTypeError(f"{name}: expected a list of {what} or None, not {type(value).__name__} {_short(value)}")
+    if any(not v for v in value):
+        raise OnnxqValueError(f"{name}: an empty string names nothing")
 
 
 def _count(name: str, value: Any, *, optional: bool) -> None:

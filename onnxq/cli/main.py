@@ -11,17 +11,19 @@ import sys
 import textwrap
 from pathlib import Path
 
+from onnxq.cli.help import COMPARE_DESCRIPTION, DESCRIPTION, LINT_DESCRIPTION, QUANTIZE_EPILOG
 from onnxq.cli.tables import clean, table
 from onnxq.errors import OnnxqError
-from onnxq.metadata import RECIPE_KEY, RECIPE_REASON_KEY, TARGET_KEY
+from onnxq.metadata import FLOAT_REASON_KEY, RECIPE_KEY, RECIPE_REASON_KEY, TARGET_KEY
 
 # Exit statuses (docs/guarantees.md): what a script calling onnxq can rely on.
 EXIT_OK = 0
 EXIT_USER_ERROR = 1     # bad input: one line "onnxq: error: ..." on stderr, nothing written
 EXIT_USAGE = 2          # bad command line (unknown option, missing argument, value of the wrong form or range)
 EXIT_INTERNAL = 3       # a bug in onnxq: "onnxq: internal error: ..."
-EXIT_LINT_FAILED = 4    # the model is fine to read but breaks an error-level TensorRT rule (lint), or
-                        # quantize wrote its output and that output fails lint
+EXIT_LINT_FAILED = 4    # the model is fine to read but breaks an error-level rule of its target (lint), or
+                        # quantize wrote its output and that output fails lint (stderr names rule and nodes,
+                        # and says when --exclude/--op-types caused it)
 EXIT_INTERRUPTED = 130  # SIGINT (Ctrl-C); 143 for SIGTERM: temporary files removed, no partial output
 EXIT_TERMINATED = 143
 
@@ -31,69 +33,21 @@ exit status:
   {EXIT_USER_ERROR}    bad input (model, data, recipe, output path): one line "onnxq: error: ..."
   {EXIT_USAGE}    bad command line (unknown option, missing argument, value of the wrong form or range)
   {EXIT_INTERNAL}    internal error (a bug in onnxq; ONNXQ_DEBUG=1 shows the traceback)
-  {EXIT_LINT_FAILED}    TensorRT lint failed (lint), or quantize wrote its output but that output fails lint
-  {EXIT_INTERRUPTED}  interrupted (Ctrl-C); {EXIT_TERMINATED} terminated (SIGTERM); nothing is left half-written"""
+  {EXIT_LINT_FAILED}    lint failed (lint), or quantize wrote its output but that output fails lint; stderr names
+       the rule and the nodes, and says so when your --exclude/--op-types kept them in float
+  {EXIT_INTERRUPTED}  interrupted (Ctrl-C); {EXIT_TERMINATED} terminated (SIGTERM); nothing is left half-written
 
-
-DESCRIPTION = """\
-onnxq turns a floating-point ONNX model into an INT8 model with QuantizeLinear/DequantizeLinear
-(Q/DQ) nodes that ONNX Runtime runs and TensorRT compiles.
-
-A typical session:
-  onnxq quantize model.onnx --calib calib.npz -o model.int8.onnx
-  onnxq compare model.onnx model.int8.onnx --data eval.npz     how far INT8 is from FP32
-  onnxq lint model.int8.onnx --target tensorrt                   TensorRT's Q/DQ rules, rule by rule
-  onnxq inspect model.int8.onnx                                  what is quantized, what is not and why
-  onnxq build-engine model.int8.onnx -o model.plan               a TensorRT engine (needs tensorrt)
-
-Calibration data (--calib, --data) is an .npz with one array per model input, keyed by input name,
-samples stacked on axis 0 (ModelOpt's --calibration_data format); an .npy for a single-input model;
-or a folder of such files. 100-500 representative samples are usually enough."""
-
-QUANTIZE_EPILOG = """\
-what happens:
-  The recipe's passes run in order; each is checked (ONNX checker + shape inference) and exact
-  passes are verified to leave the outputs unchanged on a calibration sample. The quantize step
-  collects activation statistics through ONNX Runtime batch by batch and inserts Q/DQ nodes.
-  What ran is written into the model's metadata, visible in Netron and `onnxq inspect`.
-
-recipes (--recipe NAME or a YAML/JSON file; `onnxq recipes` lists them):
-  default          canonicalise, fold BatchNorm, equalise Conv chains, INT8 Q/DQ
-  transformer-w8a8 picked by itself for a recognised transformer: fold norms, rotate, smooth what is not
-                   rotated, split heavy-tailed inputs, INT8 Q/DQ (also transformer-w4a8, transformer-w4a4)
-  full-int8        transformer-w8a8 + every nonlinear op as a lookup table or integer subgraph
-  petr-w8a8, petr-w8a8-pe-fold, petr-full-int8   PETR camera position embedding handled (QFPE / folded)
-
-targets:
-  tensorrt   symmetric INT8, zero point 0, Q/DQ on weighted-layer inputs (TensorRT explicit quantization)
-  ort-cpu    asymmetric UINT8 activations, Q/DQ around every op with an ORT integer kernel (fast on CPU)
-
-calibrators (activations):
-  percentile  99.99th percentile of |x| (default)            max          largest magnitude seen
-  entropy     TensorRT's KL-divergence threshold             mse          least squared INT8 error
-  auto        each of the above tried on a copy; the one whose outputs stay nearest FP32 is kept
-
-weight rounding (--rounding):
-  nearest     each weight to its nearest integer (default of the default recipe; fast)
-  gptq        integers chosen so each layer's output on its calibration inputs moves least (GPTQ),
-              damping picked per layer on held-out batches; the transformer and PETR pe-fold recipes
-              use it (slower; needs torch)
-  adaround    learned per block: each weight's up/down choice fitted so the block's output on its
-              quantized inputs matches the float block's (AdaRound; minutes per model on a CPU,
-              faster on a GPU; needs torch; learn_iterations in the recipe sets the steps per block)
-  flexround   learned per block like adaround, dividing each weight by learned element-wise,
-              per-channel and step factors before rounding (FlexRound)
-
-examples:
-  onnxq quantize mobilenet.onnx --calib photos.npz -o mobilenet.int8.onnx
-  onnxq quantize mobilenet.onnx --calib photos.npz -o m.int8.onnx --per-tensor --calibrator mse
-  onnxq quantize bert.onnx --calib sentences.npz -o bert.int8.onnx --target ort-cpu
-  onnxq quantize llm.onnx --calib windows.npz -o llm.w4a8.onnx --recipe transformer-w4a8"""
+log levels (--log-level, every command): error: errors only; warning: also warnings (-q);
+  info: also progress and what each step did (default); debug: also per-pass options and details
+  (e.g. onnxq quantize m.onnx --calib c.npz -o q.onnx --log-level debug)"""
 
 
 class Terminated(BaseException):
     """SIGTERM, raised in the main thread like KeyboardInterrupt so that every write in progress is
     rolled back (a BaseException, so no `except Exception` on the way swallows it)."""
+
+
+LOG_LEVELS = {"error": logging.ERROR, "warning": logging.WARNING, "info": logging.INFO, "debug": logging.DEBUG}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return EXIT_USAGE
-    restore = _install_handlers()
+    args.level = LOG_LEVELS[args.log_level or ("warning" if args.quiet else "info")]
+    restore = _install_handlers(args.level)
     try:
         return args.run(args) or EXIT_OK
     except OnnxqError as exc:
@@ -127,14 +82,27 @@ def main(argv: list[str] | None = None) -> int:
         restore()
 
 
-def _install_handlers():
-    """SIGTERM behaves like Ctrl-C, and library loggers stay quiet (their tracebacks are not ours to
-    print; ONNXQ_DEBUG=1 shows them). Returns a function that undoes both (main runs in-process in tests)."""
+class _StderrLog(logging.Handler):
+    """onnxq's warnings and debug lines on stderr, one line each: "onnxq: warning: ..."."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        _error(f"onnxq: {record.levelname.lower()}: {_one_line(Exception(record.getMessage()), '')}")
+
+
+def _install_handlers(level: int = logging.INFO):
+    """SIGTERM behaves like Ctrl-C, library loggers stay quiet (their tracebacks are not ours to
+    print; ONNXQ_DEBUG=1 shows them) and onnxq's logger prints at `level` (--log-level). Returns a
+    function that undoes all three (main runs in-process in tests)."""
     loggers = [logging.getLogger(name) for name in ("onnx_ir", "onnxscript")]
     levels = [lg.level for lg in loggers]
     if not os.environ.get("ONNXQ_DEBUG"):
         for lg in loggers:
             lg.setLevel(logging.CRITICAL + 1)
+    ours, handler = logging.getLogger("onnxq"), _StderrLog()
+    before = (ours.level, ours.propagate)
+    ours.addHandler(handler)
+    ours.setLevel(level)
+    ours.propagate = False
     previous = None
     try:
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
@@ -142,8 +110,11 @@ def _install_handlers():
         pass
 
     def restore():
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
+        for lg, old in zip(loggers, levels):
+            lg.setLevel(old)
+        ours.removeHandler(handler)
+        ours.setLevel(before[0])
+        ours.propagate = before[1]
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     return restore
@@ -195,6 +166,33 @@ def _layers(text: str) -> int:
 _layers.__name__ = "count (-1 for all)"
 
 
+def _pattern(text: str) -> str:
+    from onnxq.arguments import regex_problem
+
+    problem = regex_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return text
+
+
+def _op_list(text: str) -> list[str]:
+    ops = [op.strip() for op in text.split(",")]
+    if not all(ops):
+        raise argparse.ArgumentTypeError(f"'{text}' has an empty op type (give e.g. Conv,MatMul)")
+    return ops
+
+
+def _log_options() -> argparse.ArgumentParser:
+    """--log-level and -q, shared by every command."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--log-level", choices=list(LOG_LEVELS),
+                        help="error: errors only; warning: also warnings; info: also progress and what each step "
+                             "did (default); debug: also per-pass options and details (e.g. --log-level debug)")
+    common.add_argument("-q", "--quiet", action="store_true",
+                        help="same as --log-level warning: no progress or info, warnings and errors still shown")
+    return common
+
+
 def _parser() -> argparse.ArgumentParser:
     formatter = argparse.RawDescriptionHelpFormatter
     parser = _Parser(prog="onnxq", description=DESCRIPTION, formatter_class=formatter,
@@ -203,9 +201,10 @@ def _parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"onnxq {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    common = [_log_options()]
 
     q = sub.add_parser("quantize", help="quantize an FP32 ONNX model to INT8 Q/DQ", description=DESCRIPTION.split("\n\n")[0],
-                       epilog=QUANTIZE_EPILOG, formatter_class=formatter)
+                       epilog=QUANTIZE_EPILOG, formatter_class=formatter, parents=common)
     q.add_argument("model", help="FP32 .onnx model")
     q.add_argument("--calib", required=True, metavar="DATA", help="calibration data: .npz/.npy file or folder")
     q.add_argument("-o", "--output", required=True, help="where to write the quantized .onnx model")
@@ -222,48 +221,60 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--padding-mask", default="auto", metavar="INPUT",
                    help="integer or bool input whose zeros mark padded positions, left out of calibration "
                         "statistics (default auto: an input named attention_mask; 'none' counts every position)")
+    q.add_argument("--exclude", action="append", type=_pattern, default=[], metavar="NODE_OR_REGEX",
+                   help="keep this node in float: a node name or a Python regular expression matched against whole "
+                        "node names; repeatable (e.g. --exclude fc/Gemm --exclude '/head/.*'); a pattern matching no "
+                        "node is a warning")
+    q.add_argument("--op-types", action="append", type=_op_list, default=[], metavar="OP[,OP...]",
+                   help="quantize only nodes of these op types, the rest stays float (e.g. --op-types Conv,MatMul)")
     q.add_argument("--allow-unknown-ops", action="store_true", help="keep ops with no QDQ rule in float instead of failing")
     q.add_argument("--no-verify", action="store_true", help="skip the numerical check of exact passes")
     q.add_argument("--report", metavar="JSON", help="also write what ran, coverage and lint results as JSON")
-    q.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     q.set_defaults(run=_quantize)
 
     c = sub.add_parser("compare", help="FP32 vs quantized: per-output and per-layer error", formatter_class=formatter,
-                       description="Run both models on the same data and report per-output cosine, SQNR, max abs error,\n"
-                                   "top-1 agreement, and the per-layer SQNR of tensors the two graphs share (worst first).")
+                       description=COMPARE_DESCRIPTION, parents=common)
     c.add_argument("reference", help="the FP32 model")
     c.add_argument("quantized", help="the quantized model")
     c.add_argument("--data", required=True, help="evaluation data, same formats as --calib")
     c.add_argument("--max-samples", type=_positive, help="use at most this many samples")
+    c.add_argument("--batch-size", type=_positive, default=1,
+                   help="samples per run for models with a dynamic batch (default 1; e.g. --batch-size 32); the "
+                        "results do not depend on it")
+    c.add_argument("--padding-mask", default="auto", metavar="INPUT",
+                   help="integer or bool input whose zeros mark padded positions, left out of every metric as "
+                        "quantize leaves them out of calibration (default auto: an input named attention_mask; "
+                        "'none' counts every position; e.g. --padding-mask attention_mask)")
     c.add_argument("--layers", type=_layers, default=10, help="how many of the worst layers to list (0: none, -1: all)")
     c.add_argument("--json", metavar="FILE", help="also write the full result as JSON")
     c.set_defaults(run=_compare)
 
-    lt = sub.add_parser("lint", help="check the TensorRT Q/DQ rules, rule by rule", formatter_class=formatter,
-                        description="Check a Q/DQ model against TensorRT's Q/DQ placement rules that can be checked\n"
-                                    "statically. Exit status 4 when an error-level rule fails (warnings do not fail).")
+    lt = sub.add_parser("lint", help="check the Q/DQ rules of a target (TensorRT, ORT CPU), rule by rule",
+                        formatter_class=formatter, description=LINT_DESCRIPTION, parents=common)
     lt.add_argument("model")
-    lt.add_argument("--target", default="tensorrt", choices=["tensorrt"], help="rule set (tensorrt)")
+    lt.add_argument("--target", default="tensorrt", choices=["tensorrt", "ort-cpu"],
+                    help="rule profile: tensorrt (default) or ort-cpu (e.g. --target ort-cpu)")
     lt.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     lt.add_argument("-v", "--verbose", action="store_true", help="list every violation, not only the first ones")
     lt.set_defaults(run=_lint)
 
     i = sub.add_parser("inspect", help="ops, quantized coverage, passes applied, float ops and why",
-                       formatter_class=formatter)
+                       formatter_class=formatter, parents=common)
     i.add_argument("model")
     i.add_argument("--json", metavar="FILE", help="also write the inspection as JSON")
     i.set_defaults(run=_inspect)
 
     b = sub.add_parser("build-engine", help="build a strongly typed TensorRT engine (needs tensorrt)", formatter_class=formatter,
                        description="Parse the Q/DQ model with TensorRT's ONNX parser into a strongly typed network (no\n"
-                                   "precision flags), build it, write the engine, and report the layers' precisions.")
+                                   "precision flags), build it, write the engine, and report the layers' precisions.",
+                       parents=common)
     b.add_argument("model")
     b.add_argument("-o", "--output", required=True, help="engine file to write (.plan)")
     b.add_argument("--shapes", help="shapes for dynamic inputs, e.g. input:1x3x224x224,mask:1x128")
     b.add_argument("--workspace-mb", type=_positive, default=4096)
     b.set_defaults(run=_build_engine)
 
-    r = sub.add_parser("recipes", help="list the built-in recipes and the passes they can use")
+    r = sub.add_parser("recipes", help="list the built-in recipes and the passes they can use", parents=common)
     r.set_defaults(run=_recipes)
     return parser
 
@@ -281,31 +292,34 @@ def _quantize(args) -> int:
         reads.append(("the recipe", Path(args.recipe)))
     check_outputs([("-o", args.output), ("-o's external-data file", args.output + ".data"),
                    ("--report", args.report)], reads)
-    log = (lambda *_: None) if args.quiet else _say
+    informed = args.level <= logging.INFO
+    log = _say if informed else (lambda *_: None)
     runtime_errors = _runtime_errors()
     try:
         proto = quantize(args.model, args.calib, output=args.output, recipe=args.recipe, target=args.target,
                          per_tensor=True if args.per_tensor else None, calibrator=args.calibrator,
-                         rounding=args.rounding, batch_size=args.batch_size, max_samples=args.max_samples,
+                         rounding=args.rounding, exclude=args.exclude or None,
+                         op_types=[op for ops in args.op_types for op in ops] or None,
+                         batch_size=args.batch_size, max_samples=args.max_samples,
                          allow_unknown_ops=args.allow_unknown_ops,
                          padding_mask=None if args.padding_mask == "none" else args.padding_mask,
-                         verify_exact=not args.no_verify, show_progress=not args.quiet, log=log)
+                         verify_exact=not args.no_verify, show_progress=informed, log=log)
     except runtime_errors:
         _blame_data_if_float_model_fails(args)
         raise
     model = load_model(proto)
     info = inspect_model(model)
-    results = lint(model) if args.target == "tensorrt" else []
+    results = lint(model, args.target)
     failed = [r.rule for r in results if r.status == "FAIL"]
-    if not args.quiet:
+    _log_pass_details(model)
+    if informed:
         rows = [(r["name"], r["kind"], r["seconds"], _summary(r["summary"])) for r in read_record(model)]
         _say(table(["pass", "kind", "seconds", "result"], rows, title=f"wrote {args.output}"))
         _say(f"\nquantized ops: {info.coverage_by_count:.0%} of compute ops, {info.coverage_by_flops:.1%} of FLOPs")
         if info.nonlinear_replaced:
             _say(f"nonlinear ops replaced or quantized: {info.nonlinear_coverage:.0%} of {info.nonlinear_ops}; worst "
                  f"replacement error {max(f.get('max_steps', 0) for f in info.fidelity):.2f} INT8 output steps")
-        if results:
-            _say(f"tensorrt lint: {'pass' if not failed else 'FAIL (' + ', '.join(failed) + ')'}")
+        _say(f"{args.target} lint: {'pass' if not failed else 'FAIL (' + ', '.join(failed) + ')'}")
     if args.report:
         props = model.metadata_props
         _write_json(args.report, {"model": str(args.model), "output": str(args.output),
@@ -316,10 +330,48 @@ def _quantize(args) -> int:
                                   "nonlinear_coverage": info.nonlinear_coverage, "fidelity": info.fidelity,
                                   "lint": [vars(r) for r in results]})
     if not passed(results):
-        _error(f"onnxq: lint failed: wrote {args.output}, but it breaks TensorRT rule(s) {', '.join(failed)} "
-               f"(exit status {EXIT_LINT_FAILED}; details: onnxq lint {args.output})")
+        for line in _lint_failure_lines(model, results, args):
+            _error(line)
         return EXIT_LINT_FAILED
     return EXIT_OK
+
+
+def _lint_failure_lines(model, results, args) -> list[str]:
+    """What quantize says when its output fails lint, one line per failing rule: the nodes, and whether
+    an exclusion (--exclude, --op-types, the recipe's exclude) kept them in float, which makes the
+    failure the expected consequence of the user's choice rather than a bug."""
+    excluded = {n.name for n in model.graph if n.metadata_props.get(FLOAT_REASON_KEY) == "excluded by the user"}
+    lines = []
+    for r in results:
+        if r.status != "FAIL":
+            continue
+        nodes = list(dict.fromkeys(n for n in r.nodes if n))
+        shown = ", ".join(f"'{n}'" for n in nodes[:5]) + (f" and {len(nodes) - 5} more" if len(nodes) > 5 else "")
+        ours = [n for n in nodes if n in excluded]
+        if nodes and len(ours) == len(nodes):
+            why = (" (kept in float by your exclusion: --exclude, --op-types or the recipe's exclude; the target "
+                   "runs such nodes in floating point)")
+        elif ours:
+            why = f" ({len(ours)} of them kept in float by your exclusion: --exclude, --op-types or the recipe's exclude)"
+        else:
+            why = ""
+        lines.append(f"onnxq: lint failed: wrote {args.output}, but it breaks {args.target} rule {r.rule} "
+                     f"({r.title}) at {shown or 'the model'}{why} (exit status {EXIT_LINT_FAILED}; "
+                     f"details: onnxq lint {args.output} --target {args.target})")
+    return lines
+
+
+def _log_pass_details(model) -> None:
+    """--log-level debug: every pass's options, full summary, time and measured change."""
+    from onnxq.api import logger
+    from onnxq.pipeline import read_record
+
+    if not logger.isEnabledFor(logging.DEBUG):
+        return
+    for i, r in enumerate(read_record(model), 1):
+        change = "" if r.get("max_rel_change") is None else f"; max relative output change {r['max_rel_change']:.2e}"
+        logger.debug(f"pass {i} {r['name']} ({r['kind']}, {r['seconds']} s{change}): "
+                     f"options {json.dumps(r['options'], default=str)}; result {json.dumps(r['summary'], default=str)}")
 
 
 def _runtime_errors() -> tuple[type[BaseException], ...]:
@@ -359,11 +411,16 @@ def _compare(args) -> int:
              + files_read_by_model(args.quantized, "the quantized model") + calibration_files(args.data, "the data"))
     check_outputs([("--json", args.json)], reads)
     result = compare_models(load_model(args.reference), load_model(args.quantized), args.data,
-                            layers=args.layers != 0, max_samples=args.max_samples)
-    rows = [(o["name"], f"{o['cosine']:.6f}", o["sqnr_db"], o["max_abs_error"],
-             "-" if o["top1_agreement"] is None else f"{o['top1_agreement']:.2%}") for o in result["outputs"]]
-    _say(table(["output", "cosine", "SQNR dB", "max |err|", "top-1 agree"], rows,
-               title=f"{result['samples']} samples"))
+                            layers=args.layers != 0, max_samples=args.max_samples, batch_size=args.batch_size,
+                            padding_mask=None if args.padding_mask == "none" else args.padding_mask,
+                            show_progress=args.level <= logging.INFO)
+    rows = [(o["name"], o["verdict"], "-", "-", "-", "-") if o["kind"] == "integer" else
+            (o["name"], "float", f"{o['cosine']:.6f}", o["sqnr_db"], o["max_abs_error"],
+             o["classes"] if o["top1_agreement"] is None else f"{o['top1_agreement']:.2%}")
+            for o in result["outputs"]]
+    title = f"{result['samples']} samples" + (f"; positions where '{result['padding_mask']}' is 0 left out"
+                                               if result["padding_mask"] else "")
+    _say(table(["output", "kind", "cosine", "SQNR dB", "max |err|", "top-1 agree"], rows, title=title))
     layers = result["layers"] if args.layers < 0 else result["layers"][:args.layers]
     if layers:
         _say()
@@ -380,7 +437,7 @@ def _lint(args) -> int:
     from onnxq.quant.lint import lint, passed
 
     check_outputs([("--json", args.json)], files_read_by_model(args.model))
-    results = lint(load_model(args.model))
+    results = lint(load_model(args.model), args.target)
     shown = None if args.verbose else 3
     rows = []
     for r in results:

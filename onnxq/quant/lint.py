@@ -1,7 +1,11 @@
-"""`onnxq lint --target tensorrt`: the statically checkable rules a QDQ graph must meet for TensorRT
-(docs/tensorrt-rules.md says what each rule is and why).
+"""`onnxq lint`: the statically checkable rules a QDQ graph must meet for its deployment target
+(docs/tensorrt-rules.md says what each TensorRT rule is and why; docs/ort-cpu.md the ort-cpu profile).
 
-Each rule is a function returning the places that break it, with a severity: `error` for what makes
+One table holds every rule, tagged with the targets whose profile it belongs to: `--target tensorrt`
+(symmetric INT8, TensorRT's Q/DQ placement) and `--target ort-cpu` (what `quantize --target ort-cpu`
+writes on purpose: UINT8 activations with zero points, Q/DQ around every op with an integer kernel).
+
+Each rule is a function returning the places that break it ((node name, message) pairs), with a severity: `error` for what makes
 TensorRT refuse the model (parser hard rules) or what onnxq promises (every weighted layer fully
 quantized), `warning` for placement advice whose violation costs speed, not correctness.
 """
@@ -14,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
+from onnxq.errors import OnnxqError
 from onnxq.ir.graph import WEIGHTED_OPS, attr, const_array, opset_version
 from onnxq.quant.qdq_rules import DATA_MOVEMENT
 
@@ -29,6 +34,7 @@ class RuleResult:
     title: str
     severity: str  # "error" | "warning"
     violations: list[str] = field(default_factory=list)
+    nodes: list[str] = field(default_factory=list)  # the node each violation is at ("" for the model)
 
     @property
     def status(self) -> str:
@@ -54,12 +60,13 @@ def rule_zero_point(graph):
     for n in _qdq_nodes(graph):
         zp = const_array(n.inputs[2]) if len(n.inputs) > 2 and n.inputs[2] is not None else None
         if zp is not None and np.any(zp.astype(np.float64) != 0):
-            out.append(f"{n.name}: zero point {zp.ravel()[:4]}")
+            out.append((n.name, f"{n.name}: zero point {zp.ravel()[:4]}"))
     return out
 
 
 def rule_types(graph):
-    return [f"{n.name}: {_quantized_type(n).name}" for n in _qdq_nodes(graph) if _quantized_type(n) not in _QUANT_TYPES]
+    return [(n.name, f"{n.name}: {_quantized_type(n).name}") for n in _qdq_nodes(graph)
+            if _quantized_type(n) not in _QUANT_TYPES]
 
 
 def rule_scales(graph):
@@ -67,15 +74,15 @@ def rule_scales(graph):
     for n in _qdq_nodes(graph):
         scale = const_array(n.inputs[1])
         if scale is None:
-            out.append(f"{n.name}: scale '{n.inputs[1].name}' is computed at run time, not a constant")
+            out.append((n.name, f"{n.name}: scale '{n.inputs[1].name}' is computed at run time, not a constant"))
         elif not np.all(np.isfinite(scale)) or np.any(scale <= 0):
-            out.append(f"{n.name}: scale not strictly positive and finite")
+            out.append((n.name, f"{n.name}: scale not strictly positive and finite"))
         elif scale.ndim == 1 and attr(n, "block_size", 0) == 0:
             data = n.inputs[0]
             axis = attr(n, "axis", 1)
             if data.shape is not None and axis < len(data.shape) and isinstance(data.shape[axis], int) \
                     and data.shape[axis] != scale.size:
-                out.append(f"{n.name}: {scale.size} scales for dimension {axis} of size {data.shape[axis]}")
+                out.append((n.name, f"{n.name}: {scale.size} scales for dimension {axis} of size {data.shape[axis]}"))
     return out
 
 
@@ -92,22 +99,22 @@ def rule_per_axis_weights_only(graph):
     for n in _qdq_nodes(graph):
         scale = const_array(n.inputs[1])
         if scale is not None and scale.size > 1 and not _on_weight(n):
-            out.append(f"{n.name}: per-axis scale on an activation")
+            out.append((n.name, f"{n.name}: per-axis scale on an activation"))
     return out
 
 
 def rule_int4_weights_only(graph):
-    return [f"{n.name}: INT4 on an activation" for n in _qdq_nodes(graph)
+    return [(n.name, f"{n.name}: INT4 on an activation") for n in _qdq_nodes(graph)
             if _quantized_type(n) == ir.DataType.INT4 and not _on_weight(n)]
 
 
 def rule_no_qoperator(graph):
-    return [f"{n.name}: {n.op_type}" for n in graph if n.op_type in _QOPERATOR]
+    return [(n.name, f"{n.name}: {n.op_type}") for n in graph if n.op_type in _QOPERATOR]
 
 
 def rule_opset(model):
     v = opset_version(model)
-    return [] if v >= 13 else [f"opset {v}"]
+    return [] if v >= 13 else [("", f"opset {v}")]
 
 
 def rule_weight_range(graph):
@@ -116,7 +123,7 @@ def rule_weight_range(graph):
         if n.op_type == "DequantizeLinear":
             q = const_array(n.inputs[0])
             if q is not None and q.dtype == np.int8 and q.size and q.min() < -127:
-                out.append(f"{n.name}: weight code -128 (TensorRT expects [-127, 127])")
+                out.append((n.name, f"{n.name}: weight code -128 (TensorRT expects [-127, 127])"))
     return out
 
 
@@ -127,11 +134,11 @@ def rule_q_dq_pairs(graph):
             continue
         for user in n.outputs[0].consumers():
             if user.op_type != "DequantizeLinear":
-                out.append(f"{n.name}: quantized output read by {user.op_type} '{user.name}'")
+                out.append((n.name, f"{n.name}: quantized output read by {user.op_type} '{user.name}'"))
             elif not _same_params(n, user):
-                out.append(f"{n.name} → {user.name}: scale or zero point differ")
+                out.append((n.name, f"{n.name} → {user.name}: scale or zero point differ"))
         if n.outputs[0].is_graph_output():
-            out.append(f"{n.name}: quantized tensor is a graph output")
+            out.append((n.name, f"{n.name}: quantized tensor is a graph output"))
     return out
 
 
@@ -167,20 +174,20 @@ def _is_activation_product(node: ir.Node) -> bool:
     return node.op_type == "MatMul" and not any(_is_weight(v) for v in node.inputs[:2])
 
 
-def rule_weighted_inputs(graph):
+def rule_weighted_inputs(graph, ops=WEIGHTED_OPS):
     out = []
     for n in graph:
-        if n.op_type in WEIGHTED_OPS and not _is_activation_product(n):
+        if n.op_type in ops and not _is_activation_product(n):
             for i, v in enumerate(n.inputs[:2]):
                 if v is not None and not _from_dq(v):
-                    out.append(f"{n.op_type} '{n.name}': input {i} '{v.name}' not quantized")
+                    out.append((n.name, f"{n.op_type} '{n.name}': input {i} '{v.name}' not quantized"))
     return out
 
 
 def rule_activation_products(graph):
     """TensorRT runs an activation×activation MatMul in higher precision when its inputs carry no
     Q/DQ (ModelOpt itself leaves attention BMMs unquantized beyond 512 keys): allowed, but said."""
-    return [f"MatMul '{n.name}': input {i} '{v.name}' not quantized (runs in float)"
+    return [(n.name, f"MatMul '{n.name}': input {i} '{v.name}' not quantized (runs in float)")
             for n in graph if _is_activation_product(n)
             for i, v in enumerate(n.inputs[:2]) if v is not None and not _from_dq(v)]
 
@@ -195,8 +202,9 @@ def rule_weighted_output_not_quantized(graph):
             continue
         readers = [u for dq in n.outputs[0].consumers() for u in dq.outputs[0].consumers()]
         if not any(u.op_type in WEIGHTED_OPS or u.op_type == "Add" for u in readers):
-            out.append(f"{n.name}: Q on the output of {producer.op_type} '{producer.name}' read only by "
-                       f"{sorted({u.op_type for u in readers})}")
+            read_by = sorted({u.op_type for u in readers})
+            text = f"{n.name}: Q on the output of {producer.op_type} '{producer.name}' read only by {read_by}"
+            out.append((producer.name, text))
     return out
 
 
@@ -209,12 +217,12 @@ def rule_residual_add(graph):
         if any(p in WEIGHTED_OPS for p in producers):
             other = n.inputs[1] if producers[0] in WEIGHTED_OPS else n.inputs[0]
             if not _from_dq(other):
-                out.append(f"Add '{n.name}': residual input '{other.name}' not quantized")
+                out.append((n.name, f"Add '{n.name}': residual input '{other.name}' not quantized"))
     return out
 
 
 def rule_copy_ops(graph):
-    return [f"{n.name}: Q/DQ around {n.inputs[0].producer().op_type} '{n.inputs[0].producer().name}'"
+    return [(n.inputs[0].producer().name, f"{n.name}: Q/DQ around {n.inputs[0].producer().op_type} '{n.inputs[0].producer().name}'")
             for n in graph if n.op_type == "QuantizeLinear" and n.inputs[0].producer() is not None
             and n.inputs[0].producer().op_type in DATA_MOVEMENT and _from_dq(n.inputs[0].producer().inputs[0])]
 
@@ -227,7 +235,7 @@ def rule_concat_scales(graph):
             for v in [*n.inputs, n.outputs[0]]:
                 scales |= _tensor_scales(v)
             if len(scales) > 1:
-                out.append(f"Concat '{n.name}': {len(scales)} different scales")
+                out.append((n.name, f"Concat '{n.name}': {len(scales)} different scales"))
     return out
 
 
@@ -239,30 +247,72 @@ def _tensor_scales(value: ir.Value) -> set[float]:
     return {float(s) for s in scales if s is not None and s.size == 1}
 
 
-# (id, title, severity, check, needs the whole model rather than the graph)
-RULES: list[tuple[str, str, str, Callable, bool]] = [
-    ("R1", "zero points are 0 (symmetric quantization)", "error", rule_zero_point, False),
-    ("R1b", "quantized types are INT8/INT4/FP8 (no UINT8)", "error", rule_types, False),
-    ("R2", "scales are positive build-time constants of a valid shape", "error", rule_scales, False),
-    ("R3", "per-axis scales only on weights", "error", rule_per_axis_weights_only, False),
-    ("R3b", "INT4 only on weights", "error", rule_int4_weights_only, False),
-    ("R4", "no QOperator or integer-only ops (QLinear*, *Integer, BitShift, Mod)", "error", rule_no_qoperator, False),
-    ("R5", "opset >= 13", "error", rule_opset, True),
-    ("R6", "INT8 weights within [-127, 127]", "warning", rule_weight_range, False),
-    ("QDQ", "every Q feeds only DQs with the same scale and zero point", "error", rule_q_dq_pairs, False),
-    ("R8", "every input of a weighted Conv/ConvTranspose/Gemm/MatMul is quantized", "error", rule_weighted_inputs, False),
-    ("R8b", "activation x activation MatMuls (attention) are quantized", "warning", rule_activation_products, False),
-    ("R9", "weighted-layer outputs are not quantized directly", "warning", rule_weighted_output_not_quantized, False),
-    ("R11", "residual input of an Add after a weighted layer is quantized", "warning", rule_residual_add, False),
-    ("R15", "no Q/DQ on data-movement ops", "warning", rule_copy_ops, False),
-    ("R16", "Concat inputs and output share one scale", "error", rule_concat_scales, False),
+_ORT_INTEGER_WEIGHTED = frozenset({"Conv", "Gemm", "MatMul"})  # ORT's CPU provider has no integer ConvTranspose
+
+
+def rule_ort_weighted_inputs(graph):
+    return rule_weighted_inputs(graph, _ORT_INTEGER_WEIGHTED)
+
+
+def rule_signed_weights(graph):
+    """ONNX Runtime's x86 integer kernels are fastest with unsigned activations and signed weights
+    (U8S8); constant operands of elementwise ops (Add, Mul) are UINT8 like the activations they meet."""
+    return [(n.name, f"{n.name}: {_quantized_type(n).name} weight of {user.op_type} '{user.name}'")
+            for n in graph if n.op_type == "DequantizeLinear" and _on_weight(n)
+            and _quantized_type(n) not in (ir.DataType.INT8, ir.DataType.INT4)
+            for user, index in n.outputs[0].uses() if user.op_type in _ORT_INTEGER_WEIGHTED and index == 1]
+
+
+@dataclass(frozen=True)
+class Rule:
+    id: str
+    title: str
+    severity: str  # "error" | "warning"
+    check: Callable
+    targets: tuple[str, ...]  # the lint profiles (deployment targets) the rule belongs to
+    whole_model: bool = False  # the check reads the model (opsets), not only the graph
+
+
+_BOTH = ("tensorrt", "ort-cpu")
+_TRT = ("tensorrt",)
+_ORT = ("ort-cpu",)
+
+# One table for every profile. ort-cpu models are asymmetric UINT8 with Q/DQ around every op that has
+# an integer kernel (docs/ort-cpu.md), so TensorRT's symmetric-INT8 and placement rules are not theirs.
+RULES: list[Rule] = [
+    Rule("R1", "zero points are 0 (symmetric quantization)", "error", rule_zero_point, _TRT),
+    Rule("R1b", "quantized types are INT8/INT4/FP8 (no UINT8)", "error", rule_types, _TRT),
+    Rule("R2", "scales are positive build-time constants of a valid shape", "error", rule_scales, _BOTH),
+    Rule("R3", "per-axis scales only on weights", "error", rule_per_axis_weights_only, _BOTH),
+    Rule("R3b", "INT4 only on weights", "error", rule_int4_weights_only, _BOTH),
+    Rule("R4", "no QOperator or integer-only ops (QLinear*, *Integer, BitShift, Mod)", "error", rule_no_qoperator, _TRT),
+    Rule("R5", "opset >= 13", "error", rule_opset, _BOTH, whole_model=True),
+    Rule("R6", "INT8 weights within [-127, 127]", "warning", rule_weight_range, _TRT),
+    Rule("O1", "weights are signed INT8/INT4 (ORT's U8S8 kernels)", "warning", rule_signed_weights, _ORT),
+    Rule("QDQ", "every Q feeds only DQs with the same scale and zero point", "error", rule_q_dq_pairs, _BOTH),
+    Rule("R8", "every input of a weighted Conv/ConvTranspose/Gemm/MatMul is quantized", "error", rule_weighted_inputs,
+         _TRT),
+    Rule("R8o", "every input of a weighted Conv/Gemm/MatMul is quantized (ORT has no integer ConvTranspose)", "error",
+         rule_ort_weighted_inputs, _ORT),
+    Rule("R8b", "activation x activation MatMuls (attention) are quantized", "warning", rule_activation_products, _BOTH),
+    Rule("R9", "weighted-layer outputs are not quantized directly", "warning", rule_weighted_output_not_quantized, _TRT),
+    Rule("R11", "residual input of an Add after a weighted layer is quantized", "warning", rule_residual_add, _TRT),
+    Rule("R15", "no Q/DQ on data-movement ops", "warning", rule_copy_ops, _TRT),
+    Rule("R16", "Concat inputs and output share one scale", "error", rule_concat_scales, _TRT),
 ]
+LINT_TARGETS = _BOTH
 
 
-def lint(model: ir.Model) -> list[RuleResult]:
+def lint(model: ir.Model, target: str = "tensorrt") -> list[RuleResult]:
+    """Every rule of `target`'s profile, in table order, with the places that break it."""
+    if target not in LINT_TARGETS:
+        raise OnnxqError(f"no lint profile for target '{target}' (choose from {', '.join(LINT_TARGETS)})")
     results = []
-    for rule_id, title, severity, check, whole_model in RULES:
-        results.append(RuleResult(rule_id, title, severity, check(model if whole_model else model.graph)))
+    for rule in RULES:
+        if target in rule.targets:
+            found = rule.check(model if rule.whole_model else model.graph)
+            results.append(RuleResult(rule.id, rule.title, rule.severity, [text for _, text in found],
+                                      [node for node, _ in found]))
     return results
 
 

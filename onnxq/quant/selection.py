@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import onnx_ir as ir
 
 from onnxq.errors import OnnxqError
 
 
-def select_nodes(graph: ir.Graph, patterns: Iterable[str], what: str) -> list[str]:
+def select_nodes(graph: ir.Graph, patterns: Iterable[str], what: str, *,
+                 on_missing: Callable[[str], None] | None = None) -> list[str]:
     """Names of the nodes of `graph` that `patterns` name: each pattern is a node name or a regular
     expression matched against whole names. A pattern that selects nothing is an error (a misspelled
-    name would otherwise be ignored silently); `what` says where the patterns came from."""
+    name would otherwise be ignored silently), or, given `on_missing`, is handed the message and
+    skipped; `what` says where the patterns came from."""
     names = [node.name for node in graph if node.name]
     known = set(names)
     chosen: list[str] = []
@@ -30,6 +32,17 @@ def select_nodes(graph: ir.Graph, patterns: Iterable[str], what: str) -> list[st
         if not hits:
             near = difflib.get_close_matches(pattern, names, n=1)
             hint = f" (did you mean '{near[0]}'?)" if near else ""
-            raise OnnxqError(f"{what}: no node is named or matches '{pattern}'{hint}")
+            message = f"{what}: no node is named or matches '{pattern}'{hint}"
+            if on_missing is None:
+                raise OnnxqError(message)
+            on_missing(message)
+            continue
         chosen += hits
     return sorted(set(chosen))
+
+
+def outside_op_types(graph: ir.Graph, op_types: Iterable[str]) -> list[str]:
+    """Names of the nodes whose op type is not in `op_types` (an empty list restricts nothing): what
+    quantizing only those op types leaves in float, like ONNX Runtime's op_types_to_quantize."""
+    wanted = set(op_types)
+    return [node.name for node in graph if wanted and node.name and node.op_type not in wanted]

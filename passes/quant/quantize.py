@@ -12,6 +12,7 @@ outputs (onnxq.quant.reconstruct; FlexRound also learns the step). Either way th
 from __future__ import annotations
 
 import importlib.util
+import logging
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import ClassVar, Literal
@@ -38,7 +39,7 @@ from onnxq.quant.qdq import (
     quantize_weight,
     tag,
 )
-from onnxq.quant.selection import select_nodes
+from onnxq.quant.selection import outside_op_types, select_nodes
 from onnxq.quant.targets import get_target
 from onnxq.quant.weight_rounding import WeightJob, round_weights
 
@@ -57,6 +58,10 @@ class Quantize(GraphPass):
     block_size: int = option(0, low=0)
     bins: int = option(2048, low=16)
     exclude: list[str] = option([])  # node names or regular expressions kept in float
+    op_types: list[str] = option([])  # quantize only nodes of these op types (empty: every op type)
+    # "warn": a pattern whose nodes earlier passes removed (a folded BatchNorm) is skipped with a warning;
+    # onnxq.quantize sets it for --exclude, having checked every pattern against the input model
+    exclude_missing: Literal["error", "warn"] = "error"
     unknown_ops: Literal["error", "float"] = "error"
     bias_correction: bool = True
     # gptq: integers chosen for each layer's output error; adaround/flexround: learned per block (needs torch)
@@ -98,7 +103,7 @@ class Quantize(GraphPass):
         calibrator, choice = self.calibrator, {}
         if calibrator == "auto":
             def trial(copy: ir.Model, ranges: dict[str, Range]) -> None:
-                self._insert_activations(copy, self._plan(copy, target), ranges, act_fmt, target.symmetric)
+                self._insert_activations(copy, self._plan(copy, target, trial=True), ranges, act_fmt, target.symmetric)
 
             calibrator, ranges, errors = choose_calibrator(model, stats, trial, data, symmetric=target.symmetric,
                                                            percentile=self.percentile, show_progress=ctx.show_progress,
@@ -151,11 +156,21 @@ class Quantize(GraphPass):
                 "weights_quantized": len(plan.weights), "kept_float": len(plan.float_reasons),
                 "skipped": len(plan.skipped), "gptq_rounded": gptq_rounded, **prepared, **learned, **choice}
 
-    def _plan(self, model: ir.Model, target) -> Planner:
-        """Which tensors get Q/DQ, by the target's rule table; residual Adds float if asked."""
+    def _plan(self, model: ir.Model, target, *, trial: bool = False) -> Planner:
+        """Which tensors get Q/DQ, by the target's rule table; residual Adds float if asked (`trial`: the
+        plan of a calibrator trial's copy, which warns about nothing)."""
         residual = [n for n in model.graph if self.float_residual and n.op_type == "Add"
                     and len(n.inputs) == 2 and all(v is not None and const_array(v) is None for v in n.inputs)]
-        plan = Planner(model.graph, target.table, exclude=[*select_nodes(model.graph, self.exclude, 'quantize: exclude'), *(n.name for n in residual)],
+
+        def skip(message: str) -> None:
+            if not trial:
+                logging.getLogger("onnxq").warning(f"{message} after the earlier passes (they removed or replaced "
+                                                   "the nodes it named); skipped")
+
+        on_missing = skip if self.exclude_missing == "warn" else None
+        excluded = [*select_nodes(model.graph, self.exclude, "quantize: exclude", on_missing=on_missing),
+                    *outside_op_types(model.graph, self.op_types), *(n.name for n in residual)]
+        plan = Planner(model.graph, target.table, exclude=excluded,
                        unknown_ops=self.unknown_ops, target=target.name).run()
         for node in residual:  # transformers: one token's massive activations rule out a per-tensor scale
             plan.float_reasons[node] = "residual-stream Add kept in float (float_residual): its range is set by outlier tokens"
