@@ -9,6 +9,7 @@ and after it), so approximate passes at the end of a recipe cost no extra run.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
@@ -20,12 +21,19 @@ from onnxq.ir.checks import check_model, infer_shapes, input_problem
 from onnxq.ir.graph import name_anonymous
 from onnxq.pipeline.passes import QDQ_OPS, GraphPass, Kind, PassContext
 from onnxq.pipeline.record import PassRecord, ir_version_for, read_record, write_record
-from onnxq.progress import progress
+from onnxq.progress import bar_safe, progress, session
 
 
 def run_pipeline(model: ir.Model, passes: list[GraphPass], ctx: PassContext, *, verify_exact: bool = True,
                  exact_tolerance: float = 1e-4, recipe_name: str = "") -> list[PassRecord]:
     """Run `passes` on `model` in place, checking after each; return (and record) what ran."""
+    with session(ctx.show_progress):
+        return _run(model, passes, dataclasses.replace(ctx, log=bar_safe(ctx.log)), verify_exact=verify_exact,
+                    exact_tolerance=exact_tolerance, recipe_name=recipe_name)
+
+
+def _run(model: ir.Model, passes: list[GraphPass], ctx: PassContext, *, verify_exact: bool,
+         exact_tolerance: float, recipe_name: str) -> list[PassRecord]:
     quantized = sorted({n.op_type for n in model.graph if n.op_type in QDQ_OPS})
     if quantized and not read_record(model):
         raise OnnxqError(f"the model already contains {', '.join(quantized)} nodes: give onnxq the floating-point model")
@@ -35,7 +43,8 @@ def run_pipeline(model: ir.Model, passes: list[GraphPass], ctx: PassContext, *, 
     exact = [p.kind is Kind.EXACT for p in passes]
     reference = _outputs(model, probe) if probe is not None and exact[:1] == [True] else None
     records = []
-    for i, graph_pass in enumerate(progress(passes, desc="passes", unit="pass", disable=not ctx.show_progress)):
+    for i, graph_pass in enumerate(progress(passes, desc="passes", unit="pass", disable=not ctx.show_progress,
+                                                 item_name=lambda p: p.name)):
         start = time.perf_counter()
         graph_pass.requires(model)
         summary = graph_pass.apply(model, ctx) or {}

@@ -24,6 +24,7 @@ from onnxq.ir.graph import Namer, const_array, opset_version
 from onnxq.metadata import FLOAT_REASON_KEY, QUANTIZED_KEY, RANGE_MARGIN_KEY
 from onnxq.pipeline.options import option
 from onnxq.pipeline.passes import GraphPass, Kind, PassConditionError, PassContext, has_qdq
+from onnxq.progress import progress
 from onnxq.quant import gptq
 from onnxq.quant.bias_correction import correct_biases
 from onnxq.quant.calibrate import Range, collect_statistics
@@ -138,7 +139,10 @@ class Quantize(GraphPass):
         jobs = (WeightJob(name, const_array(weight), *layouts[name], hessians.pop(name) if name in hessians else None,
                           gptq_readers.get(name, [None])[0]) for name, (weight, _) in list(slots_of.items()))
         gptq_rounded = 0
-        for job, q, scale in round_weights(jobs, fmt, self.weight_calibrator, self.gptq_dampings):
+        stage = "quantize: GPTQ" if hessians else f"quantize: weights ({self.weight_calibrator} scales)"
+        rounded = round_weights(jobs, fmt, self.weight_calibrator, self.gptq_dampings)
+        for job, q, scale in progress(rounded, desc=stage, total=len(slots_of), unit="layer",
+                                      disable=not ctx.show_progress):
             write(job.name, q, scale)
             gptq_rounded += job.hessian is not None
 
@@ -214,7 +218,8 @@ class Quantize(GraphPass):
         from onnxq.quant.reconstruct.rounding import LearnConfig
 
         points = {}
-        for (weight, _), slots in plan.weights.items():
+        for (weight, _), slots in progress(list(plan.weights.items()), desc=f"quantize: {self.rounding} weight scales",
+                                           unit="layer", disable=not ctx.show_progress):
             axis, block = layouts[weight.name]
             _, scale = quantize_weight(const_array(weight), axis, fmt, self.weight_calibrator, block)
             points[weight.name] = WeightPoint(scale, axis, fmt, output_axis(*slots[0]), block)
