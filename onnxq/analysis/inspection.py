@@ -30,6 +30,7 @@ from onnxq.pipeline import read_record
 from onnxq.quant.qdq_rules import NON_NUMERIC, NONLINEAR, NORMALISATION
 
 _BOOKKEEPING = set(NON_NUMERIC) | {"QuantizeLinear", "DequantizeLinear", "Constant", "Identity"}
+_TABLE_READERS = ("Gather", "GatherElements", "GatherND")  # input 0 is data: a constant there is a table
 _FLOAT = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
 
 
@@ -54,8 +55,9 @@ class Inspection:
 
 
 def is_quantized(node: ir.Node) -> bool:
-    """True when every float data input (weights included) arrives through a DequantizeLinear."""
-    weighted = node.op_type in WEIGHTED_OPS
+    """True when every float data input (weights and embedding tables included) arrives through a
+    DequantizeLinear."""
+    weight_inputs = 2 if node.op_type in WEIGHTED_OPS else 1 if node.op_type in _TABLE_READERS else 0
     data = [(i, v) for i, v in enumerate(node.inputs) if v is not None and v.dtype in _FLOAT]
     if not data:
         return False
@@ -63,7 +65,7 @@ def is_quantized(node: ir.Node) -> bool:
         producer = v.producer()
         if producer is not None and producer.op_type == "DequantizeLinear":
             continue
-        if const_array(v) is not None and not (weighted and index < 2):
+        if const_array(v) is not None and index >= weight_inputs:
             continue  # biases and scalar arguments are not quantized data
         return False
     return True

@@ -247,6 +247,22 @@ def _tensor_scales(value: ir.Value) -> set[float]:
     return {float(s) for s in scales if s is not None and s.size == 1}
 
 
+def rule_embedding_tables(graph):
+    """A DQ read as a Gather's data is weight-only quantization of a table: INT8 constants, and per-axis
+    scales only along the gathered axis (each gathered row keeps its own scale)."""
+    out = []
+    for n in graph:
+        dq = n.inputs[0].producer() if n.op_type == "Gather" and n.inputs[0] is not None else None
+        if dq is None or dq.op_type != "DequantizeLinear":
+            continue
+        scale = const_array(dq.inputs[1])
+        if const_array(dq.inputs[0]) is None or _quantized_type(dq) != ir.DataType.INT8:
+            out.append((n.name, f"Gather '{n.name}': table DQ '{dq.name}' is not of a constant INT8 table"))
+        elif scale is not None and scale.size > 1 and (attr(dq, "block_size", 0) or attr(dq, "axis", 1) != attr(n, "axis", 0)):
+            out.append((n.name, f"Gather '{n.name}': table DQ '{dq.name}' has per-axis scales off the gathered axis"))
+    return out
+
+
 _ORT_INTEGER_WEIGHTED = frozenset({"Conv", "Gemm", "MatMul"})  # ORT's CPU provider has no integer ConvTranspose
 
 
@@ -299,6 +315,8 @@ RULES: list[Rule] = [
     Rule("R11", "residual input of an Add after a weighted layer is quantized", "warning", rule_residual_add, _TRT),
     Rule("R15", "no Q/DQ on data-movement ops", "warning", rule_copy_ops, _TRT),
     Rule("R16", "Concat inputs and output share one scale", "error", rule_concat_scales, _TRT),
+    Rule("R17", "embedding tables (DQ into Gather data) are constant INT8, per tensor or per gathered row", "error",
+         rule_embedding_tables, _BOTH),
 ]
 LINT_TARGETS = _BOTH
 

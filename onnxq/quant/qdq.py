@@ -34,6 +34,7 @@ Slot = tuple[ir.Node, int]
 class Plan:
     activations: dict[ir.Value, set[Slot]] = field(default_factory=lambda: defaultdict(set))
     weights: dict[tuple[ir.Value, int | None], list[Slot]] = field(default_factory=lambda: defaultdict(list))
+    tables: dict[ir.Value, list[Slot]] = field(default_factory=lambda: defaultdict(list))  # embedding tables, INT8 per row
     float_reasons: dict[ir.Node, str] = field(default_factory=dict)
     scale_groups: list[set[ir.Value]] = field(default_factory=list)
     skipped: dict[ir.Value, str] = field(default_factory=dict)  # activations left float after calibration
@@ -44,8 +45,9 @@ class Planner:
     """Collects the QDQ decisions that a rule table makes node by node."""
 
     def __init__(self, graph: ir.Graph, table: dict[str, Treatment], *, exclude: Iterable[str] = (),
-                 unknown_ops: str = "error", target: str = ""):
+                 unknown_ops: str = "error", target: str = "", quantize_tables: bool = False):
         self.graph = graph
+        self.quantize_tables = quantize_tables  # embedding tables (Gather data) to INT8 per row
         self.table = table
         self.exclude = set(exclude)
         self.unknown_ops = unknown_ops
@@ -103,6 +105,9 @@ class Planner:
 
     def weight(self, node: ir.Node, index: int, axis: int | None) -> None:
         self.plan.weights[(node.inputs[index], axis)].append((node, index))
+
+    def embedding_table(self, node: ir.Node) -> None:
+        self.plan.tables[node.inputs[0]].append((node, 0))
 
     def keep_float(self, node: ir.Node, reason: str) -> None:
         self.plan.float_reasons[node] = reason

@@ -4,8 +4,9 @@ A treatment looks at one node and tells the planner (`onnxq.quant.qdq.Planner`) 
 tensors to quantize, or why the node stays in float. The TensorRT table follows the rules in
 docs/tensorrt-rules.md: quantize every input of weighted layers (activations per tensor,
 weights per output channel), quantize the residual input of an Add that TensorRT fuses into the
-preceding weighted layer, put no Q/DQ on data-movement ops (TensorRT moves Q/DQ across them), and
-share one scale across Concat inputs. The ONNX Runtime CPU table quantizes inputs *and* outputs of
+preceding weighted layer, put no Q/DQ on data-movement ops (TensorRT moves Q/DQ across them),
+share one scale across Concat inputs, and store embedding tables (constants read by Gather) INT8 per row
+when the quantize step asks for it. The ONNX Runtime CPU table quantizes inputs *and* outputs of
 every op that has an int8 kernel, because ORT only fuses DQ→op→Q into an integer kernel.
 """
 
@@ -96,6 +97,42 @@ class Passthrough(Treatment):
 
     def plan(self, node, p):
         p.keep_float(node, "moves data only: runs in the precision of its input (TensorRT moves Q/DQ across it)")
+
+
+@dataclass(frozen=True)
+class EmbeddingTable(Treatment):
+    """Gather from a constant float table (an embedding): the table is stored INT8 with one symmetric
+    scale per row (DequantizeLinear, axis 0, before the Gather) when the quantize step asks for it
+    (`embeddings: int8`); any other Gather gets the `otherwise` treatment.
+
+    A table qualifies when it is a 2-D float constant read only as the data of axis-0 Gathers: each
+    gathered row then carries its own scale, and no other reader needs the float copy."""
+
+    otherwise: Treatment
+    quantize_output: bool = False  # ONNX Runtime: a Q after the Gather too, as for its other Gathers
+
+    def plan(self, node, p):
+        if not is_embedding_table(node.inputs[0]):
+            self.otherwise.plan(node, p)
+            return
+        if p.quantize_tables:
+            p.embedding_table(node)
+        else:
+            p.keep_float(node, "embedding table kept in float (quantize option embeddings: float)")
+        if self.quantize_output:
+            p.output(node)
+
+
+def is_embedding_table(value: ir.Value | None) -> bool:
+    """A 2-D float constant whose every reader is an axis-0 Gather reading it as data."""
+    if value is None or value.dtype not in _FLOAT_TABLE_TYPES or const_array(value) is None:
+        return False
+    shape = value.shape if value.shape is not None else const_array(value).shape
+    return len(shape) == 2 and all(user.op_type == "Gather" and index == 0 and attr(user, "axis", 0) == 0
+                                   for user, index in value.uses())
+
+
+_FLOAT_TABLE_TYPES = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16}
 
 
 @dataclass(frozen=True)
@@ -237,6 +274,7 @@ TENSORRT_TABLE = _table({
     ("Add",): ResidualAdd(),
     ("Concat",): SharedScale(),
     DATA_MOVEMENT: Passthrough(),
+    ("Gather",): EmbeddingTable(otherwise=Passthrough()),
     RELU_LIKE: FusedActivation(),
     QDQ: AlreadyQuantized(),
     QOPERATOR: IntegerOperator(),
@@ -256,6 +294,7 @@ ORT_CPU_TABLE = _table({
     _ORT_INT8_MOVES: Int8Op(share_in_out=True),
     ("Relu", "Clip"): Int8FusedActivation(),
     ("Concat",): Int8Op(),
+    ("Gather",): EmbeddingTable(otherwise=Int8Op(share_in_out=True), quantize_output=True),
     ("ConvTranspose",): Float("ORT's CPU provider has no integer ConvTranspose: kept in float"),
     QDQ: AlreadyQuantized(),
     QOPERATOR: IntegerOperator(),

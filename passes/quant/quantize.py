@@ -7,6 +7,8 @@ channel by default, per tensor with weights="per-tensor"); biases stay in float.
 rounding="gptq" the integers are chosen against each layer's calibration inputs (onnxq.quant.gptq) at the
 same scales; with "adaround" or "flexround" they are learned block by block against the float block's
 outputs (onnxq.quant.reconstruct; FlexRound also learns the step). Either way the format is unchanged.
+Embedding tables (a constant read by Gathers) stay float unless embeddings="int8", which stores them
+INT8 with one scale per row: each looked-up value is then within half its row's step of the float one.
 """
 
 from __future__ import annotations
@@ -70,6 +72,8 @@ class Quantize(GraphPass):
     learn_iterations: int = option(1000, low=1)  # optimisation steps per block for adaround/flexround
     gptq_dampings: tuple[float, ...] = option(gptq.DAMPINGS, above=0.0)  # tried per layer on held-out batches
     float_residual: bool = False  # keep Adds of two activations (the residual stream) in float
+    # embedding tables (Gather on a constant): int8 stores them with one scale per row, whatever the weight format
+    embeddings: Literal["float", "int8"] = "float"
 
     def __post_init__(self):
         if not isinstance(self.gptq_dampings, tuple):  # frozen: a list given in Python becomes a tuple
@@ -118,6 +122,7 @@ class Quantize(GraphPass):
         notes = self._insert_activations(model, plan, ranges, act_fmt, target.symmetric)
         graph, namer = model.graph, Namer(model.graph)
 
+        tables = _quantize_tables(graph, namer, plan, notes)
         float_weights = {node.name: const_array(weight) for (weight, _), slots in plan.weights.items()
                          for node, index in slots if index == 1}
         fmt = INT4_WEIGHT if self.weight_bits == 4 else INT8_WEIGHT
@@ -158,7 +163,9 @@ class Quantize(GraphPass):
         corrected = correct_biases(model, float_weights, data, show_progress=ctx.show_progress) if self.bias_correction else 0
         return {"biases_corrected": corrected, "activations_quantized": len(plan.activations) - len(plan.skipped),
                 "weights_quantized": len(plan.weights), "kept_float": len(plan.float_reasons),
-                "skipped": len(plan.skipped), "gptq_rounded": gptq_rounded, **prepared, **learned, **choice}
+                "skipped": len(plan.skipped), "gptq_rounded": gptq_rounded,
+                **({"embedding_tables_quantized": tables} if self.embeddings == "int8" else {}),
+                **prepared, **learned, **choice}
 
     def _plan(self, model: ir.Model, target, *, trial: bool = False) -> Planner:
         """Which tensors get Q/DQ, by the target's rule table; residual Adds float if asked (`trial`: the
@@ -175,7 +182,8 @@ class Quantize(GraphPass):
         excluded = [*select_nodes(model.graph, self.exclude, "quantize: exclude", on_missing=on_missing),
                     *outside_op_types(model.graph, self.op_types), *(n.name for n in residual)]
         plan = Planner(model.graph, target.table, exclude=excluded,
-                       unknown_ops=self.unknown_ops, target=target.name).run()
+                       unknown_ops=self.unknown_ops, target=target.name,
+                       quantize_tables=self.embeddings == "int8").run()
         for node in residual:  # transformers: one token's massive activations rule out a per-tensor scale
             plan.float_reasons[node] = "residual-stream Add kept in float (float_residual): its range is set by outlier tokens"
         return plan
@@ -244,6 +252,17 @@ class Quantize(GraphPass):
                    if all(index == 1 and gptq.supported(node) for node, index in slots)}
         model.graph.sort()
         return gptq.collect_hessians(model, readers, data, show_progress=ctx.show_progress), readers
+
+
+def _quantize_tables(graph: ir.Graph, namer: Namer, plan, notes) -> int:
+    """Embedding tables to INT8 with one max-abs scale per row (symmetric, zero point 0), read through a
+    DequantizeLinear (axis 0): a gathered value is off by at most half its row's step, max|row|/254."""
+    for table, slots in plan.tables.items():
+        q, scale = quantize_weight(const_array(table), 0, INT8_WEIGHT, "max")
+        insert_weight_dq(graph, namer, table, slots, q, scale, 0, INT8_WEIGHT)
+        for node, index in slots:
+            notes[node].append(f"input {index}: embedding table int8 per-row (axis 0)")
+    return len(plan.tables)
 
 
 def _range_margin(value: ir.Value) -> float:
