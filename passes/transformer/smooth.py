@@ -57,6 +57,7 @@ from onnxq.metadata import INPUT_ROTATED_KEY
 from onnxq.passes.transformer.rotation import head_problem
 from onnxq.pipeline.options import option
 from onnxq.pipeline.passes import GraphPass, Kind, PassContext, before_quantize
+from onnxq.progress import progress
 from onnxq.quant.scheme import QuantScheme
 from onnxq.stats.samples import channel_max_and_rows
 
@@ -97,7 +98,7 @@ class Smooth(GraphPass):
         rng = np.random.default_rng(self.seed)
         chosen: dict[str, list[float]] = {}
         done = 0
-        for site in sites:
+        for site in progress(sites, desc="smooth: alpha search", unit="site", disable=not ctx.show_progress):
             amax, rows = stats.amax[site.activation.name], stats.rows(site.activation.name)
             scales, alpha = self.choose(site, amax, rows, rng, ctx.scheme)
             if scales is None:
