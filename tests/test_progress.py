@@ -68,3 +68,35 @@ def test_long_loop_reports_between_start_and_end(capsys, monkeypatch):
     lines = [STAMPED.match(line).group(2) for line in capsys.readouterr().err.splitlines()]
     assert lines[:1] == ["work 0/3 step"] and lines[1:3] == ["work 1/3 step", "work 2/3 step"]
     assert lines[3].startswith("work 3/3 step done (") and len(lines) == 4
+
+
+def test_log_lines_in_a_terminal_start_on_a_cleared_line(files):
+    """With stdout and stderr on one terminal, a log line printed while bars are up starts on a line
+    the bars were cleared from, not after a bar's text."""
+    pty = pytest.importorskip("pty")
+    import fcntl
+    import os
+    import struct
+    import termios
+
+    main, child = pty.openpty()
+    fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # a real terminal's size
+    proc = subprocess.Popen([sys.executable, "-m", "onnxq", "quantize", str(files / "model.onnx"), "--calib",
+                             str(files / "calib.npz"), "-o", str(files / "out.onnx"), "--calibrator", "auto"],
+                            stdout=child, stderr=child, stdin=subprocess.DEVNULL)
+    os.close(child)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(main, 1 << 16)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(main)
+    assert proc.wait() == 0
+    screen = b"".join(chunks).decode()
+    assert "passes:" in screen  # bars were drawn
+    at = screen.index("quantize: calibrator auto -> ")
+    assert screen[at - 1] == "\r" and screen[:at].rstrip("\r").endswith(" ")  # a cleared line, then the log
