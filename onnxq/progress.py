@@ -17,6 +17,7 @@ while a line is printed, and library logging goes through tqdm.
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -45,19 +46,27 @@ def on_terminal() -> bool:
 
 @contextlib.contextmanager
 def session(enabled: bool = True) -> Iterator[None]:
-    """One run: restart the clock of the progress lines; in a terminal, route library logging above the bars."""
+    """One run: restart the clock of the progress lines; in a terminal, print log records above the bars
+    (the root logger's stream handlers through tqdm, onnxq's own handlers with the bars cleared)."""
     global _clock_start
     _clock_start = time.perf_counter()
-    if enabled and on_terminal():
+    if not (enabled and on_terminal()):
+        yield
+        return
+    handlers = list(logging.getLogger("onnxq").handlers)
+    try:
+        for h in handlers:
+            h.emit = bar_safe(h.emit)  # an attribute of this handler object only, for this session
         with logging_redirect_tqdm():
             yield
-    else:
-        yield
+    finally:
+        for h in handlers:
+            del h.emit  # the class's emit again
 
 
-def bar_safe(log: Callable[[str], None]) -> Callable[[str], None]:
-    """`log` wrapped so that its line is printed with the bars cleared and redrawn after it."""
-    def write(message: str) -> None:
+def bar_safe(log: Callable[[T], None]) -> Callable[[T], None]:
+    """`log` wrapped so that what it prints appears with the bars cleared and redrawn after it."""
+    def write(message: T) -> None:
         with tqdm.external_write_mode():
             log(message)
     return write
