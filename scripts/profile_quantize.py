@@ -1,7 +1,7 @@
 """Where quantizing takes its time (not a test): MobileNetV2 and all-MiniLM-L6-v2 with their default
 (automatically chosen) recipes, on the calibration data scripts/bench_core.py uses.
 
-    python scripts/profile_quantize.py [--models mobilenet_v2,minilm] [--cprofile] [--out scripts/results/speed_profile_run]
+    python scripts/profile_quantize.py [--models mobilenet_v2,minilm,llama:HxIxLxHEADS] [--recipe NAME] [--cprofile] [--out scripts/results/speed_profile_run]
 
 Per model: wall and CPU time (time.process_time, all threads of the process, so ORT's worker threads
 count), ONNX Runtime runs by pass, and calls and CPU time of each pass and of the pipeline's main
@@ -109,9 +109,25 @@ class Timers:
 def _inputs(key: str):
     from onnxq_models import images, minilm, mobilenet_v2
 
+    if key.startswith("llama:"):  # a random-weight LLaMA built in ONNX: nothing to download
+        return _random_llama(key)
     if key == "mobilenet_v2":
         return mobilenet_v2.cached_onnx(), {"input": images.crops("calib", 128)}
     return minilm.cached_onnx(), minilm.calibration_feeds(96, 160)
+
+
+def _random_llama(key: str):
+    """llama:HIDDENxINTERMEDIATExLAYERSxHEADS, saved with external data; calibration = 16 random windows
+    of 256 tokens (the scaling benchmark's device points)."""
+    import numpy as np
+
+    from benchlib.scale_models import random_llama, save_external
+
+    hidden, intermediate, layers, heads = (int(x) for x in key.split(":", 1)[1].split("x"))
+    path = Path(tempfile.mkdtemp(prefix="onnxq-profile-")) / "llama.onnx"
+    save_external(random_llama(hidden=hidden, intermediate=intermediate, layers=layers, heads=heads), path)
+    ids = np.random.default_rng(0).integers(0, 32000, (16, 256)).astype(np.int64)
+    return path, {"input_ids": ids, "attention_mask": np.ones_like(ids)}
 
 
 def _short(func: tuple) -> str:
@@ -125,7 +141,7 @@ def _short(func: tuple) -> str:
     return f"{path}:{line}({name})" if line else name
 
 
-def profile(key: str, top: int, with_cprofile: bool) -> dict:
+def profile(key: str, top: int, with_cprofile: bool, recipe: str | None = None) -> dict:
     import onnxq
     from onnxq.ir.modelio import load_model
 
@@ -133,7 +149,7 @@ def profile(key: str, top: int, with_cprofile: bool) -> dict:
     out = Path(tempfile.mkdtemp(prefix="onnxq-profile-")) / f"{key}.onnx"
 
     def quantize():
-        onnxq.quantize(fp32, calib, output=out, show_progress=False, log=lambda *_: None)
+        onnxq.quantize(fp32, calib, output=out, recipe=recipe, show_progress=False, log=lambda *_: None)
 
     timers = Timers()
     timers.install()
@@ -186,12 +202,15 @@ def markdown(results: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="mobilenet_v2,minilm", help="comma-separated subset")
+    parser.add_argument("--models", default="mobilenet_v2,minilm",
+                        help="comma-separated: mobilenet_v2, minilm, or llama:HIDDENxINTERMEDIATExLAYERSxHEADS "
+                             "(a random-weight LLaMA, e.g. llama:1024x2816x4x16)")
     parser.add_argument("--out", default="scripts/results/speed_profile_run", help="output path without extension")
+    parser.add_argument("--recipe", default=None, help="a built-in recipe instead of the automatic choice")
     parser.add_argument("--top", type=int, default=25, help="functions listed per cProfile table")
     parser.add_argument("--cprofile", action="store_true", help="also a cProfile'd second run per model")
     args = parser.parse_args()
-    results = [profile(key, args.top, args.cprofile) for key in args.models.split(",")]
+    results = [profile(key, args.top, args.cprofile, args.recipe) for key in args.models.split(",")]
     Path(f"{args.out}.json").write_text(json.dumps(results, indent=1) + "\n")
     Path(f"{args.out}.md").write_text(markdown(results))
     print(markdown(results))

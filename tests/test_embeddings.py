@@ -106,8 +106,11 @@ def test_lint_flags_a_table_scaled_off_the_gathered_axis():
 
 
 @pytest.mark.parametrize("recipe", ["transformer-w8a8", "transformer-w4a8", "full-int8"])
-def test_transformer_recipes_quantize_embeddings(recipe):
+def test_transformer_recipes_take_the_embeddings_option(recipe):
+    # float by default until measured on the LM benchmarks; an including recipe turns it on
     _, passes = load_recipe(recipe)
+    assert next(p for p in passes if p.name == "quantize").embeddings == "float"
+    _, passes = load_recipe([{"include": recipe, "override": {"quantize": {"embeddings": "int8"}}}])
     assert next(p for p in passes if p.name == "quantize").embeddings == "int8"
 
 
