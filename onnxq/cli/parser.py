@@ -1,0 +1,178 @@
+"""The `onnxq` command line's parser: sub-commands, options, their types and the exit statuses."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Callable
+
+from onnxq.cli.help import COMPARE_DESCRIPTION, DESCRIPTION, LINT_DESCRIPTION, QUANTIZE_EPILOG
+from onnxq.cli.tables import clean
+
+# Exit statuses (docs/guarantees.md): what a script calling onnxq can rely on.
+EXIT_OK = 0
+EXIT_USER_ERROR = 1     # bad input: one line "onnxq: error: ..." on stderr, nothing written
+EXIT_USAGE = 2          # bad command line (unknown option, missing argument, value of the wrong form or range)
+EXIT_INTERNAL = 3       # a bug in onnxq: "onnxq: internal error: ..."
+EXIT_LINT_FAILED = 4    # the model is fine to read but breaks an error-level rule of its target (lint), or
+                        # quantize wrote its output and that output fails lint (stderr names rule and nodes,
+                        # and says when --exclude/--op-types caused it)
+EXIT_INTERRUPTED = 130  # SIGINT (Ctrl-C); 143 for SIGTERM: temporary files removed, no partial output
+EXIT_TERMINATED = 143
+
+EXIT_STATUS_HELP = f"""\
+exit status:
+  {EXIT_OK}    success
+  {EXIT_USER_ERROR}    bad input (model, data, recipe, output path): one line "onnxq: error: ..."
+  {EXIT_USAGE}    bad command line (unknown option, missing argument, value of the wrong form or range)
+  {EXIT_INTERNAL}    internal error (a bug in onnxq; ONNXQ_DEBUG=1 shows the traceback)
+  {EXIT_LINT_FAILED}    lint failed (lint), or quantize wrote its output but that output fails lint; stderr names
+       the rule and the nodes, and says so when your --exclude/--op-types kept them in float
+  {EXIT_INTERRUPTED}  interrupted (Ctrl-C); {EXIT_TERMINATED} terminated (SIGTERM); nothing is left half-written
+
+log levels (--log-level, every command): error: errors only; warning: also warnings (-q);
+  info: also progress and what each step did (default); debug: also per-pass options and details
+  (e.g. onnxq quantize m.onnx --calib c.npz -o q.onnx --log-level debug)"""
+
+LOG_LEVELS = {"error": logging.ERROR, "warning": logging.WARNING, "info": logging.INFO, "debug": logging.DEBUG}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its complaint on one line like every other error (exit status 2)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, clean(f"onnxq: error: {message} (see {self.prog} --help)") + "\n")
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError
+    return value
+
+
+_positive.__name__ = "positive integer"  # argparse names the type in its message
+
+
+def _layers(text: str) -> int:
+    value = int(text)
+    if value < -1:
+        raise ValueError
+    return value
+
+
+_layers.__name__ = "count (-1 for all)"
+
+
+def _pattern(text: str) -> str:
+    from onnxq.arguments import regex_problem
+
+    problem = regex_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return text
+
+
+def _op_list(text: str) -> list[str]:
+    ops = [op.strip() for op in text.split(",")]
+    if not all(ops):
+        raise argparse.ArgumentTypeError(f"'{text}' has an empty op type (give e.g. Conv,MatMul)")
+    return ops
+
+
+def _log_options() -> argparse.ArgumentParser:
+    """--log-level and -q, shared by every command."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--log-level", choices=list(LOG_LEVELS),
+                        help="error: errors only; warning: also warnings; info: also progress and what each step "
+                             "did (default); debug: also per-pass options and details (e.g. --log-level debug)")
+    common.add_argument("-q", "--quiet", action="store_true",
+                        help="same as --log-level warning: no progress or info, warnings and errors still shown")
+    return common
+
+
+def build_parser(runners: dict[str, Callable[[argparse.Namespace], int]]) -> argparse.ArgumentParser:
+    """The `onnxq` parser; `runners[command]` is what each sub-command's `run` default calls."""
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = _Parser(prog="onnxq", description=DESCRIPTION, formatter_class=formatter,
+                     epilog=EXIT_STATUS_HELP)
+    from onnxq import __version__
+
+    parser.add_argument("--version", action="version", version=f"onnxq {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    common = [_log_options()]
+
+    q = sub.add_parser("quantize", help="quantize an FP32 ONNX model to INT8 Q/DQ", description=DESCRIPTION.split("\n\n")[0],
+                       epilog=QUANTIZE_EPILOG, formatter_class=formatter, parents=common)
+    q.add_argument("model", help="FP32 .onnx model")
+    q.add_argument("--calib", required=True, metavar="DATA", help="calibration data: .npz/.npy file or folder")
+    q.add_argument("-o", "--output", required=True, help="where to write the quantized .onnx model")
+    q.add_argument("--recipe", help="built-in recipe name or YAML/JSON recipe file (default: chosen for the model)")
+    q.add_argument("--target", default="tensorrt", choices=["tensorrt", "ort-cpu"], help="deployment target (default tensorrt)")
+    q.add_argument("--per-tensor", action="store_true", help="one scale per weight tensor instead of per output channel")
+    q.add_argument("--calibrator", choices=["max", "percentile", "entropy", "mse", "auto"], help="activation calibrator (default: the recipe's)")
+    q.add_argument("--rounding", choices=["nearest", "gptq", "adaround", "flexround"],
+                   help="weight rounding (default: the recipe's): gptq chooses the integers against each layer's "
+                        "calibration inputs; adaround/flexround learn them block by block (all use torch; "
+                        "they matter most at 4 bits)")
+    q.add_argument("--batch-size", type=_positive, default=1, help="calibration batch size for models with a dynamic batch (default 1)")
+    q.add_argument("--max-samples", type=_positive, help="use at most this many calibration samples")
+    q.add_argument("--padding-mask", default="auto", metavar="INPUT",
+                   help="integer or bool input whose zeros mark padded positions, left out of calibration "
+                        "statistics (default auto: an input named attention_mask; 'none' counts every position)")
+    q.add_argument("--exclude", action="append", type=_pattern, default=[], metavar="NODE_OR_REGEX",
+                   help="keep this node in float: a node name or a Python regular expression matched against whole "
+                        "node names; repeatable (e.g. --exclude fc/Gemm --exclude '/head/.*'); a pattern matching no "
+                        "node is a warning")
+    q.add_argument("--op-types", action="append", type=_op_list, default=[], metavar="OP[,OP...]",
+                   help="quantize only nodes of these op types, the rest stays float (e.g. --op-types Conv,MatMul)")
+    q.add_argument("--allow-unknown-ops", action="store_true", help="keep ops with no QDQ rule in float instead of failing")
+    q.add_argument("--no-verify", action="store_true", help="skip the numerical check of exact passes")
+    q.add_argument("--report", metavar="JSON", help="also write what ran, coverage and lint results as JSON")
+    q.set_defaults(run=runners["quantize"])
+
+    c = sub.add_parser("compare", help="FP32 vs quantized: per-output and per-layer error", formatter_class=formatter,
+                       description=COMPARE_DESCRIPTION, parents=common)
+    c.add_argument("reference", help="the FP32 model")
+    c.add_argument("quantized", help="the quantized model")
+    c.add_argument("--data", required=True, help="evaluation data, same formats as --calib")
+    c.add_argument("--max-samples", type=_positive, help="use at most this many samples")
+    c.add_argument("--batch-size", type=_positive, default=1,
+                   help="samples per run for models with a dynamic batch (default 1; e.g. --batch-size 32); the "
+                        "results do not depend on it")
+    c.add_argument("--padding-mask", default="auto", metavar="INPUT",
+                   help="integer or bool input whose zeros mark padded positions, left out of every metric as "
+                        "quantize leaves them out of calibration (default auto: an input named attention_mask; "
+                        "'none' counts every position; e.g. --padding-mask attention_mask)")
+    c.add_argument("--layers", type=_layers, default=10, help="how many of the worst layers to list (0: none, -1: all)")
+    c.add_argument("--json", metavar="FILE", help="also write the full result as JSON")
+    c.set_defaults(run=runners["compare"])
+
+    lt = sub.add_parser("lint", help="check the Q/DQ rules of a target (TensorRT, ORT CPU), rule by rule",
+                        formatter_class=formatter, description=LINT_DESCRIPTION, parents=common)
+    lt.add_argument("model")
+    lt.add_argument("--target", default="tensorrt", choices=["tensorrt", "ort-cpu"],
+                    help="rule profile: tensorrt (default) or ort-cpu (e.g. --target ort-cpu)")
+    lt.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    lt.add_argument("-v", "--verbose", action="store_true", help="list every violation, not only the first ones")
+    lt.set_defaults(run=runners["lint"])
+
+    i = sub.add_parser("inspect", help="ops, quantized coverage, passes applied, float ops and why",
+                       formatter_class=formatter, parents=common)
+    i.add_argument("model")
+    i.add_argument("--json", metavar="FILE", help="also write the inspection as JSON")
+    i.set_defaults(run=runners["inspect"])
+
+    b = sub.add_parser("build-engine", help="build a strongly typed TensorRT engine (needs tensorrt)", formatter_class=formatter,
+                       description="Parse the Q/DQ model with TensorRT's ONNX parser into a strongly typed network (no\n"
+                                   "precision flags), build it, write the engine, and report the layers' precisions.",
+                       parents=common)
+    b.add_argument("model")
+    b.add_argument("-o", "--output", required=True, help="engine file to write (.plan)")
+    b.add_argument("--shapes", help="shapes for dynamic inputs, e.g. input:1x3x224x224,mask:1x128")
+    b.add_argument("--workspace-mb", type=_positive, default=4096)
+    b.set_defaults(run=runners["build-engine"])
+
+    r = sub.add_parser("recipes", help="list the built-in recipes and the passes they can use", parents=common)
+    r.set_defaults(run=runners["recipes"])
+    return parser
