@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 import onnxq
 from benchlib import anchors
@@ -60,12 +61,17 @@ def quantizers(fp32: Path, calib: dict[str, np.ndarray], out: Path) -> dict[str,
             return result.output, "; ".join(getattr(result, "notes", []) or [])
         return go
 
+    # ORT's documented setting for transformers quantizes only the MatMuls: a row of its own where there are any
+    matmul_only = ({"ORT quantize_static s8 per-channel, MatMul only": run_anchor(
+        anchors.ort_quantize, "ort_s8_pc_matmul", per_channel=True, op_types_to_quantize=["MatMul"])}
+        if any(node.op_type == "MatMul" for node in onnx.load(fp32, load_external_data=False).graph.node) else {})
     return {
         "onnxq (per-channel)": run_onnxq("onnxq_pc"),
         "onnxq (per-tensor)": run_onnxq("onnxq_pt", per_tensor=True),
         "onnxq --target ort-cpu": run_onnxq("onnxq_ortcpu", target="ort-cpu"),
         "ORT quantize_static s8 per-tensor": run_anchor(anchors.ort_quantize, "ort_s8_pt"),
         "ORT quantize_static s8 per-channel": run_anchor(anchors.ort_quantize, "ort_s8_pc", per_channel=True),
+        **matmul_only,
         "ORT quantize_static u8s8 per-channel": run_anchor(anchors.ort_quantize, "ort_u8_pc", per_channel=True,
                                                            symmetric_activations=False),
         "ModelOpt INT8": run_anchor(anchors.modelopt_quantize, "modelopt"),

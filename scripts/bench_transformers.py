@@ -96,7 +96,8 @@ def worker(spec: dict) -> dict:
             if spec["kind"] == "ort":
                 quantize_static = anchors.ort_smoothquant if spec.get("smooth_quant") else anchors.ort_quantize
                 result = quantize_static(spec["source"], calib, spec["output"], per_channel=spec["per_channel"],
-                                         batch_size=spec["batch_size"])
+                                         batch_size=spec["batch_size"],
+                                         **({"op_types_to_quantize": spec["op_types"]} if spec.get("op_types") else {}))
             else:
                 result = anchors.modelopt_quantize(spec["source"], calib, spec["output"], timeout_s=1200,
                                                    calibration_method=spec.get("calibration_method", "entropy"))
@@ -141,6 +142,8 @@ def quantizers(w8a8: list[tuple[str, str]], w4: bool) -> list[tuple[str, dict]]:
                  ("onnxq W4A4 +rotate (transformer-w4a4)", {"kind": "onnxq", "variant": "transformer-w4a4", "weights": "per-channel"})]
     rows += [("ORT quantize_static s8 per-tensor", {"kind": "ort", "per_channel": False}),
              ("ORT quantize_static s8 per-channel", {"kind": "ort", "per_channel": True}),
+             # ORT's documented setting for transformers: only the MatMuls quantized
+             ("ORT quantize_static s8 per-channel, MatMul only", {"kind": "ort", "per_channel": True, "op_types": ["MatMul"]}),
              ("ORT quantize_static s8 per-tensor + SmoothQuant", {"kind": "ort", "per_channel": False, "smooth_quant": True}),
              ("ORT quantize_static s8 per-channel + SmoothQuant", {"kind": "ort", "per_channel": True, "smooth_quant": True}),
              ("ModelOpt INT8", {"kind": "modelopt"}),
