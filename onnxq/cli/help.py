@@ -9,6 +9,7 @@ A typical session:
   onnxq compare model.onnx model.int8.onnx --data eval.npz     how far INT8 is from FP32
   onnxq lint model.int8.onnx --target tensorrt                   TensorRT's Q/DQ rules, rule by rule
   onnxq inspect model.int8.onnx                                  what is quantized, what is not and why
+  onnxq view model.int8.onnx                                     the graph in Netron, with onnxq's record
   onnxq build-engine model.int8.onnx -o model.plan               a TensorRT engine (needs tensorrt)
 
 Calibration data (--calib, --data) is an .npz with one array per model input, keyed by input name,

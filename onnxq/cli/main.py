@@ -35,7 +35,7 @@ class Terminated(BaseException):
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser({"quantize": _quantize, "compare": _compare, "lint": _lint, "inspect": _inspect,
-                           "build-engine": _build_engine, "recipes": _recipes})
+                           "build-engine": _build_engine, "recipes": _recipes, "view": _view})
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
         parser.print_help()
@@ -331,6 +331,13 @@ def _inspect(args) -> int:
         _say("\n" + table(["count", "kept in float because", "e.g."], rows, title="ops left in float, and why"))
     if args.json:
         _write_json(args.json, vars(info))
+    return EXIT_OK
+
+
+def _view(args) -> int:
+    from onnxq.cli.view import view
+
+    view(args.model, port=args.port, browse=not args.no_browser, say=_say)
     return EXIT_OK
 
 

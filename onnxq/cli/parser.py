@@ -54,6 +54,16 @@ def _positive(text: str) -> int:
 _positive.__name__ = "positive integer"  # argparse names the type in its message
 
 
+def _port(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise ValueError
+    return value
+
+
+_port.__name__ = "port (1-65535)"
+
+
 def _layers(text: str) -> int:
     value = int(text)
     if value < -1:
@@ -162,6 +172,18 @@ def build_parser(runners: dict[str, Callable[[argparse.Namespace], int]]) -> arg
     i.add_argument("model")
     i.add_argument("--json", metavar="FILE", help="also write the inspection as JSON")
     i.set_defaults(run=runners["inspect"])
+
+    v = sub.add_parser("view", help="open a model in Netron, with onnxq's record on the model and its nodes",
+                       description="Serve the model in Netron (the graph viewer) on localhost and open it in a browser.\n"
+                                   "onnxq's record is under the model's properties (recipe, target, passes) and on each\n"
+                                   "node (why it is quantized or float). Needs: pip install 'onnxq[view]'.\n\n"
+                                   "  onnxq view model.int8.onnx\n"
+                                   "  onnxq view model.int8.onnx --port 8081 --no-browser   (on a remote machine)",
+                       formatter_class=formatter, parents=common)
+    v.add_argument("model")
+    v.add_argument("--port", type=_port, default=8080, help="port on localhost (default 8080, e.g. --port 8081)")
+    v.add_argument("--no-browser", action="store_true", help="only serve; open the printed address yourself")
+    v.set_defaults(run=runners["view"])
 
     b = sub.add_parser("build-engine", help="build a strongly typed TensorRT engine (needs tensorrt)", formatter_class=formatter,
                        description="Parse the Q/DQ model with TensorRT's ONNX parser into a strongly typed network (no\n"
