@@ -132,8 +132,9 @@ class _Accumulator:
         self.max_err = max(self.max_err, float(np.abs(diff).max(initial=0.0)))
         a = ref64.reshape(len(ref64), -1) if ref64.ndim > 1 else ref64.reshape(1, -1)
         b = a + diff.reshape(a.shape)
-        norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-        self.cos_sum += float(np.sum(np.where(norms > 0, np.sum(a * b, axis=1) / np.maximum(norms, 1e-30), 1.0)))
+        with np.errstate(invalid="ignore", over="ignore"):  # an overflowing output: NaN, reported as not finite
+            norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+            self.cos_sum += float(np.sum(np.where(norms > 0, np.sum(a * b, axis=1) / np.maximum(norms, 1e-30), 1.0)))
         self.samples += len(a)
         if self.classes and ref.shape[-1] >= 2:
             hits = ref.argmax(-1) == out.argmax(-1)
