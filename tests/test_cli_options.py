@@ -218,3 +218,16 @@ def test_help_teaches_the_new_options(capsys, command, examples):
         cli(capsys, command, "--help")
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps option help: compare words, not lines
     assert caught.value.code == 0 and all(" ".join(e.split()) in text for e in examples), text
+
+
+def test_inspect_says_which_recipe_ran_why_and_for_which_target(files, capsys):
+    code, _, _ = quantize_cli(capsys, files, "auto.onnx", "-q")
+    assert code == 0
+    code, out, _ = cli(capsys, "inspect", files / "auto.onnx")
+    assert code == 0
+    line = next(line for line in out.splitlines() if line.startswith("recipe: "))
+    assert line.startswith("recipe: default (") and "no attention" in line and line.endswith("; target: tensorrt")
+    code, _, _ = quantize_cli(capsys, files, "cpu.onnx", "-q", "--recipe", "default", "--target", "ort-cpu")
+    assert code == 0
+    _, out, _ = cli(capsys, "inspect", files / "cpu.onnx")
+    assert "recipe: default (named by the user); target: ort-cpu" in out.splitlines()

@@ -322,6 +322,10 @@ def _inspect(args) -> int:
                  "yes" if f.get("input_quantized") else "no") for f in info.fidelity]
         _say("\n" + table(["node", "function", "replaced by", "max err (steps)", "mean err (steps)", "int input"], rows,
                            title="replaced nonlinear ops: error over the calibrated range, in INT8 output steps"))
+    if RECIPE_KEY in info.metadata:  # which recipe ran, why it was chosen, for which target
+        reason = info.metadata.get(RECIPE_REASON_KEY)
+        _say(f"\nrecipe: {info.metadata[RECIPE_KEY]}" + (f" ({reason})" if reason else "")
+             + (f"; target: {info.metadata[TARGET_KEY]}" if TARGET_KEY in info.metadata else ""))
     if info.passes:
         rows = [(i + 1, p["name"], p["kind"], _summary(p["summary"])) for i, p in enumerate(info.passes)]
         _say("\n" + table(["#", "pass", "kind", "result"], rows, title="passes applied"))
