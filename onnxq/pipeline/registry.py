@@ -24,6 +24,7 @@ PASS_TABLE: dict[str, str] = {
     # CNNs
     "equalize": "cnn.equalize:Equalize",
     "recentre": "cnn.recentre:Recentre",
+    "cfws": "cnn.cfws:CoarseFineSplit",
     # transformers
     "fold_norm": "transformer.fold_norm:FoldNorm",
     "rotate": "transformer.rotate:Rotate",
