@@ -17,6 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 from builders import conv_weights
 from conftest import run, sqnr_db
 from onnxq import quantize
+from onnxq.errors import OnnxqError
 from onnxq.quant.ort_cpu import prepare
 
 C = 8
@@ -152,3 +153,23 @@ def test_mask_sized_scalar_stays_a_float_constant():
     model = ir.from_proto(onnx.shape_inference.infer_shapes(helper.make_model(graph)))
     assert prepare(model)["scalar_operands_quantized"] == 0
     assert not any(n.op_type == "DequantizeLinear" for n in model.graph)
+
+
+def test_int8_activations_are_int8_throughout_and_stay_close(tmp_path):
+    recipe = [{"include": "default", "override": {"quantize": {"activation_type": "int8"}}}]
+    signed = quantize(ppocr_like_model(), CALIB, target="ort-cpu", recipe=recipe, show_progress=False)
+    types = {onnx.helper.tensor_dtype_to_np_dtype(t.data_type) for t in signed.graph.initializer
+             if t.name.endswith("zero_point") and any(t.name == n.input[2] for n in signed.graph.node
+                                                      if n.op_type == "QuantizeLinear")}
+    assert types == {np.dtype(np.int8)}
+    # ORT's x86 CPU kernels fuse fewer S8S8 groups than U8S8 ones (docs/ort-cpu.md): some, not all
+    ops = Counter(n.op_type for n in ort_optimized(signed, tmp_path).graph.node)
+    assert 1 <= ops["QLinearConv"] <= 5
+    reference = run(ppocr_like_model(), EVAL)[0]
+    assert sqnr_db(reference, run(signed, EVAL)[0]) > 25
+
+
+def test_tensorrt_refuses_uint8_activations():
+    recipe = [{"include": "default", "override": {"quantize": {"activation_type": "uint8"}}}]
+    with pytest.raises(OnnxqError, match="takes int8 activations only, not uint8"):
+        quantize(ppocr_like_model(), CALIB, target="tensorrt", recipe=recipe, show_progress=False)

@@ -10,9 +10,10 @@ and it has no integer Div at all. Before the planner runs, `prepare` therefore
 - rewrites Div by a scalar constant as Mul by its reciprocal (QLinearMul exists, QLinearDiv not);
 - folds a Mul by a scalar constant read only by Convs (as their data input) into those Convs'
   weights, Conv(c·x) = (c·W)·x + b (zero padding stays zero), e.g. hard-swish's /6;
-- gives the remaining scalar constant operands of Add/Mul a UINT8 DequantizeLinear that represents
-  them exactly (scale |c|/255, zero point 0 or 255), so QLinearAdd/QLinearMul fire; attention-mask
-  sized constants are left as they are, for the planner to recognise.
+- gives the remaining scalar constant operands of Add/Mul a DequantizeLinear of the activations' type
+  that represents them exactly (UINT8: scale |c|/255, zero point 0 or 255; INT8: scale |c|/127, value
+  ±127), so QLinearAdd/QLinearMul, whose inputs share one type, fire; attention-mask sized constants
+  are left as they are, for the planner to recognise.
 
 Each rewrite changes the float result by rounding only. The TensorRT target does not use this.
 """
@@ -28,13 +29,14 @@ from onnxq.quant.qdq import MASK_CONSTANT
 _INT8_BINARY = ("Add", "Mul")
 
 
-def prepare(model: ir.Model) -> dict[str, int]:
-    """Apply the rewrites above in place; how many of each were made."""
+def prepare(model: ir.Model, signed_activations: bool = False) -> dict[str, int]:
+    """Apply the rewrites above in place (constant operands in INT8 when the activations are signed,
+    UINT8 otherwise); how many of each were made."""
     graph, namer = model.graph, Namer(model.graph)
     counts = {"folded_into_conv": _fold_affine_into_conv(graph, namer),
               "div_to_mul": _div_by_scalar_to_mul(graph, namer)}
     counts["folded_into_next_conv"] = _fold_scalar_mul_into_next_conv(graph, namer)
-    counts["scalar_operands_quantized"] = _quantize_scalar_operands(graph, namer)
+    counts["scalar_operands_quantized"] = _quantize_scalar_operands(graph, namer, signed_activations)
     graph.sort()
     return counts
 
@@ -165,7 +167,7 @@ def _fold_scalar_mul_into_next_conv(graph: ir.Graph, namer: Namer) -> int:
     return folded
 
 
-def _quantize_scalar_operands(graph: ir.Graph, namer: Namer) -> int:
+def _quantize_scalar_operands(graph: ir.Graph, namer: Namer, signed: bool) -> int:
     quantized = 0
     for node in list(graph):
         if node.op_type not in _INT8_BINARY or node.domain not in ("", "ai.onnx"):
@@ -177,13 +179,17 @@ def _quantize_scalar_operands(graph: ir.Graph, namer: Namer) -> int:
         value = float(constant.reshape(-1)[0])
         if not np.isfinite(value) or abs(value) >= MASK_CONSTANT:  # attention-mask constants stay visible as such
             continue
-        # exact in UINT8: the constant sits at one end of the grid [0, 255]·scale − zero_point·scale
-        scale = abs(value) / 255.0 if value != 0 else 1.0
-        zero_point, q = (0, 255) if value > 0 else (255, 0) if value < 0 else (0, 0)
+        # exact: the constant sits at one end of the grid (UINT8 [0, 255]·scale − zero_point·scale; INT8 ±127·scale)
+        levels, dtype = (127, np.int8) if signed else (255, np.uint8)
+        scale = abs(value) / levels if value != 0 else 1.0
+        if signed:
+            zero_point, q = 0, int(np.sign(value)) * 127
+        else:
+            zero_point, q = (0, 255) if value > 0 else (255, 0) if value < 0 else (0, 0)
         base = f"{node.name}_operand"
-        q_v = add_initializer(graph, namer, f"{base}_quantized", np.full(constant.shape, q, np.uint8))
+        q_v = add_initializer(graph, namer, f"{base}_quantized", np.full(constant.shape, q, dtype))
         scale_v = add_initializer(graph, namer, f"{base}_scale", np.array(scale, np.float32))
-        zp_v = add_initializer(graph, namer, f"{base}_zero_point", np.array(zero_point, np.uint8))
+        zp_v = add_initializer(graph, namer, f"{base}_zero_point", np.array(zero_point, dtype))
         dq = ir.node("DequantizeLinear", [q_v, scale_v, zp_v], name=namer.fresh(f"{base}_DequantizeLinear"))
         dq.outputs[0].name = namer.fresh(f"{base}_dequantized")
         dq.outputs[0].dtype, dq.outputs[0].shape = ir.DataType.FLOAT, ir.Shape(constant.shape)

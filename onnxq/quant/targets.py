@@ -21,14 +21,15 @@ class Target:
     symmetric: bool
     description: str
     # rewrites run just before Q/DQ placement so the target's runtime fuses what is placed
-    prepare: Callable[[ir.Model], dict[str, int]] | None = None
+    # (called with the model and whether the activations are signed)
+    prepare: Callable[[ir.Model, bool], dict[str, int]] | None = None
 
 
 TARGETS = {
     "tensorrt": Target("tensorrt", TENSORRT_TABLE, INT8, True,
                        "TensorRT explicit quantization: symmetric INT8, zero point 0, Q/DQ on weighted-layer inputs"),
     "ort-cpu": Target("ort-cpu", ORT_CPU_TABLE, UINT8, False,
-                      "ONNX Runtime CPU: asymmetric UINT8 activations and INT8 weights, Q/DQ around every op "
+                      "ONNX Runtime CPU: asymmetric UINT8 (or INT8) activations and INT8 weights, Q/DQ around every op "
                       "with an integer kernel so ORT fuses them into QLinear* kernels", ort_cpu.prepare),
 }
 

@@ -74,6 +74,8 @@ class Quantize(GraphPass):
     float_residual: bool = False  # keep Adds of two activations (the residual stream) in float
     # embedding tables (Gather on a constant): int8 stores them with one scale per row, whatever the weight format
     embeddings: Literal["float", "int8"] = "float"
+    # the target's activation type, or int8/uint8 where the target takes both (ort-cpu; TensorRT: int8 only)
+    activation_type: Literal["target", "int8", "uint8"] = "target"
 
     def __post_init__(self):
         if not isinstance(self.gptq_dampings, tuple):  # frozen: a list given in Python becomes a tuple
@@ -96,15 +98,16 @@ class Quantize(GraphPass):
 
     def apply(self, model: ir.Model, ctx: PassContext) -> dict:
         target = get_target(ctx.target)
+        signed = self._signed_activations(target)
         data = ctx.require_calibration(self.name)
-        prepared = target.prepare(model) if target.prepare else {}
+        prepared = target.prepare(model, signed) if target.prepare else {}
         plan = self._plan(model, target)
         wanted = {plan.range_of.get(v, v).name for v in plan.activations}
         # the auto calibrator's float reference is an output of the model state the ranges are read from
         reference = reference_outputs(model) if self.calibrator == "auto" else None
         stats = collect_statistics(model, sorted(wanted), data, histograms=self.calibrator != "max", bins=self.bins,
                                    show_progress=ctx.show_progress, alongside=[reference] if reference else [])
-        act_fmt = activation_format(self.activation_bits, target.activation_format.qmin < 0)
+        act_fmt = activation_format(self.activation_bits, signed)
         calibrator, choice = self.calibrator, {}
         if calibrator == "auto":
             def trial(copy: ir.Model, ranges: dict[str, Range]) -> None:
@@ -166,6 +169,16 @@ class Quantize(GraphPass):
                 "skipped": len(plan.skipped), "gptq_rounded": gptq_rounded,
                 **({"embedding_tables_quantized": tables} if self.embeddings == "int8" else {}),
                 **prepared, **learned, **choice}
+
+    def _signed_activations(self, target) -> bool:
+        """Whether activations are stored signed: the target's type unless the step names one it takes."""
+        native = target.activation_format.qmin < 0
+        if self.activation_type == "target":
+            return native
+        if target.symmetric and self.activation_type != ("int8" if native else "uint8"):
+            raise PassConditionError(f"quantize: target {target.name} takes {'int8' if native else 'uint8'} "
+                                     f"activations only, not {self.activation_type}")
+        return self.activation_type == "int8"
 
     def _plan(self, model: ir.Model, target, *, trial: bool = False) -> Planner:
         """Which tensors get Q/DQ, by the target's rule table; residual Adds float if asked (`trial`: the
