@@ -248,16 +248,17 @@ def _tensor_scales(value: ir.Value) -> set[float]:
 
 
 def rule_embedding_tables(graph):
-    """A DQ read as a Gather's data is weight-only quantization of a table: INT8 constants, and per-axis
-    scales only along the gathered axis (each gathered row keeps its own scale)."""
+    """A DQ of a constant read as a Gather's data is weight-only quantization of a table: INT8, and
+    per-axis scales only along the gathered axis (each gathered row keeps its own scale). A DQ of an
+    activation (a Q/DQ pair before a Gather that picks a token or splits heads) is not a table."""
     out = []
     for n in graph:
         dq = n.inputs[0].producer() if n.op_type == "Gather" and n.inputs[0] is not None else None
-        if dq is None or dq.op_type != "DequantizeLinear":
+        if dq is None or dq.op_type != "DequantizeLinear" or const_array(dq.inputs[0]) is None:
             continue
         scale = const_array(dq.inputs[1])
-        if const_array(dq.inputs[0]) is None or _quantized_type(dq) != ir.DataType.INT8:
-            out.append((n.name, f"Gather '{n.name}': table DQ '{dq.name}' is not of a constant INT8 table"))
+        if _quantized_type(dq) != ir.DataType.INT8:
+            out.append((n.name, f"Gather '{n.name}': table DQ '{dq.name}' is not of an INT8 table"))
         elif scale is not None and scale.size > 1 and (attr(dq, "block_size", 0) or attr(dq, "axis", 1) != attr(n, "axis", 0)):
             out.append((n.name, f"Gather '{n.name}': table DQ '{dq.name}' has per-axis scales off the gathered axis"))
     return out
