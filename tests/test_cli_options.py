@@ -231,3 +231,8 @@ def test_inspect_says_which_recipe_ran_why_and_for_which_target(files, capsys):
     assert code == 0
     _, out, _ = cli(capsys, "inspect", files / "cpu.onnx")
     assert "recipe: default (named by the user); target: ort-cpu" in out.splitlines()
+
+
+def test_quiet_and_a_log_level_together_are_a_usage_error(files, capsys):
+    code, err = usage_error(capsys, "inspect", files / "model.onnx", "-q", "--log-level", "debug")
+    assert code == 2 and "not allowed with argument -q/--quiet" in err

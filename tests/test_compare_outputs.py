@@ -177,3 +177,41 @@ def test_a_batch_size_that_leaves_a_remainder_says_so(tmp_path, capsys):
     assert code == 0 and text.startswith("8 samples")
     assert err == ("onnxq: warning: compare: 10 samples do not split into batches of 4: the last 2 are left out "
                    "(a --batch-size that divides 10 uses all)\n")
+
+
+def test_non_finite_layers_rank_last_and_the_json_is_standard(tmp_path, capsys):
+    """A -inf attention-style mask makes inf - inf = NaN in that layer's error: it must neither head the
+    worst-layer list nor leak a numpy warning, and --json must stay standard JSON."""
+    import json
+    import warnings
+
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(size=(8, 8)).astype(np.float32), "W"),
+             numpy_helper.from_array(np.array(-np.inf, np.float32), "neg_inf")]
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["scores"], name="mm"),
+             helper.make_node("Cast", ["keep"], ["keep_b"], to=TensorProto.BOOL, name="cast"),
+             helper.make_node("Where", ["keep_b", "scores", "neg_inf"], ["masked"], name="mask"),
+             helper.make_node("Softmax", ["masked"], ["probs"], name="softmax", axis=-1)]
+    graph = helper.make_graph(nodes, "masked", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 8]),
+                                                helper.make_tensor_value_info("keep", TensorProto.INT64, ["B", 8])],
+                              [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["B", 8])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), tmp_path / "m.onnx")
+    keep = (rng.uniform(size=(16, 8)) > 0.3).astype(np.int64)
+    keep[:, 0] = 1
+    data = {"x": rng.normal(size=(16, 8)).astype(np.float32), "keep": keep}
+    np.savez(tmp_path / "d.npz", **data)
+    code, _, _ = cli(capsys, "quantize", tmp_path / "m.onnx", "--calib", tmp_path / "d.npz", "-o", tmp_path / "q.onnx",
+                     "-q", "--padding-mask", "none", "--allow-unknown-ops")
+    assert code in (0, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        code, _, _ = cli(capsys, "compare", tmp_path / "m.onnx", tmp_path / "q.onnx", "--data", tmp_path / "d.npz",
+                         "--padding-mask", "none", "--layers", "-1", "--json", tmp_path / "c.json")
+    assert code == 0
+    result = json.loads((tmp_path / "c.json").read_text(), parse_constant=lambda c: pytest.fail(f"non-standard {c}"))
+    values = [row["sqnr_db"] for row in result["layers"]]
+    finite = [v for v in values if isinstance(v, float)]
+    assert finite == sorted(finite) and values[:len(finite)] == finite  # finite ones first, worst first
+    assert "nan" in values and values[-1] == "nan"

@@ -121,6 +121,10 @@ class _Accumulator:
             self.elements += int(keep.sum()) if keep is not None else ref.size
             return
         ref64, out64 = ref.astype(np.float64), out.astype(np.float64)
+        with np.errstate(invalid="ignore", over="ignore"):  # inf - inf (a -inf mask in both) is NaN: reported as such
+            self._update_float(ref, out, ref64, out64, keep, detailed)
+
+    def _update_float(self, ref, out, ref64, out64, keep, detailed: bool) -> None:
         if keep is not None:  # padded positions count as exact agreement: zero in both
             ref64, out64 = np.where(keep, ref64, 0.0), np.where(keep, out64, 0.0)
         diff = out64 - ref64
@@ -132,9 +136,8 @@ class _Accumulator:
         self.max_err = max(self.max_err, float(np.abs(diff).max(initial=0.0)))
         a = ref64.reshape(len(ref64), -1) if ref64.ndim > 1 else ref64.reshape(1, -1)
         b = a + diff.reshape(a.shape)
-        with np.errstate(invalid="ignore", over="ignore"):  # an overflowing output: NaN, reported as not finite
-            norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-            self.cos_sum += float(np.sum(np.where(norms > 0, np.sum(a * b, axis=1) / np.maximum(norms, 1e-30), 1.0)))
+        norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)  # overflow: NaN, reported as not finite
+        self.cos_sum += float(np.sum(np.where(norms > 0, np.sum(a * b, axis=1) / np.maximum(norms, 1e-30), 1.0)))
         self.samples += len(a)
         if self.classes and ref.shape[-1] >= 2:
             hits = ref.argmax(-1) == out.argmax(-1)
@@ -200,8 +203,9 @@ def compare_models(reference: ir.Model, quantized: ir.Model, data: Any, *, layer
             if name in out_names or np.issubdtype(r.dtype, np.floating):
                 acc[name].update(r, q, mask, detailed=name in out_names)
     outputs = [acc[n].agreement(n, classes[n]) for n in out_names]
+    # worst first; identical tensors (inf) last, and NaN (a non-finite reference, e.g. a -inf mask) after them
     layer_rows = sorted(({"tensor": n, "sqnr_db": acc[n].sqnr_db} for n in layer_names if acc[n].signal > 0),
-                        key=lambda row: row["sqnr_db"])
+                        key=lambda row: (math.isnan(row["sqnr_db"]), row["sqnr_db"]))
     return {"samples": batches.num_samples, "padding_mask": batches.padding_mask,
             "outputs": [{**asdict(o), "verdict": o.verdict} for o in outputs], "layers": layer_rows}
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -375,9 +376,19 @@ def _recipes(args) -> int:
 
 
 def _write_json(path: str, data) -> None:
+    """Standard JSON: inf, -inf and NaN (an SQNR of identical tensors, a non-finite reference) as strings."""
     from onnxq.ir.outputs import write_text
 
-    write_text(path, json.dumps(data, indent=2, default=str))
+    def finite(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return str(value)
+        if isinstance(value, dict):
+            return {k: finite(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [finite(v) for v in value]
+        return value
+
+    write_text(path, json.dumps(finite(data), indent=2, default=str, allow_nan=False))
 
 
 if __name__ == "__main__":

@@ -93,10 +93,11 @@ def _op_list(text: str) -> list[str]:
 def _log_options() -> argparse.ArgumentParser:
     """--log-level and -q, shared by every command."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--log-level", choices=list(LOG_LEVELS),
+    levels = common.add_mutually_exclusive_group()  # -q is a log level: naming both would leave one ignored
+    levels.add_argument("--log-level", choices=list(LOG_LEVELS),
                         help="error: errors only; warning: also warnings; info: also progress and what each step "
                              "did (default); debug: also per-pass options and details (e.g. --log-level debug)")
-    common.add_argument("-q", "--quiet", action="store_true",
+    levels.add_argument("-q", "--quiet", action="store_true",
                         help="same as --log-level warning: no progress or info, warnings and errors still shown")
     return common
 
@@ -176,7 +177,8 @@ def build_parser(runners: dict[str, Callable[[argparse.Namespace], int]]) -> arg
     v = sub.add_parser("view", help="open a model in Netron, with onnxq's record on the model and its nodes",
                        description="Serve the model in Netron (the graph viewer) on localhost and open it in a browser.\n"
                                    "onnxq's record is under the model's properties (recipe, target, passes) and on each\n"
-                                   "node (why it is quantized or float). Needs: pip install 'onnxq[view]'.\n\n"
+                                   "node (why it is quantized or float). Ctrl-C stops it (exit status 0: stopping is\n"
+                                   "how it ends). Needs: pip install 'onnxq[view]'.\n\n"
                                    "  onnxq view model.int8.onnx\n"
                                    "  onnxq view model.int8.onnx --port 8081 --no-browser   (on a remote machine)",
                        formatter_class=formatter, parents=common)

@@ -70,11 +70,12 @@ class CalibrationSet:
     `attention_mask`); statistics leave those positions out (see onnxq.stats.service.real_rows)."""
 
     def __init__(self, make_batches: Callable[[], Iterator[Feed]], num_batches: int, num_samples: int,
-                 padding_mask: str | None = None):
+                 padding_mask: str | None = None, left_out: int = 0):
         self._make_batches = make_batches
         self.num_batches = num_batches
         self.num_samples = num_samples
         self.padding_mask = padding_mask
+        self.left_out = left_out  # samples past the last whole batch
 
     def __iter__(self) -> Iterator[Feed]:
         return self._make_batches()
@@ -112,6 +113,9 @@ def load_calibration(source: Any, model: ir.Model, *, batch_size: int = 1, limit
                              "file, a folder of them, a dict of arrays, or an iterable of {input_name: array} feeds")
         data = _from_feeds(source, specs, limit)
     data.padding_mask = _padding_input(specs, padding_mask)
+    if data.padding_mask and not any(np.any(feed[data.padding_mask]) for feed in data):
+        raise OnnxqError(f"every calibration position is padding ('{data.padding_mask}' is 0 everywhere), so no "
+                         "statistic would see data: fix the mask, or pass --padding-mask none")
     return data
 
 
@@ -189,7 +193,7 @@ def _from_stacked_files(files, specs, batch_size, limit) -> CalibrationSet:
                 yield {k: np.ascontiguousarray(v[start:start + step]) for k, v in arrays.items()}
                 left -= step
 
-    return CalibrationSet(batches, usable // step, usable)
+    return CalibrationSet(batches, usable // step, usable, left_out=total - usable)
 
 
 def _check_stacked(label: str, arrays: Mapping[str, np.ndarray], specs: list[InputSpec]) -> int:
