@@ -15,6 +15,7 @@ torch is imported inside the functions only: `import onnxq` stays torch-free.
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 import sys
 import tempfile
@@ -77,7 +78,7 @@ def export(module: Any, example_inputs: Any, path: str | os.PathLike, *, input_n
         exported = Path(folder) / "model.onnx"
         _run_exporter(torch, module, inputs, exported, names_in, names_out, axes, opset, exporter, log)
         check_matches(exported, feeds, reference, rtol=rtol, atol=atol)
-        return _save(exported, path, axes)
+        return _save(exported, path, axes, log)
 
 
 def check_matches(model_path: str | os.PathLike, feeds: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray],
@@ -153,26 +154,31 @@ def _run_exporter(torch, module, inputs: tuple, out: Path, names_in: list[str], 
 
 def _export_dynamo(torch, module, inputs: tuple, out: Path, names_in: list[str], names_out: list[str],
                    axes: dict | None, opset: int | None) -> None:
-    # torch.export wants dynamic dimensions as Dim objects keyed by forward's parameter names; the
-    # same dimension name shares one Dim so that equal axes (batch of every input) stay tied.
-    dims: dict[str, Any] = {}
+    # torch.export takes dynamic axes per positional input; Dim.AUTO lets it tie equal axes (the batch
+    # of every input) and keep an axis of example size 1 dynamic, where a named Dim would refuse both.
     shapes = None
     if axes:
-        shapes = tuple({axis: dims.setdefault(dim, torch.export.Dim.AUTO) for axis, dim in axes.get(n, {}).items()}
-                       or None for n in names_in)
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(module, inputs, dynamo=True, opset_version=opset or DYNAMO_OPSET,
-                                    input_names=names_in, output_names=names_out, dynamic_shapes=shapes,
-                                    optimize=True, verbose=False)
+        shapes = tuple({axis: torch.export.Dim.AUTO for axis in axes.get(n, {})} or None for n in names_in)
+    quiet = logging.getLogger("torch.onnx")  # its per-op registration warnings are not the user's concern
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(module, inputs, dynamo=True, opset_version=opset or DYNAMO_OPSET,
+                                        input_names=names_in, output_names=names_out, dynamic_shapes=shapes,
+                                        optimize=True, verbose=False)
+    finally:
+        quiet.setLevel(level)
     if program is None:
         raise OnnxqError("the dynamo exporter returned no program")
     program.save(str(out))  # external data when the weights pass 2 GiB
 
 
-def _save(exported: Path, path: Path, axes: dict | None) -> Path:
+def _save(exported: Path, path: Path, axes: dict | None, log) -> Path:
     """Write the checked export to `path` atomically, external data when the weights need it, with
-    the dynamic dimensions named as asked (dynamo names them s0, s1, ...)."""
+    the dynamic dimensions named as asked (dynamo names them s0, s1, ...); an axis asked dynamic
+    that the exporter fixed (the module's code depends on its size) is logged."""
     import onnx_ir as ir
 
     from onnxq.ir.modelio import save_model
@@ -184,6 +190,9 @@ def _save(exported: Path, path: Path, axes: dict | None) -> Path:
             dim = value.shape[axis] if value.shape is not None and axis < len(value.shape) else None
             if isinstance(dim, ir.SymbolicDim) and dim.value is not None:
                 renames.setdefault(dim.value, dim_name)
+            elif isinstance(dim, int):
+                log(f"export: axis {axis} of '{value.name}' is fixed at {dim} in the export (the exporter "
+                    "specialised it), not dynamic as asked")
     if renames:
         values = [*model.graph.inputs, *(o for node in model.graph.all_nodes() for o in node.outputs)]
         for value in values:

@@ -113,6 +113,17 @@ def test_static_export_keeps_the_example_shape(tmp_path, torch_one_thread):
     assert _dims(path, "image") == [2, 3, 16, 16]
 
 
+def test_an_axis_the_exporter_fixes_is_reported(tmp_path, torch_one_thread):
+    class FixedBatch(torch.nn.Module):  # the batch size is written into the code
+        def forward(self, x):
+            return x.reshape(2, 12) * 3
+
+    lines = []
+    path = onnxq.export(FixedBatch(), torch.ones(2, 3, 4), tmp_path / "m.onnx", exporter="dynamo", log=lines.append)
+    assert _dims(path, "output") == [2, 12]
+    assert any("axis 0 of 'output' is fixed at 2" in line for line in lines), lines
+
+
 def test_mismatch_names_the_output_and_writes_nothing(tmp_path, torch_one_thread):
     model, image = _cnn()
     with pytest.raises(OnnxqError, match=r"output 'output' differs .* by up to"):
