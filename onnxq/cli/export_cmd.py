@@ -87,6 +87,8 @@ def _from_hf_folder(folder: Path, *, seq_len: int, batch: int, log) -> tuple[Any
         raise OnnxqError("exporting a Hugging Face folder needs torch and transformers "
                          "(pip install torch transformers)") from None
     loader = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()  # a bar for loading a few files is noise
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -94,6 +96,9 @@ def _from_hf_folder(folder: Path, *, seq_len: int, batch: int, log) -> tuple[Any
     except Exception as exc:
         raise OnnxqError(f"{folder}: transformers cannot load the model ({type(exc).__name__}: "
                          f"{str(exc).strip().splitlines()[0] if str(exc).strip() else 'no message'})") from None
+    finally:
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
     if getattr(model.config, "use_cache", None):
         model.config.use_cache = False
     log(f"export: {type(model).__name__} from {folder} (eager attention, FP32), example batch {batch} x {seq_len}")
