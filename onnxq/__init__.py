@@ -2,6 +2,7 @@
 
     import onnxq
     qmodel = onnxq.quantize("model.onnx", "calib.npz", output="model.int8.onnx")
+    onnxq.export(torch_module, example_inputs, "model.onnx")  # PyTorch to ONNX, checked in ONNX Runtime
 
 Plain quantization needs only onnx, onnxruntime, onnxscript and numpy; torch is imported by the
 passes that optimise something (learned rounding, rotations) and only when they run.
@@ -9,5 +10,6 @@ passes that optimise something (learned rounding, rotations) and only when they 
 
 from onnxq._version import __version__
 from onnxq.api import quantize
+from onnxq.torch_export import export
 
-__all__ = ["__version__", "quantize"]
+__all__ = ["__version__", "export", "quantize"]

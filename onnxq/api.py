@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import onnx
@@ -22,6 +24,7 @@ from onnxq.quant.scheme import QuantScheme
 from onnxq.quant.selection import outside_op_types, select_nodes
 from onnxq.quant.targets import get_target
 from onnxq.stats.calib_data import load_calibration
+from onnxq.torch_export import export
 
 # warnings (an exclusion that selects nothing) and debug detail; `log` carries the progress lines.
 # With no logging set up, Python prints warnings to stderr; the CLI sets the level (--log-level).
@@ -34,11 +37,12 @@ def quantize(model: str | os.PathLike | onnx.ModelProto | ir.Model, calibration_
              rounding: str | None = None, exclude: Sequence[str] | None = None, op_types: Sequence[str] | None = None,
              batch_size: int = 1, max_samples: int | None = None, padding_mask: str | None = "auto",
              allow_unknown_ops: bool = False, verify_exact: bool = True, show_progress: bool = True,
-             log=print) -> onnx.ModelProto:
+             log=print, example_inputs: Any = None) -> onnx.ModelProto:
     """Quantize `model` with `calibration_data` and return the QDQ model (written to `output` if given).
 
     Args:
-        model: path to an .onnx file, an onnx.ModelProto or an onnx_ir Model (left unmodified).
+        model: path to an .onnx file, an onnx.ModelProto or an onnx_ir Model (left unmodified), or a
+            torch.nn.Module, exported first with onnxq.export on `example_inputs`.
         calibration_data: .npz/.npy file or folder, dict of stacked arrays, or iterable of feeds
             (see onnxq.stats.calib_data).
         recipe: built-in recipe name, YAML/JSON file, or list of steps; None picks the best built-in
@@ -54,6 +58,8 @@ def quantize(model: str | os.PathLike | onnx.ModelProto | ir.Model, calibration_
         padding_mask: the input whose zeros mark padded positions, left out of every statistic;
             a rank-2 integer or bool input, 1 for real positions; "auto" takes such an input named
             attention_mask; None counts every position.
+        example_inputs: a tensor or tuple of tensors for forward, with a torch.nn.Module model only;
+            the ONNX inputs take forward's parameter names (the calibration data's keys).
 
     Raises OnnxqError for unusable input (OnnxqTypeError / OnnxqValueError, also a TypeError /
     ValueError, for an argument of the wrong type or value, named in the message), before any work.
@@ -62,7 +68,15 @@ def quantize(model: str | os.PathLike | onnx.ModelProto | ir.Model, calibration_
                              calibrator=calibrator, rounding=rounding, exclude=exclude, op_types=op_types,
                              batch_size=batch_size, max_samples=max_samples,
                              padding_mask=padding_mask, allow_unknown_ops=allow_unknown_ops, verify_exact=verify_exact,
-                             show_progress=show_progress, log=log)
+                             show_progress=show_progress, log=log, example_inputs=example_inputs)
+    if example_inputs is not None:  # a torch module: export to a temporary file, then quantize that
+        with tempfile.TemporaryDirectory(prefix="onnxq-export-") as folder:
+            exported = export(model, example_inputs, Path(folder) / "model.onnx", log=log)
+            return quantize(exported, calibration_data, output=output, recipe=recipe, target=target,
+                            per_tensor=per_tensor, calibrator=calibrator, rounding=rounding, exclude=exclude,
+                            op_types=op_types, batch_size=batch_size, max_samples=max_samples,
+                            padding_mask=padding_mask, allow_unknown_ops=allow_unknown_ops,
+                            verify_exact=verify_exact, show_progress=show_progress, log=log)
     source_path = model if isinstance(model, (str, os.PathLike)) else None
     work = load_model(model)
     if not isinstance(model, (str, os.PathLike)):

@@ -18,6 +18,7 @@ import onnx_ir as ir
 
 from onnxq.errors import OnnxqError, OnnxqTypeError, OnnxqValueError
 from onnxq.ir.outputs import calibration_files, check_outputs, files_read_by_model
+from onnxq.torch_export import is_torch_module
 
 _PATH = (str, os.PathLike)
 
@@ -26,13 +27,22 @@ def check_quantize_arguments(model: Any, calibration_data: Any, *, output: Any, 
                              per_tensor: Any, calibrator: Any, rounding: Any, exclude: Any, op_types: Any,
                              batch_size: Any, max_samples: Any,
                              padding_mask: Any, allow_unknown_ops: Any, verify_exact: Any, show_progress: Any,
-                             log: Any) -> None:
+                             log: Any, example_inputs: Any = None) -> None:
     """Raise OnnxqTypeError / OnnxqValueError / OnnxqError for the first unusable argument."""
     from onnxq.quant.calibrate import CALIBRATORS
     from onnxq.quant.targets import TARGETS
     from onnxq.stats.calib_data import CalibrationSet
 
-    _type("model", model, _PATH + (onnx.ModelProto, ir.Model), "a path, an onnx.ModelProto or an onnx_ir Model")
+    if is_torch_module(model):
+        if example_inputs is None:
+            raise OnnxqTypeError("example_inputs: a torch.nn.Module model needs example inputs to export it "
+                                 "(a tensor or a tuple of tensors, as forward takes them)")
+    else:
+        _type("model", model, _PATH + (onnx.ModelProto, ir.Model),
+              "a path, an onnx.ModelProto, an onnx_ir Model or a torch.nn.Module")
+        if example_inputs is not None:
+            raise OnnxqValueError("example_inputs: only used to export a torch.nn.Module model; "
+                                  f"this model is a {type(model).__name__}")
     if calibration_data is None or isinstance(calibration_data, (bytes, int, float, bool)) or not (
             isinstance(calibration_data, _PATH + (Mapping, Iterable, CalibrationSet))
             or hasattr(calibration_data, "get_next")):

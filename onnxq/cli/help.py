@@ -97,3 +97,19 @@ profiles (--target):
 examples:
   onnxq lint model.int8.onnx
   onnxq lint model.cpu.int8.onnx --target ort-cpu -v"""
+
+EXPORT_DESCRIPTION = """\
+Export a PyTorch model to ONNX in the form onnxq recognises and TensorRT reads, then check that
+ONNX Runtime's outputs match torch's on the example inputs (nothing is written if they do not).
+
+SOURCE is a Hugging Face model folder (config.json + weights, as save_pretrained writes them),
+loaded in FP32 with eager attention and no KV cache (AutoModelForCausalLM when the config names a
+*ForCausalLM, output logits; AutoModel otherwise, output last_hidden_state); the example inputs are
+random input_ids and an attention_mask with some padding, batch and sequence axes dynamic. SOURCE
+may also be file.py:factory, a function returning (module, example_inputs); axis 0 is dynamic.
+
+The dynamo exporter (opset 18) is tried first, the TorchScript exporter (opset 17) if it fails.
+
+  onnxq export ./my-llama -o llama.onnx
+  onnxq export ./my-bert -o bert.onnx --seq-len 128 --exporter torchscript
+  onnxq export net.py:make_model -o net.onnx"""

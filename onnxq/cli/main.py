@@ -1,4 +1,4 @@
-"""The `onnxq` command line: quantize, compare, lint, inspect, build-engine, recipes."""
+"""The `onnxq` command line: quantize, compare, lint, inspect, build-engine, recipes, export."""
 
 from __future__ import annotations
 
@@ -34,9 +34,18 @@ class Terminated(BaseException):
 
 
 
+def _export(args) -> int:
+    from onnxq.cli.export_cmd import run_export
+
+    run_export(args.source, args.output, seq_len=args.seq_len, batch=args.batch, opset=args.opset,
+               exporter=args.exporter, log=_say if args.level <= logging.INFO else (lambda *_: None))
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser({"quantize": _quantize, "compare": _compare, "lint": _lint, "inspect": _inspect,
-                           "build-engine": _build_engine, "recipes": _recipes, "view": _view})
+                           "build-engine": _build_engine, "recipes": _recipes, "view": _view,
+                           "export": _export})
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
         parser.print_help()

@@ -6,7 +6,7 @@ import argparse
 import logging
 from collections.abc import Callable
 
-from onnxq.cli.help import COMPARE_DESCRIPTION, DESCRIPTION, LINT_DESCRIPTION, QUANTIZE_EPILOG
+from onnxq.cli.help import COMPARE_DESCRIPTION, DESCRIPTION, EXPORT_DESCRIPTION, LINT_DESCRIPTION, QUANTIZE_EPILOG
 from onnxq.cli.tables import clean
 
 # Exit statuses (docs/guarantees.md): what a script calling onnxq can rely on.
@@ -196,6 +196,17 @@ def build_parser(runners: dict[str, Callable[[argparse.Namespace], int]]) -> arg
     b.add_argument("--shapes", help="shapes for dynamic inputs, e.g. input:1x3x224x224,mask:1x128")
     b.add_argument("--workspace-mb", type=_positive, default=4096)
     b.set_defaults(run=runners["build-engine"])
+
+    e = sub.add_parser("export", help="export a PyTorch model (Hugging Face folder or file.py:factory) to ONNX",
+                       description=EXPORT_DESCRIPTION, formatter_class=formatter, parents=common)
+    e.add_argument("source", help="Hugging Face model folder, or file.py:factory returning (module, example_inputs)")
+    e.add_argument("-o", "--output", required=True, help="where to write the .onnx model")
+    e.add_argument("--seq-len", type=_positive, default=16, help="sequence length of the example inputs (default 16)")
+    e.add_argument("--batch", type=_positive, default=2, help="batch of the example inputs (default 2)")
+    e.add_argument("--opset", type=_positive, help="ONNX opset (default: 18 for dynamo, 17 for TorchScript)")
+    e.add_argument("--exporter", default="auto", choices=["auto", "dynamo", "torchscript"],
+                   help="auto (default): dynamo, falling back to TorchScript if dynamo fails")
+    e.set_defaults(run=runners["export"])
 
     r = sub.add_parser("recipes", help="list the built-in recipes and the passes they can use", parents=common)
     r.set_defaults(run=runners["recipes"])
