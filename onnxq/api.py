@@ -34,7 +34,8 @@ logger = logging.getLogger("onnxq")
 def quantize(model: str | os.PathLike | onnx.ModelProto | ir.Model, calibration_data: Any, *,
              output: str | os.PathLike | None = None, recipe: str | os.PathLike | list | None = None,
              target: str = "tensorrt", per_tensor: bool | None = None, calibrator: str | None = None,
-             rounding: str | None = None, exclude: Sequence[str] | None = None, op_types: Sequence[str] | None = None,
+             rounding: str | None = None, activation_type: str | None = None,
+             exclude: Sequence[str] | None = None, op_types: Sequence[str] | None = None,
              batch_size: int = 1, max_samples: int | None = None, padding_mask: str | None = "auto",
              allow_unknown_ops: bool = False, verify_exact: bool = True, show_progress: bool = True,
              log=print, example_inputs: Any = None) -> onnx.ModelProto:
@@ -50,6 +51,8 @@ def quantize(model: str | os.PathLike | onnx.ModelProto | ir.Model, calibration_
         target: "tensorrt" (symmetric INT8 for TensorRT) or "ort-cpu" (ONNX Runtime int8 kernels).
         per_tensor / calibrator / rounding: override the recipe's quantize step (weights per tensor;
             activation calibrator max | percentile | entropy | mse; weight rounding nearest | gptq | adaround | flexround).
+        activation_type: "int8" or "uint8" activations where the target takes both (ort-cpu; its default
+            is uint8); None: the target's own (TensorRT: int8 only).
         exclude: node names or regular expressions (matched against whole names) of nodes to keep in
             float, added to the recipe's quantize-step `exclude` (ONNX Runtime's nodes_to_exclude). A
             pattern that matches no node of the model is a warning (logger "onnxq") and is ignored.
@@ -65,15 +68,16 @@ def quantize(model: str | os.PathLike | onnx.ModelProto | ir.Model, calibration_
     ValueError, for an argument of the wrong type or value, named in the message), before any work.
     """
     check_quantize_arguments(model, calibration_data, output=output, recipe=recipe, target=target, per_tensor=per_tensor,
-                             calibrator=calibrator, rounding=rounding, exclude=exclude, op_types=op_types,
-                             batch_size=batch_size, max_samples=max_samples,
+                             calibrator=calibrator, rounding=rounding, activation_type=activation_type,
+                             exclude=exclude, op_types=op_types, batch_size=batch_size, max_samples=max_samples,
                              padding_mask=padding_mask, allow_unknown_ops=allow_unknown_ops, verify_exact=verify_exact,
                              show_progress=show_progress, log=log, example_inputs=example_inputs)
     if example_inputs is not None:  # a torch module: export to a temporary file, then quantize that
         with tempfile.TemporaryDirectory(prefix="onnxq-export-") as folder:
             exported = export(model, example_inputs, Path(folder) / "model.onnx", log=log)
             return quantize(exported, calibration_data, output=output, recipe=recipe, target=target,
-                            per_tensor=per_tensor, calibrator=calibrator, rounding=rounding, exclude=exclude,
+                            per_tensor=per_tensor, calibrator=calibrator, rounding=rounding,
+                            activation_type=activation_type, exclude=exclude,
                             op_types=op_types, batch_size=batch_size, max_samples=max_samples,
                             padding_mask=padding_mask, allow_unknown_ops=allow_unknown_ops,
                             verify_exact=verify_exact, show_progress=show_progress, log=log)
@@ -93,7 +97,8 @@ def quantize(model: str | os.PathLike | onnx.ModelProto | ir.Model, calibration_
         log(f"recipe: {choice.recipe} ({choice.reason}; --recipe chooses another)")
     recipe_name, passes = load_recipe(recipe if choice is None else choice.recipe)
     passes = _with_overrides(work, passes, per_tensor=per_tensor, calibrator=calibrator, rounding=rounding,
-                             allow_unknown_ops=allow_unknown_ops, exclude=_matching(work, exclude or []),
+                             activation_type=activation_type, allow_unknown_ops=allow_unknown_ops,
+                             exclude=_matching(work, exclude or []),
                              op_types=_present(work, op_types or []))
     _check_rules_cover(work, passes, target)
     _check_float_type(work, target)
@@ -137,7 +142,8 @@ def _present(model: ir.Model, op_types: Sequence[str]) -> list[str]:
 
 
 def _with_overrides(model: ir.Model, passes: list, *, per_tensor: bool | None, calibrator: str | None,
-                    rounding: str | None, allow_unknown_ops: bool, exclude: list[str], op_types: list[str]) -> list:
+                    rounding: str | None, activation_type: str | None, allow_unknown_ops: bool, exclude: list[str],
+                    op_types: list[str]) -> list:
     """The recipe's passes with the user's overrides applied to its quantize step (a new pass
     object: recipe passes are frozen). Passes that prepare for quantization read the scheme. The
     user's exclude patterns join the recipe's; their op types replace the recipe's."""
@@ -157,6 +163,8 @@ def _with_overrides(model: ir.Model, passes: list, *, per_tensor: bool | None, c
         changes["calibrator"] = calibrator
     if rounding:
         changes["rounding"] = rounding
+    if activation_type:
+        changes["activation_type"] = activation_type
     if allow_unknown_ops:
         changes["unknown_ops"] = "float"
     return [with_options(p, **changes) if p.name == "quantize" and changes else p for p in passes]

@@ -25,6 +25,7 @@ _PATH = (str, os.PathLike)
 
 def check_quantize_arguments(model: Any, calibration_data: Any, *, output: Any, recipe: Any, target: Any,
                              per_tensor: Any, calibrator: Any, rounding: Any, exclude: Any, op_types: Any,
+                             activation_type: Any = None,
                              batch_size: Any, max_samples: Any,
                              padding_mask: Any, allow_unknown_ops: Any, verify_exact: Any, show_progress: Any,
                              log: Any, example_inputs: Any = None) -> None:
@@ -60,6 +61,11 @@ def check_quantize_arguments(model: Any, calibration_data: Any, *, output: Any, 
         _type(name, value, (str, type(None)), f"one of {', '.join(choices)} or None")
         if value is not None and value not in choices:
             raise OnnxqValueError(f"{name}: {value!r} is not one of {', '.join(choices)}")
+    _type("activation_type", activation_type, (str, type(None)), "'int8', 'uint8' or None")
+    if activation_type is not None and activation_type not in ("int8", "uint8"):
+        raise OnnxqValueError(f"activation_type: {activation_type!r} is not one of int8, uint8")
+    if activation_type == "uint8" and target == "tensorrt":
+        raise OnnxqValueError("activation_type: TensorRT takes int8 activations only (uint8 is for --target ort-cpu)")
     _names("exclude", exclude, "node names or regular expressions")
     for pattern in exclude or ():
         problem = regex_problem(pattern)

@@ -236,3 +236,15 @@ def test_inspect_says_which_recipe_ran_why_and_for_which_target(files, capsys):
 def test_quiet_and_a_log_level_together_are_a_usage_error(files, capsys):
     code, err = usage_error(capsys, "inspect", files / "model.onnx", "-q", "--log-level", "debug")
     assert code == 2 and "not allowed with argument -q/--quiet" in err
+
+
+def test_activation_type_int8_for_ort_cpu_and_uint8_refused_for_tensorrt(files, capsys):
+    code, _, err = quantize_cli(capsys, files, "cpu_s8.onnx", "-q", "--target", "ort-cpu", "--activation-type", "int8")
+    assert code == 0, err
+    model = onnx.load(files / "cpu_s8.onnx")
+    zero_points = {t.name: t.data_type for t in model.graph.initializer}
+    q_types = {zero_points[n.input[2]] for n in model.graph.node if n.op_type == "QuantizeLinear"}
+    assert q_types == {onnx.TensorProto.INT8}
+    assert sqnr_db(run(mobilenet_block_model(), {"input": EVAL})[0], run(model, {"input": EVAL})[0]) > 20
+    code, _, err = quantize_cli(capsys, files, "trt_u8.onnx", "--activation-type", "uint8")
+    assert code == 1 and "TensorRT takes int8 activations only" in err and not (files / "trt_u8.onnx").exists()

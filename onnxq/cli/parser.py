@@ -122,6 +122,9 @@ def build_parser(runners: dict[str, Callable[[argparse.Namespace], int]]) -> arg
     q.add_argument("--target", default="tensorrt", choices=["tensorrt", "ort-cpu"], help="deployment target (default tensorrt)")
     q.add_argument("--per-tensor", action="store_true", help="one scale per weight tensor instead of per output channel")
     q.add_argument("--calibrator", choices=["max", "percentile", "entropy", "mse", "auto"], help="activation calibrator (default: the recipe's)")
+    q.add_argument("--activation-type", choices=["int8", "uint8"],
+                   help="activation integers where the target takes both: --target ort-cpu defaults to uint8 "
+                        "(fastest on x86); int8 for CPUs whose kernels prefer S8S8 (e.g. --activation-type int8)")
     q.add_argument("--rounding", choices=["nearest", "gptq", "adaround", "flexround"],
                    help="weight rounding (default: the recipe's): gptq chooses the integers against each layer's "
                         "calibration inputs; adaround/flexround learn them block by block (all use torch; "
