@@ -142,7 +142,7 @@ def test_padded_positions_are_left_out(tmp_path, capsys):
     assert code == 0 and "'attention_mask' is 0 left out" in text and "identical" in text
     outputs = by_name(auto)
     assert auto["padding_mask"] == "attention_mask"
-    assert math.isinf(outputs["hidden"]["sqnr_db"]) and outputs["hidden"]["cosine"] == pytest.approx(1.0)
+    assert outputs["hidden"]["sqnr_db"] == "inf" and outputs["hidden"]["cosine"] == pytest.approx(1.0)  # JSON: a string
     assert outputs["hidden"]["max_abs_error"] == 0 and outputs["hidden"]["elements"] == 6 * 3 * H
     assert outputs["token_ids"]["verdict"] == "identical" and outputs["token_ids"]["elements"] == 6 * 3
 
