@@ -8,6 +8,6 @@ passes that optimise something (learned rounding, rotations) and only when they 
 """
 
 from onnxq._version import __version__
-from onnxq.api import quantize
+from onnxq.api import quantize, report
 
-__all__ = ["__version__", "quantize"]
+__all__ = ["__version__", "quantize", "report"]
