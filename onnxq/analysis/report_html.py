@@ -21,6 +21,8 @@ tr:nth-child(even){background:#f6f6f6}th{background:#e8e8e8}.num{text-align:righ
 details{margin:2px 0}summary{cursor:pointer}code{font-size:13px}.note{color:#555}
 svg text{font:10px sans-serif}
 """
+SQNR_BAR_DB = 60.0  # the SQNR that fills a bar
+LAYERS_SHOWN = 20   # the worst layers listed; the others are folded away
 _SECTIONS = [("summary", "Summary"), ("passes", "Passes"), ("outputs", "Outputs"), ("layers", "Per-layer error"),
              ("activations", "Activation ranges"), ("weights", "Weight ranges per channel"),
              ("outliers", "Outlier channels"), ("float", "Kept in float"), ("lint", "Lint"),
@@ -79,11 +81,19 @@ def _passes(r: dict) -> str:
         return '<p class="note">No passes recorded (not an onnxq model?).</p>'
     rows = []
     for i, p in enumerate(r["passes"], 1):
-        summary = ", ".join(f"{k}={json.dumps(v, default=str)}" for k, v in (p.get("summary") or {}).items())
         change = p.get("max_rel_change")
         rows.append([str(i), _e(p.get("name")), _e(p.get("kind")), _num(p.get("seconds")),
-                     "-" if change is None else _num(change, 3), f"<code>{_e(summary)}</code>"])
+                     "-" if change is None else _num(change, 3), _pass_summary(p.get("summary") or {})])
     return _table(["#", "pass", "kind", "seconds", "max rel. change", "summary"], rows)
+
+
+def _pass_summary(summary: dict) -> str:
+    """Scalar results on one line; each list or mapping (what a pass left alone and why) folded away."""
+    flat = ", ".join(f"{k}={json.dumps(v, default=str, ensure_ascii=False)}" for k, v in summary.items() if not isinstance(v, (dict, list)))
+    nested = [(k, v) for k, v in summary.items() if isinstance(v, (dict, list))]
+    folded = "".join(f"<details><summary>{_e(k)} ({len(v)})</summary><code>{_e(json.dumps(v, default=str, indent=1, ensure_ascii=False))}"
+                     "</code></details>" for k, v in nested)
+    return f"<code>{_e(flat)}</code>{folded}"
 
 
 def _outputs(r: dict) -> str:
@@ -109,13 +119,19 @@ def _layers(r: dict) -> str:
     if not layers:
         return '<p class="note">No intermediate tensor is shared by name between the two models.</p>'
     finite = [x["sqnr_db"] for x in layers if math.isfinite(x["sqnr_db"])]
-    top = max(finite + [1.0])
+    top = min(max(finite + [1.0]), SQNR_BAR_DB)  # beyond it a layer is as good as exact: a full bar
+    cosines = [x["cosine"] for x in layers if x.get("cosine") is not None and math.isfinite(x["cosine"])]
+    floor = max(-1.0, min(0.99, min(cosines or [1.0]) - 0.1 * (1 - min(cosines or [1.0]))))
     rows = [[_e(x["tensor"]), f'<span class="num">{_num(x["sqnr_db"])}</span>', _bar(x["sqnr_db"], top),
              f'<span class="num">{_num(x.get("cosine"), 6)}</span>',
-             _bar(x.get("cosine") or 0.0, 1.0, 120, "#6a9f58")] for x in layers]
+             _bar((x.get("cosine") or floor) - floor, 1 - floor, 120, "#6a9f58")] for x in layers]
+    header = ["tensor", "SQNR dB", "", "cosine", ""]
+    rest = "" if len(rows) <= LAYERS_SHOWN else (
+        f"<details><summary>the other {len(rows) - LAYERS_SHOWN} layers</summary>"
+        f"{_table(header, rows[LAYERS_SHOWN:])}</details>")
     return ('<p class="note">Tensors both graphs compute under the same name, worst SQNR first. SQNR = '
-            '10·log10(Σ ref² / Σ err²); cosine is the mean per sample.</p>'
-            + _table(["tensor", "SQNR dB", "", "cosine", ""], rows))
+            f'10·log10(Σ ref² / Σ err²), bars up to {_num(top)} dB; cosine is the mean per sample, bars from '
+            f'{_num(floor)} to 1.</p>' + _table(header, rows[:LAYERS_SHOWN]) + rest)
 
 
 def _histogram(a: dict, width: int = 560, height: int = 120) -> str:
@@ -147,10 +163,11 @@ def _activations(r: dict) -> str:
     parts = [('<p class="note">Each tensor a QuantizeLinear reads: the clip its quantizer represents, '
               '[(qmin − zp)·scale, (qmax − zp)·scale], against the range observed on the data in the quantized '
               'model. Click a row for its histogram.</p>')]
-    for a in acts:
+    for i, a in enumerate(acts):
         observed = "-" if a["observed"] is None else f"[{_num(a['observed'][0])}, {_num(a['observed'][1])}]"
         flag = ' <span class="warn">clipped</span>' if a["clipped"] else ""
-        parts.append(f'<details class="activation"><summary><code>{_e(a["tensor"])}</code>: clip '
+        opened = " open" if i == 0 else ""  # one histogram shown as an example
+        parts.append(f'<details class="activation"{opened}><summary><code>{_e(a["tensor"])}</code>: clip '
                      f'[{_num(a["clip"][0])}, {_num(a["clip"][1])}] (scale {_num(a["scale"])} × {a["qmax"]}'
                      f'{", zero point " + _num(a["zero_point"]) if a["zero_point"] else ""}), observed {observed}'
                      f'{flag}</summary>{_histogram(a)}</details>')
