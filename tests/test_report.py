@@ -184,3 +184,12 @@ def test_page_renders_in_headless_chromium_without_console_errors(tmp_path):
     page = Page(run.stdout)
     assert set(page.sections) == SECTIONS and page.text("layers")
     assert "CONSOLE" not in run.stderr and "Uncaught" not in run.stderr
+
+
+def test_feeds_read_once_serve_both_passes(tmp_path):
+    qmodel = _quantized_cnn()
+    from_dict = report(mobilenet_block_model(), qmodel, EVAL, tmp_path / "a.html", show_progress=False)
+    feeds = ({"input": EVAL["input"][i:i + 1]} for i in range(len(EVAL["input"])))  # a generator: one pass only
+    from_feeds = report(mobilenet_block_model(), qmodel, feeds, tmp_path / "b.html", show_progress=False)
+    assert from_feeds["samples"] == 8 and from_feeds["layers"] == from_dict["layers"]
+    assert [a["histogram"] for a in from_feeds["activations"]] == [a["histogram"] for a in from_dict["activations"]]

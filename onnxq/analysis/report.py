@@ -44,6 +44,8 @@ def build_report(reference: Any, quantized: Any, data: Any, *, batch_size: int =
     """Everything the page shows, as plain JSON-able values. `reference` / `quantized`: paths, protos
     or onnx_ir models (not edited); `data`: as for compare. `paths` names the inputs for the page."""
     ref, quant = load_model(reference), load_model(quantized)
+    if not isinstance(data, (str, os.PathLike, dict)):  # an iterable of feeds may be read only once: keep it
+        data = load_calibration(data, ref, batch_size=batch_size, limit=max_samples, padding_mask=padding_mask)
     comparison = compare_models(ref, quant, data, layers=True, max_samples=max_samples, batch_size=batch_size,
                                 padding_mask=padding_mask, show_progress=show_progress, layer_details=True)
     info = inspect_model(quant)
