@@ -9,7 +9,7 @@ passes that optimise something (learned rounding, rotations) and only when they 
 """
 
 from onnxq._version import __version__
-from onnxq.api import quantize
+from onnxq.api import quantize, report
 from onnxq.torch_export import export
 
-__all__ = ["__version__", "export", "quantize"]
+__all__ = ["__version__", "export", "quantize", "report"]

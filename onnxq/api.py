@@ -113,6 +113,20 @@ def quantize(model: str | os.PathLike | onnx.ModelProto | ir.Model, calibration_
     return proto
 
 
+def report(reference: str | os.PathLike | onnx.ModelProto | ir.Model,
+           quantized: str | os.PathLike | onnx.ModelProto | ir.Model, data: Any, output: str | os.PathLike, *,
+           batch_size: int = 1, max_samples: int | None = None, padding_mask: str | None = "auto",
+           show_progress: bool = True) -> dict[str, Any]:
+    """Write one self-contained HTML page to `output` showing what quantizing `reference` into `quantized`
+    did: recipe, target, passes, per-layer error on `data` (same formats and options as calibration
+    data), activation clips and histograms, weight ranges per channel, outlier channels, what stayed
+    float and why, lint, nonlinear replacements (docs/report.md). Returns the figures as a dict."""
+    from onnxq.analysis.report import write_report
+
+    return write_report(reference, quantized, data, output, batch_size=batch_size, max_samples=max_samples,
+                        padding_mask=padding_mask, show_progress=show_progress)
+
+
 def _matching(model: ir.Model, patterns: Sequence[str]) -> list[str]:
     """The user's exclude patterns that select a node of `model`; each one that selects none is
     warned about (naming the nearest node) and dropped, as ONNX Runtime and ModelOpt ignore them."""

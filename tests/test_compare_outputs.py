@@ -2,7 +2,6 @@
 for class distributions, padded positions left out, and results that do not depend on the batch size."""
 
 import json
-import math
 
 import numpy as np
 import onnx

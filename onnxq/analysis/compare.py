@@ -167,9 +167,9 @@ class _Accumulator:
 
 def compare_models(reference: ir.Model, quantized: ir.Model, data: Any, *, layers: bool = True,
                    max_samples: int | None = None, batch_size: int = 1, padding_mask: str | None = "auto",
-                   show_progress: bool = True) -> dict[str, Any]:
+                   show_progress: bool = True, layer_details: bool = False) -> dict[str, Any]:
     """Agreement of `quantized` with `reference` on `data`: {"samples", "padding_mask", "outputs": [...],
-    "layers": [...]}. `batch_size` samples run at once (models with a dynamic batch); `padding_mask`
+    "layers": [...]}; with `layer_details` each layer row also has its mean cosine and max |error|. `batch_size` samples run at once (models with a dynamic batch); `padding_mask`
     names the input whose zeros mark padded positions ("auto": an integer/bool input named
     attention_mask; None: every position counts), as in onnxq.quantize."""
     infer_shapes(reference)
@@ -201,10 +201,12 @@ def compare_models(reference: ir.Model, quantized: ir.Model, data: Any, *, layer
                 raise OnnxqError(f"tensor '{name}' has shape {list(r.shape)} in the reference model but "
                                  f"{list(q.shape)} in the quantized model")
             if name in out_names or np.issubdtype(r.dtype, np.floating):
-                acc[name].update(r, q, mask, detailed=name in out_names)
+                acc[name].update(r, q, mask, detailed=layer_details or name in out_names)
     outputs = [acc[n].agreement(n, classes[n]) for n in out_names]
     # worst first; identical tensors (inf) last, and NaN (a non-finite reference, e.g. a -inf mask) after them
-    layer_rows = sorted(({"tensor": n, "sqnr_db": acc[n].sqnr_db} for n in layer_names if acc[n].signal > 0),
+    layer_rows = sorted(({"tensor": n, "sqnr_db": acc[n].sqnr_db,
+                          **({"cosine": acc[n].cos_sum / max(acc[n].samples, 1), "max_abs_error": acc[n].max_err}
+                             if layer_details else {})} for n in layer_names if acc[n].signal > 0),
                         key=lambda row: (math.isnan(row["sqnr_db"]), row["sqnr_db"]))
     return {"samples": batches.num_samples, "padding_mask": batches.padding_mask,
             "outputs": [{**asdict(o), "verdict": o.verdict} for o in outputs], "layers": layer_rows}

@@ -10,6 +10,7 @@ A typical session:
   onnxq lint model.int8.onnx --target tensorrt                   TensorRT's Q/DQ rules, rule by rule
   onnxq inspect model.int8.onnx                                  what is quantized, what is not and why
   onnxq view model.int8.onnx                                     the graph in Netron, with onnxq's record
+  onnxq report model.onnx model.int8.onnx --data eval.npz -o report.html   all of it on one HTML page
   onnxq build-engine model.int8.onnx -o model.plan               a TensorRT engine (needs tensorrt)
 
 Calibration data (--calib, --data) is an .npz with one array per model input, keyed by input name,
@@ -63,7 +64,8 @@ examples:
   onnxq quantize llm.onnx --calib windows.npz -o llm.w4a8.onnx --recipe transformer-w4a8
   onnxq quantize m.onnx --calib c.npz -o q.onnx --exclude fc/Gemm --exclude '/head/.*'   keep nodes in float
   onnxq quantize m.onnx --calib c.npz -o q.onnx --op-types Conv,MatMul     quantize only these op types
-  onnxq quantize m.onnx --calib c.npz -o q.onnx --log-level debug           options and details of every pass"""
+  onnxq quantize m.onnx --calib c.npz -o q.onnx --log-level debug           options and details of every pass
+  onnxq quantize m.onnx --calib c.npz -o q.onnx --report r.json --report-html r.html   the record as JSON and as a page"""
 
 COMPARE_DESCRIPTION = """\
 Run both models on the same data and report, per output, how far the quantized one is from the
@@ -113,3 +115,15 @@ The dynamo exporter (opset 18) is tried first, the TorchScript exporter (opset 1
   onnxq export ./my-llama -o llama.onnx
   onnxq export ./my-bert -o bert.onnx --seq-len 128 --exporter torchscript
   onnxq export net.py:make_model -o net.onnx"""
+
+REPORT_DESCRIPTION = """\
+Write one self-contained HTML page (no network needed to open it) showing what a quantization did:
+recipe, target and passes with their results (from the quantized model's metadata); per-output and
+per-layer SQNR and cosine on --data, worst layer first (as compare); each quantized activation's clip
+(scale × qmax) against its observed range, with a histogram; each quantized weight's range per output
+channel; outlier channels; what stayed float and why; lint rule by rule; the error of nonlinear-op
+replacements. How to read it: docs/report.md.
+
+examples:
+  onnxq report model.onnx model.int8.onnx --data eval.npz -o report.html
+  onnxq report bert.onnx bert.int8.onnx --data eval.npz -o report.html --batch-size 16 --max-samples 64"""

@@ -1,4 +1,4 @@
-"""The `onnxq` command line: quantize, compare, lint, inspect, build-engine, recipes, export."""
+"""The `onnxq` command line: quantize, compare, lint, report, inspect, view, build-engine, recipes, export."""
 
 from __future__ import annotations
 
@@ -32,8 +32,6 @@ class Terminated(BaseException):
     rolled back (a BaseException, so no `except Exception` on the way swallows it)."""
 
 
-
-
 def _export(args) -> int:
     from onnxq.cli.export_cmd import run_export
 
@@ -43,8 +41,8 @@ def _export(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser({"quantize": _quantize, "compare": _compare, "lint": _lint, "inspect": _inspect,
-                           "build-engine": _build_engine, "recipes": _recipes, "view": _view,
+    parser = build_parser({"quantize": _quantize, "compare": _compare, "lint": _lint, "report": _report,
+                           "inspect": _inspect, "build-engine": _build_engine, "recipes": _recipes, "view": _view,
                            "export": _export})
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
@@ -145,7 +143,7 @@ def _quantize(args) -> int:
     if args.recipe and Path(args.recipe).is_file():
         reads.append(("the recipe", Path(args.recipe)))
     check_outputs([("-o", args.output), ("-o's external-data file", args.output + ".data"),
-                   ("--report", args.report)], reads)
+                   ("--report", args.report), ("--report-html", args.report_html)], reads)
     informed = args.level <= logging.INFO
     log = _say if informed else (lambda *_: None)
     runtime_errors = _runtime_errors()
@@ -183,6 +181,13 @@ def _quantize(args) -> int:
                                   "coverage_by_flops": info.coverage_by_flops,
                                   "nonlinear_coverage": info.nonlinear_coverage, "fidelity": info.fidelity,
                                   "lint": [vars(r) for r in results]})
+    if args.report_html:
+        from onnxq.api import report
+
+        report(args.model, args.output, args.calib, args.report_html, batch_size=args.batch_size,
+               max_samples=args.max_samples, padding_mask=None if args.padding_mask == "none" else args.padding_mask,
+               show_progress=informed)
+        log(f"wrote {args.report_html}")
     if not passed(results):
         for line in _lint_failure_lines(model, results, args):
             _error(line)
@@ -282,6 +287,22 @@ def _compare(args) -> int:
                    title="layers with the lowest SQNR (the ones that hurt most)"))
     if args.json:
         _write_json(args.json, result)
+    return EXIT_OK
+
+
+def _report(args) -> int:
+    from onnxq.api import report
+    from onnxq.ir.outputs import calibration_files, check_outputs, files_read_by_model
+
+    reads = (files_read_by_model(args.reference, "the reference model")
+             + files_read_by_model(args.quantized, "the quantized model") + calibration_files(args.data, "the data"))
+    check_outputs([("-o", args.output)], reads)
+    result = report(args.reference, args.quantized, args.data, args.output, batch_size=args.batch_size,
+                    max_samples=args.max_samples, padding_mask=None if args.padding_mask == "none" else args.padding_mask,
+                    show_progress=args.level <= logging.INFO)
+    worst = result["layers"][0] if result["layers"] else None
+    _say(f"wrote {args.output}: {result['samples']} samples"
+         + (f"; worst layer '{worst['tensor']}' at {worst['sqnr_db']:.2f} dB SQNR" if worst else ""))
     return EXIT_OK
 
 

@@ -6,7 +6,14 @@ import argparse
 import logging
 from collections.abc import Callable
 
-from onnxq.cli.help import COMPARE_DESCRIPTION, DESCRIPTION, EXPORT_DESCRIPTION, LINT_DESCRIPTION, QUANTIZE_EPILOG
+from onnxq.cli.help import (
+    COMPARE_DESCRIPTION,
+    DESCRIPTION,
+    EXPORT_DESCRIPTION,
+    LINT_DESCRIPTION,
+    QUANTIZE_EPILOG,
+    REPORT_DESCRIPTION,
+)
 from onnxq.cli.tables import clean
 
 # Exit statuses (docs/guarantees.md): what a script calling onnxq can rely on.
@@ -143,6 +150,9 @@ def build_parser(runners: dict[str, Callable[[argparse.Namespace], int]]) -> arg
     q.add_argument("--allow-unknown-ops", action="store_true", help="keep ops with no QDQ rule in float instead of failing")
     q.add_argument("--no-verify", action="store_true", help="skip the numerical check of exact passes")
     q.add_argument("--report", metavar="JSON", help="also write what ran, coverage and lint results as JSON")
+    q.add_argument("--report-html", metavar="HTML",
+                   help="also write the report page (see `onnxq report`) comparing the output with the model on the "
+                        "calibration data (e.g. --report-html report.html)")
     q.set_defaults(run=runners["quantize"])
 
     c = sub.add_parser("compare", help="FP32 vs quantized: per-output and per-layer error", formatter_class=formatter,
@@ -161,6 +171,20 @@ def build_parser(runners: dict[str, Callable[[argparse.Namespace], int]]) -> arg
     c.add_argument("--layers", type=_layers, default=10, help="how many of the worst layers to list (0: none, -1: all)")
     c.add_argument("--json", metavar="FILE", help="also write the full result as JSON")
     c.set_defaults(run=runners["compare"])
+
+    rp = sub.add_parser("report", help="one HTML page showing what a quantization did", formatter_class=formatter,
+                        description=REPORT_DESCRIPTION, parents=common)
+    rp.add_argument("reference", help="the FP32 model")
+    rp.add_argument("quantized", help="the quantized model (written by onnxq)")
+    rp.add_argument("--data", required=True, help="evaluation data, same formats as --calib")
+    rp.add_argument("-o", "--output", required=True, help="the HTML page to write")
+    rp.add_argument("--max-samples", type=_positive, help="use at most this many samples")
+    rp.add_argument("--batch-size", type=_positive, default=1,
+                    help="samples per run for models with a dynamic batch (default 1); the results do not depend on it")
+    rp.add_argument("--padding-mask", default="auto", metavar="INPUT",
+                    help="integer or bool input whose zeros mark padded positions, left out as in compare "
+                         "(default auto: an input named attention_mask; 'none' counts every position)")
+    rp.set_defaults(run=runners["report"])
 
     lt = sub.add_parser("lint", help="check the Q/DQ rules of a target (TensorRT, ORT CPU), rule by rule",
                         formatter_class=formatter, description=LINT_DESCRIPTION, parents=common)
