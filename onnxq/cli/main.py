@@ -32,14 +32,6 @@ class Terminated(BaseException):
     rolled back (a BaseException, so no `except Exception` on the way swallows it)."""
 
 
-def _export(args) -> int:
-    from onnxq.cli.export_cmd import run_export
-
-    run_export(args.source, args.output, seq_len=args.seq_len, batch=args.batch, opset=args.opset,
-               exporter=args.exporter, log=_say if args.level <= logging.INFO else (lambda *_: None))
-    return EXIT_OK
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser({"quantize": _quantize, "compare": _compare, "lint": _lint, "report": _report,
                            "inspect": _inspect, "build-engine": _build_engine, "recipes": _recipes, "view": _view,
@@ -373,6 +365,14 @@ def _view(args) -> int:
     from onnxq.cli.view import view
 
     view(args.model, port=args.port, browse=not args.no_browser, say=_say)
+    return EXIT_OK
+
+
+def _export(args) -> int:
+    from onnxq.cli.export_cmd import run_export
+
+    run_export(args.source, args.output, seq_len=args.seq_len, batch=args.batch, opset=args.opset,
+               exporter=args.exporter, log=_say if args.level <= logging.INFO else (lambda *_: None))
     return EXIT_OK
 
 
