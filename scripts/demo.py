@@ -61,7 +61,8 @@ def main() -> None:
     print(f"FP32 vs INT8 (TensorRT target): top-1 agreement {agreement['top1_agreement']:.1%}, "
           f"cosine {agreement['cosine']:.4f}, SQNR {agreement['sqnr_db']:.1f} dB on 300 held-out crops")
     print(f"TensorRT Q/DQ lint: {'PASS' if lint_ok else 'FAIL'}")
-    print(f"\nOpen {trt_int8} in Netron to see the Q/DQ nodes and, under model properties, what onnxq did.")
+    print(f"\nSee the Q/DQ nodes and, under model properties, what onnxq did: onnxq view {trt_int8}  (Netron; "
+          "pip install 'onnxq[view]')")
 
 
 if __name__ == "__main__":
