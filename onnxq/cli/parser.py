@@ -97,6 +97,21 @@ def _op_list(text: str) -> list[str]:
     return ops
 
 
+def _evaluation_options() -> argparse.ArgumentParser:
+    """--data, --max-samples, --batch-size and --padding-mask, shared by compare and report."""
+    evaluation = argparse.ArgumentParser(add_help=False)
+    evaluation.add_argument("--data", required=True, help="evaluation data, same formats as --calib")
+    evaluation.add_argument("--max-samples", type=_positive, help="use at most this many samples")
+    evaluation.add_argument("--batch-size", type=_positive, default=1,
+                            help="samples per run for models with a dynamic batch (default 1; e.g. --batch-size 32); "
+                                 "samples past the last whole batch are left out, with a warning")
+    evaluation.add_argument("--padding-mask", default="auto", metavar="INPUT",
+                            help="integer or bool input whose zeros mark padded positions, left out of every metric "
+                                 "as quantize leaves them out of calibration (default auto: an input named "
+                                 "attention_mask; 'none' counts every position; e.g. --padding-mask attention_mask)")
+    return evaluation
+
+
 def _log_options() -> argparse.ArgumentParser:
     """--log-level and -q, shared by every command."""
     common = argparse.ArgumentParser(add_help=False)
@@ -118,7 +133,7 @@ def build_parser(runners: dict[str, Callable[[argparse.Namespace], int]]) -> arg
 
     parser.add_argument("--version", action="version", version=f"onnxq {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    common = [_log_options()]
+    common, evaluation = [_log_options()], _evaluation_options()
 
     q = sub.add_parser("quantize", help="quantize an FP32 ONNX model to INT8 Q/DQ", description=DESCRIPTION.split("\n\n")[0],
                        epilog=QUANTIZE_EPILOG, formatter_class=formatter, parents=common)
@@ -156,34 +171,18 @@ def build_parser(runners: dict[str, Callable[[argparse.Namespace], int]]) -> arg
     q.set_defaults(run=runners["quantize"])
 
     c = sub.add_parser("compare", help="FP32 vs quantized: per-output and per-layer error", formatter_class=formatter,
-                       description=COMPARE_DESCRIPTION, parents=common)
+                       description=COMPARE_DESCRIPTION, parents=[*common, evaluation])
     c.add_argument("reference", help="the FP32 model")
     c.add_argument("quantized", help="the quantized model")
-    c.add_argument("--data", required=True, help="evaluation data, same formats as --calib")
-    c.add_argument("--max-samples", type=_positive, help="use at most this many samples")
-    c.add_argument("--batch-size", type=_positive, default=1,
-                   help="samples per run for models with a dynamic batch (default 1; e.g. --batch-size 32); the "
-                        "results do not depend on it")
-    c.add_argument("--padding-mask", default="auto", metavar="INPUT",
-                   help="integer or bool input whose zeros mark padded positions, left out of every metric as "
-                        "quantize leaves them out of calibration (default auto: an input named attention_mask; "
-                        "'none' counts every position; e.g. --padding-mask attention_mask)")
     c.add_argument("--layers", type=_layers, default=10, help="how many of the worst layers to list (0: none, -1: all)")
     c.add_argument("--json", metavar="FILE", help="also write the full result as JSON")
     c.set_defaults(run=runners["compare"])
 
     rp = sub.add_parser("report", help="one HTML page showing what a quantization did", formatter_class=formatter,
-                        description=REPORT_DESCRIPTION, parents=common)
+                        description=REPORT_DESCRIPTION, parents=[*common, evaluation])
     rp.add_argument("reference", help="the FP32 model")
     rp.add_argument("quantized", help="the quantized model (written by onnxq)")
-    rp.add_argument("--data", required=True, help="evaluation data, same formats as --calib")
     rp.add_argument("-o", "--output", required=True, help="the HTML page to write")
-    rp.add_argument("--max-samples", type=_positive, help="use at most this many samples")
-    rp.add_argument("--batch-size", type=_positive, default=1,
-                    help="samples per run for models with a dynamic batch (default 1); the results do not depend on it")
-    rp.add_argument("--padding-mask", default="auto", metavar="INPUT",
-                    help="integer or bool input whose zeros mark padded positions, left out as in compare "
-                         "(default auto: an input named attention_mask; 'none' counts every position)")
     rp.set_defaults(run=runners["report"])
 
     lt = sub.add_parser("lint", help="check the Q/DQ rules of a target (TensorRT, ORT CPU), rule by rule",
