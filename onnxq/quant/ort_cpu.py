@@ -41,6 +41,11 @@ def prepare(model: ir.Model, signed_activations: bool = False) -> dict[str, int]
     return counts
 
 
+def _standard_nodes(graph: ir.Graph, op_types: tuple[str, ...]) -> list[ir.Node]:
+    """The graph's nodes of these ONNX-domain op types, listed up front so rewrites may edit the graph."""
+    return [node for node in graph if node.op_type in op_types and node.domain in ("", "ai.onnx")]
+
+
 def _float32(value: ir.Value | None) -> bool:
     return value is not None and value.dtype == ir.DataType.FLOAT
 
@@ -71,9 +76,7 @@ def _fold_affine_into_conv(graph: ir.Graph, namer: Namer) -> int:
     changed = True
     while changed:
         changed = False
-        for conv in list(graph):
-            if conv.op_type != "Conv" or conv.domain not in ("", "ai.onnx"):
-                continue
+        for conv in _standard_nodes(graph, ("Conv",)):
             weight = const_array(conv.inputs[1])
             bias = const_array(conv.inputs[2]) if len(conv.inputs) > 2 and conv.inputs[2] is not None else None
             if weight is None or (len(conv.inputs) > 2 and conv.inputs[2] is not None and bias is None):
@@ -117,9 +120,7 @@ def _fold_affine_into_conv(graph: ir.Graph, namer: Namer) -> int:
 
 def _div_by_scalar_to_mul(graph: ir.Graph, namer: Namer) -> int:
     rewritten = 0
-    for node in list(graph):
-        if node.op_type != "Div" or node.domain not in ("", "ai.onnx"):
-            continue
+    for node in _standard_nodes(graph, ("Div",)):
         operand = _constant_operand(node)
         if operand is None or operand[2] != 1 or operand[1].size != 1 or not np.all(operand[1] != 0):
             continue
@@ -141,9 +142,7 @@ def _div_by_scalar_to_mul(graph: ir.Graph, namer: Namer) -> int:
 
 def _fold_scalar_mul_into_next_conv(graph: ir.Graph, namer: Namer) -> int:
     folded = 0
-    for node in list(graph):
-        if node.op_type != "Mul" or node.domain not in ("", "ai.onnx"):
-            continue
+    for node in _standard_nodes(graph, ("Mul",)):
         operand = _constant_operand(node)
         result = node.outputs[0]
         if operand is None or operand[1].size != 1 or result.is_graph_output() or not result.uses():
@@ -169,9 +168,7 @@ def _fold_scalar_mul_into_next_conv(graph: ir.Graph, namer: Namer) -> int:
 
 def _quantize_scalar_operands(graph: ir.Graph, namer: Namer, signed: bool) -> int:
     quantized = 0
-    for node in list(graph):
-        if node.op_type not in _INT8_BINARY or node.domain not in ("", "ai.onnx"):
-            continue
+    for node in _standard_nodes(graph, _INT8_BINARY):
         operand = _constant_operand(node)
         if operand is None or operand[1].size != 1:
             continue

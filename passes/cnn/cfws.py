@@ -20,7 +20,7 @@ from typing import ClassVar
 
 import onnx_ir as ir
 
-from onnxq.ir.graph import Namer, add_initializer, const_array, replace_initializer
+from onnxq.ir.graph import Namer, add_initializer, const_array, replace_initializer, take_over_output
 from onnxq.passes.cnn.weight_split import centre_ratio, split_weight
 from onnxq.pipeline.options import option
 from onnxq.pipeline.passes import GraphPass, Kind, PassContext
@@ -74,9 +74,8 @@ def _split(graph: ir.Graph, namer: Namer, conv: ir.Node, qmax: int, per_channel:
                         name=namer.fresh(f"{conv.name}_fine"))
     out = conv.outputs[0]
     total = ir.Node("", "Add", [out, fine_conv.outputs[0]], name=namer.fresh(f"{conv.name}_coarse_plus_fine"))
-    ir.convenience.replace_all_uses_with(out, total.outputs[0], replace_graph_outputs=True)
-    total.replace_input_with(0, out)  # the Add itself read `out` before the replacement
-    name = out.name
+    take_over_output(out, total.outputs[0], keep=total, rename=False)
+    name = out.name  # the sum takes the name: it holds the value the name stood for
     out.name = namer.fresh(f"{name}_coarse")
     total.outputs[0].name, total.outputs[0].dtype, total.outputs[0].shape = name, out.dtype, out.shape
     fine_conv.outputs[0].name = namer.fresh(f"{name}_fine")
