@@ -138,14 +138,15 @@ def cnn_blocks(graph: ir.Graph, max_weighted: int = 4) -> list[Block]:
     return [block_from_nodes(graph, group) for group in groups if any(_weight_indices(n) for n in group)]
 
 
-def transformer_blocks(model: ir.Model, max_weighted: int = 8) -> list[Block]:
+def transformer_blocks(model: ir.Model, max_weighted: int = 8, *, structure=None) -> list[Block]:
     """One block per encoder/decoder layer: the nodes between residual-stream tensors two Adds apart
     (attention Add, then MLP Add), as onnxq.analysis.structure finds the stream; nodes that several layers
     need (mask, positions) go with the first layer that needs them. Where no stream is
-    found (or the layers do not come in Add pairs), falls back to `cnn_blocks` node ranges."""
+    found (or the layers do not come in Add pairs), falls back to `cnn_blocks` node ranges. `structure`:
+    the model's onnxq.analysis.structure.analyse result, when the caller has it already."""
     from onnxq.analysis.structure import analyse
 
-    stream = analyse(model).stream
+    stream = (structure or analyse(model)).stream
     graph = model.graph
     if stream is None or not stream.adds or len(stream.adds) % 2 or not stream.pre_norm:
         return cnn_blocks(graph, max_weighted)

@@ -34,7 +34,8 @@ Write = Callable[[str, np.ndarray, np.ndarray], None]  # weight name, integers, 
 
 def model_blocks(model: ir.Model) -> list[Block]:
     """Decoder/encoder layers where onnxq.analysis finds a transformer, residual CNN blocks otherwise."""
-    return transformer_blocks(model) if analyse(model).attentions else cnn_blocks(model.graph)
+    structure = analyse(model)
+    return transformer_blocks(model, structure=structure) if structure.attentions else cnn_blocks(model.graph)
 
 
 def learn_model_rounding(model: ir.Model, weights: Mapping[str, WeightPoint], data: Iterable[Feed],
@@ -42,12 +43,11 @@ def learn_model_rounding(model: ir.Model, weights: Mapping[str, WeightPoint], da
                          log: Callable[[str], None] = lambda _: None) -> dict:
     """Learn the rounding of `weights` (name → its round-to-nearest point) block by block; returns a
     summary (blocks learned, weights written, mean squared block error before and after)."""
-    blocks = [b for b in model_blocks(model) if _learnable(b, weights)]
+    blocks = [(block, names) for block in model_blocks(model) if (names := _learnable(block, weights))]
     written: set[str] = set()
     before = after = 0.0
     kept = 0
-    for block in progress(blocks, desc=f"quantize: {config.method}", unit="block", disable=not show_progress):
-        names = _learnable(block, weights)
+    for block, names in progress(blocks, desc=f"quantize: {config.method}", unit="block", disable=not show_progress):
         points = QuantPoints({}, {name: weights[name] for name in names})
         try:
             module = BlockModule(block, points, model=model)
