@@ -110,7 +110,7 @@ def export_onnx(model: RepVGG, path: str | Path) -> Path:
     """The merged model to ONNX (dynamic batch), checked against the branched model on test images."""
     from onnxq_models import fashion_mnist
 
-    images = torch.from_numpy(fashion_mnist.load("test")[0][:64])
+    images = torch.from_numpy(fashion_mnist.load("train")[0][:64])  # the test split stays for evaluation only
     with torch.no_grad():
         branched = model(images)
         model.merge()

@@ -87,8 +87,7 @@ def quantize(model: str | os.PathLike | onnx.ModelProto | ir.Model, calibration_
         work = ir.from_proto(ir.to_proto(work))  # never edit the caller's object
     data = load_calibration(calibration_data, work, batch_size=batch_size, limit=max_samples, padding_mask=padding_mask)
     if data.left_out:
-        logger.warning(f"calibration: {data.num_samples + data.left_out} samples do not split into batches of "
-                       f"{data.num_samples // max(data.num_batches, 1)}: the last {data.left_out} are left out")
+        logger.warning(data.left_out_message("calibration"))
     if data.padding_mask:
         log(f"calibration: positions where '{data.padding_mask}' is 0 are padding, left out of the statistics")
     choice = None

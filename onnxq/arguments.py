@@ -25,10 +25,10 @@ _PATH = (str, os.PathLike)
 
 def check_quantize_arguments(model: Any, calibration_data: Any, *, output: Any, recipe: Any, target: Any,
                              per_tensor: Any, calibrator: Any, rounding: Any, exclude: Any, op_types: Any,
-                             activation_type: Any = None,
+                             activation_type: Any,
                              batch_size: Any, max_samples: Any,
                              padding_mask: Any, allow_unknown_ops: Any, verify_exact: Any, show_progress: Any,
-                             log: Any, example_inputs: Any = None) -> None:
+                             log: Any, example_inputs: Any) -> None:
     """Raise OnnxqTypeError / OnnxqValueError / OnnxqError for the first unusable argument."""
     from onnxq.quant.calibrate import CALIBRATORS
     from onnxq.quant.targets import TARGETS

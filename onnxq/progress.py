@@ -5,7 +5,7 @@ Elsewhere (a pipe, a log file, CI, nohup), plain lines with the time since the r
 
     [  12.3s] quantize: weights 0/58 layer
     [  22.4s] quantize: weights 29/58 layer
-    [  31.0s] quantize: weights 58/58 layer (18.7s)
+    [  31.0s] quantize: weights 58/58 layer done (18.7s)
 
 one when a loop starts, one when it ends, and one at most every PROGRESS_EVERY_S seconds between,
 so a long step is never silent and a finished one never looks current. A loop that names its items

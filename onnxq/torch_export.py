@@ -17,6 +17,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import warnings
@@ -141,7 +142,7 @@ def _run_exporter(torch, module, inputs: tuple, out: Path, names_in: list[str], 
             log(f"export: the dynamo exporter failed ({type(exc).__name__}: {_first_line(exc)}); "
                 f"falling back to the TorchScript exporter (opset {opset or TORCHSCRIPT_OPSET})")
             for leftover in out.parent.iterdir():
-                leftover.unlink()
+                shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # TracerWarnings, the "legacy exporter" notice

@@ -175,7 +175,7 @@ def test_a_batch_size_that_leaves_a_remainder_says_so(tmp_path, capsys):
                           "--batch-size", "4", "-q")
     assert code == 0 and text.startswith("8 samples")
     assert err == ("onnxq: warning: compare: 10 samples do not split into batches of 4: the last 2 are left out "
-                   "(a --batch-size that divides 10 uses all)\n")
+                   "(a batch size that divides 10 uses all)\n")
 
 
 def test_non_finite_layers_rank_last_and_the_json_is_standard(tmp_path, capsys):

@@ -170,7 +170,8 @@ def test_cli_report_and_quantize_report_html(tmp_path):
     out = tmp_path / "r.html"
     assert main(["report", str(model), str(q), "--data", str(calib), "-o", str(out), "--max-samples", "4",
                  "--batch-size", "2", "-q"]) == 0
-    assert "4" in Page(out.read_text(encoding="utf-8")).text("summary")
+    summary = Page(out.read_text(encoding="utf-8")).text("summary")
+    assert summary[summary.index("samples") + 1] == "4"  # --max-samples 4 reached the page
     assert main(["report", str(model), str(q), "--data", str(calib), "-o", str(model), "-q"]) == 1  # never overwrite an input
 
 

@@ -176,11 +176,8 @@ def compare_models(reference: ir.Model, quantized: ir.Model, data: Any, *, layer
     infer_shapes(quantized)
     _check_same_inputs(reference, quantized)
     batches = load_calibration(data, reference, batch_size=batch_size, limit=max_samples, padding_mask=padding_mask)
-    if batch_size > 1:  # whole batches only, as in calibration: say what a remainder costs
-        total = load_calibration(data, reference, limit=max_samples, padding_mask=None).num_samples
-        if total > batches.num_samples:
-            logger.warning(f"compare: {total} samples do not split into batches of {batch_size}: the last "
-                           f"{total - batches.num_samples} are left out (a --batch-size that divides {total} uses all)")
+    if batches.left_out:  # whole batches only, as in calibration: say what a remainder costs
+        logger.warning(batches.left_out_message("compare"))
     out_names = [v.name for v in reference.graph.outputs]
     missing = [n for n in out_names if n not in {v.name for v in quantized.graph.outputs}]
     if missing:

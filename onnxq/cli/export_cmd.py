@@ -58,7 +58,10 @@ def _from_factory(source: str) -> tuple[Any, Any]:
     factory = getattr(module_code, name, None)
     if not callable(factory):
         raise OnnxqError(f"{file}: has no function '{name}'")
-    made = factory()
+    try:
+        made = factory()
+    except Exception as exc:  # the user's code: its failure is their error to read, not onnxq's
+        raise OnnxqError(f"{source}: the factory failed ({type(exc).__name__}: {exc})") from None
     if not (isinstance(made, tuple) and len(made) == 2):
         raise OnnxqError(f"{source}: must return (module, example_inputs), not {type(made).__name__}")
     return made

@@ -83,9 +83,10 @@ def _fold_affine_into_conv(graph: ir.Graph, namer: Namer) -> int:
                 continue
             out = conv.outputs[0]
             user = only_consumer(out)
-            if user is None or user.op_type not in _INT8_BINARY or _constant_operand(user) is None:
+            operand = _constant_operand(user) if user is not None and user.op_type in _INT8_BINARY else None
+            if operand is None:
                 continue
-            _, constant, _ = _constant_operand(user)
+            _, constant, _ = operand
             channels = weight.shape[0]
             c = _per_channel(constant, len(out.shape) if out.shape is not None else weight.ndim, channels)
             if c is None:

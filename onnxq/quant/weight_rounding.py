@@ -22,7 +22,7 @@ import numpy as np
 from onnxq.quant import gptq
 from onnxq.quant.qdq import IntFormat, quantize_weight, scale_per_element
 
-MAX_WORKERS = 4  # beyond this the per-weight float64 copies cost more memory than the cores give back
+MAX_WORKERS = 4  # a chosen bound: each weight in flight holds float64 copies of itself and its Hessian
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")

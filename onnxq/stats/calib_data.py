@@ -83,6 +83,14 @@ class CalibrationSet:
     def __len__(self) -> int:
         return self.num_batches
 
+    def left_out_message(self, what: str) -> str | None:
+        """A warning line when samples past the last whole batch are left out (None when none are)."""
+        if not self.left_out:
+            return None
+        total, size = self.num_samples + self.left_out, self.num_samples // max(self.num_batches, 1)
+        return (f"{what}: {total} samples do not split into batches of {size}: the last {self.left_out} are left out "
+                f"(a batch size that divides {total} uses all)")
+
     def first(self) -> Feed:
         return next(iter(self))
 

@@ -127,7 +127,7 @@ class Quantize(GraphPass):
 
         tables = _quantize_tables(graph, namer, plan, notes)
         float_weights = {node.name: const_array(weight) for (weight, _), slots in plan.weights.items()
-                         for node, index in slots if index == 1}
+                         for node, index in slots if index == 1} if self.bias_correction else {}
         fmt = INT4_WEIGHT if self.weight_bits == 4 else INT8_WEIGHT
         hessians, gptq_readers = self._gptq_statistics(model, plan, data, ctx)
         layouts = {weight.name: self._layout(weight, axis) for weight, axis in plan.weights}

@@ -46,7 +46,7 @@ def learn_model_rounding(model: ir.Model, weights: Mapping[str, WeightPoint], da
     blocks = [(block, names) for block in model_blocks(model) if (names := _learnable(block, weights))]
     written: set[str] = set()
     before = after = 0.0
-    kept = 0
+    kept = learned = 0
     for block, names in progress(blocks, desc=f"quantize: {config.method}", unit="block", disable=not show_progress):
         points = QuantPoints({}, {name: weights[name] for name in names})
         try:
@@ -61,10 +61,12 @@ def learn_model_rounding(model: ir.Model, weights: Mapping[str, WeightPoint], da
             f"{' (worse: kept round-to-nearest)' if report.kept_nearest else ''} in {report.seconds:.1f} s")
         before, after, kept = before + report.mse_nearest, after + min(report.mse_learned, report.mse_nearest), \
             kept + report.kept_nearest
+        learned += 1
         for name, (q, scale) in learned_weights(module).items():
             write(name, q, scale)
             written.add(name)
-    return {"learned_blocks": len(blocks), "learned_weights": len(written), "blocks_kept_nearest": kept,
+    # blocks with an unsupported op are not counted: they stayed round-to-nearest
+    return {"learned_blocks": learned, "learned_weights": len(written), "blocks_kept_nearest": kept,
             "block_mse_nearest": float(f"{before:.4e}"), "block_mse_learned": float(f"{after:.4e}")}
 
 
