@@ -34,7 +34,7 @@ logger = logging.getLogger("onnxq")
 def quantize(model: str | os.PathLike | onnx.ModelProto | ir.Model, calibration_data: Any, *,
              output: str | os.PathLike | None = None, recipe: str | os.PathLike | list | None = None,
              target: str = "tensorrt", per_tensor: bool | None = None, calibrator: str | None = None,
-             rounding: str | None = None, activation_type: str | None = None,
+             rounding: str | None = None, activation_type: str | None = None, format: str | None = None,
              exclude: Sequence[str] | None = None, op_types: Sequence[str] | None = None,
              batch_size: int = 1, max_samples: int | None = None, padding_mask: str | None = "auto",
              allow_unknown_ops: bool = False, verify_exact: bool = True, show_progress: bool = True,
@@ -53,6 +53,9 @@ def quantize(model: str | os.PathLike | onnx.ModelProto | ir.Model, calibration_
             activation calibrator max | percentile | entropy | mse; weight rounding nearest | gptq | adaround | flexround).
         activation_type: "int8" or "uint8" activations where the target takes both (ort-cpu; its default
             is uint8); None: the target's own (TensorRT: int8 only).
+        format: "int8" or "fp8" (FP8 E4M3 weights and activations, TensorRT only, opset 21; weights
+            scaled by their max, activations calibrated with max unless `calibrator` names another);
+            None: the recipe's (int8 in every built-in recipe).
         exclude: node names or regular expressions (matched against whole names) of nodes to keep in
             float, added to the recipe's quantize-step `exclude` (ONNX Runtime's nodes_to_exclude). A
             pattern that matches no node of the model is a warning (logger "onnxq") and is ignored.
@@ -69,7 +72,7 @@ def quantize(model: str | os.PathLike | onnx.ModelProto | ir.Model, calibration_
     """
     check_quantize_arguments(model, calibration_data, output=output, recipe=recipe, target=target, per_tensor=per_tensor,
                              calibrator=calibrator, rounding=rounding, activation_type=activation_type,
-                             exclude=exclude, op_types=op_types, batch_size=batch_size, max_samples=max_samples,
+                             format=format, exclude=exclude, op_types=op_types, batch_size=batch_size, max_samples=max_samples,
                              padding_mask=padding_mask, allow_unknown_ops=allow_unknown_ops, verify_exact=verify_exact,
                              show_progress=show_progress, log=log, example_inputs=example_inputs)
     if example_inputs is not None:  # a torch module: export to a temporary file, then quantize that
@@ -77,7 +80,7 @@ def quantize(model: str | os.PathLike | onnx.ModelProto | ir.Model, calibration_
             exported = export(model, example_inputs, Path(folder) / "model.onnx", log=log)
             return quantize(exported, calibration_data, output=output, recipe=recipe, target=target,
                             per_tensor=per_tensor, calibrator=calibrator, rounding=rounding,
-                            activation_type=activation_type, exclude=exclude,
+                            activation_type=activation_type, format=format, exclude=exclude,
                             op_types=op_types, batch_size=batch_size, max_samples=max_samples,
                             padding_mask=padding_mask, allow_unknown_ops=allow_unknown_ops,
                             verify_exact=verify_exact, show_progress=show_progress, log=log)
@@ -96,7 +99,7 @@ def quantize(model: str | os.PathLike | onnx.ModelProto | ir.Model, calibration_
         log(f"recipe: {choice.recipe} ({choice.reason}; --recipe chooses another)")
     recipe_name, passes = load_recipe(recipe if choice is None else choice.recipe)
     passes = _with_overrides(work, passes, per_tensor=per_tensor, calibrator=calibrator, rounding=rounding,
-                             activation_type=activation_type, allow_unknown_ops=allow_unknown_ops,
+                             activation_type=activation_type, number_format=format, allow_unknown_ops=allow_unknown_ops,
                              exclude=_matching(work, exclude or []),
                              op_types=_present(work, op_types or []))
     _check_rules_cover(work, passes, target)
@@ -155,8 +158,8 @@ def _present(model: ir.Model, op_types: Sequence[str]) -> list[str]:
 
 
 def _with_overrides(model: ir.Model, passes: list, *, per_tensor: bool | None, calibrator: str | None,
-                    rounding: str | None, activation_type: str | None, allow_unknown_ops: bool, exclude: list[str],
-                    op_types: list[str]) -> list:
+                    rounding: str | None, activation_type: str | None, number_format: str | None,
+                    allow_unknown_ops: bool, exclude: list[str], op_types: list[str]) -> list:
     """The recipe's passes with the user's overrides applied to its quantize step (a new pass
     object: recipe passes are frozen). Passes that prepare for quantization read the scheme. The
     user's exclude patterns join the recipe's; their op types replace the recipe's."""
@@ -178,6 +181,13 @@ def _with_overrides(model: ir.Model, passes: list, *, per_tensor: bool | None, c
         changes["rounding"] = rounding
     if activation_type:
         changes["activation_type"] = activation_type
+    if number_format:
+        changes["format"] = number_format
+        if number_format == "fp8":  # FP8's steps are relative: clipping outliers rarely pays, in weights or inputs
+            changes["weight_calibrator"] = "max"
+            changes.setdefault("calibrator", "max")
+    passes = [with_options(p, opset=max(p.opset, 21)) if number_format == "fp8" and p.name == "upgrade_opset" else p
+              for p in passes]  # FP8 Q/DQ without a zero point need QuantizeLinear's output_dtype (opset 21)
     if allow_unknown_ops:
         changes["unknown_ops"] = "float"
     return [with_options(p, **changes) if p.name == "quantize" and changes else p for p in passes]

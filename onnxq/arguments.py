@@ -25,7 +25,7 @@ _PATH = (str, os.PathLike)
 
 def check_quantize_arguments(model: Any, calibration_data: Any, *, output: Any, recipe: Any, target: Any,
                              per_tensor: Any, calibrator: Any, rounding: Any, exclude: Any, op_types: Any,
-                             activation_type: Any,
+                             activation_type: Any, format: Any,
                              batch_size: Any, max_samples: Any,
                              padding_mask: Any, allow_unknown_ops: Any, verify_exact: Any, show_progress: Any,
                              log: Any, example_inputs: Any) -> None:
@@ -66,6 +66,13 @@ def check_quantize_arguments(model: Any, calibration_data: Any, *, output: Any, 
         raise OnnxqValueError(f"activation_type: {activation_type!r} is not one of int8, uint8")
     if activation_type == "uint8" and target == "tensorrt":
         raise OnnxqValueError("activation_type: TensorRT takes int8 activations only (uint8 is for --target ort-cpu)")
+    _type("format", format, (str, type(None)), "'int8', 'fp8' or None")
+    if format is not None and format not in ("int8", "fp8"):
+        raise OnnxqValueError(f"format: {format!r} is not one of int8, fp8")
+    if format == "fp8" and target != "tensorrt":
+        raise OnnxqValueError("format: fp8 is for target 'tensorrt' (ONNX Runtime's CPU kernels are integer only)")
+    if format == "fp8" and rounding in ("adaround", "flexround"):
+        raise OnnxqValueError(f"format: rounding '{rounding}' learns integer weights; with fp8 use nearest or gptq")
     _names("exclude", exclude, "node names or regular expressions")
     for pattern in exclude or ():
         problem = regex_problem(pattern)

@@ -1,7 +1,12 @@
 """Benchmark of the core quantizer (not a test): onnxq against ONNX Runtime's quantize_static and
 NVIDIA ModelOpt, on the same models and data, side by side in one run.
 
-    python scripts/bench_core.py [--quick] [--out scripts/results/bench_core]
+    python scripts/bench_core.py [--quick] [--out scripts/results/bench_core] [--models mobilenet_v2,minilm]
+                                 [--only LABEL,LABEL]
+
+FP8 rows (`--only 'onnxq (per-channel),onnxq FP8,ModelOpt INT8,ModelOpt FP8'` for the FP8 comparison):
+onnxq's `--format fp8` and ModelOpt's `--quantize_mode fp8` with its default (entropy) and max
+calibration. ONNX Runtime runs FP8 models at its basic optimization level (onnxq.runtime.session).
 
 Models: MobileNetV2 (ImageNet weights; top-1/top-5 agreement with FP32 on 300 crops of photos
 that calibration never sees) and all-MiniLM-L6-v2 (Spearman on WordSim-353 and SimLex-999, mean
@@ -30,6 +35,8 @@ from onnxq.ir.modelio import load_model
 from onnxq.runtime.session import latency_ms, session
 from onnxq_models import images, minilm, mobilenet_v2
 from onnxq_models.cache import cache_dir
+
+ONLY: list[str] = []  # --only: label substrings of the quantizers to run
 
 
 @dataclass
@@ -75,6 +82,10 @@ def quantizers(fp32: Path, calib: dict[str, np.ndarray], out: Path) -> dict[str,
         "ORT quantize_static u8s8 per-channel": run_anchor(anchors.ort_quantize, "ort_u8_pc", per_channel=True,
                                                            symmetric_activations=False),
         "ModelOpt INT8": run_anchor(anchors.modelopt_quantize, "modelopt"),
+        "onnxq FP8 (per-channel)": run_onnxq("onnxq_fp8", format="fp8"),
+        "ModelOpt FP8": run_anchor(anchors.modelopt_quantize, "modelopt_fp8", quantize_mode="fp8"),
+        "ModelOpt FP8 (max)": run_anchor(anchors.modelopt_quantize, "modelopt_fp8_max", quantize_mode="fp8",
+                                         calibration_method="max"),
     }
 
 
@@ -82,6 +93,8 @@ def benchmark(name: str, fp32: Path, calib: dict, evaluate: Callable[[Path], dic
     rows = [Row("FP32", evaluate(fp32), lint="-")]
     paths = {"FP32": fp32}
     for label, quantize in quantizers(fp32, calib, out).items():
+        if ONLY and not any(part in label for part in ONLY):
+            continue
         print(f"[{name}] {label} ...", flush=True)
         row = Row(label)
         start = time.perf_counter()
@@ -147,7 +160,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer samples, for a smoke run")
     parser.add_argument("--out", default="scripts/results/bench_core", help="output path without extension")
     parser.add_argument("--models", default="mobilenet_v2,minilm", help="comma-separated subset")
+    parser.add_argument("--only", default="", help="comma-separated substrings: run only the quantizers whose label "
+                                                   "contains one (FP32 always runs)")
     args = parser.parse_args()
+    ONLY[:] = [p for p in args.only.split(",") if p]
     runners = {"mobilenet_v2": ("MobileNetV2", mobilenet), "minilm": ("all-MiniLM-L6-v2", minilm_bench)}
     results = {}
     for key in args.models.split(","):

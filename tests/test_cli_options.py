@@ -198,9 +198,11 @@ def test_ort_cpu_profile_accepts_what_the_target_keeps_float_on_purpose():
 def test_profiles_share_one_table():
     model = load_model(mobilenet_block_model())
     trt = [r.rule for r in lint(model)]
-    assert trt == ["R1", "R1b", "R2", "R3", "R3b", "R4", "R5", "R6", "QDQ", "R8", "R8b", "R9", "R11", "R15", "R16", "R17"]
+    assert trt == ["R1", "R1b", "R2", "R3", "R3b", "R4", "R5", "R6", "F1", "F2", "F3", "F4", "QDQ", "R8", "R8b", "R9",
+                   "R11", "R15", "R16", "O2", "R17"]
     cpu = {r.rule: r for r in lint(model, "ort-cpu")}
-    assert {"R1", "R1b", "R8", "R9", "R15", "R16"}.isdisjoint(cpu) and {"R2", "QDQ", "R8o", "O1"} <= set(cpu)
+    assert {"R1", "R1b", "R8", "R9", "R15", "R16", "F2", "F3"}.isdisjoint(cpu)
+    assert {"R2", "QDQ", "R8o", "O1", "F1", "F4", "O2"} <= set(cpu)
     assert cpu["R8o"].status == "FAIL" and "fc/Gemm" in cpu["R8o"].nodes  # a float model is not an ort-cpu model either
     with pytest.raises(OnnxqError, match="no lint profile for target 'gpu'"):
         lint(model, "gpu")

@@ -142,7 +142,8 @@ def _quantize(args) -> int:
     try:
         proto = quantize(args.model, args.calib, output=args.output, recipe=args.recipe, target=args.target,
                          per_tensor=True if args.per_tensor else None, calibrator=args.calibrator,
-                         rounding=args.rounding, activation_type=args.activation_type, exclude=args.exclude or None,
+                         rounding=args.rounding, activation_type=args.activation_type, format=args.number_format,
+                         exclude=args.exclude or None,
                          op_types=[op for ops in args.op_types for op in ops] or None,
                          batch_size=args.batch_size, max_samples=args.max_samples,
                          allow_unknown_ops=args.allow_unknown_ops,

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from onnxq.quant.qdq import IntFormat
+from onnxq.quant.qdq import Format
 from onnxq.stats.calib_data import CalibrationSet
 from onnxq.stats.service import observe
 
@@ -230,7 +230,7 @@ def _input_rows(node: ir.Node, x, torch):
     return x.reshape(-1, x.shape[-1])
 
 
-def gptq_round(weight: np.ndarray, scale: np.ndarray, hessian: np.ndarray | SplitHessian, fmt: IntFormat,
+def gptq_round(weight: np.ndarray, scale: np.ndarray, hessian: np.ndarray | SplitHessian, fmt: Format,
                node: ir.Node, dampings: tuple[float, ...] = DAMPINGS) -> np.ndarray:
     """Integer weights (weight's layout and the format's dtype), GPTQ-rounded; `scale` has the weight's
     shape (each weight's own step: per tensor, per channel and per block alike).
@@ -244,7 +244,7 @@ def gptq_round(weight: np.ndarray, scale: np.ndarray, hessian: np.ndarray | Spli
     w_oi, restore = _as_out_by_in(weight, node)
     s = _as_out_by_in(_float64_broadcast(scale, weight.shape, torch), node)[0]
     w = torch.from_numpy(np.array(w_oi, dtype=np.float64))
-    nearest = torch.clamp(torch.round(w / s), fmt.qmin, fmt.qmax)
+    nearest = torch.from_numpy(fmt.to_grid((w / s).numpy()))
     if isinstance(hessian, SplitHessian) and np.any(hessian.check):
         fit, check = (torch.tensor(np.asarray(h, dtype=np.float64)) for h in (hessian.fit, hessian.check))
         held_out = {d: _output_error(w, _gptq(w, s, fit, fmt, d) * s, check) for d in dampings}
@@ -271,7 +271,7 @@ def _float64_broadcast(scale: np.ndarray, shape: tuple, torch):
     return torch.from_numpy(np.array(distinct, dtype=np.float64)).expand(shape)
 
 
-def _gptq(w, s, h, fmt: IntFormat, damping: float):
+def _gptq(w, s, h, fmt: Format, damping: float):
     """GPTQ's integers (out × in) for weights w at steps s under H = h + damping·mean(diag h)·I."""
     import torch
 
@@ -292,7 +292,7 @@ def _gptq(w, s, h, fmt: IntFormat, damping: float):
     for start in range(0, n, BLOCK):
         stop = min(start + BLOCK, n)
         for i in range(start, stop):
-            np.clip(np.round(w_t[i] / s_t[i]), fmt.qmin, fmt.qmax, out=q_t[i])
+            fmt.to_grid(w_t[i] / s_t[i], out=q_t[i])
             err = errors_t[i - start]
             np.divide(w_t[i] - q_t[i] * s_t[i], u_np[i, i], out=err)
             np.multiply(u_np[i, i:stop, None], err[None, :], out=scratch[:stop - i])

@@ -20,6 +20,7 @@ import onnx_ir as ir
 
 from onnxq.errors import OnnxqError
 from onnxq.ir.graph import WEIGHTED_OPS, attr, const_array, opset_version
+from onnxq.quant.bias_range import int32_bias_overflow
 from onnxq.quant.qdq_rules import DATA_MOVEMENT
 
 _QDQ = ("QuantizeLinear", "DequantizeLinear")
@@ -52,7 +53,10 @@ def _quantized_type(node: ir.Node) -> ir.DataType | None:
     if value.dtype is not None:
         return value.dtype
     zp = node.inputs[2] if len(node.inputs) > 2 else None
-    return zp.dtype if zp is not None else ir.DataType.UINT8  # ONNX default is uint8
+    if zp is not None:
+        return zp.dtype
+    named = attr(node, "output_dtype", 0)  # opset 21
+    return ir.DataType(named) if named else ir.DataType.UINT8  # ONNX default is uint8
 
 
 def rule_zero_point(graph):
@@ -115,6 +119,44 @@ def rule_no_qoperator(graph):
 def rule_opset(model):
     v = opset_version(model)
     return [] if v >= 13 else [("", f"opset {v}")]
+
+
+def rule_fp8_opset(model):
+    """FLOAT8 types exist in QuantizeLinear/DequantizeLinear from opset 19, QuantizeLinear's
+    output_dtype (the type without a zero point) from opset 21."""
+    v = opset_version(model)
+    nodes = _qdq_nodes(model.graph)
+    fp8 = [n.name for n in nodes if _quantized_type(n) == ir.DataType.FLOAT8E4M3FN]
+    named = [n.name for n in nodes if n.op_type == "QuantizeLinear" and attr(n, "output_dtype", 0)]
+    if fp8 and v < 19:
+        return [(fp8[0], f"opset {v} with {len(fp8)} FP8 Q/DQ nodes")]
+    return [(named[0], f"opset {v} with output_dtype on {len(named)} QuantizeLinear nodes")] if named and v < 21 else []
+
+
+def rule_fp8_without_zero_point(graph):
+    """An FP8 zero point is 0 and says nothing; ONNX Runtime's Relu/Clip fusions misread it (a Relu
+    before the Q is dropped, a Clip fails to load), so onnxq writes FP8 Q/DQ without one."""
+    return [(n.name, f"{n.name}: FP8 with a zero-point input") for n in _qdq_nodes(graph)
+            if _quantized_type(n) == ir.DataType.FLOAT8E4M3FN and len(n.inputs) > 2 and n.inputs[2] is not None]
+
+
+def rule_fp8_saturate(graph):
+    """TensorRT's FP8 quantization clamps to ±448 (saturate=1, ONNX's default); saturate=0 asks for NaN."""
+    return [(n.name, f"{n.name}: saturate=0") for n in graph if n.op_type == "QuantizeLinear"
+            and _quantized_type(n) == ir.DataType.FLOAT8E4M3FN and attr(n, "saturate", 1) == 0]
+
+
+def rule_fp8_pairs(graph):
+    """A weighted layer's quantized inputs are both FP8 or neither: TensorRT has FP8×FP8 kernels, but
+    none that mixes FP8 with INT8 (INT4 or INT8 weights with INT8 activations are W4A8 / W8A8)."""
+    out = []
+    for n in graph:
+        if n.op_type not in WEIGHTED_OPS:
+            continue
+        types = {_quantized_type(v.producer()) for v in n.inputs[:2] if _from_dq(v)}
+        if len(types) > 1 and ir.DataType.FLOAT8E4M3FN in types:
+            out.append((n.name, f"{n.op_type} '{n.name}': inputs of {' and '.join(sorted(t.name for t in types))}"))
+    return out
 
 
 def rule_weight_range(graph):
@@ -264,6 +306,17 @@ def rule_embedding_tables(graph):
     return out
 
 
+def rule_int32_biases(graph):
+    """ONNX Runtime re-quantizes the float bias of a DQ-fed Conv/Gemm to int32 steps of s_x·s_w and wraps
+    past int32's range (onnxq.quant.bias_range): that layer then computes garbage in ONNX Runtime."""
+    found = []
+    for n in graph:
+        worst = int32_bias_overflow(n)
+        if worst is not None:
+            found.append((n.name, f"{n.op_type} '{n.name}': bias up to {worst:.2g} steps of s_x·s_w (int32 ends at 2.1e9)"))
+    return found
+
+
 _ORT_INTEGER_WEIGHTED = frozenset({"Conv", "Gemm", "MatMul"})  # ORT's CPU provider has no integer ConvTranspose
 
 
@@ -305,6 +358,12 @@ RULES: list[Rule] = [
     Rule("R4", "no QOperator or integer-only ops (QLinear*, *Integer, BitShift, Mod)", "error", rule_no_qoperator, _TRT),
     Rule("R5", "opset >= 13", "error", rule_opset, _BOTH, whole_model=True),
     Rule("R6", "INT8 weights within [-127, 127]", "warning", rule_weight_range, _TRT),
+    Rule("F1", "FP8 Q/DQ at opset >= 19, QuantizeLinear output_dtype at opset >= 21", "error", rule_fp8_opset, _BOTH,
+         whole_model=True),
+    Rule("F2", "FP8 QuantizeLinear saturates (saturate=1)", "error", rule_fp8_saturate, _TRT),
+    Rule("F3", "a weighted layer's quantized inputs are both FP8 or neither", "error", rule_fp8_pairs, _TRT),
+    Rule("F4", "FP8 Q/DQ carry no zero-point input (ONNX Runtime misreads one after Relu/Clip)", "warning",
+         rule_fp8_without_zero_point, _BOTH),
     Rule("O1", "weights are signed INT8/INT4 (ORT's U8S8 kernels)", "warning", rule_signed_weights, _ORT),
     Rule("QDQ", "every Q feeds only DQs with the same scale and zero point", "error", rule_q_dq_pairs, _BOTH),
     Rule("R8", "every input of a weighted Conv/ConvTranspose/Gemm/MatMul is quantized", "error", rule_weighted_inputs,
@@ -316,6 +375,8 @@ RULES: list[Rule] = [
     Rule("R11", "residual input of an Add after a weighted layer is quantized", "warning", rule_residual_add, _TRT),
     Rule("R15", "no Q/DQ on data-movement ops", "warning", rule_copy_ops, _TRT),
     Rule("R16", "Concat inputs and output share one scale", "error", rule_concat_scales, _TRT),
+    Rule("O2", "biases of DQ-fed Conv/Gemm fit ONNX Runtime's int32 re-quantization", "warning", rule_int32_biases,
+         _BOTH),
     Rule("R17", "embedding tables (DQ into Gather data) are constant INT8, per tensor or per gathered row", "error",
          rule_embedding_tables, _BOTH),
 ]

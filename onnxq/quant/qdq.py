@@ -191,6 +191,36 @@ class IntFormat:
     def numpy(self) -> np.dtype:
         return self.dtype.numpy()
 
+    def to_grid(self, steps: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """`steps` (x / scale) on the format's grid, as floats: rounded half to even, then clamped."""
+        out = np.round(steps, out=out)
+        return np.clip(out, self.qmin, self.qmax, out=out)
+
+
+@dataclass(frozen=True)
+class FloatFormat:
+    """A floating-point quantization format (FP8 E4M3): x / scale is clamped to ±qmax and cast to the
+    nearest value the format holds, ties to even, as TensorRT and ONNX's saturating QuantizeLinear do.
+    Its steps are relative (3 mantissa bits), so a quantized value is within 1/16 of itself above
+    s·2⁻⁶ and within s·2⁻¹⁰ below, up to ±qmax·s.
+
+    Its Q/DQ nodes carry no zero point: QuantizeLinear names the type in `output_dtype` (opset 21).
+    A zero point is 0 anyway, and ONNX Runtime's Relu/Clip-into-QuantizeLinear fusions misread an FP8
+    one (up to 1.31 at least: a Relu before it is dropped, negative values pass; a Clip fails to load)."""
+
+    dtype: ir.DataType
+    qmin: float
+    qmax: float
+
+    @property
+    def numpy(self) -> np.dtype:
+        return self.dtype.numpy()
+
+    def to_grid(self, steps: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        out = np.clip(steps, self.qmin, self.qmax, out=out)
+        out[...] = out.astype(self.numpy)  # ml_dtypes rounds to nearest even
+        return out
+
 
 INT8 = IntFormat(ir.DataType.INT8, -128, 127)
 UINT8 = IntFormat(ir.DataType.UINT8, 0, 255)
@@ -199,13 +229,17 @@ INT8_WEIGHT = IntFormat(ir.DataType.INT8, -127, 127)
 INT4 = IntFormat(ir.DataType.INT4, -8, 7)
 UINT4 = IntFormat(ir.DataType.UINT4, 0, 15)
 INT4_WEIGHT = IntFormat(ir.DataType.INT4, -7, 7)
+FP8 = FloatFormat(ir.DataType.FLOAT8E4M3FN, -448.0, 448.0)  # activations and weights alike
+Format = IntFormat | FloatFormat
 
 
-def activation_format(bits: int, signed: bool) -> IntFormat:
+def activation_format(bits: int, signed: bool, number_format: str = "int8") -> Format:
+    if number_format == "fp8":
+        return FP8
     return {(8, True): INT8, (8, False): UINT8, (4, True): INT4, (4, False): UINT4}[(bits, signed)]
 
 
-def activation_params(lo: float, hi: float, fmt: IntFormat, symmetric: bool) -> tuple[float, int]:
+def activation_params(lo: float, hi: float, fmt: Format, symmetric: bool) -> tuple[float, int]:
     """(scale, zero_point) for an activation range."""
     if symmetric:
         amax = max(abs(lo), abs(hi))
@@ -216,7 +250,7 @@ def activation_params(lo: float, hi: float, fmt: IntFormat, symmetric: bool) -> 
     return scale, zero_point
 
 
-def quantize_weight(w: np.ndarray, axis: int | None, fmt: IntFormat = INT8_WEIGHT, method: str = "max",
+def quantize_weight(w: np.ndarray, axis: int | None, fmt: Format = INT8_WEIGHT, method: str = "max",
                     block_size: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric integer weights and scales: per tensor (axis None), per channel, or in blocks along the
     input axis (block_size > 0; scales then have w's rank). Returns (q, scale)."""
@@ -234,8 +268,8 @@ def quantize_weight(w: np.ndarray, axis: int | None, fmt: IntFormat = INT8_WEIGH
     elif method != "max":
         raise OnnxqError(f"unknown weight calibrator '{method}' (choose max, mse or auto)")
     scale = np.where(amax > 0, amax / fmt.qmax, 1.0).astype(np.float32)
-    steps = np.divide(w, scale)  # rounded and clipped in place: one float temporary of the weight's size
-    np.clip(np.round(steps, out=steps), fmt.qmin, fmt.qmax, out=steps)
+    steps = np.divide(w, scale)  # put on the grid in place: one float temporary of the weight's size
+    fmt.to_grid(steps, out=steps)
     return steps.astype(fmt.numpy), (scale.reshape(-1) if axis is not None else scale.reshape(()))
 
 
@@ -293,8 +327,7 @@ def _candidate_errors(w, amax, reduce_axes, fmt, steps) -> list:
         if buffer is None:
             buffer = np.empty(np.shape(w), dtype=np.result_type(w, scale))
         np.divide(w, scale, out=buffer)
-        np.round(buffer, out=buffer)
-        np.clip(buffer, fmt.qmin, fmt.qmax, out=buffer)
+        fmt.to_grid(buffer, out=buffer)
         buffer *= scale
         buffer -= w
         buffer *= buffer
@@ -327,7 +360,7 @@ def _quantize_blocked(w, axis, fmt, method, block_size):
     moved = np.moveaxis(w, block_axis, 0).reshape(n // block_size, block_size, -1)
     amax = np.abs(moved).max(axis=1, keepdims=True)
     scale = np.where(amax > 0, amax / fmt.qmax, 1.0).astype(np.float32)
-    q = np.clip(np.round(moved / scale), fmt.qmin, fmt.qmax)
+    q = fmt.to_grid(moved / scale)
     q = np.moveaxis(q.reshape(n, -1), 0, block_axis).astype(fmt.numpy)
     scale = np.moveaxis(scale.reshape(n // block_size, -1), 0, block_axis)
     return q, scale
@@ -337,16 +370,20 @@ def _quantize_blocked(w, axis, fmt, method, block_size):
 
 
 def insert_activation_qdq(graph: ir.Graph, namer: Namer, value: ir.Value, slots: Iterable[Slot], scale: float,
-                          zero_point: int, fmt: IntFormat) -> None:
+                          zero_point: int, fmt: Format) -> None:
     """Q→DQ on `value`, read by `slots` instead of `value`; other readers keep the float tensor."""
     base = value.name
     scale_v = add_initializer(graph, namer, f"{base}_scale", scale_like(scale, value))
-    zp_v = add_initializer(graph, namer, f"{base}_zero_point", np.array(zero_point, dtype=fmt.numpy))
-    q = ir.node("QuantizeLinear", [value, scale_v, zp_v], name=namer.fresh(f"{base}_QuantizeLinear"))
+    params, attributes = [scale_v], {}
+    if isinstance(fmt, FloatFormat):  # the type as an attribute: see _float_params
+        attributes = {"output_dtype": fmt.dtype.value}
+    else:
+        params.append(add_initializer(graph, namer, f"{base}_zero_point", np.array(zero_point, dtype=fmt.numpy)))
+    q = ir.node("QuantizeLinear", [value, *params], attributes, name=namer.fresh(f"{base}_QuantizeLinear"))
     q.outputs[0].name = namer.fresh(f"{base}_quantized")
     q.outputs[0].dtype = fmt.dtype
     q.outputs[0].shape = value.shape
-    dq = ir.node("DequantizeLinear", [q.outputs[0], scale_v, zp_v], name=namer.fresh(f"{base}_DequantizeLinear"))
+    dq = ir.node("DequantizeLinear", [q.outputs[0], *params], name=namer.fresh(f"{base}_DequantizeLinear"))
     dq.outputs[0].name = namer.fresh(f"{base}_dequantized")
     dq.outputs[0].dtype = value.dtype
     dq.outputs[0].shape = value.shape
@@ -356,18 +393,20 @@ def insert_activation_qdq(graph: ir.Graph, namer: Namer, value: ir.Value, slots:
 
 
 def insert_weight_dq(graph: ir.Graph, namer: Namer, weight: ir.Value, slots: Iterable[Slot], q: np.ndarray,
-                     scale: np.ndarray, axis: int | None, fmt: IntFormat, block_size: int = 0) -> None:
+                     scale: np.ndarray, axis: int | None, fmt: Format, block_size: int = 0) -> None:
     """Integer copy of `weight` plus a DequantizeLinear read by `slots`; drops the float weight if unused."""
     base = weight.name
     q_v = add_initializer(graph, namer, f"{base}_quantized", q)
     scale_v = add_initializer(graph, namer, f"{base}_scale", scale_like(scale, weight))
-    zp_v = add_initializer(graph, namer, f"{base}_zero_point", np.zeros(scale.shape, dtype=fmt.numpy))
+    params = [scale_v]
+    if not isinstance(fmt, FloatFormat):  # a DequantizeLinear takes its type from the stored weight
+        params.append(add_initializer(graph, namer, f"{base}_zero_point", np.zeros(scale.shape, dtype=fmt.numpy)))
     attributes = {}
     if block_size:
         attributes = {"axis": 1 - axis, "block_size": block_size}
     elif axis is not None:
         attributes = {"axis": axis}
-    dq = ir.node("DequantizeLinear", [q_v, scale_v, zp_v], attributes, name=namer.fresh(f"{base}_DequantizeLinear"))
+    dq = ir.node("DequantizeLinear", [q_v, *params], attributes, name=namer.fresh(f"{base}_DequantizeLinear"))
     dq.outputs[0].name = namer.fresh(f"{base}_dequantized")
     dq.outputs[0].dtype = weight.dtype
     dq.outputs[0].shape = weight.shape

@@ -20,7 +20,7 @@ from typing import TypeVar
 import numpy as np
 
 from onnxq.quant import gptq
-from onnxq.quant.qdq import IntFormat, quantize_weight, scale_per_element
+from onnxq.quant.qdq import Format, quantize_weight, scale_per_element
 
 MAX_WORKERS = 4  # a chosen bound: each weight in flight holds float64 copies of itself and its Hessian
 
@@ -41,7 +41,7 @@ class WeightJob:
     reader: object = None
 
 
-def round_weights(jobs: Iterable[WeightJob], fmt: IntFormat, calibrator: str, dampings: tuple[float, ...],
+def round_weights(jobs: Iterable[WeightJob], fmt: Format, calibrator: str, dampings: tuple[float, ...],
                   workers: int | None = None) -> Iterator[tuple[WeightJob, np.ndarray, np.ndarray]]:
     """(job, integers, scale) per job, in the jobs' order: scales from `calibrator`, integers GPTQ-rounded
     where the job has a Hessian, rounded to nearest otherwise."""

@@ -51,6 +51,29 @@ def detach(model: ir.Model) -> DetachedModel:
     return DetachedModel(proto, weights)
 
 
+# ONNX Runtime's extended optimizations (1.31 and before) fuse DQ → Conv/MatMul into integer kernels
+# (QLinearConv, MatMulIntegerToFloat) without checking the type, which then refuse FP8 inputs; its CPU
+# provider has no FP8 arithmetic to lose, so FP8 models run at the basic level (docs/fp8.md).
+FP8_OPTIMIZATION_LEVEL = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+_FP8 = {onnx.TensorProto.FLOAT8E4M3FN, onnx.TensorProto.FLOAT8E4M3FNUZ, onnx.TensorProto.FLOAT8E5M2,
+        onnx.TensorProto.FLOAT8E5M2FNUZ}
+
+
+def holds_fp8(model) -> bool:
+    """Whether a model (onnx_ir, proto, detached or path) stores a tensor in FP8 or quantizes to it."""
+    if isinstance(model, (str, Path)):
+        model = onnx.load(str(model), load_external_data=False)
+    if isinstance(model, DetachedModel):
+        model = model.proto
+    if isinstance(model, ir.Model):
+        return any(v.dtype is not None and v.dtype.value in _FP8 for v in model.graph.initializers.values()) or any(
+            n.op_type == "QuantizeLinear" and n.outputs[0].dtype is not None and n.outputs[0].dtype.value in _FP8
+            for n in model.graph)
+    return any(t.data_type in _FP8 for t in model.graph.initializer) or any(
+        a.name == "output_dtype" and a.i in _FP8 for n in model.graph.node if n.op_type == "QuantizeLinear"
+        for a in n.attribute)
+
+
 def session(model: ir.Model | onnx.ModelProto | DetachedModel | str | Path, *, threads: int = 0,
             optimize: bool = True) -> ort.InferenceSession:
     """A CPU InferenceSession for an in-memory model or a path. An onnx_ir model's large weights reach
@@ -60,6 +83,8 @@ def session(model: ir.Model | onnx.ModelProto | DetachedModel | str | Path, *, t
     options.log_severity_level = 4  # fatal only: failures reach the caller as exceptions, not as log lines
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    elif holds_fp8(model):
+        options.graph_optimization_level = FP8_OPTIMIZATION_LEVEL
     providers = ["CPUExecutionProvider"]
     try:
         if isinstance(model, (str, Path)):

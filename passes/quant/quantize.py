@@ -7,7 +7,9 @@ channel by default, per tensor with weights="per-tensor"); biases stay in float.
 rounding="gptq" the integers are chosen against each layer's calibration inputs (onnxq.quant.gptq) at the
 same scales; with "adaround" or "flexround" they are learned block by block against the float block's
 outputs (onnxq.quant.reconstruct; FlexRound also learns the step). Either way the format is unchanged.
-Embedding tables (a constant read by Gathers) stay float unless embeddings="int8", which stores them
+With format="fp8" (TensorRT only) weights and activations are FP8 E4M3 instead, scaled so the
+calibrated range maps to ±448: DQ(Q(x)) = s·fp8(clip(x/s, −448, 448)) (opset 21), whose error is relative (at most
+1/16 of |x| above s·2⁻⁶, s·2⁻¹⁰ below) rather than a fixed half-step. Embedding tables (a constant read by Gathers) stay float unless embeddings="int8", which stores them
 INT8 with one scale per row: each looked-up value is then within half its row's step of the float one.
 """
 
@@ -29,9 +31,11 @@ from onnxq.pipeline.passes import GraphPass, Kind, PassConditionError, PassConte
 from onnxq.progress import progress
 from onnxq.quant import gptq
 from onnxq.quant.bias_correction import correct_biases
+from onnxq.quant.bias_range import detach_overflowing_biases
 from onnxq.quant.calibrate import Range, collect_statistics
 from onnxq.quant.calibrator_choice import choose_calibrator, reference_outputs
 from onnxq.quant.qdq import (
+    FP8,
     INT4_WEIGHT,
     INT8_WEIGHT,
     Planner,
@@ -76,15 +80,23 @@ class Quantize(GraphPass):
     embeddings: Literal["float", "int8"] = "float"
     # the target's activation type, or int8/uint8 where the target takes both (ort-cpu; TensorRT: int8 only)
     activation_type: Literal["target", "int8", "uint8"] = "target"
+    # int8: integer Q/DQ; fp8: FP8 E4M3 weights and activations (TensorRT on Hopper/Ada; opset 21)
+    format: Literal["int8", "fp8"] = "int8"
 
     def __post_init__(self):
+        if self.format == "fp8" and (self.weight_bits, self.activation_bits, self.block_size) != (8, 8, 0):
+            raise ValueError("format fp8 is 8-bit, per tensor or per channel: weight_bits and activation_bits 8, "
+                             "block_size 0")
+        if self.format == "fp8" and self.rounding in ("adaround", "flexround"):
+            raise ValueError(f"rounding '{self.rounding}' learns integer weights; with format fp8 use nearest or gptq")
         if not isinstance(self.gptq_dampings, tuple):  # frozen: a list given in Python becomes a tuple
             object.__setattr__(self, "gptq_dampings", tuple(self.gptq_dampings))
         if not self.gptq_dampings:
             raise ValueError("gptq_dampings needs at least one value")
 
     def requires(self, model: ir.Model) -> None:
-        needed = 21 if (self.weight_bits == 4 or self.activation_bits == 4 or self.block_size) else 13
+        needed = 21 if (self.weight_bits == 4 or self.activation_bits == 4 or self.block_size) else (
+            21 if self.format == "fp8" else 13)
         if opset_version(model) < needed:
             raise PassConditionError(f"quantize needs opset >= {needed} (model has {opset_version(model)}): "
                                      "put upgrade_opset before quantize in the recipe")
@@ -98,6 +110,9 @@ class Quantize(GraphPass):
 
     def apply(self, model: ir.Model, ctx: PassContext) -> dict:
         target = get_target(ctx.target)
+        if self.format == "fp8" and target.name != "tensorrt":
+            raise PassConditionError(f"quantize: format fp8 is for --target tensorrt (target {target.name} has no "
+                                     "FP8 kernels)")
         signed = self._signed_activations(target)
         data = ctx.require_calibration(self.name)
         prepared = target.prepare(model, signed) if target.prepare else {}
@@ -107,7 +122,7 @@ class Quantize(GraphPass):
         reference = reference_outputs(model) if self.calibrator == "auto" else None
         stats = collect_statistics(model, sorted(wanted), data, histograms=self.calibrator != "max", bins=self.bins,
                                    show_progress=ctx.show_progress, alongside=[reference] if reference else [])
-        act_fmt = activation_format(self.activation_bits, signed)
+        act_fmt = activation_format(self.activation_bits, signed, self.format)
         calibrator, choice = self.calibrator, {}
         if calibrator == "auto":
             def trial(copy: ir.Model, ranges: dict[str, Range]) -> None:
@@ -128,7 +143,7 @@ class Quantize(GraphPass):
         tables = _quantize_tables(graph, namer, plan, notes)
         float_weights = {node.name: const_array(weight) for (weight, _), slots in plan.weights.items()
                          for node, index in slots if index == 1} if self.bias_correction else {}
-        fmt = INT4_WEIGHT if self.weight_bits == 4 else INT8_WEIGHT
+        fmt = FP8 if self.format == "fp8" else INT4_WEIGHT if self.weight_bits == 4 else INT8_WEIGHT
         hessians, gptq_readers = self._gptq_statistics(model, plan, data, ctx)
         layouts = {weight.name: self._layout(weight, axis) for weight, axis in plan.weights}
         slots_of = {weight.name: (weight, slots) for (weight, _), slots in plan.weights.items()}
@@ -164,7 +179,8 @@ class Quantize(GraphPass):
                 tag(node, FLOAT_REASON_KEY, reason)
         graph.sort()
         corrected = correct_biases(model, float_weights, data, show_progress=ctx.show_progress) if self.bias_correction else 0
-        return {"biases_corrected": corrected, "activations_quantized": len(plan.activations) - len(plan.skipped),
+        moved = detach_overflowing_biases(graph)  # after bias correction: the final biases
+        return {"biases_corrected": corrected, **({"biases_moved_to_add": len(moved)} if moved else {}), "activations_quantized": len(plan.activations) - len(plan.skipped),
                 "weights_quantized": len(plan.weights), "kept_float": len(plan.float_reasons),
                 "skipped": len(plan.skipped), "gptq_rounded": gptq_rounded,
                 **({"embedding_tables_quantized": tables} if self.embeddings == "int8" else {}),

@@ -4,7 +4,7 @@
   symmetric int8 activations and weights, MinMax calibration, per-tensor weights. Options give
   per-channel weights, Entropy/Percentile calibration, and the x86-CPU flavour (asymmetric uint8
   activations, int8 weights), which is what ORT's docs recommend for VNNI CPUs.
-- modelopt_quantize(): NVIDIA ModelOpt `python -m modelopt.onnx.quantization --quantize_mode int8`,
+- modelopt_quantize(): NVIDIA ModelOpt `python -m modelopt.onnx.quantization --quantize_mode int8|fp8`,
   run on CPU in its own virtual environment (scripts/setup_modelopt.sh makes it).
 - ort_smoothquant(): quantize_static with its SmoothQuant option, which runs Intel Neural
   Compressor 2.x; call it from the Python of ensure_inc()'s venv (scripts/setup_inc.sh makes it).
@@ -228,24 +228,25 @@ def modelopt_quantize(
     output: str | os.PathLike,
     *,
     calibration_method: str = "entropy",
+    quantize_mode: str = "int8",
     extra_args: Iterable[str] = (),
     timeout_s: float = 3600,
 ) -> AnchorResult:
-    """ModelOpt ONNX INT8 PTQ on CPU, high-precision parts kept in FP32.
+    """ModelOpt ONNX PTQ on CPU, high-precision parts kept in FP32.
 
-    calibration_method: 'entropy' (ModelOpt's int8 default) or 'max'. ModelOpt quantizes
-    weights per channel and activations per tensor, symmetric, and places Q/DQ for TensorRT.
+    quantize_mode: 'int8' or 'fp8' (E4M3). calibration_method: 'entropy' (ModelOpt's default for
+    both) or 'max'. ModelOpt quantizes activations per tensor, symmetric, and places Q/DQ for TensorRT.
     """
     model_path, output = Path(model_path).resolve(), Path(output).resolve()
     output.parent.mkdir(parents=True, exist_ok=True)
     python = ensure_modelopt()
-    name = f"modelopt-int8-{calibration_method}"
+    name = f"modelopt-{quantize_mode}-{calibration_method}"
     with tempfile.TemporaryDirectory(prefix="modelopt-") as tmp:
         calib_file = Path(tmp) / "calib.npz"
         np.savez(calib_file, **calib)
         source = private_copy(model_path, Path(tmp))  # ModelOpt writes shape-inferred models over its input
         cmd = [str(python), "-m", "modelopt.onnx.quantization", "--onnx_path", str(source),
-               "--quantize_mode", "int8", "--calibration_method", calibration_method,
+               "--quantize_mode", quantize_mode, "--calibration_method", calibration_method,
                "--calibration_data_path", str(calib_file), "--calibration_eps", "cpu",
                "--high_precision_dtype", "fp32", "--output_path", str(output), *extra_args]
         start = time.perf_counter()
