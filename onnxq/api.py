@@ -19,6 +19,7 @@ from onnxq.metadata import RECIPE_REASON_KEY
 from onnxq.pipeline import PassContext, load_recipe, run_pipeline
 from onnxq.pipeline.choice import choose_recipe
 from onnxq.pipeline.recipes import with_options
+from onnxq.pipeline.registry import pass_class
 from onnxq.quant.qdq import Planner
 from onnxq.quant.scheme import QuantScheme
 from onnxq.quant.selection import outside_op_types, select_nodes
@@ -35,7 +36,7 @@ def quantize(model: str | os.PathLike | onnx.ModelProto | ir.Model, calibration_
              output: str | os.PathLike | None = None, recipe: str | os.PathLike | list | None = None,
              target: str = "tensorrt", per_tensor: bool | None = None, calibrator: str | None = None,
              rounding: str | None = None, activation_type: str | None = None, format: str | None = None,
-             exclude: Sequence[str] | None = None, op_types: Sequence[str] | None = None,
+             high_precision: str = "fp32", exclude: Sequence[str] | None = None, op_types: Sequence[str] | None = None,
              batch_size: int = 1, max_samples: int | None = None, padding_mask: str | None = "auto",
              allow_unknown_ops: bool = False, verify_exact: bool = True, show_progress: bool = True,
              log=print, example_inputs: Any = None) -> onnx.ModelProto:
@@ -56,6 +57,8 @@ def quantize(model: str | os.PathLike | onnx.ModelProto | ir.Model, calibration_
         format: "int8" or "fp8" (FP8 E4M3 weights and activations, TensorRT only, opset 21; weights
             scaled by their max, activations calibrated with max unless `calibrator` names another);
             None: the recipe's (int8 in every built-in recipe).
+        high_precision: "fp32", or "fp16" to run what stays in float, and the model's inputs and
+            outputs, in FP16 (the half_float pass, appended to the recipe; TensorRT only).
         exclude: node names or regular expressions (matched against whole names) of nodes to keep in
             float, added to the recipe's quantize-step `exclude` (ONNX Runtime's nodes_to_exclude). A
             pattern that matches no node of the model is a warning (logger "onnxq") and is ignored.
@@ -72,7 +75,7 @@ def quantize(model: str | os.PathLike | onnx.ModelProto | ir.Model, calibration_
     """
     check_quantize_arguments(model, calibration_data, output=output, recipe=recipe, target=target, per_tensor=per_tensor,
                              calibrator=calibrator, rounding=rounding, activation_type=activation_type,
-                             format=format, exclude=exclude, op_types=op_types, batch_size=batch_size, max_samples=max_samples,
+                             format=format, high_precision=high_precision, exclude=exclude, op_types=op_types, batch_size=batch_size, max_samples=max_samples,
                              padding_mask=padding_mask, allow_unknown_ops=allow_unknown_ops, verify_exact=verify_exact,
                              show_progress=show_progress, log=log, example_inputs=example_inputs)
     if example_inputs is not None:  # a torch module: export to a temporary file, then quantize that
@@ -80,7 +83,8 @@ def quantize(model: str | os.PathLike | onnx.ModelProto | ir.Model, calibration_
             exported = export(model, example_inputs, Path(folder) / "model.onnx", log=log)
             return quantize(exported, calibration_data, output=output, recipe=recipe, target=target,
                             per_tensor=per_tensor, calibrator=calibrator, rounding=rounding,
-                            activation_type=activation_type, format=format, exclude=exclude,
+                            activation_type=activation_type, format=format, high_precision=high_precision,
+                            exclude=exclude,
                             op_types=op_types, batch_size=batch_size, max_samples=max_samples,
                             padding_mask=padding_mask, allow_unknown_ops=allow_unknown_ops,
                             verify_exact=verify_exact, show_progress=show_progress, log=log)
@@ -102,6 +106,8 @@ def quantize(model: str | os.PathLike | onnx.ModelProto | ir.Model, calibration_
                              activation_type=activation_type, number_format=format, allow_unknown_ops=allow_unknown_ops,
                              exclude=_matching(work, exclude or []),
                              op_types=_present(work, op_types or []))
+    if high_precision == "fp16" and not any(p.name == "half_float" for p in passes):
+        passes = [*passes, pass_class("half_float")()]
     _check_rules_cover(work, passes, target)
     _check_float_type(work, target)
     quantize_step = next((p for p in passes if p.name == "quantize"), None)

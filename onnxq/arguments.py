@@ -25,7 +25,7 @@ _PATH = (str, os.PathLike)
 
 def check_quantize_arguments(model: Any, calibration_data: Any, *, output: Any, recipe: Any, target: Any,
                              per_tensor: Any, calibrator: Any, rounding: Any, exclude: Any, op_types: Any,
-                             activation_type: Any, format: Any,
+                             activation_type: Any, format: Any, high_precision: Any,
                              batch_size: Any, max_samples: Any,
                              padding_mask: Any, allow_unknown_ops: Any, verify_exact: Any, show_progress: Any,
                              log: Any, example_inputs: Any) -> None:
@@ -73,6 +73,12 @@ def check_quantize_arguments(model: Any, calibration_data: Any, *, output: Any, 
         raise OnnxqValueError("format: fp8 is for target 'tensorrt' (ONNX Runtime's CPU kernels are integer only)")
     if format == "fp8" and rounding in ("adaround", "flexround"):
         raise OnnxqValueError(f"format: rounding '{rounding}' learns integer weights; with fp8 use nearest or gptq")
+    _type("high_precision", high_precision, (str,), "'fp32' or 'fp16'")
+    if high_precision not in ("fp32", "fp16"):
+        raise OnnxqValueError(f"high_precision: {high_precision!r} is not one of fp32, fp16")
+    if high_precision == "fp16" and target != "tensorrt":
+        raise OnnxqValueError("high_precision: fp16 is for target 'tensorrt' (ONNX Runtime's integer CPU kernels "
+                              "take FP32 around them)")
     _names("exclude", exclude, "node names or regular expressions")
     for pattern in exclude or ():
         problem = regex_problem(pattern)

@@ -175,6 +175,9 @@ def compare_models(reference: ir.Model, quantized: ir.Model, data: Any, *, layer
     infer_shapes(reference)
     infer_shapes(quantized)
     _check_same_inputs(reference, quantized)
+    # a quantized model in FP16 (--high-precision fp16) reads the same data in its own float type
+    cast_to = {s.name: s.dtype for s in model_inputs(quantized)
+               if np.issubdtype(s.dtype, np.floating) and s.dtype != np.dtype(np.float32)}
     batches = load_calibration(data, reference, batch_size=batch_size, limit=max_samples, padding_mask=padding_mask)
     if batches.left_out:  # whole batches only, as in calibration: say what a remainder costs
         logger.warning(batches.left_out_message("compare"))
@@ -191,7 +194,8 @@ def compare_models(reference: ir.Model, quantized: ir.Model, data: Any, *, layer
     acc = {n: _Accumulator(classes=classes.get(n) is not None) for n in names}
     for feed in progress(batches, desc="comparing", total=len(batches), unit="batch", disable=not show_progress):
         ref_values = run_on_data(ref_sess, names, feed, "the reference model")
-        q_values = run_on_data(q_sess, names, feed, "the quantized model")
+        q_feed = {k: v.astype(cast_to[k]) if k in cast_to else v for k, v in feed.items()}
+        q_values = run_on_data(q_sess, names, q_feed, "the quantized model")
         mask = feed.get(batches.padding_mask) if batches.padding_mask else None
         for name, r, q in zip(names, ref_values, q_values):
             if r.shape != q.shape:
@@ -219,7 +223,8 @@ def run_on_data(sess, names: list[str], feed: dict[str, np.ndarray], what: str) 
 
 
 def _check_same_inputs(reference: ir.Model, quantized: ir.Model) -> None:
-    """Both models must take the same feeds: same input names, element types and fixed dimensions."""
+    """Both models must take the same feeds: same input names, element types (or two float types: an
+    FP16 quantized model of an FP32 one) and fixed dimensions."""
     ref = {s.name: s for s in model_inputs(reference)}
     quant = {s.name: s for s in model_inputs(quantized)}
     if set(ref) != set(quant):
@@ -228,7 +233,8 @@ def _check_same_inputs(reference: ir.Model, quantized: ir.Model) -> None:
         q = quant[name]
         clash = len(r.dims) != len(q.dims) or any(a is not None and b is not None and a != b
                                                   for a, b in zip(r.dims, q.dims))
-        if r.dtype != q.dtype or (r.dims and q.dims and clash):
+        both_float = np.issubdtype(r.dtype, np.floating) and np.issubdtype(q.dtype, np.floating)
+        if (r.dtype != q.dtype and not both_float) or (r.dims and q.dims and clash):
             raise OnnxqError(f"input '{name}' differs between the models: reference {r.describe()}, "
                              f"quantized {q.describe()}")
 

@@ -150,6 +150,10 @@ def build_parser(runners: dict[str, Callable[[argparse.Namespace], int]]) -> arg
     q.add_argument("--format", choices=["int8", "fp8"], dest="number_format",
                    help="int8 (default) or fp8: FP8 E4M3 weights and activations for TensorRT on Hopper/Ada GPUs "
                         "(opset 19; calibrated with max unless --calibrator says otherwise), e.g. --format fp8")
+    q.add_argument("--high-precision", choices=["fp32", "fp16"], default="fp32",
+                   help="type of what stays in float, and of the model's inputs and outputs: fp32 (default) or fp16 "
+                        "(ModelOpt's --high_precision_dtype; TensorRT then runs those layers in FP16), e.g. "
+                        "--high-precision fp16")
     q.add_argument("--rounding", choices=["nearest", "gptq", "adaround", "flexround"],
                    help="weight rounding (default: the recipe's): gptq chooses the integers against each layer's "
                         "calibration inputs; adaround/flexround learn them block by block (all use torch; "

@@ -38,6 +38,7 @@ PASS_TABLE: dict[str, str] = {
     "qfpe": "petr.qfpe:Qfpe",
     # quantization and fully quantized nonlinear ops
     "quantize": "quant.quantize:Quantize",
+    "half_float": "quant.half_float:HalfFloat",
     "dulut": "nonlinear.dulut:Dulut",
     "qans": "nonlinear.qans:Qans",
     "integer_ops": "nonlinear.integer_ops:IntegerOps",

@@ -1,0 +1,114 @@
+"""half_float: what stays in float after quantization runs in FP16, inputs and outputs included.
+
+Kind: approximate. TensorRT runs the layers a Q/DQ graph leaves in float in the graph's float type,
+so an FP16 graph (ModelOpt's "high-precision dtype fp16") halves their memory traffic. Every FLOAT
+tensor becomes FLOAT16: initializers and constants are rounded to FP16 (relative error ≤ 2⁻¹¹) and
+clipped to its range ±65504 (an attention mask's −3.4e38 becomes −65504, not −inf, so 0·mask stays 0),
+Q/DQ scales too (at least FP16's smallest subnormal, so none rounds to 0), Casts to FLOAT cast to
+FLOAT16, and graph inputs and outputs are FP16. Inputs that ONNX types as float32 only (Resize's roi
+and scales, NonMaxSuppression's boxes and scores) are cast back to FLOAT in front of them. The
+error this adds is that of running each float op in FP16: `onnxq compare` measures it.
+
+Run it last: after `quantize` (it needs the scales) and after any pass that reads float weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from onnxq.errors import OnnxqError
+from onnxq.ir.graph import Namer
+from onnxq.ir.modelio import to_proto_without_weights
+from onnxq.pipeline.passes import GraphPass, Kind, PassContext, after_quantize
+
+FLOAT, HALF = ir.DataType.FLOAT, ir.DataType.FLOAT16
+HALF_MAX = float(np.finfo(np.float16).max)
+HALF_TINY = float(np.finfo(np.float16).smallest_subnormal)
+# (op, input index) that ONNX types as float32 whatever the data's type
+FLOAT32_ONLY = {("Resize", 1), ("Resize", 2), ("Upsample", 1), ("NonMaxSuppression", 0), ("NonMaxSuppression", 1),
+                ("NonMaxSuppression", 3), ("NonMaxSuppression", 4)}
+_SCALE_INPUT = {"QuantizeLinear": 1, "DequantizeLinear": 1}
+
+
+@dataclass(frozen=True)
+class HalfFloat(GraphPass):
+    name: ClassVar[str] = "half_float"
+    kind: ClassVar[Kind] = Kind.APPROXIMATE
+
+    def requires(self, model: ir.Model) -> None:
+        after_quantize(self, model)
+
+    def apply(self, model: ir.Model, ctx: PassContext) -> dict:
+        graph = model.graph
+        scales = {n.inputs[i] for n in graph if n.op_type in _SCALE_INPUT for i in (_SCALE_INPUT[n.op_type],)}
+        clipped = sum(_halve_initializer(v, floor=HALF_TINY if v in scales else 0.0)
+                      for v in graph.initializers.values() if v.dtype == FLOAT and not _float32_only(v))
+        for node in graph:
+            _halve_attributes(node)
+            for value in node.outputs:
+                if value.dtype == FLOAT:
+                    value.dtype = HALF
+        for value in graph.inputs:
+            if value.dtype == FLOAT:
+                value.dtype = HALF
+        kept = _cast_back_float32_inputs(graph)
+        _check(model)
+        return {"initializers_clipped_to_fp16_range": clipped, "float32_inputs_cast_back": kept}
+
+
+def _float32_only(value: ir.Value) -> bool:
+    """A constant read only where ONNX wants float32 (Resize's scales): left as it is."""
+    uses = list(value.uses())
+    return bool(uses) and all((node.op_type, index) in FLOAT32_ONLY for node, index in uses)
+
+
+def _halve_initializer(value: ir.Value, floor: float) -> int:
+    """Round one FLOAT initializer to FP16 in place; returns how many entries were clipped to ±65504."""
+    array = value.const_value.numpy()
+    clipped = int(np.count_nonzero(np.abs(array) > HALF_MAX))
+    half = np.clip(array, -HALF_MAX, HALF_MAX)
+    if floor:  # a scale: positive, and never 0 in FP16
+        half = np.maximum(half, floor)
+    value.const_value = ir.tensor(half.astype(np.float16), name=value.name)
+    value.dtype = HALF
+    return clipped
+
+
+def _halve_attributes(node: ir.Node) -> None:
+    """Casts to FLOAT and float constants in attributes (Constant, ConstantOfShape) become FP16."""
+    if node.op_type in ("Cast", "CastLike") and node.attributes.get("to") is not None \
+            and node.attributes["to"].value == FLOAT.value:
+        node.attributes["to"] = ir.AttrInt64("to", HALF.value)
+    for key in ("value",):
+        attribute = node.attributes.get(key)
+        if attribute is not None and attribute.type == ir.AttributeType.TENSOR and attribute.value.dtype == FLOAT:
+            array = np.clip(attribute.value.numpy(), -HALF_MAX, HALF_MAX).astype(np.float16)
+            node.attributes[key] = ir.AttrTensor(key, ir.tensor(array))
+
+
+def _cast_back_float32_inputs(graph: ir.Graph) -> int:
+    namer, count = Namer(graph), 0
+    for node in list(graph):
+        for index, value in enumerate(node.inputs):
+            if (node.op_type, index) in FLOAT32_ONLY and value is not None and value.dtype == HALF:
+                cast = ir.node("Cast", [value], {"to": FLOAT.value}, name=namer.fresh(f"{node.name}_input{index}_Cast"))
+                cast.outputs[0].name = namer.fresh(f"{value.name}_float32")
+                cast.outputs[0].dtype, cast.outputs[0].shape = FLOAT, value.shape
+                graph.insert_before(node, cast)
+                node.replace_input_with(index, cast.outputs[0])
+                count += 1
+    return count
+
+
+def _check(model: ir.Model) -> None:
+    """ONNX's type checker over the whole converted graph: an op that takes no FP16 is named."""
+    try:
+        proto, _ = to_proto_without_weights(model)  # types and dims only: the weights are not copied
+        onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
+    except Exception as exc:  # the checker raises several types; the first line names the node
+        raise OnnxqError(f"half_float: the FP16 graph is not valid ONNX: {str(exc).splitlines()[0]}") from None
