@@ -36,7 +36,7 @@ def quantize(model: str | os.PathLike | onnx.ModelProto | ir.Model, calibration_
              output: str | os.PathLike | None = None, recipe: str | os.PathLike | list | None = None,
              target: str = "tensorrt", per_tensor: bool | None = None, calibrator: str | None = None,
              rounding: str | None = None, activation_type: str | None = None, format: str | None = None,
-             high_precision: str = "fp32", exclude: Sequence[str] | None = None, op_types: Sequence[str] | None = None,
+             high_precision: str = "fp32", weight_type: str | None = None, exclude: Sequence[str] | None = None, op_types: Sequence[str] | None = None,
              batch_size: int = 1, max_samples: int | None = None, padding_mask: str | None = "auto",
              allow_unknown_ops: bool = False, verify_exact: bool = True, show_progress: bool = True,
              log=print, example_inputs: Any = None) -> onnx.ModelProto:
@@ -57,6 +57,8 @@ def quantize(model: str | os.PathLike | onnx.ModelProto | ir.Model, calibration_
         format: "int8" or "fp8" (FP8 E4M3 weights and activations, TensorRT only, opset 21; weights
             scaled by their max, activations calibrated with max unless `calibrator` names another);
             None: the recipe's (int8 in every built-in recipe).
+        weight_type: "int8" (default) or "uint8" weights (stored q + 128, zero point 128: ONNX Runtime's U8U8
+            kernels), --target ort-cpu only.
         high_precision: "fp32", or "fp16" to run what stays in float, and the model's inputs and
             outputs, in FP16 (the half_float pass, appended to the recipe; TensorRT only).
         exclude: node names or regular expressions (matched against whole names) of nodes to keep in
@@ -75,7 +77,7 @@ def quantize(model: str | os.PathLike | onnx.ModelProto | ir.Model, calibration_
     """
     check_quantize_arguments(model, calibration_data, output=output, recipe=recipe, target=target, per_tensor=per_tensor,
                              calibrator=calibrator, rounding=rounding, activation_type=activation_type,
-                             format=format, high_precision=high_precision, exclude=exclude, op_types=op_types, batch_size=batch_size, max_samples=max_samples,
+                             format=format, high_precision=high_precision, weight_type=weight_type, exclude=exclude, op_types=op_types, batch_size=batch_size, max_samples=max_samples,
                              padding_mask=padding_mask, allow_unknown_ops=allow_unknown_ops, verify_exact=verify_exact,
                              show_progress=show_progress, log=log, example_inputs=example_inputs)
     if example_inputs is not None:  # a torch module: export to a temporary file, then quantize that
@@ -84,7 +86,7 @@ def quantize(model: str | os.PathLike | onnx.ModelProto | ir.Model, calibration_
             return quantize(exported, calibration_data, output=output, recipe=recipe, target=target,
                             per_tensor=per_tensor, calibrator=calibrator, rounding=rounding,
                             activation_type=activation_type, format=format, high_precision=high_precision,
-                            exclude=exclude,
+                            weight_type=weight_type, exclude=exclude,
                             op_types=op_types, batch_size=batch_size, max_samples=max_samples,
                             padding_mask=padding_mask, allow_unknown_ops=allow_unknown_ops,
                             verify_exact=verify_exact, show_progress=show_progress, log=log)
@@ -103,7 +105,8 @@ def quantize(model: str | os.PathLike | onnx.ModelProto | ir.Model, calibration_
         log(f"recipe: {choice.recipe} ({choice.reason}; --recipe chooses another)")
     recipe_name, passes = load_recipe(recipe if choice is None else choice.recipe)
     passes = _with_overrides(work, passes, per_tensor=per_tensor, calibrator=calibrator, rounding=rounding,
-                             activation_type=activation_type, number_format=format, allow_unknown_ops=allow_unknown_ops,
+                             activation_type=activation_type, number_format=format, weight_type=weight_type,
+                             allow_unknown_ops=allow_unknown_ops,
                              exclude=_matching(work, exclude or []),
                              op_types=_present(work, op_types or []))
     if high_precision == "fp16" and not any(p.name == "half_float" for p in passes):
@@ -165,6 +168,7 @@ def _present(model: ir.Model, op_types: Sequence[str]) -> list[str]:
 
 def _with_overrides(model: ir.Model, passes: list, *, per_tensor: bool | None, calibrator: str | None,
                     rounding: str | None, activation_type: str | None, number_format: str | None,
+                    weight_type: str | None,
                     allow_unknown_ops: bool, exclude: list[str], op_types: list[str]) -> list:
     """The recipe's passes with the user's overrides applied to its quantize step (a new pass
     object: recipe passes are frozen). Passes that prepare for quantization read the scheme. The
@@ -187,6 +191,8 @@ def _with_overrides(model: ir.Model, passes: list, *, per_tensor: bool | None, c
         changes["rounding"] = rounding
     if activation_type:
         changes["activation_type"] = activation_type
+    if weight_type:
+        changes["weight_type"] = weight_type
     if number_format:
         changes["format"] = number_format
         if number_format == "fp8":  # FP8's steps are relative: clipping outliers rarely pays, in weights or inputs

@@ -25,7 +25,7 @@ _PATH = (str, os.PathLike)
 
 def check_quantize_arguments(model: Any, calibration_data: Any, *, output: Any, recipe: Any, target: Any,
                              per_tensor: Any, calibrator: Any, rounding: Any, exclude: Any, op_types: Any,
-                             activation_type: Any, format: Any, high_precision: Any,
+                             activation_type: Any, format: Any, high_precision: Any, weight_type: Any,
                              batch_size: Any, max_samples: Any,
                              padding_mask: Any, allow_unknown_ops: Any, verify_exact: Any, show_progress: Any,
                              log: Any, example_inputs: Any) -> None:
@@ -73,6 +73,11 @@ def check_quantize_arguments(model: Any, calibration_data: Any, *, output: Any, 
         raise OnnxqValueError("format: fp8 is for target 'tensorrt' (ONNX Runtime's CPU kernels are integer only)")
     if format == "fp8" and rounding in ("adaround", "flexround"):
         raise OnnxqValueError(f"format: rounding '{rounding}' learns integer weights; with fp8 use nearest or gptq")
+    _type("weight_type", weight_type, (str, type(None)), "'int8', 'uint8' or None")
+    if weight_type is not None and weight_type not in ("int8", "uint8"):
+        raise OnnxqValueError(f"weight_type: {weight_type!r} is not one of int8, uint8")
+    if weight_type == "uint8" and target == "tensorrt":
+        raise OnnxqValueError("weight_type: TensorRT takes signed weights only (uint8 is for --target ort-cpu)")
     _type("high_precision", high_precision, (str,), "'fp32' or 'fp16'")
     if high_precision not in ("fp32", "fp16"):
         raise OnnxqValueError(f"high_precision: {high_precision!r} is not one of fp32, fp16")

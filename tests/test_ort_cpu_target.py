@@ -173,3 +173,25 @@ def test_tensorrt_refuses_uint8_activations():
     recipe = [{"include": "default", "override": {"quantize": {"activation_type": "uint8"}}}]
     with pytest.raises(OnnxqError, match="takes int8 activations only, not uint8"):
         quantize(ppocr_like_model(), CALIB, target="tensorrt", recipe=recipe, show_progress=False)
+
+
+def test_uint8_weights_dequantize_to_the_int8_values_and_fuse(quantized, tmp_path):
+    unsigned = quantize(ppocr_like_model(), CALIB, target="ort-cpu", weight_type="uint8", show_progress=False)
+    arrays = {t.name: onnx.numpy_helper.to_array(t) for t in unsigned.graph.initializer}
+    signed = {t.name: onnx.numpy_helper.to_array(t) for t in quantized.graph.initializer}
+    weight_dqs = [n for n in unsigned.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in arrays
+                  and arrays[n.input[0]].ndim == 4]  # the Conv kernels
+    assert weight_dqs
+    for dq in weight_dqs:
+        codes, zero_point = arrays[dq.input[0]], arrays[dq.input[2]]
+        assert codes.dtype == np.uint8 and np.all(zero_point == 128)
+        # the same dequantized weights as the int8 model's: the stored codes are shifted, nothing else
+        np.testing.assert_array_equal(codes.astype(np.int16) - 128, signed[dq.input[0]].astype(np.int16))
+    ops = Counter(n.op_type for n in ort_optimized(unsigned, tmp_path).graph.node)
+    assert ops["QLinearConv"] >= 3, ops
+    np.testing.assert_allclose(run(unsigned, EVAL)[0], run(quantized, EVAL)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_uint8_weights_are_refused_for_tensorrt():
+    with pytest.raises(OnnxqError, match="TensorRT takes signed weights only"):
+        quantize(ppocr_like_model(), CALIB, weight_type="uint8", show_progress=False)

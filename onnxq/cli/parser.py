@@ -147,6 +147,9 @@ def build_parser(runners: dict[str, Callable[[argparse.Namespace], int]]) -> arg
     q.add_argument("--activation-type", choices=["int8", "uint8"],
                    help="activation integers where the target takes both: --target ort-cpu defaults to uint8 "
                         "(fastest on x86); int8 for CPUs whose kernels prefer S8S8 (e.g. --activation-type int8)")
+    q.add_argument("--weight-type", choices=["int8", "uint8"],
+                   help="weight integers for --target ort-cpu: int8 (default, ORT's U8S8 kernels) or uint8 (stored "
+                        "q + 128 with zero point 128, for CPUs whose kernels want U8U8), e.g. --weight-type uint8")
     q.add_argument("--format", choices=["int8", "fp8"], dest="number_format",
                    help="int8 (default) or fp8: FP8 E4M3 weights and activations for TensorRT on Hopper/Ada GPUs "
                         "(opset 19; calibrated with max unless --calibrator says otherwise), e.g. --format fp8")

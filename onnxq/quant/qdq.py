@@ -393,14 +393,16 @@ def insert_activation_qdq(graph: ir.Graph, namer: Namer, value: ir.Value, slots:
 
 
 def insert_weight_dq(graph: ir.Graph, namer: Namer, weight: ir.Value, slots: Iterable[Slot], q: np.ndarray,
-                     scale: np.ndarray, axis: int | None, fmt: Format, block_size: int = 0) -> None:
-    """Integer copy of `weight` plus a DequantizeLinear read by `slots`; drops the float weight if unused."""
+                     scale: np.ndarray, axis: int | None, fmt: Format, block_size: int = 0,
+                     zero_point: int = 0) -> None:
+    """Integer copy of `weight` plus a DequantizeLinear read by `slots`; drops the float weight if unused.
+    `q` already holds the stored codes (shifted by `zero_point`, which is 0 but for uint8 weights)."""
     base = weight.name
     q_v = add_initializer(graph, namer, f"{base}_quantized", q)
     scale_v = add_initializer(graph, namer, f"{base}_scale", scale_like(scale, weight))
     params = [scale_v]
     if not isinstance(fmt, FloatFormat):  # a DequantizeLinear takes its type from the stored weight
-        params.append(add_initializer(graph, namer, f"{base}_zero_point", np.zeros(scale.shape, dtype=fmt.numpy)))
+        params.append(add_initializer(graph, namer, f"{base}_zero_point", np.full(scale.shape, zero_point, dtype=fmt.numpy)))
     attributes = {}
     if block_size:
         attributes = {"axis": 1 - axis, "block_size": block_size}

@@ -21,6 +21,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
+import numpy as np
 import onnx_ir as ir
 
 from onnxq.errors import OnnxqError
@@ -38,6 +39,7 @@ from onnxq.quant.qdq import (
     FP8,
     INT4_WEIGHT,
     INT8_WEIGHT,
+    UINT8,
     Planner,
     activation_format,
     activation_params,
@@ -80,6 +82,9 @@ class Quantize(GraphPass):
     embeddings: Literal["float", "int8"] = "float"
     # the target's activation type, or int8/uint8 where the target takes both (ort-cpu; TensorRT: int8 only)
     activation_type: Literal["target", "int8", "uint8"] = "target"
+    # uint8: 8-bit weights stored as q + 128 with zero point 128 (ORT's U8U8 kernels; the same dequantized
+    # values as int8), for --target ort-cpu only; TensorRT takes signed weights
+    weight_type: Literal["int8", "uint8"] = "int8"
     # int8: integer Q/DQ; fp8: FP8 E4M3 weights and activations (TensorRT on Hopper/Ada; opset 21)
     format: Literal["int8", "fp8"] = "int8"
 
@@ -87,6 +92,8 @@ class Quantize(GraphPass):
         if self.format == "fp8" and (self.weight_bits, self.activation_bits, self.block_size) != (8, 8, 0):
             raise ValueError("format fp8 is 8-bit, per tensor or per channel: weight_bits and activation_bits 8, "
                              "block_size 0")
+        if self.weight_type == "uint8" and (self.weight_bits != 8 or self.format != "int8"):
+            raise ValueError("weight_type uint8 is for 8-bit integer weights (weight_bits 8, format int8)")
         if self.format == "fp8" and self.rounding in ("adaround", "flexround"):
             raise ValueError(f"rounding '{self.rounding}' learns integer weights; with format fp8 use nearest or gptq")
         if not isinstance(self.gptq_dampings, tuple):  # frozen: a list given in Python becomes a tuple
@@ -114,6 +121,8 @@ class Quantize(GraphPass):
             raise PassConditionError(f"quantize: format fp8 is for --target tensorrt (target {target.name} has no "
                                      "FP8 kernels)")
         signed = self._signed_activations(target)
+        if self.weight_type == "uint8" and target.symmetric:
+            raise PassConditionError(f"quantize: target {target.name} takes signed weights only, not uint8")
         data = ctx.require_calibration(self.name)
         prepared = target.prepare(model, signed) if target.prepare else {}
         plan = self._plan(model, target)
@@ -151,11 +160,14 @@ class Quantize(GraphPass):
         def write(name: str, q, scale) -> None:
             weight, slots = slots_of.pop(name)
             axis, block = layouts[name]
-            insert_weight_dq(graph, namer, weight, slots, q, scale, axis, fmt, block)
+            stored, zero_point = (UINT8, 128) if self.weight_type == "uint8" else (fmt, 0)
+            if zero_point:
+                q = (q.astype(np.int16) + zero_point).astype(stored.numpy)
+            insert_weight_dq(graph, namer, weight, slots, q, scale, axis, stored, block, zero_point)
             granularity = (f"blocks of {block}" if block else
                            f"per-channel axis {axis}" if axis is not None else "per-tensor")
             for node, index in slots:
-                notes[node].append(f"input {index}: weight {fmt.dtype.name.lower()} {granularity}")
+                notes[node].append(f"input {index}: weight {stored.dtype.name.lower()} {granularity}")
 
         learned = self._learn_rounding(model, plan, layouts, fmt, data, write, ctx)
         # a Hessian is popped as its weight is handed out: a matrix is freed once its last reader is rounded
