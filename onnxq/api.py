@@ -13,7 +13,7 @@ import onnx
 import onnx_ir as ir
 
 from onnxq.arguments import check_quantize_arguments
-from onnxq.errors import OnnxqError
+from onnxq.errors import OnnxqError, OnnxqValueError
 from onnxq.ir.modelio import load_model, save_model
 from onnxq.metadata import RECIPE_REASON_KEY
 from onnxq.pipeline import PassContext, load_recipe, run_pipeline
@@ -24,7 +24,8 @@ from onnxq.quant.qdq import Planner
 from onnxq.quant.scheme import QuantScheme
 from onnxq.quant.selection import outside_op_types, select_nodes
 from onnxq.quant.targets import get_target
-from onnxq.stats.calib_data import load_calibration
+from onnxq.stats.calib_data import load_calibration, model_inputs
+from onnxq.stats.calib_shapes import batch_size_of, check_batches, parse_shapes
 from onnxq.torch_export import export
 
 # warnings (an exclusion that selects nothing) and debug detail; `log` carries the progress lines.
@@ -37,7 +38,7 @@ def quantize(model: str | os.PathLike | onnx.ModelProto | ir.Model, calibration_
              target: str = "tensorrt", per_tensor: bool | None = None, calibrator: str | None = None,
              rounding: str | None = None, activation_type: str | None = None, format: str | None = None,
              high_precision: str = "fp32", weight_type: str | None = None, exclude: Sequence[str] | None = None, op_types: Sequence[str] | None = None,
-             batch_size: int = 1, max_samples: int | None = None, padding_mask: str | None = "auto",
+             batch_size: int = 1, calibration_shapes: str | dict | None = None, max_samples: int | None = None, padding_mask: str | None = "auto",
              allow_unknown_ops: bool = False, verify_exact: bool = True, show_progress: bool = True,
              log=print, example_inputs: Any = None) -> onnx.ModelProto:
     """Quantize `model` with `calibration_data` and return the QDQ model (written to `output` if given).
@@ -66,6 +67,9 @@ def quantize(model: str | os.PathLike | onnx.ModelProto | ir.Model, calibration_
             pattern that matches no node of the model is a warning (logger "onnxq") and is ignored.
         op_types: quantize only nodes of these op types, e.g. ["Conv", "MatMul"] (ONNX Runtime's
             op_types_to_quantize); an op type the model lacks is a warning. None: every op type.
+        calibration_shapes: the exact shape of every calibration batch, per input: "a:8x3x224x224,b:8x16"
+            or {"a": (8, 3, 224, 224)} (ModelOpt's calibration_shapes); the first dimension is the batch
+            size. Checked against the model and the data before any work.
         padding_mask: the input whose zeros mark padded positions, left out of every statistic;
             a rank-2 integer or bool input, 1 for real positions; "auto" takes such an input named
             attention_mask; None counts every position.
@@ -77,7 +81,8 @@ def quantize(model: str | os.PathLike | onnx.ModelProto | ir.Model, calibration_
     """
     check_quantize_arguments(model, calibration_data, output=output, recipe=recipe, target=target, per_tensor=per_tensor,
                              calibrator=calibrator, rounding=rounding, activation_type=activation_type,
-                             format=format, high_precision=high_precision, weight_type=weight_type, exclude=exclude, op_types=op_types, batch_size=batch_size, max_samples=max_samples,
+                             format=format, high_precision=high_precision, weight_type=weight_type,
+                             calibration_shapes=calibration_shapes, exclude=exclude, op_types=op_types, batch_size=batch_size, max_samples=max_samples,
                              padding_mask=padding_mask, allow_unknown_ops=allow_unknown_ops, verify_exact=verify_exact,
                              show_progress=show_progress, log=log, example_inputs=example_inputs)
     if example_inputs is not None:  # a torch module: export to a temporary file, then quantize that
@@ -86,7 +91,7 @@ def quantize(model: str | os.PathLike | onnx.ModelProto | ir.Model, calibration_
             return quantize(exported, calibration_data, output=output, recipe=recipe, target=target,
                             per_tensor=per_tensor, calibrator=calibrator, rounding=rounding,
                             activation_type=activation_type, format=format, high_precision=high_precision,
-                            weight_type=weight_type, exclude=exclude,
+                            weight_type=weight_type, calibration_shapes=calibration_shapes, exclude=exclude,
                             op_types=op_types, batch_size=batch_size, max_samples=max_samples,
                             padding_mask=padding_mask, allow_unknown_ops=allow_unknown_ops,
                             verify_exact=verify_exact, show_progress=show_progress, log=log)
@@ -94,7 +99,17 @@ def quantize(model: str | os.PathLike | onnx.ModelProto | ir.Model, calibration_
     work = load_model(model)
     if not isinstance(model, (str, os.PathLike)):
         work = ir.from_proto(ir.to_proto(work))  # never edit the caller's object
+    shapes = None
+    if calibration_shapes is not None:
+        shapes = (parse_shapes(calibration_shapes) if isinstance(calibration_shapes, str)
+                  else {name: tuple(int(d) for d in dims) for name, dims in calibration_shapes.items()})
+        shaped_batch = batch_size_of(shapes, model_inputs(work))
+        if batch_size not in (1, shaped_batch):
+            raise OnnxqValueError(f"batch_size {batch_size} and the calibration shapes' batch size {shaped_batch} differ")
+        batch_size = shaped_batch
     data = load_calibration(calibration_data, work, batch_size=batch_size, limit=max_samples, padding_mask=padding_mask)
+    if shapes is not None:
+        check_batches(data, shapes)
     if data.left_out:
         logger.warning(data.left_out_message("calibration"))
     if data.padding_mask:

@@ -26,6 +26,7 @@ _PATH = (str, os.PathLike)
 def check_quantize_arguments(model: Any, calibration_data: Any, *, output: Any, recipe: Any, target: Any,
                              per_tensor: Any, calibrator: Any, rounding: Any, exclude: Any, op_types: Any,
                              activation_type: Any, format: Any, high_precision: Any, weight_type: Any,
+                             calibration_shapes: Any,
                              batch_size: Any, max_samples: Any,
                              padding_mask: Any, allow_unknown_ops: Any, verify_exact: Any, show_progress: Any,
                              log: Any, example_inputs: Any) -> None:
@@ -73,6 +74,8 @@ def check_quantize_arguments(model: Any, calibration_data: Any, *, output: Any, 
         raise OnnxqValueError("format: fp8 is for target 'tensorrt' (ONNX Runtime's CPU kernels are integer only)")
     if format == "fp8" and rounding in ("adaround", "flexround"):
         raise OnnxqValueError(f"format: rounding '{rounding}' learns integer weights; with fp8 use nearest or gptq")
+    _type("calibration_shapes", calibration_shapes, (str, Mapping, type(None)),
+          "'NAME:D1xD2x...,...', a dict of input name to shape, or None")
     _type("weight_type", weight_type, (str, type(None)), "'int8', 'uint8' or None")
     if weight_type is not None and weight_type not in ("int8", "uint8"):
         raise OnnxqValueError(f"weight_type: {weight_type!r} is not one of int8, uint8")

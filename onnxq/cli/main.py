@@ -144,6 +144,7 @@ def _quantize(args) -> int:
                          per_tensor=True if args.per_tensor else None, calibrator=args.calibrator,
                          rounding=args.rounding, activation_type=args.activation_type, format=args.number_format,
                          high_precision=args.high_precision, weight_type=args.weight_type,
+                         calibration_shapes=args.calibration_shapes,
                          exclude=args.exclude or None,
                          op_types=[op for ops in args.op_types for op in ops] or None,
                          batch_size=args.batch_size, max_samples=args.max_samples,

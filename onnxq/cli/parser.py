@@ -162,6 +162,10 @@ def build_parser(runners: dict[str, Callable[[argparse.Namespace], int]]) -> arg
                         "calibration inputs; adaround/flexround learn them block by block (all use torch; "
                         "they matter most at 4 bits)")
     q.add_argument("--batch-size", type=_positive, default=1, help="calibration batch size for models with a dynamic batch (default 1)")
+    q.add_argument("--calibration-shapes", metavar="SHAPES",
+                   help="the exact shape of every calibration batch, per input (the first dimension is the batch "
+                        "size; the model keeps its dynamic dims), e.g. --calibration-shapes "
+                        "input_ids:8x128,attention_mask:8x128")
     q.add_argument("--max-samples", type=_positive, help="use at most this many calibration samples")
     q.add_argument("--padding-mask", default="auto", metavar="INPUT",
                    help="integer or bool input whose zeros mark padded positions, left out of calibration "
