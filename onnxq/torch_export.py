@@ -241,7 +241,14 @@ def _dynamic_axes(spec, names_in: list[str], names_out: list[str], inputs, outpu
     if unknown:
         raise OnnxqValueError(f"dynamic_axes: '{unknown[0]}' is neither an input nor an output "
                               f"(inputs {names_in}, outputs {names_out})")
-    return {n: dict(a) if isinstance(a, Mapping) else {axis: f"{n}_dim{axis}" for axis in a} for n, a in spec.items()}
+    axes = {n: dict(a) if isinstance(a, Mapping) else {axis: f"{n}_dim{axis}" for axis in a} for n, a in spec.items()}
+    ranks = {n: t.dim() for n, t in zip([*names_in, *names_out], [*inputs, *outputs], strict=True)}
+    for name, named in axes.items():
+        bad = [axis for axis in named if not isinstance(axis, int) or not 0 <= axis < ranks[name]]
+        if bad:
+            raise OnnxqValueError(f"dynamic_axes: '{name}' has {ranks[name]} dimensions, so axis {bad[0]!r} does not "
+                                  f"exist (axes 0..{ranks[name] - 1})")
+    return axes
 
 
 def _forward_names(module, count: int) -> list[str]:
@@ -259,6 +266,11 @@ def _output_names(count: int) -> list[str]:
 
 
 def _numpy(tensor) -> np.ndarray:
+    import torch
+
+    if tensor.dtype == torch.bfloat16:  # numpy and ONNX Runtime's Python API have no bfloat16 arrays
+        raise OnnxqValueError("bfloat16 tensors: export the module in float32 (module.float(), float inputs); "
+                              "onnxq checks the export in ONNX Runtime, whose Python API takes no bfloat16 arrays")
     return tensor.detach().cpu().numpy()
 
 

@@ -197,6 +197,12 @@ def test_bad_export_arguments(tmp_path, module, inputs, message):
         onnxq.export(TinyCNN(), torch.zeros(1, 3, 8, 8), tmp_path / "m.txt", log=lambda *_: None)
     with pytest.raises(OnnxqError, match="exporter: 'jit' is not one of"):
         onnxq.export(TinyCNN(), torch.zeros(1, 3, 8, 8), tmp_path / "m.onnx", exporter="jit")
+    with pytest.raises(OnnxqError, match="has 4 dimensions, so axis 5 does not exist"):
+        onnxq.export(TinyCNN(), torch.zeros(1, 3, 8, 8), tmp_path / "m.onnx", dynamic_axes={"image": {5: "b"}},
+                     log=lambda *_: None)
+    with pytest.raises(OnnxqError, match="bfloat16 tensors: export the module in float32"):
+        onnxq.export(TinyCNN().to(torch.bfloat16), torch.zeros(1, 3, 8, 8, dtype=torch.bfloat16), tmp_path / "m.onnx",
+                     log=lambda *_: None)
     assert list(tmp_path.iterdir()) == []
 
 
