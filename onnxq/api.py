@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
@@ -24,7 +25,7 @@ from onnxq.quant.qdq import Planner
 from onnxq.quant.scheme import QuantScheme
 from onnxq.quant.selection import outside_op_types, select_nodes
 from onnxq.quant.targets import get_target
-from onnxq.stats.calib_data import load_calibration, model_inputs
+from onnxq.stats.calib_data import CalibrationSet, load_calibration, model_inputs
 from onnxq.stats.calib_shapes import batch_size_of, check_batches, parse_shapes
 from onnxq.torch_export import export
 
@@ -85,57 +86,38 @@ def quantize(model: str | os.PathLike | onnx.ModelProto | ir.Model, calibration_
                              calibration_shapes=calibration_shapes, exclude=exclude, op_types=op_types, batch_size=batch_size, max_samples=max_samples,
                              padding_mask=padding_mask, allow_unknown_ops=allow_unknown_ops, verify_exact=verify_exact,
                              show_progress=show_progress, log=log, example_inputs=example_inputs)
-    if example_inputs is not None:  # a torch module: export to a temporary file, then quantize that
-        with tempfile.TemporaryDirectory(prefix="onnxq-export-") as folder:
-            exported = export(model, example_inputs, Path(folder) / "model.onnx", log=log)
-            return quantize(exported, calibration_data, output=output, recipe=recipe, target=target,
-                            per_tensor=per_tensor, calibrator=calibrator, rounding=rounding,
-                            activation_type=activation_type, format=format, high_precision=high_precision,
-                            weight_type=weight_type, calibration_shapes=calibration_shapes, exclude=exclude,
-                            op_types=op_types, batch_size=batch_size, max_samples=max_samples,
-                            padding_mask=padding_mask, allow_unknown_ops=allow_unknown_ops,
-                            verify_exact=verify_exact, show_progress=show_progress, log=log)
-    source_path = model if isinstance(model, (str, os.PathLike)) else None
-    work = load_model(model)
-    if not isinstance(model, (str, os.PathLike)):
-        work = ir.from_proto(ir.to_proto(work))  # never edit the caller's object
-    shapes = None
-    if calibration_shapes is not None:
-        shapes = (parse_shapes(calibration_shapes) if isinstance(calibration_shapes, str)
-                  else {name: tuple(int(d) for d in dims) for name, dims in calibration_shapes.items()})
-        shaped_batch = batch_size_of(shapes, model_inputs(work))
-        if batch_size not in (1, shaped_batch):
-            raise OnnxqValueError(f"batch_size {batch_size} and the calibration shapes' batch size {shaped_batch} differ")
-        batch_size = shaped_batch
-    data = load_calibration(calibration_data, work, batch_size=batch_size, limit=max_samples, padding_mask=padding_mask)
-    if shapes is not None:
-        check_batches(data, shapes)
-    if data.left_out:
-        logger.warning(data.left_out_message("calibration"))
-    if data.padding_mask:
-        log(f"calibration: positions where '{data.padding_mask}' is 0 are padding, left out of the statistics")
-    choice = None
-    if recipe is None:
-        choice = choose_recipe(work, data.first())
-        log(f"recipe: {choice.recipe} ({choice.reason}; --recipe chooses another)")
-    recipe_name, passes = load_recipe(recipe if choice is None else choice.recipe)
-    passes = _with_overrides(work, passes, per_tensor=per_tensor, calibrator=calibrator, rounding=rounding,
-                             activation_type=activation_type, number_format=format, weight_type=weight_type,
-                             allow_unknown_ops=allow_unknown_ops,
-                             exclude=_matching(work, exclude or []),
-                             op_types=_present(work, op_types or []))
-    if high_precision == "fp16" and not any(p.name == "half_float" for p in passes):
-        passes = [*passes, pass_class("half_float")()]
-    _check_rules_cover(work, passes, target)
-    _check_float_type(work, target)
-    quantize_step = next((p for p in passes if p.name == "quantize"), None)
-    ctx = PassContext(calibration=data, scheme=QuantScheme.of(quantize_step, target), show_progress=show_progress,
-                      log=log)
-    run_pipeline(work, passes, ctx, verify_exact=verify_exact, recipe_name=recipe_name)
-    work.metadata_props[RECIPE_REASON_KEY] = choice.reason if choice is not None else "named by the user"
-    proto = ir.to_proto(work)
-    if output is not None:
-        save_model(work, output, source=source_path)
+    with contextlib.ExitStack() as temporary:
+        if example_inputs is not None:  # a torch module: export it to a temporary file, then quantize that
+            folder = temporary.enter_context(tempfile.TemporaryDirectory(prefix="onnxq-export-"))
+            model = export(model, example_inputs, Path(folder) / "model.onnx", log=log)
+        source_path = model if isinstance(model, (str, os.PathLike)) else None
+        work = load_model(model)
+        if not isinstance(model, (str, os.PathLike)):
+            work = ir.from_proto(ir.to_proto(work))  # never edit the caller's object
+        data = _calibration(work, calibration_data, calibration_shapes, batch_size=batch_size, max_samples=max_samples,
+                            padding_mask=padding_mask, log=log)
+        choice = None
+        if recipe is None:
+            choice = choose_recipe(work, data.first())
+            log(f"recipe: {choice.recipe} ({choice.reason}; --recipe chooses another)")
+        recipe_name, passes = load_recipe(recipe if choice is None else choice.recipe)
+        passes = _with_overrides(work, passes, per_tensor=per_tensor, calibrator=calibrator, rounding=rounding,
+                                 activation_type=activation_type, number_format=format, weight_type=weight_type,
+                                 allow_unknown_ops=allow_unknown_ops,
+                                 exclude=_matching(work, exclude or []),
+                                 op_types=_present(work, op_types or []))
+        if high_precision == "fp16" and not any(p.name == "half_float" for p in passes):
+            passes = [*passes, pass_class("half_float")()]
+        _check_rules_cover(work, passes, target)
+        _check_float_type(work, target)
+        quantize_step = next((p for p in passes if p.name == "quantize"), None)
+        ctx = PassContext(calibration=data, scheme=QuantScheme.of(quantize_step, target), show_progress=show_progress,
+                          log=log)
+        run_pipeline(work, passes, ctx, verify_exact=verify_exact, recipe_name=recipe_name)
+        work.metadata_props[RECIPE_REASON_KEY] = choice.reason if choice is not None else "named by the user"
+        proto = ir.to_proto(work)
+        if output is not None:
+            save_model(work, output, source=source_path)
     return proto
 
 
@@ -151,6 +133,27 @@ def report(reference: str | os.PathLike | onnx.ModelProto | ir.Model,
 
     return write_report(reference, quantized, data, output, batch_size=batch_size, max_samples=max_samples,
                         padding_mask=padding_mask, show_progress=show_progress)
+
+
+def _calibration(model: ir.Model, source: Any, shapes: str | dict | None, *, batch_size: int,
+                 max_samples: int | None, padding_mask: str | None, log) -> CalibrationSet:
+    """The calibration set for `model`, in batches of the calibration shapes when given (checked
+    against the model first, then every batch against them)."""
+    if shapes is not None:
+        shapes = (parse_shapes(shapes) if isinstance(shapes, str)
+                  else {name: tuple(int(d) for d in dims) for name, dims in shapes.items()})
+        shaped_batch = batch_size_of(shapes, model_inputs(model))
+        if batch_size not in (1, shaped_batch):
+            raise OnnxqValueError(f"batch_size {batch_size} and the calibration shapes' batch size {shaped_batch} differ")
+        batch_size = shaped_batch
+    data = load_calibration(source, model, batch_size=batch_size, limit=max_samples, padding_mask=padding_mask)
+    if shapes is not None:
+        check_batches(data, shapes)
+    if data.left_out:
+        logger.warning(data.left_out_message("calibration"))
+    if data.padding_mask:
+        log(f"calibration: positions where '{data.padding_mask}' is 0 are padding, left out of the statistics")
+    return data
 
 
 def _matching(model: ir.Model, patterns: Sequence[str]) -> list[str]:
