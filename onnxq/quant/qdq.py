@@ -180,33 +180,8 @@ def _is_huge(array: np.ndarray) -> bool:
 
 
 @dataclass(frozen=True)
-class IntFormat:
-    """An integer quantization format: ONNX data type and its clamp range."""
-
-    dtype: ir.DataType
-    qmin: int
-    qmax: int
-
-    @property
-    def numpy(self) -> np.dtype:
-        return self.dtype.numpy()
-
-    def to_grid(self, steps: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """`steps` (x / scale) on the format's grid, as floats: rounded half to even, then clamped."""
-        out = np.round(steps, out=out)
-        return np.clip(out, self.qmin, self.qmax, out=out)
-
-
-@dataclass(frozen=True)
-class FloatFormat:
-    """A floating-point quantization format (FP8 E4M3): x / scale is clamped to ±qmax and cast to the
-    nearest value the format holds, ties to even, as TensorRT and ONNX's saturating QuantizeLinear do.
-    Its steps are relative (3 mantissa bits), so a quantized value is within 1/16 of itself above
-    s·2⁻⁶ and within s·2⁻¹⁰ below, up to ±qmax·s.
-
-    Its Q/DQ nodes carry no zero point: QuantizeLinear names the type in `output_dtype` (opset 21).
-    A zero point is 0 anyway, and ONNX Runtime's Relu/Clip-into-QuantizeLinear fusions misread an FP8
-    one (up to 1.31 at least: a Relu before it is dropped, negative values pass; a Clip fails to load)."""
+class Format:
+    """A quantization format: the ONNX data type stored and the clamp range of x / scale."""
 
     dtype: ir.DataType
     qmin: float
@@ -215,6 +190,31 @@ class FloatFormat:
     @property
     def numpy(self) -> np.dtype:
         return self.dtype.numpy()
+
+    def to_grid(self, steps: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """`steps` (x / scale) on the format's grid, as floats (in place into `out` when given)."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class IntFormat(Format):
+    """An integer format: steps are rounded half to even, then clamped to [qmin, qmax]."""
+
+    def to_grid(self, steps: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        out = np.round(steps, out=out)
+        return np.clip(out, self.qmin, self.qmax, out=out)
+
+
+@dataclass(frozen=True)
+class FloatFormat(Format):
+    """A floating-point format (FP8 E4M3): x / scale is clamped to ±qmax and cast to the nearest value
+    the format holds, ties to even, as TensorRT and ONNX's saturating QuantizeLinear do. Its steps are
+    relative (3 mantissa bits), so a quantized value is within 1/16 of itself above s·2⁻⁶ and within
+    s·2⁻¹⁰ below, up to ±qmax·s.
+
+    Its Q/DQ nodes carry no zero point: QuantizeLinear names the type in `output_dtype` (opset 21).
+    A zero point is 0 anyway, and ONNX Runtime's Relu/Clip-into-QuantizeLinear fusions misread an FP8
+    one (up to 1.31 at least: a Relu before it is dropped, negative values pass; a Clip fails to load)."""
 
     def to_grid(self, steps: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         out = np.clip(steps, self.qmin, self.qmax, out=out)
@@ -230,7 +230,6 @@ INT4 = IntFormat(ir.DataType.INT4, -8, 7)
 UINT4 = IntFormat(ir.DataType.UINT4, 0, 15)
 INT4_WEIGHT = IntFormat(ir.DataType.INT4, -7, 7)
 FP8 = FloatFormat(ir.DataType.FLOAT8E4M3FN, -448.0, 448.0)  # activations and weights alike
-Format = IntFormat | FloatFormat
 
 
 def activation_format(bits: int, signed: bool, number_format: str = "int8") -> Format:
