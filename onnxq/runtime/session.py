@@ -62,7 +62,10 @@ _FP8 = {onnx.TensorProto.FLOAT8E4M3FN, onnx.TensorProto.FLOAT8E4M3FNUZ, onnx.Ten
 def holds_fp8(model) -> bool:
     """Whether a model (onnx_ir, proto, detached or path) stores a tensor in FP8 or quantizes to it."""
     if isinstance(model, (str, Path)):
-        model = onnx.load(str(model), load_external_data=False)
+        try:
+            model = onnx.load(str(model), load_external_data=False)
+        except Exception:  # missing or not ONNX: ONNX Runtime's own load says so, in session()
+            return False
     if isinstance(model, DetachedModel):
         model = model.proto
     if isinstance(model, ir.Model):
