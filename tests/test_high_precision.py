@@ -100,3 +100,46 @@ def test_cli_high_precision_then_compare(tmp_path, capsys):
                          tmp_path / "eval.npz", "--json", tmp_path / "compare.json")
     assert code == 0, err
     assert json.loads((tmp_path / "compare.json").read_text())["outputs"][0]["sqnr_db"] > 30
+
+
+def _scaled_conv(scale: float) -> onnx.ModelProto:
+    """x·scale → Conv → ·(1/scale): the same function for any scale, but FP16 holds x·scale only below 65504."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(np.array(scale, np.float32), "up"),
+             numpy_helper.from_array(np.array(1 / scale, np.float32), "down"),
+             numpy_helper.from_array(rng.normal(size=(4, 3, 3, 3)).astype(np.float32) * 0.3, "w")]
+    nodes = [helper.make_node("Mul", ["input", "up"], ["big"], name="up"),
+             helper.make_node("Conv", ["big", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Mul", ["c", "down"], ["out"], name="down")]
+    graph = helper.make_graph(nodes, "scaled", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 16, 16])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+
+
+@pytest.mark.parametrize("scale, message", [(1e5, "float tensors pass FP16's range"),
+                                            (3e4, "float tensors pass FP16's range")])
+def test_what_fp16_cannot_hold_is_refused_not_clipped(tmp_path, scale, message):
+    with pytest.raises(OnnxqError, match=message):
+        onnxq.quantize(_scaled_conv(scale), CALIB, high_precision="fp16", output=tmp_path / "q.onnx",
+                       show_progress=False, log=quiet)
+    assert not (tmp_path / "q.onnx").exists()
+    fine = onnxq.quantize(_scaled_conv(10.0), CALIB, high_precision="fp16", show_progress=False, log=quiet)
+    assert np.isfinite(run(fine, {"input": EVAL["input"].astype(np.float16)})[0]).all()
+
+
+def test_full_int8_integer_arithmetic_is_not_put_in_fp16():
+    model = attention_model()
+    feeds = [{"hidden": np.random.default_rng(s).normal(size=(1, 8, 16)).astype(np.float32),
+              "attention_mask": np.ones((1, 8), np.int64)} for s in range(8)]
+    with pytest.raises(OnnxqError, match="exact integer arithmetic in float32"):
+        onnxq.quantize(model, feeds, recipe="full-int8", high_precision="fp16", show_progress=False, log=quiet)
+
+
+def test_a_data_constant_past_fp16_range_is_refused_even_when_the_tensors_fit():
+    model = _scaled_conv(1e5)
+    tiny = numpy_helper.from_array(np.array(1e-6, np.float32), "tiny")
+    model.graph.initializer.append(tiny)
+    model.graph.node.insert(0, helper.make_node("Mul", ["input", "tiny"], ["small"], name="tiny"))
+    model.graph.node[1].input[0] = "small"  # x·1e-6·1e5: every tensor fits, the constant 1e5 does not
+    with pytest.raises(OnnxqError, match="constant 'up' holds values up to 1e\\+05"):
+        onnxq.quantize(model, CALIB, high_precision="fp16", show_progress=False, log=quiet)

@@ -3,7 +3,9 @@
 Kind: approximate. TensorRT runs the layers a Q/DQ graph leaves in float in the graph's float type,
 so an FP16 graph (ModelOpt's "high-precision dtype fp16") halves their memory traffic. Every FLOAT
 tensor becomes FLOAT16: initializers and constants are rounded to FP16 (relative error ≤ 2⁻¹¹) and
-clipped to its range ±65504 (an attention mask's −3.4e38 becomes −65504, not −inf, so 0·mask stays 0),
+clipped to its range ±65504 where that changes nothing (an attention mask's −3.4e38 becomes −65504,
+not −inf, so 0·mask stays 0; any other constant or calibrated tensor past ±65504 is an error, and so
+is a graph whose nonlinear ops full-int8 replaced by integer arithmetic),
 Q/DQ scales too (at least FP16's smallest subnormal, so none rounds to 0), Casts to FLOAT cast to
 FLOAT16, and graph inputs and outputs are FP16. Inputs that ONNX types as float32 only (Resize's roi
 and scales, NonMaxSuppression's boxes and scores) are cast back to FLOAT in front of them. The
@@ -22,9 +24,12 @@ import onnx
 import onnx_ir as ir
 
 from onnxq.errors import OnnxqError
-from onnxq.ir.graph import Namer
+from onnxq.ir.graph import Namer, const_array
 from onnxq.ir.modelio import to_proto_without_weights
-from onnxq.pipeline.passes import GraphPass, Kind, PassContext, after_quantize
+from onnxq.metadata import REPLACEMENT_KEY
+from onnxq.pipeline.passes import GraphPass, Kind, PassConditionError, PassContext, after_quantize
+from onnxq.quant.calibrate import collect_statistics
+from onnxq.quant.qdq import mask_tainted
 
 FLOAT, HALF = ir.DataType.FLOAT, ir.DataType.FLOAT16
 HALF_MAX = float(np.finfo(np.float16).max)
@@ -42,11 +47,18 @@ class HalfFloat(GraphPass):
 
     def requires(self, model: ir.Model) -> None:
         after_quantize(self, model)
+        replaced = [n.name for n in model.graph if REPLACEMENT_KEY in n.metadata_props]
+        if replaced:
+            raise PassConditionError(f"half_float: {len(replaced)} nodes (e.g. '{replaced[0]}') compute a nonlinear op as "
+                                     "exact integer arithmetic in float32 (the full-int8 replacements), which FP16 "
+                                     "cannot hold: keep --high-precision fp32 with this recipe")
 
     def apply(self, model: ir.Model, ctx: PassContext) -> dict:
         graph = model.graph
+        masks = _mask_values(graph)
+        _check_ranges(model, masks, ctx)
         scales = {n.inputs[i] for n in graph if n.op_type in _SCALE_INPUT for i in (_SCALE_INPUT[n.op_type],)}
-        clipped = sum(_halve_initializer(v, floor=HALF_TINY if v in scales else 0.0)
+        clipped = sum(_halve_initializer(v, floor=HALF_TINY if v in scales else 0.0, is_mask=_feeds_mask(v, masks))
                       for v in graph.initializers.values() if v.dtype == FLOAT and not _float32_only(v))
         for node in graph:
             _halve_attributes(node)
@@ -67,10 +79,50 @@ def _float32_only(value: ir.Value) -> bool:
     return bool(uses) and all((node.op_type, index) in FLOAT32_ONLY for node, index in uses)
 
 
-def _halve_initializer(value: ir.Value, floor: float) -> int:
-    """Round one FLOAT initializer to FP16 in place; returns how many entries were clipped to ±65504."""
+def _mask_values(graph: ir.Graph) -> set[ir.Value]:
+    """Tensors carrying an attention mask's huge constant into a Softmax: the ones where clipping to
+    ±65504 changes nothing (exp of −65504 is 0 as exp of −3.4e38 is). A huge constant that reaches
+    anything else (a scale of 1e5 into a Conv) is data, and FP16 must hold it."""
+    tainted = mask_tainted(graph)
+    found: set[ir.Value] = set()
+    for value in tainted:
+        frontier, seen = [value], set()
+        while frontier:
+            current = frontier.pop()
+            seen.add(current)
+            for user in current.consumers():
+                if user.op_type == "Softmax":
+                    found.add(value)
+                frontier += [v for v in user.outputs if v in tainted and v not in seen]
+    return found
+
+
+def _feeds_mask(value: ir.Value, masks: set[ir.Value]) -> bool:
+    return any(out in masks for user in value.consumers() for out in user.outputs)
+
+
+def _check_ranges(model: ir.Model, masks: set[ir.Value], ctx: PassContext) -> None:
+    """Refuse when a float tensor's calibrated range passes FP16's ±65504 (it would become inf there);
+    mask tensors excepted."""
+    names = [v.name for node in model.graph for v in node.outputs
+             if v.dtype == FLOAT and v not in masks and const_array(v) is None]
+    ranges = collect_statistics(model, names, ctx.require_calibration("half_float"), histograms=False,
+                                show_progress=ctx.show_progress).ranges("max")
+    over = sorted(((r.amax, name) for name, r in ranges.items() if r.finite and r.amax > HALF_MAX), reverse=True)
+    if over:
+        raise OnnxqError(f"half_float: {len(over)} float tensors pass FP16's range ±65504 on the calibration data "
+                         f"(largest: '{over[0][1]}', |x| up to {over[0][0]:.3g}), so they would be inf in FP16: "
+                         "keep --high-precision fp32 for this model")
+
+
+def _halve_initializer(value: ir.Value, floor: float, is_mask: bool) -> int:
+    """Round one FLOAT initializer to FP16 in place; returns how many entries were clipped to ±65504
+    (a mask's; a data constant that large is an error: FP16 cannot hold it)."""
     array = value.const_value.numpy()
     clipped = int(np.count_nonzero(np.abs(array) > HALF_MAX))
+    if clipped and not is_mask:
+        raise OnnxqError(f"half_float: constant '{value.name}' holds values up to {np.abs(array).max():.3g}, past "
+                         "FP16's ±65504, and is not an attention mask: keep --high-precision fp32 for this model")
     half = np.clip(array, -HALF_MAX, HALF_MAX)
     if floor:  # a scale: positive, and never 0 in FP16
         half = np.maximum(half, floor)
