@@ -143,3 +143,16 @@ def test_a_data_constant_past_fp16_range_is_refused_even_when_the_tensors_fit():
     model.graph.node[1].input[0] = "small"  # x·1e-6·1e5: every tensor fits, the constant 1e5 does not
     with pytest.raises(OnnxqError, match="constant 'up' holds values up to 1e\\+05"):
         onnxq.quantize(model, CALIB, high_precision="fp16", show_progress=False, log=quiet)
+
+
+def test_report_of_an_fp16_model(tmp_path, capsys):
+    onnx.save(mobilenet_block_model(), tmp_path / "model.onnx")
+    np.savez(tmp_path / "calib.npz", **CALIB)
+    np.savez(tmp_path / "eval.npz", **EVAL)
+    code, _, err = cli(capsys, "quantize", tmp_path / "model.onnx", "--calib", tmp_path / "calib.npz", "-o",
+                       tmp_path / "half.onnx", "--high-precision", "fp16", "--report-html", tmp_path / "q.html", "-q")
+    assert code == 0, err
+    code, _, err = cli(capsys, "report", tmp_path / "model.onnx", tmp_path / "half.onnx", "--data",
+                       tmp_path / "eval.npz", "-o", tmp_path / "r.html", "-q")
+    assert code == 0, err
+    assert "half_float" in (tmp_path / "r.html").read_text() and (tmp_path / "q.html").stat().st_size > 10_000

@@ -29,7 +29,7 @@ from onnxq.ir.checks import infer_shapes
 from onnxq.ir.graph import attr, const_array, opset_version
 from onnxq.progress import progress
 from onnxq.runtime.session import exposing, session
-from onnxq.stats.calib_data import load_calibration, model_inputs
+from onnxq.stats.calib_data import float_input_types, load_calibration, model_inputs, with_float_types
 
 _FLOAT = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE}
 _LINEAR_HEADS = ("Gemm", "MatMul")
@@ -175,9 +175,6 @@ def compare_models(reference: ir.Model, quantized: ir.Model, data: Any, *, layer
     infer_shapes(reference)
     infer_shapes(quantized)
     _check_same_inputs(reference, quantized)
-    # a quantized model in FP16 (--high-precision fp16) reads the same data in its own float type
-    cast_to = {s.name: s.dtype for s in model_inputs(quantized)
-               if np.issubdtype(s.dtype, np.floating) and s.dtype != np.dtype(np.float32)}
     batches = load_calibration(data, reference, batch_size=batch_size, limit=max_samples, padding_mask=padding_mask)
     if batches.left_out:  # whole batches only, as in calibration: say what a remainder costs
         logger.warning(batches.left_out_message("compare"))
@@ -192,10 +189,10 @@ def compare_models(reference: ir.Model, quantized: ir.Model, data: Any, *, layer
     names = out_names + [n for n in layer_names if n not in out_names]
     ref_sess, q_sess = session(exposing(reference, names)), session(exposing(quantized, names))
     acc = {n: _Accumulator(classes=classes.get(n) is not None) for n in names}
+    q_types = float_input_types(quantized)  # an FP16 quantized model reads the samples in FP16
     for feed in progress(batches, desc="comparing", total=len(batches), unit="batch", disable=not show_progress):
         ref_values = run_on_data(ref_sess, names, feed, "the reference model")
-        q_feed = {k: v.astype(cast_to[k]) if k in cast_to else v for k, v in feed.items()}
-        q_values = run_on_data(q_sess, names, q_feed, "the quantized model")
+        q_values = run_on_data(q_sess, names, with_float_types(feed, q_types), "the quantized model")
         mask = feed.get(batches.padding_mask) if batches.padding_mask else None
         for name, r, q in zip(names, ref_values, q_values):
             if r.shape != q.shape:

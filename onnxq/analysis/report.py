@@ -26,7 +26,7 @@ from onnxq.ir.graph import attr, const_array
 from onnxq.ir.modelio import load_model
 from onnxq.metadata import RECIPE_KEY, RECIPE_REASON_KEY, TARGET_KEY
 from onnxq.quant.lint import lint
-from onnxq.stats.calib_data import load_calibration
+from onnxq.stats.calib_data import in_input_types, load_calibration
 from onnxq.stats.observers import ChannelStatistics, Histograms, Range, Ranges
 from onnxq.stats.service import StatisticsService
 
@@ -51,7 +51,7 @@ def build_report(reference: Any, quantized: Any, data: Any, *, batch_size: int =
     info = inspect_model(quant)
     props = quant.metadata_props
     target = props.get(TARGET_KEY) or "tensorrt"
-    activations = _activations(quant, data, batch_size, max_samples, padding_mask, show_progress)
+    activations = _activations(quant, ref, data, batch_size, max_samples, padding_mask, show_progress)
     weights = _weights(quant)
     return {
         "version": __version__, "model_version": props.get("onnxq.version"),
@@ -89,7 +89,8 @@ def _quantizer_limits(node: ir.Node) -> tuple[int, int]:
     return _LIMITS.get(dtype, (-128, 127))
 
 
-def _activations(model: ir.Model, data, batch_size, max_samples, padding_mask, show_progress) -> list[dict]:
+def _activations(model: ir.Model, reference: ir.Model, data, batch_size, max_samples, padding_mask,
+                 show_progress) -> list[dict]:
     """One row per activation tensor a QuantizeLinear reads: its clip, observed range, histogram and
     per-channel max |x| (channel axis 1 for rank 4, the last axis for rank 2 and 3)."""
     infer_shapes(model)
@@ -109,8 +110,9 @@ def _activations(model: ir.Model, data, batch_size, max_samples, padding_mask, s
                         "qmax": qmax, "clip": [(qmin - zp) * s, (qmax - zp) * s], "rank": rank}
     if not rows:
         return []
-    batches = load_calibration(data, model, batch_size=batch_size, limit=max_samples, padding_mask=padding_mask)
-    service = StatisticsService(model, batches, show_progress=show_progress)
+    # checked against the reference, fed in the quantized model's own input types (FP16 with --high-precision)
+    batches = load_calibration(data, reference, batch_size=batch_size, limit=max_samples, padding_mask=padding_mask)
+    service = StatisticsService(model, in_input_types(batches, model), show_progress=show_progress)
     names = list(rows)
     ranges = service.register(Ranges(names))
     spans = {n: Range(-HISTOGRAM_SPAN * _amax(rows[n]["clip"]), HISTOGRAM_SPAN * _amax(rows[n]["clip"])) for n in names}

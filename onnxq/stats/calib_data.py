@@ -95,6 +95,24 @@ class CalibrationSet:
         return next(iter(self))
 
 
+def float_input_types(model: ir.Model) -> dict[str, np.dtype]:
+    return {s.name: s.dtype for s in model_inputs(model) if np.issubdtype(s.dtype, np.floating)}
+
+
+def with_float_types(feed: Feed, types: dict[str, np.dtype]) -> Feed:
+    """`feed` with each float array cast to the float type `types` names for its input: the same samples
+    fed to an FP16 model (--high-precision fp16) of the FP32 model they were checked against."""
+    return {k: v.astype(types[k]) if k in types and v.dtype != types[k] and np.issubdtype(v.dtype, np.floating)
+            else v for k, v in feed.items()}
+
+
+def in_input_types(data: CalibrationSet, model: ir.Model) -> CalibrationSet:
+    """`data` fed in `model`'s float input types (with_float_types on every batch)."""
+    types = float_input_types(model)
+    return CalibrationSet(lambda: (with_float_types(feed, types) for feed in data), data.num_batches,
+                          data.num_samples, data.padding_mask, data.left_out)
+
+
 def load_calibration(source: Any, model: ir.Model, *, batch_size: int = 1, limit: int | None = None,
                      padding_mask: str | None = "auto") -> CalibrationSet:
     """Read `source` (see module doc), check it against `model`'s inputs, and batch it.
