@@ -156,3 +156,11 @@ def test_report_of_an_fp16_model(tmp_path, capsys):
                        tmp_path / "eval.npz", "-o", tmp_path / "r.html", "-q")
     assert code == 0, err
     assert "half_float" in (tmp_path / "r.html").read_text() and (tmp_path / "q.html").stat().st_size > 10_000
+
+
+def test_quantize_counts_a_skipped_huge_constant_tensor_once():
+    # x·1e5 looks like a mask to the planner (a huge constant): left float, and counted as skipped only
+    q = onnxq.quantize(_scaled_conv(1e5), CALIB, show_progress=False, log=quiet)
+    record = next(json.loads(p.value) for p in q.metadata_props if p.key == "onnxq.passes")
+    summary = next(r["summary"] for r in record if r["name"] == "quantize")
+    assert summary["activations_quantized"] == 0 and summary["skipped"] == 1  # was -1 and 1

@@ -192,7 +192,8 @@ class Quantize(GraphPass):
         graph.sort()
         corrected = correct_biases(model, float_weights, data, show_progress=ctx.show_progress) if self.bias_correction else 0
         moved = detach_overflowing_biases(graph)  # after bias correction: the final biases
-        return {"biases_corrected": corrected, **({"biases_moved_to_add": len(moved)} if moved else {}), "activations_quantized": len(plan.activations) - len(plan.skipped),
+        return {"biases_corrected": corrected, **({"biases_moved_to_add": len(moved)} if moved else {}),
+                "activations_quantized": sum(v not in plan.skipped for v in plan.activations),
                 "weights_quantized": len(plan.weights), "kept_float": len(plan.float_reasons),
                 "skipped": len(plan.skipped), "gptq_rounded": gptq_rounded,
                 **({"embedding_tables_quantized": tables} if self.embeddings == "int8" else {}),
