@@ -26,7 +26,7 @@ from onnxq.quant.scheme import QuantScheme
 from onnxq.quant.selection import outside_op_types, select_nodes
 from onnxq.quant.targets import get_target
 from onnxq.stats.calib_data import CalibrationSet, load_calibration, model_inputs
-from onnxq.stats.calib_shapes import batch_size_of, check_batches, parse_shapes
+from onnxq.stats.calib_shapes import batch_size_of, check_batches, parse_shapes, shapes_from_mapping
 from onnxq.torch_export import export
 
 # warnings (an exclusion that selects nothing) and debug detail; `log` carries the progress lines.
@@ -140,8 +140,7 @@ def _calibration(model: ir.Model, source: Any, shapes: str | dict | None, *, bat
     """The calibration set for `model`, in batches of the calibration shapes when given (checked
     against the model first, then every batch against them)."""
     if shapes is not None:
-        shapes = (parse_shapes(shapes) if isinstance(shapes, str)
-                  else {name: tuple(int(d) for d in dims) for name, dims in shapes.items()})
+        shapes = parse_shapes(shapes) if isinstance(shapes, str) else shapes_from_mapping(shapes)
         shaped_batch = batch_size_of(shapes, model_inputs(model))
         if batch_size not in (1, shaped_batch):
             raise OnnxqValueError(f"batch_size {batch_size} and the calibration shapes' batch size {shaped_batch} differ")

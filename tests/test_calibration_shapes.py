@@ -8,7 +8,7 @@ import pytest
 import onnxq
 from builders import attention_model, mobilenet_block_model, random_images
 from conftest import cli, run
-from onnxq.errors import OnnxqError
+from onnxq.errors import OnnxqError, OnnxqTypeError, OnnxqValueError
 from onnxq.stats.calib_shapes import parse_shapes
 
 CALIB = {"input": random_images(32, seed=1)}
@@ -68,6 +68,19 @@ def test_data_of_another_shape_is_named():
 
 def test_parse():
     assert parse_shapes("a:1x3x224x224, b:1x8") == {"a": (1, 3, 224, 224), "b": (1, 8)}
+    assert parse_shapes("input:0:4X3") == {"input:0": (4, 3)}  # a TensorFlow-style name keeps its ':'
+
+
+@pytest.mark.parametrize("shapes, error, message", [
+    ({"input": "8x3x16x16"}, OnnxqTypeError, "calibration_shapes: expected"),
+    ({"input": (None, 3, 16, 16)}, OnnxqValueError, "not a tuple of positive integers"),
+    ({"input": (8.5, 3, 16, 16)}, OnnxqValueError, "not a tuple of positive integers"),
+    ({"input": (True, 3, 16, 16)}, OnnxqValueError, "not a tuple of positive integers"),
+    ({"input": (-1, 3, 16, 16)}, OnnxqValueError, "not a tuple of positive integers"),
+])
+def test_python_shapes_are_checked(shapes, error, message):
+    with pytest.raises(error, match=message):
+        onnxq.quantize(mobilenet_block_model(), CALIB, calibration_shapes=shapes, show_progress=False, log=quiet)
 
 
 def test_cli(tmp_path, capsys):
@@ -78,3 +91,7 @@ def test_cli(tmp_path, capsys):
     assert code == 0, err
     code, _, err = cli(capsys, *base, "-o", tmp_path / "bad.onnx", "--calibration-shapes", "input:16x3")
     assert code == 1 and "does not fit the model's input" in err and not (tmp_path / "bad.onnx").exists()
+    for malformed in ("input:", ":8", "input:8x", "input:-1"):
+        with pytest.raises(SystemExit) as stop:
+            cli(capsys, *base, "-o", tmp_path / "bad.onnx", "--calibration-shapes", malformed)
+        assert stop.value.code == 2 and "is not NAME:D1xD2x" in capsys.readouterr().err

@@ -90,6 +90,16 @@ def _pattern(text: str) -> str:
     return text
 
 
+def _shapes(text: str) -> dict[str, tuple[int, ...]]:
+    from onnxq.errors import OnnxqError
+    from onnxq.stats.calib_shapes import parse_shapes
+
+    try:
+        return parse_shapes(text)
+    except OnnxqError as exc:  # a malformed value is a usage error (exit 2), as for every option
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _op_list(text: str) -> list[str]:
     ops = [op.strip() for op in text.split(",")]
     if not all(ops):
@@ -162,7 +172,7 @@ def build_parser(runners: dict[str, Callable[[argparse.Namespace], int]]) -> arg
                         "calibration inputs; adaround/flexround learn them block by block (all use torch; "
                         "they matter most at 4 bits)")
     q.add_argument("--batch-size", type=_positive, default=1, help="calibration batch size for models with a dynamic batch (default 1)")
-    q.add_argument("--calibration-shapes", metavar="SHAPES",
+    q.add_argument("--calibration-shapes", metavar="SHAPES", type=_shapes,
                    help="the exact shape of every calibration batch, per input (the first dimension is the batch "
                         "size; the model keeps its dynamic dims), e.g. --calibration-shapes "
                         "input_ids:8x128,attention_mask:8x128")

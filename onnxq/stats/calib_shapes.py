@@ -11,27 +11,40 @@ from __future__ import annotations
 
 import re
 
-from onnxq.errors import OnnxqError
+from onnxq.errors import OnnxqError, OnnxqTypeError, OnnxqValueError
 from onnxq.stats.calib_data import CalibrationSet, InputSpec
 
 Shapes = dict[str, tuple[int, ...]]
-_ENTRY = re.compile(r"^([^:,]+):(\d+(?:x\d+)*)$")
+_ENTRY = re.compile(r"^(.+):(\d+(?:[xX]\d+)*)$")  # the last ':' ends the name (TensorFlow names hold one)
 
 
 def parse_shapes(text: str) -> Shapes:
-    """'a:1x3x224x224,b:1x8' → {'a': (1, 3, 224, 224), 'b': (1, 8)}."""
+    """'a:1x3x224x224,b:1x8' → {'a': (1, 3, 224, 224), 'b': (1, 8)}. A name may hold ':' but not ','."""
     shapes: Shapes = {}
     for entry in (part.strip() for part in text.split(",")):
         match = _ENTRY.match(entry)
         if not match:
-            raise OnnxqError(f"calibration shapes: '{entry}' is not NAME:D1xD2x... (e.g. input:8x3x224x224)")
-        name, dims = match.group(1), tuple(int(d) for d in match.group(2).split("x"))
+            raise OnnxqValueError(f"calibration shapes: '{entry}' is not NAME:D1xD2x... (e.g. input:8x3x224x224)")
+        name, dims = match.group(1), tuple(int(d) for d in re.split("[xX]", match.group(2)))
         if name in shapes:
-            raise OnnxqError(f"calibration shapes: input '{name}' is named twice")
+            raise OnnxqValueError(f"calibration shapes: input '{name}' is named twice")
         if 0 in dims:
-            raise OnnxqError(f"calibration shapes: '{entry}' has a zero dimension")
+            raise OnnxqValueError(f"calibration shapes: '{entry}' has a zero dimension")
         shapes[name] = dims
     return shapes
+
+
+def shapes_from_mapping(shapes) -> Shapes:
+    """The Python form, {name: (d1, d2, ...)}, checked: positive integers only."""
+    out: Shapes = {}
+    for name, dims in shapes.items():
+        if not isinstance(name, str) or isinstance(dims, (str, bytes)) or not hasattr(dims, "__iter__"):
+            raise OnnxqTypeError(f"calibration_shapes: expected {{input name: (d1, d2, ...)}}, got {name!r}: {dims!r}")
+        dims = tuple(dims)
+        if not dims or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in dims):
+            raise OnnxqValueError(f"calibration_shapes: '{name}': {dims!r} is not a tuple of positive integers")
+        out[name] = dims
+    return out
 
 
 def batch_size_of(shapes: Shapes, specs: list[InputSpec]) -> int:
