@@ -95,3 +95,12 @@ def test_cli(tmp_path, capsys):
         with pytest.raises(SystemExit) as stop:
             cli(capsys, *base, "-o", tmp_path / "bad.onnx", "--calibration-shapes", malformed)
         assert stop.value.code == 2 and "is not NAME:D1xD2x" in capsys.readouterr().err
+
+
+def test_too_few_samples_for_the_batch_says_which_batch():
+    few = {"input": random_images(8, seed=1)}
+    with pytest.raises(OnnxqError, match=r"8 samples, fewer than the batch size asked for \(16\)"):
+        onnxq.quantize(mobilenet_block_model(), few, calibration_shapes="input:16x3x16x16", show_progress=False,
+                       log=quiet)
+    with pytest.raises(OnnxqError, match=r"fewer than the model's fixed batch size \(16\)"):
+        onnxq.quantize(mobilenet_block_model(batch=16), few, show_progress=False, log=quiet)

@@ -206,7 +206,9 @@ def _from_stacked_files(files, specs, batch_size, limit) -> CalibrationSet:
     step = specs[0].fixed_batch or batch_size if specs else batch_size
     usable = total - total % step
     if usable == 0:
-        raise OnnxqError(f"calibration data has {total} samples but the model's fixed batch size is {step}")
+        why = "the model's fixed batch size" if specs and specs[0].fixed_batch else "the batch size asked for"
+        raise OnnxqError(f"calibration data has {total} samples, fewer than {why} ({step}): give more samples "
+                         "or a smaller batch")
 
     def batches() -> Iterator[Feed]:
         left = usable
