@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 
@@ -150,6 +151,10 @@ def _calibration(model: ir.Model, source: Any, shapes: str | dict | None, *, bat
         check_batches(data, shapes)
     if data.left_out:
         logger.warning(data.left_out_message("calibration"))
+    for name, array in data.first().items():  # all zeros is the usual way a data pipeline fails
+        if np.issubdtype(array.dtype, np.floating) and array.size > 1 and np.ptp(array) == 0:
+            logger.warning(f"calibration: input '{name}' is {array.flat[0]} everywhere in the first batch; "
+                           "ranges calibrated on constant data fit no real input")
     if data.padding_mask:
         log(f"calibration: positions where '{data.padding_mask}' is 0 are padding, left out of the statistics")
     return data

@@ -51,3 +51,10 @@ def test_samples_past_the_last_batch_are_named(caplog):
         onnxq.quantize(mobilenet_block_model(), {"input": random_images(8, seed=1)}, batch_size=4,
                        show_progress=False, log=lambda *_: None)
     assert "left out" not in caplog.text
+
+
+def test_constant_calibration_data_is_a_warning(caplog):
+    with caplog.at_level(logging.WARNING, logger="onnxq"):
+        onnxq.quantize(mobilenet_block_model(), {"input": np.zeros((8, 3, 16, 16), np.float32)}, show_progress=False,
+                       log=lambda *_: None)
+    assert "input 'input' is 0.0 everywhere in the first batch" in caplog.text

@@ -202,7 +202,7 @@ def test_profiles_share_one_table():
                    "R11", "R15", "R16", "O2", "R17"]
     cpu = {r.rule: r for r in lint(model, "ort-cpu")}
     assert {"R1", "R1b", "R8", "R9", "R15", "R16", "F2", "F3"}.isdisjoint(cpu)
-    assert {"R2", "QDQ", "R8o", "O1", "F1", "F4", "O2"} <= set(cpu)
+    assert {"R2", "QDQ", "R8o", "O1", "O3", "F1", "F4", "O2"} <= set(cpu)
     assert cpu["R8o"].status == "FAIL" and "fc/Gemm" in cpu["R8o"].nodes  # a float model is not an ort-cpu model either
     with pytest.raises(OnnxqError, match="no lint profile for target 'gpu'"):
         lint(model, "gpu")

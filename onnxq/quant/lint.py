@@ -324,6 +324,13 @@ def rule_ort_weighted_inputs(graph):
     return rule_weighted_inputs(graph, _ORT_INTEGER_WEIGHTED)
 
 
+def rule_integer_types(graph):
+    """ONNX Runtime's CPU kernels are integer ones: an FP8 Q/DQ runs as a float copy, never fused."""
+    return [(n.name, f"{n.name}: {_quantized_type(n).name}") for n in _qdq_nodes(graph)
+            if _quantized_type(n) not in (ir.DataType.INT8, ir.DataType.UINT8, ir.DataType.INT4, ir.DataType.UINT4,
+                                          ir.DataType.INT16, ir.DataType.UINT16, ir.DataType.INT32)]
+
+
 def rule_signed_weights(graph):
     """ONNX Runtime's x86 integer kernels are fastest with unsigned activations and signed weights
     (U8S8); constant operands of elementwise ops (Add, Mul) are UINT8 like the activations they meet."""
@@ -365,6 +372,7 @@ RULES: list[Rule] = [
     Rule("F4", "FP8 Q/DQ carry no zero-point input (ONNX Runtime misreads one after Relu/Clip)", "warning",
          rule_fp8_without_zero_point, _BOTH),
     Rule("O1", "weights are signed INT8/INT4 (ORT's U8S8 kernels)", "warning", rule_signed_weights, _ORT),
+    Rule("O3", "quantized types are integers (ORT's CPU kernels have no FP8)", "error", rule_integer_types, _ORT),
     Rule("QDQ", "every Q feeds only DQs with the same scale and zero point", "error", rule_q_dq_pairs, _BOTH),
     Rule("R8", "every input of a weighted Conv/ConvTranspose/Gemm/MatMul is quantized", "error", rule_weighted_inputs,
          _TRT),
