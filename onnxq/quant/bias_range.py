@@ -30,8 +30,8 @@ def int32_bias_overflow(node: ir.Node) -> float | None:
     s_x, s_w = _dequantize_scale(node.inputs[0]), _dequantize_scale(node.inputs[1])
     if bias is None or bias.ndim != 1 or s_x is None or s_x.size != 1 or s_w is None:
         return None
-    if s_w.size not in (1, bias.size):
-        return None
+    if s_w.size not in (1, bias.size) or not (np.all(s_w > 0) and np.all(s_x > 0)):
+        return None  # a scale that is not positive is lint rule R2's to report
     steps = np.abs(bias.astype(np.float64)) / (float(s_x.reshape(())) * s_w.astype(np.float64).reshape(-1))
     worst = float(np.max(steps))
     return worst if worst >= INT32_SAFE else None
