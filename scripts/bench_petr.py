@@ -12,7 +12,8 @@ petr-full-int8 recipes swap in) and petr_tiny_qfpe.pt (the plain QFPE fine-tune,
   + QANS; `_no_smooth_recentre`: without those two, the recipe before they were added); with
   petr-w8a8 (the qfpe pass swaps in the QFPE checkpoint's PE and weights, + QANS); fully quantized
   with petr-full-int8 (QFPE + QANS + DULUT + integer LayerNorm); ONNX Runtime quantize_static and
-  NVIDIA ModelOpt (scripts/benchlib/anchors.py) on the original-PE model;
+  NVIDIA ModelOpt (scripts/benchlib/anchors.py) on the original-PE model, and again on the QFPE-QAT
+  model (`_qfpe`), so that the QFPE rows have anchors on the same model too;
 * with --extras also: per-channel weights, the recipes without QANS, QFPE + pe_fold, the default
   recipe on the PE-as-input export (form B), and the default recipe with only the attention
   products in float (what the PE passes add on top of that).
@@ -24,7 +25,7 @@ loop, batch = one scene of 6 images). The ranges of the image features ("memory"
 key-projection input are measured on 16 val scenes before and after each rewrite, with the INT8 step
 the quantized model gives the key-projection input.
 
-Run:  python scripts/bench_petr.py --json scripts/results/petr.json [--extras] [--val-scenes N]
+Run:  python scripts/bench_petr.py --json scripts/results/petr.json [--extras] [--val-scenes N] [--variants K,K|none]
 Writes FILE (one entry per variant, each {"mAP", "NDS", ...}), FILE with .md (table and notes) and
 FILE with .meta.json (timings, versions, ranges). Derived models go to .cache/petr_bench/.
 The val split is cached under .cache/petr_synth/; an empty cache is re-rendered deterministically
@@ -315,6 +316,8 @@ def run(args) -> tuple[dict, dict]:
             ("w8a8_pe_fold_per_channel", lid, recipe_steps("petr-w8a8-pe-fold", weights="per-channel")),
             ("w8a8_qfpe_per_channel", lid, recipe_steps("petr-w8a8", weights="per-channel")),
         ]
+    if args.variants is not None:
+        variants = [v for v in variants if v[0] in args.variants]
     for key, source, steps in variants:
         out = q / f"{key}.onnx"
         data = calib if "form_b" not in key else {"images": calib["images"],
@@ -330,9 +333,12 @@ def run(args) -> tuple[dict, dict]:
         record(key, out, info)
 
     if not args.skip_anchors:
-        for key, kind in (("ort_quantize_static", "ort"), ("modelopt", "modelopt")):
+        # on the original-PE model (what the pe_fold rows quantize) and on the QFPE-QAT model (what the
+        # QFPE rows quantize): each onnxq row has anchors on the same model
+        for key, kind, model in (("ort_quantize_static", "ort", lid), ("modelopt", "modelopt", lid),
+                                 ("ort_quantize_static_qfpe", "ort", qfpe_model), ("modelopt_qfpe", "modelopt", qfpe_model)):
             out = q / f"{key}.onnx"
-            info = anchor_variant(kind, lid, calib, out)
+            info = anchor_variant(kind, model, calib, out)
             if "error" in info:
                 results[key] = {"mAP": None, "NDS": None, **info}
                 log(f"{key}: FAILED {info['error'][-300:]}")
@@ -406,6 +412,8 @@ def main(argv=None) -> int:
     p.add_argument("--val-scenes", type=int, default=300)
     p.add_argument("--extras", action="store_true", help="also per-channel weights and ablations (about twice as long)")
     p.add_argument("--skip-anchors", action="store_true", help="leave out ONNX Runtime quantize_static and ModelOpt")
+    p.add_argument("--variants", type=lambda text: [v for v in text.split(",") if v and v != "none"],
+                   help="run only these onnxq variants (comma-separated keys; 'none': FP32 and anchors only)")
     args = p.parse_args(argv)
     args.argv = list(argv if argv is not None else sys.argv[1:])
     results, meta = run(args)
@@ -415,7 +423,10 @@ def main(argv=None) -> int:
     path.with_suffix(".meta.json").write_text(json.dumps(meta, indent=1, default=str))
     path.with_suffix(".md").write_text(markdown(results, meta))
     log(f"wrote {path}, {path.with_suffix('.md')}, {path.with_suffix('.meta.json')}")
-    missing = [k for k in REQUIRED if results.get(k, {}).get("mAP") is None and not (args.skip_anchors and k in ("ort_quantize_static", "modelopt"))]
+    wanted = [k for k in REQUIRED if (args.variants is None or k in args.variants or k.startswith("fp32")
+                                      or k in ("ort_quantize_static", "modelopt"))
+              and not (args.skip_anchors and k in ("ort_quantize_static", "modelopt"))]
+    missing = [k for k in wanted if results.get(k, {}).get("mAP") is None]
     return 1 if missing else 0
 
 
