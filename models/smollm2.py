@@ -167,7 +167,22 @@ def calibration_feeds(count: int = 16, seq_len: int = SEQ_LEN) -> dict[str, np.n
 
 
 def eval_windows(count: int = 16, seq_len: int = SEQ_LEN) -> np.ndarray:
+    """The dev windows: what the benchmarks evaluated on while design choices were made."""
     return token_windows("eval", count, seq_len)
+
+
+DEV_COUNTS = range(1, 65)  # every eval_windows(count) a benchmark has used, with room to spare
+
+
+def test_windows(count: int = 32, seq_len: int = SEQ_LEN) -> np.ndarray:
+    """`count` windows of the evaluation articles that no eval_windows(n), n ≤ 64, contains: text no
+    design choice was measured on, spread evenly over what is left."""
+    ids = _tokens("eval")
+    available = len(ids) // seq_len
+    used = {int(i) for n in DEV_COUNTS for i in np.linspace(0, available - 1, n).round().astype(np.int64)}
+    free = [i for i in range(available) if i not in used]
+    picked = [free[int(j)] for j in np.linspace(0, len(free) - 1, count).round().astype(np.int64)]
+    return np.stack([ids[i * seq_len:(i + 1) * seq_len] for i in picked])
 
 
 # ------------------------------------------------------------------------------------ perplexity
