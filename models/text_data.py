@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 
 WORD_SETS = {"wordsim353": "wordsim353.tsv", "simlex999": "simlex999.txt"}
+# Lee, Pincombe & Welsh (2005): 50 news documents and their mean human similarity ratings (upper triangle)
+LEE_DOCUMENTS, LEE_SIMILARITIES = "lee.cor", "similarities0-1.txt"
 WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 CALIB_EVERY = 4  # article i is calibration when i % CALIB_EVERY == 0
 
@@ -29,6 +31,18 @@ def test_data_dir() -> Path:
 
 
 # ---------------------------------------------------------------- word similarity
+
+
+def document_similarity_spearman(embed: Callable[[Sequence[str]], np.ndarray]) -> float:
+    """Spearman ρ between embedding cosine and the human ratings over the Lee set's 1225 document
+    pairs; `embed` maps documents to L2-normalised embeddings."""
+    from scipy.stats import spearmanr
+
+    docs = (test_data_dir() / LEE_DOCUMENTS).read_text(encoding="latin-1").strip().splitlines()  # 1990s news text
+    human = np.loadtxt(test_data_dir() / LEE_SIMILARITIES)
+    vectors = embed(docs)
+    upper = np.triu_indices(len(docs), k=1)
+    return float(spearmanr((vectors @ vectors.T)[upper], human[upper]).statistic)
 
 def word_pairs(dataset: str) -> tuple[list[tuple[str, str]], np.ndarray]:
     """(pairs, human scores) of 'wordsim353' (353 pairs) or 'simlex999' (999 pairs)."""
