@@ -8,10 +8,12 @@ byte model.
 
 Routing is written densely: every expert runs on every token and the outputs are summed with the
 gate weights, which are the router's softmax probabilities kept for each token's top-2 experts
-(renormalised) and 0 elsewhere. That costs 4× the expert FLOPs of a sparse kernel at this size, but
+(renormalised) and 0 elsewhere (on an exact tie between the k-th and the next probability both are
+kept: measure zero in float32). That costs 4× the expert FLOPs of a sparse kernel at this size, but
 exports to plain ONNX (TopK, comparison, Where, MatMul, Mul, Add) that ONNX Runtime and TensorRT run
 and whose expert MatMuls quantize like any other; a gather/scatter form would need data-dependent
-shapes. The gate weights are exactly those of sparse routing, so the model computes the same function.
+shapes. Away from such ties the gate weights are exactly those of sparse routing, so the model computes the
+same function.
 
 Text (packaged, see corpus()): the gensim enwiki sample's evaluation articles split in two (even
 positions train, odd positions are the held-out text), plus Debian's `fortunes` for training;

@@ -214,3 +214,36 @@ def test_a_bias_onnx_runtime_would_overflow_moves_to_an_add():
     assert "O2" not in _failing(fixed)
     small = load_model(_conv_with_tiny_channel(bias=1e-9))  # fits int32: left as it is
     assert detach_overflowing_biases(small.graph) == []
+
+
+def test_a_gemm_bias_moves_with_its_beta():
+    """Gemm adds beta·C: the Add that takes the bias over adds beta·C, and the Gemm loses beta."""
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(2, 3)).astype(np.float32) * 0.3
+    w[1] *= 1e-4
+    s_x, s_w = np.float32(4 / 448), (np.abs(w).max(1) / 448).astype(np.float32)
+    codes = (w / s_w[:, None]).astype(ml_dtypes.float8_e4m3fn)
+    inits = [numpy_helper.from_array(np.array(s_x), "sx"), numpy_helper.from_array(s_w, "sw"),
+             numpy_helper.from_array(np.array([0.5, 2.0], np.float32), "b"),
+             helper.make_tensor("wq", TensorProto.FLOAT8E4M3FN, codes.shape, codes.view(np.uint8).tobytes(), raw=True)]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "sx"], ["xq"], output_dtype=TensorProto.FLOAT8E4M3FN),
+             helper.make_node("DequantizeLinear", ["xq", "sx"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["wq", "sw"], ["wd"], axis=0),
+             helper.make_node("Gemm", ["xd", "wd", "b"], ["y"], name="gemm", transB=1, beta=0.5)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    x = {"x": rng.normal(size=(4, 3)).astype(np.float32)}
+    expected = ReferenceEvaluator(model).run(None, x)[0]
+    work = load_model(model)
+    assert detach_overflowing_biases(work.graph) == ["gemm"]
+    fixed = ir.to_proto(work)
+    assert not any(a.name == "beta" for n in fixed.graph.node if n.op_type == "Gemm" for a in n.attribute)
+    np.testing.assert_allclose(ReferenceEvaluator(fixed).run(None, x)[0], expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(run(fixed, x)[0], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_int8_grid_calibrators_are_refused_for_fp8():
+    with pytest.raises(OnnxqError, match="chooses its clip for the uniform INT8 grid"):
+        onnxq.quantize(mobilenet_block_model(), CALIB, format="fp8", calibrator="entropy", show_progress=False,
+                       log=quiet)

@@ -164,3 +164,12 @@ def test_quantize_counts_a_skipped_huge_constant_tensor_once():
     record = next(json.loads(p.value) for p in q.metadata_props if p.key == "onnxq.passes")
     summary = next(r["summary"] for r in record if r["name"] == "quantize")
     assert summary["activations_quantized"] == 0 and summary["skipped"] == 1  # was -1 and 1
+
+
+def test_subnormal_fp16_scales_are_reported():
+    model = _scaled_conv(10.0)
+    w = next(t for t in model.graph.initializer if t.name == "w")
+    w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w) * 1e-3, "w"))  # weight scales ~1e-5: FP16 subnormal
+    lines = []
+    onnxq.quantize(model, CALIB, high_precision="fp16", show_progress=False, log=lines.append)
+    assert any("Q/DQ scales are below FP16's normal range" in line for line in lines)

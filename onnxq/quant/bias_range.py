@@ -47,6 +47,8 @@ def detach_overflowing_biases(graph: ir.Graph) -> list[str]:
         array = const_array(bias)
         if node.op_type != "Gemm":  # channels on axis 1 of an N×C×spatial output
             array = array.reshape(-1, *[1] * (_rank(node.inputs[1]) - 2))
+        elif "beta" in node.attributes:  # Gemm adds beta·C: the Add adds it instead
+            array = (node.attributes.pop("beta").as_float() * array).astype(array.dtype)
         constant = add_initializer(graph, namer, f"{bias.name}_added", array)
         add = ir.node("Add", [node.outputs[0], constant], name=namer.fresh(f"{node.name}_bias"))
         add.outputs[0].name = namer.fresh(f"{node.outputs[0].name}_biased")

@@ -58,6 +58,8 @@ def batch_size_of(shapes: Shapes, specs: list[InputSpec]) -> int:
         raise OnnxqError(f"calibration shapes: no shape for input(s) {missing}; give one for every input")
     for name, dims in shapes.items():
         spec = by_name[name]
+        if not spec.dims:  # rank unknown (or a scalar): nothing to check the shape against
+            continue
         if len(dims) != len(spec.dims) or any(d is not None and d != g for d, g in zip(spec.dims, dims)):
             raise OnnxqError(f"calibration shapes: {name}:{'x'.join(map(str, dims))} does not fit the model's "
                              f"{spec.describe()}")

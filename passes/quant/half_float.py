@@ -7,7 +7,8 @@ clipped to its range ±65504 where that changes nothing (an attention mask's −
 not −inf, so 0·mask stays 0; any other constant or calibrated tensor past ±65504 is an error, and so
 is a graph whose nonlinear ops full-int8 replaced by integer arithmetic),
 Q/DQ scales too (at least FP16's smallest subnormal, so none rounds to 0), Casts to FLOAT cast to
-FLOAT16, and graph inputs and outputs are FP16. Inputs that ONNX types as float32 only (Resize's roi
+FLOAT16, and graph inputs and outputs are FP16. A scale below FP16's normal range (6.1e-5, a channel
+of tiny weights) keeps fewer significant bits; the log says how many did. Inputs that ONNX types as float32 only (Resize's roi
 and scales, NonMaxSuppression's boxes and scores) are cast back to FLOAT in front of them. The
 error this adds is that of running each float op in FP16: `onnxq compare` measures it.
 
@@ -34,6 +35,7 @@ from onnxq.quant.qdq import mask_tainted
 FLOAT, HALF = ir.DataType.FLOAT, ir.DataType.FLOAT16
 HALF_MAX = float(np.finfo(np.float16).max)
 HALF_TINY = float(np.finfo(np.float16).smallest_subnormal)
+HALF_NORMAL = float(np.finfo(np.float16).tiny)  # below it FP16 keeps fewer than 11 significant bits
 # (op, input index) that ONNX types as float32 whatever the data's type
 FLOAT32_ONLY = {("Resize", 1), ("Resize", 2), ("Upsample", 1), ("NonMaxSuppression", 0), ("NonMaxSuppression", 1),
                 ("NonMaxSuppression", 3), ("NonMaxSuppression", 4)}
@@ -61,7 +63,7 @@ class HalfFloat(GraphPass):
         clipped = sum(_halve_initializer(v, floor=HALF_TINY if v in scales else 0.0, is_mask=_feeds_mask(v, masks))
                       for v in graph.initializers.values() if v.dtype == FLOAT and not _float32_only(v))
         for node in graph:
-            _halve_attributes(node)
+            _halve_attributes(node, masks)
             for value in node.outputs:
                 if value.dtype == FLOAT:
                     value.dtype = HALF
@@ -70,7 +72,13 @@ class HalfFloat(GraphPass):
                 value.dtype = HALF
         kept = _cast_back_float32_inputs(graph)
         _check(model)
-        return {"initializers_clipped_to_fp16_range": clipped, "float32_inputs_cast_back": kept}
+        coarse = sum(int(np.count_nonzero(v.const_value.numpy() < HALF_NORMAL)) for v in scales if v.is_initializer()
+                     and v.dtype == HALF)
+        if coarse:  # subnormal FP16: fewer significant bits than the scale had (1e-6 moves by 1.3%)
+            ctx.log(f"half_float: {coarse} Q/DQ scales are below FP16's normal range ({HALF_NORMAL:.1e}) and lost "
+                    "precision: channels with tiny weights; keep --high-precision fp32 if they matter")
+        return {"initializers_clipped_to_fp16_range": clipped, "float32_inputs_cast_back": kept,
+                "subnormal_scales": coarse}
 
 
 def _float32_only(value: ir.Value) -> bool:
@@ -131,15 +139,20 @@ def _halve_initializer(value: ir.Value, floor: float, is_mask: bool) -> int:
     return clipped
 
 
-def _halve_attributes(node: ir.Node) -> None:
-    """Casts to FLOAT and float constants in attributes (Constant, ConstantOfShape) become FP16."""
+def _halve_attributes(node: ir.Node, masks: set[ir.Value]) -> None:
+    """Casts to FLOAT and float constants in attributes (Constant, ConstantOfShape) become FP16; a
+    constant past ±65504 only when it is a mask's."""
     if node.op_type in ("Cast", "CastLike") and node.attributes.get("to") is not None \
             and node.attributes["to"].value == FLOAT.value:
         node.attributes["to"] = ir.AttrInt64("to", HALF.value)
     for key in ("value",):
         attribute = node.attributes.get(key)
         if attribute is not None and attribute.type == ir.AttributeType.TENSOR and attribute.value.dtype == FLOAT:
-            array = np.clip(attribute.value.numpy(), -HALF_MAX, HALF_MAX).astype(np.float16)
+            array = attribute.value.numpy()
+            if np.any(np.abs(array) > HALF_MAX) and not any(v in masks or _feeds_mask(v, masks) for v in node.outputs):
+                raise OnnxqError(f"half_float: node '{node.name}' makes a constant up to {np.abs(array).max():.3g}, "
+                                 "past FP16's ±65504, and it is not an attention mask: keep --high-precision fp32")
+            array = np.clip(array, -HALF_MAX, HALF_MAX).astype(np.float16)
             node.attributes[key] = ir.AttrTensor(key, ir.tensor(array))
 
 

@@ -94,6 +94,9 @@ class Quantize(GraphPass):
                              "block_size 0")
         if self.weight_type == "uint8" and (self.weight_bits != 8 or self.format != "int8"):
             raise ValueError("weight_type uint8 is for 8-bit integer weights (weight_bits 8, format int8)")
+        if self.format == "fp8" and self.calibrator in ("entropy", "mse"):
+            raise ValueError(f"calibrator '{self.calibrator}' chooses its clip for the uniform INT8 grid; with format "
+                             "fp8 use max, percentile or auto (auto measures each candidate in FP8)")
         if self.format == "fp8" and self.rounding in ("adaround", "flexround"):
             raise ValueError(f"rounding '{self.rounding}' learns integer weights; with format fp8 use nearest or gptq")
         if not isinstance(self.gptq_dampings, tuple):  # frozen: a list given in Python becomes a tuple
