@@ -23,6 +23,16 @@ from onnxq.torch_export import is_torch_module
 _PATH = (str, os.PathLike)
 
 
+# (argument, value, the only target that takes it, why)
+_ONE_TARGET = (
+    ("activation_type", "uint8", "ort-cpu", "TensorRT takes int8 activations only (uint8 is for --target ort-cpu)"),
+    ("weight_type", "uint8", "ort-cpu", "TensorRT takes signed weights only (uint8 is for --target ort-cpu)"),
+    ("format", "fp8", "tensorrt", "fp8 is for target 'tensorrt' (ONNX Runtime's CPU kernels are integer only)"),
+    ("high_precision", "fp16", "tensorrt",
+     "fp16 is for target 'tensorrt' (ONNX Runtime's integer CPU kernels take FP32 around them)"),
+)
+
+
 def check_quantize_arguments(model: Any, calibration_data: Any, *, output: Any, recipe: Any, target: Any,
                              per_tensor: Any, calibrator: Any, rounding: Any, exclude: Any, op_types: Any,
                              activation_type: Any, format: Any, high_precision: Any, weight_type: Any,
@@ -57,36 +67,23 @@ def check_quantize_arguments(model: Any, calibration_data: Any, *, output: Any, 
     _type("target", target, (str,), f"one of {', '.join(TARGETS)}")
     if target not in TARGETS:
         raise OnnxqValueError(f"target: unknown target {target!r} (choose from {', '.join(TARGETS)})")
-    for name, value, choices in (("calibrator", calibrator, (*CALIBRATORS, "auto")),
-                                 ("rounding", rounding, ("nearest", "gptq", "adaround", "flexround"))):
-        _type(name, value, (str, type(None)), f"one of {', '.join(choices)} or None")
+    given = {"calibrator": calibrator, "rounding": rounding, "activation_type": activation_type,
+             "weight_type": weight_type, "format": format, "high_precision": high_precision}
+    for name, choices in (("calibrator", (*CALIBRATORS, "auto")), ("rounding", ("nearest", "gptq", "adaround", "flexround")),
+                          ("activation_type", ("int8", "uint8")), ("weight_type", ("int8", "uint8")),
+                          ("format", ("int8", "fp8")), ("high_precision", ("fp32", "fp16"))):
+        value, optional = given[name], name != "high_precision"
+        _type(name, value, (str, type(None)) if optional else (str,),
+              f"one of {', '.join(choices)}" + (" or None" if optional else ""))
         if value is not None and value not in choices:
             raise OnnxqValueError(f"{name}: {value!r} is not one of {', '.join(choices)}")
-    _type("activation_type", activation_type, (str, type(None)), "'int8', 'uint8' or None")
-    if activation_type is not None and activation_type not in ("int8", "uint8"):
-        raise OnnxqValueError(f"activation_type: {activation_type!r} is not one of int8, uint8")
-    if activation_type == "uint8" and target == "tensorrt":
-        raise OnnxqValueError("activation_type: TensorRT takes int8 activations only (uint8 is for --target ort-cpu)")
-    _type("format", format, (str, type(None)), "'int8', 'fp8' or None")
-    if format is not None and format not in ("int8", "fp8"):
-        raise OnnxqValueError(f"format: {format!r} is not one of int8, fp8")
-    if format == "fp8" and target != "tensorrt":
-        raise OnnxqValueError("format: fp8 is for target 'tensorrt' (ONNX Runtime's CPU kernels are integer only)")
+    for name, value, only, why in _ONE_TARGET:  # values one target alone takes
+        if given[name] == value and target != only:
+            raise OnnxqValueError(f"{name}: {why}")
     if format == "fp8" and rounding in ("adaround", "flexround"):
         raise OnnxqValueError(f"format: rounding '{rounding}' learns integer weights; with fp8 use nearest or gptq")
     _type("calibration_shapes", calibration_shapes, (str, Mapping, type(None)),
           "'NAME:D1xD2x...,...', a dict of input name to shape, or None")
-    _type("weight_type", weight_type, (str, type(None)), "'int8', 'uint8' or None")
-    if weight_type is not None and weight_type not in ("int8", "uint8"):
-        raise OnnxqValueError(f"weight_type: {weight_type!r} is not one of int8, uint8")
-    if weight_type == "uint8" and target == "tensorrt":
-        raise OnnxqValueError("weight_type: TensorRT takes signed weights only (uint8 is for --target ort-cpu)")
-    _type("high_precision", high_precision, (str,), "'fp32' or 'fp16'")
-    if high_precision not in ("fp32", "fp16"):
-        raise OnnxqValueError(f"high_precision: {high_precision!r} is not one of fp32, fp16")
-    if high_precision == "fp16" and target != "tensorrt":
-        raise OnnxqValueError("high_precision: fp16 is for target 'tensorrt' (ONNX Runtime's integer CPU kernels "
-                              "take FP32 around them)")
     _names("exclude", exclude, "node names or regular expressions")
     for pattern in exclude or ():
         problem = regex_problem(pattern)

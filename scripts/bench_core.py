@@ -30,7 +30,7 @@ import numpy as np
 import onnx
 
 import onnxq
-from benchlib import anchors
+from benchlib import anchors, only_filter
 from benchlib.facts import lint_verdict
 from benchlib.minilm_task import minilm_task
 from onnxq.ir.modelio import load_model
@@ -38,7 +38,7 @@ from onnxq.runtime.session import latency_ms, session
 from onnxq_models import images, minilm, mobilenet_v2
 from onnxq_models.cache import cache_dir
 
-ONLY: list[str] = []  # --only: label substrings of the quantizers to run
+SELECTED = [only_filter("")]  # --only
 
 
 @dataclass
@@ -95,7 +95,7 @@ def benchmark(name: str, fp32: Path, calib: dict, evaluate: Callable[[Path], dic
     rows = [Row("FP32", evaluate(fp32), lint="-")]
     paths = {"FP32": fp32}
     for label, quantize in quantizers(fp32, calib, out).items():
-        if ONLY and not any(part in label for part in ONLY):
+        if not SELECTED[0](label):
             continue
         print(f"[{name}] {label} ...", flush=True)
         row = Row(label)
@@ -174,7 +174,7 @@ def main() -> None:
     parser.add_argument("--only", default="", help="comma-separated substrings: run only the quantizers whose label "
                                                    "contains one (FP32 always runs)")
     args = parser.parse_args()
-    ONLY[:] = [p for p in args.only.split(",") if p]
+    SELECTED[0] = only_filter(args.only)
     runners = {"mobilenet_v2": ("MobileNetV2", mobilenet), "minilm": ("all-MiniLM-L6-v2", minilm_bench)}
     results = {}
     for key in args.models.split(","):

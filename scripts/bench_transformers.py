@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchlib import REPO, log
+from benchlib import REPO, log, only_filter
 from benchlib.facts import model_facts
 
 WORK = REPO / ".cache" / "bench_transformers"
@@ -167,7 +167,7 @@ def run_model(name: str, fp32: Path, calib: dict, evaluate, batch_size: int, w8a
     for label, spec in quantizers(w8a8, w4):
         if skip_anchors and spec["kind"] != "onnxq":
             continue
-        if ONLY and not any(pat in label for pat in ONLY):
+        if not SELECTED[0](label):
             continue
         out = work / (label.replace(" ", "_").replace("(", "").replace(")", "").replace("+", "") + ".onnx")
         out.unlink(missing_ok=True)
@@ -247,7 +247,7 @@ def markdown(results: dict, command: str, seconds: float) -> str:
     return "\n".join(lines)
 
 
-ONLY: list[str] = []
+SELECTED = [only_filter("")]  # --only
 EXPORTER = ["torchscript"]  # --exporter
 WITH_AUTO = [False]  # --with-auto
 AUTO_LABEL = "onnxq default command (automatic recipe choice)"
@@ -288,7 +288,7 @@ def main(argv=None) -> int:
         spec_file = Path(args.worker)
         _result_file(spec_file).write_text(json.dumps(worker(json.loads(spec_file.read_text()))))
         return 0
-    ONLY[:] = [p for p in args.only.split(",") if p]
+    SELECTED[0] = only_filter(args.only)
     SMOLLM2_CALIB_WINDOWS[0] = args.smollm2_calib_windows
     SPLIT[0] = args.split
     EXPORTER[0] = args.exporter

@@ -20,7 +20,6 @@ class QuantScheme:
     weight_calibrator: str = "mse"
     rounding: str = "nearest"
     target: str = "tensorrt"
-    format: str = "int8"  # int8 | fp8 (E4M3 weights and activations)
 
     @property
     def per_channel(self) -> bool:
@@ -33,4 +32,4 @@ class QuantScheme:
             return cls(target=target)
         return cls(**{name: getattr(quantize_step, name) for name in
                       ("weights", "weight_bits", "activation_bits", "block_size", "calibrator", "weight_calibrator",
-                       "rounding", "format")}, target=target)
+                       "rounding")}, target=target)

@@ -74,7 +74,7 @@ class HalfFloat(GraphPass):
         _check(model)
         coarse = sum(int(np.count_nonzero(v.const_value.numpy() < HALF_NORMAL)) for v in scales if v.is_initializer()
                      and v.dtype == HALF)
-        if coarse:  # subnormal FP16: fewer significant bits than the scale had (1e-6 moves by 1.3%)
+        if coarse:  # an FP16 subnormal keeps fewer significant bits than the scale had
             ctx.log(f"half_float: {coarse} Q/DQ scales are below FP16's normal range ({HALF_NORMAL:.1e}) and lost "
                     "precision: channels with tiny weights; keep --high-precision fp32 if they matter")
         return {"initializers_clipped_to_fp16_range": clipped, "float32_inputs_cast_back": kept,

@@ -17,6 +17,13 @@ def log(*args) -> None:
     print(*args, flush=True)
 
 
+def only_filter(text: str):
+    """--only: a predicate on quantizer labels, true for those containing one of the comma-separated
+    substrings (every label when `text` is empty)."""
+    parts = [p for p in text.split(",") if p]
+    return lambda label: not parts or any(part in label for part in parts)
+
+
 def repo_relative(path: str | Path) -> str:
     """`path` relative to the repository where it lies inside it, else as given: results name no machine paths."""
     path = Path(path)
