@@ -193,13 +193,16 @@ def load(dense: bool = False, path: Path | None = None):
 
 
 def export_onnx(model, path: str | Path, batch: int = 1) -> Path:
-    """ONNX of `model` (input_ids [batch, seq_len] int64 → logits), dynamic batch, checked in ORT."""
+    """ONNX of `model` (input_ids [batch, seq] int64 → logits [batch, seq, 256]), batch and sequence length
+    dynamic (up to seq_len: the position table and the causal mask are sliced), checked in ORT."""
     import torch
 
     import onnxq
 
     ids = torch.zeros(batch, model.config.seq_len, dtype=torch.int64)
-    return onnxq.export(model, ids, path, input_names=["input_ids"], output_names=["logits"], log=lambda *_: None)
+    axes = {"input_ids": {0: "batch", 1: "sequence"}, "logits": {0: "batch", 1: "sequence"}}
+    return onnxq.export(model, ids, path, input_names=["input_ids"], output_names=["logits"], dynamic_axes=axes,
+                        log=lambda *_: None)
 
 
 def bits_per_byte(run, data: np.ndarray) -> float:

@@ -39,7 +39,8 @@ def quantize(model: str | os.PathLike | onnx.ModelProto | ir.Model, calibration_
              output: str | os.PathLike | None = None, recipe: str | os.PathLike | list | None = None,
              target: str = "tensorrt", per_tensor: bool | None = None, calibrator: str | None = None,
              rounding: str | None = None, activation_type: str | None = None, format: str | None = None,
-             high_precision: str = "fp32", weight_type: str | None = None, exclude: Sequence[str] | None = None, op_types: Sequence[str] | None = None,
+             high_precision: str = "fp32", weight_type: str | None = None, bits_budget: float | None = None,
+             bit_allocation: str = "luq", bits_cache: str | os.PathLike | None = None, agq: bool = False, exclude: Sequence[str] | None = None, op_types: Sequence[str] | None = None,
              batch_size: int = 1, calibration_shapes: str | dict | None = None, max_samples: int | None = None, padding_mask: str | None = "auto",
              allow_unknown_ops: bool = False, verify_exact: bool = True, show_progress: bool = True,
              log=print, example_inputs: Any = None) -> onnx.ModelProto:
@@ -64,6 +65,13 @@ def quantize(model: str | os.PathLike | onnx.ModelProto | ir.Model, calibration_
             kernels), --target ort-cpu only.
         high_precision: "fp32", or "fp16" to run what stays in float, and the model's inputs and
             outputs, in FP16 (the half_float pass, appended to the recipe; TensorRT only).
+        bits_budget: mixed-precision weights: each MatMul/Gemm gets 2, 3, 4, 6 or 8 bits so that the average
+            (weighted by weights) stays within this many bits (the allocate_bits pass, inserted before quantize;
+            opset 21). bit_allocation: "luq" (lower-entropy outputs get fewer bits), "sensitivity" (measured
+            output error per layer and width) or "uniform". bits_cache: a JSON file holding the measured
+            sensitivities, read if it covers the model's layers, written otherwise (several budgets, one measurement).
+        agq: mixture-of-experts models: weigh each expert's GPTQ statistics by its router gate (needs GPTQ
+            rounding, which the transformer recipes use).
         exclude: node names or regular expressions (matched against whole names) of nodes to keep in
             float, added to the recipe's quantize-step `exclude` (ONNX Runtime's nodes_to_exclude). A
             pattern that matches no node of the model is a warning (logger "onnxq") and is ignored.
@@ -84,7 +92,7 @@ def quantize(model: str | os.PathLike | onnx.ModelProto | ir.Model, calibration_
     check_quantize_arguments(model, calibration_data, output=output, recipe=recipe, target=target, per_tensor=per_tensor,
                              calibrator=calibrator, rounding=rounding, activation_type=activation_type,
                              format=format, high_precision=high_precision, weight_type=weight_type,
-                             calibration_shapes=calibration_shapes, exclude=exclude, op_types=op_types, batch_size=batch_size, max_samples=max_samples,
+                             bits_budget=bits_budget, bit_allocation=bit_allocation, bits_cache=bits_cache, agq=agq, calibration_shapes=calibration_shapes, exclude=exclude, op_types=op_types, batch_size=batch_size, max_samples=max_samples,
                              padding_mask=padding_mask, allow_unknown_ops=allow_unknown_ops, verify_exact=verify_exact,
                              show_progress=show_progress, log=log, example_inputs=example_inputs)
     with contextlib.ExitStack() as temporary:
@@ -104,9 +112,11 @@ def quantize(model: str | os.PathLike | onnx.ModelProto | ir.Model, calibration_
         recipe_name, passes = load_recipe(recipe if choice is None else choice.recipe)
         passes = _with_overrides(work, passes, per_tensor=per_tensor, calibrator=calibrator, rounding=rounding,
                                  activation_type=activation_type, number_format=format, weight_type=weight_type,
-                                 allow_unknown_ops=allow_unknown_ops,
+                                 agq=agq, allow_unknown_ops=allow_unknown_ops,
                                  exclude=_matching(work, exclude or []),
                                  op_types=_present(work, op_types or []))
+        if bits_budget is not None:
+            passes = _with_allocation(passes, bits_budget, bit_allocation, bits_cache)
         if high_precision == "fp16" and not any(p.name == "half_float" for p in passes):
             passes = [*passes, pass_class("half_float")()]
         _check_rules_cover(work, passes, target)
@@ -190,7 +200,7 @@ def _present(model: ir.Model, op_types: Sequence[str]) -> list[str]:
 
 def _with_overrides(model: ir.Model, passes: list, *, per_tensor: bool | None, calibrator: str | None,
                     rounding: str | None, activation_type: str | None, number_format: str | None,
-                    weight_type: str | None,
+                    weight_type: str | None, agq: bool,
                     allow_unknown_ops: bool, exclude: list[str], op_types: list[str]) -> list:
     """The recipe's passes with the user's overrides applied to its quantize step (a new pass
     object: recipe passes are frozen). Passes that prepare for quantization read the scheme. The
@@ -222,9 +232,27 @@ def _with_overrides(model: ir.Model, passes: list, *, per_tensor: bool | None, c
             changes.setdefault("calibrator", "max")
     passes = [with_options(p, opset=max(p.opset, 21)) if number_format == "fp8" and p.name == "upgrade_opset" else p
               for p in passes]  # FP8 Q/DQ without a zero point need QuantizeLinear's output_dtype (opset 21)
+    if agq:
+        if (rounding or (step.rounding if step is not None else "nearest")) != "gptq":
+            raise OnnxqValueError("agq: weights GPTQ's statistics by the experts' gates, and this recipe's quantize "
+                                  "step rounds to nearest (give rounding='gptq' or a transformer recipe)")
+        changes["agq"] = True
     if allow_unknown_ops:
         changes["unknown_ops"] = "float"
     return [with_options(p, **changes) if p.name == "quantize" and changes else p for p in passes]
+
+
+def _with_allocation(passes: list, budget: float, method: str, cache: str | os.PathLike | None) -> list:
+    """allocate_bits before the quantize step, and opset 21 (INT4 weights) where the recipe upgrades to less."""
+    if not any(p.name == "quantize" for p in passes):
+        raise OnnxqValueError("bits_budget: the recipe has no quantize step to give the widths to")
+    passes = [with_options(p, opset=max(p.opset, 21)) if p.name == "upgrade_opset" else p
+              for p in passes if p.name != "allocate_bits"]
+    if not any(p.name == "upgrade_opset" for p in passes):
+        passes.insert(0, pass_class("upgrade_opset")(opset=21))
+    at = next(i for i, p in enumerate(passes) if p.name == "quantize")
+    return [*passes[:at], pass_class("allocate_bits")(budget=float(budget), method=method,
+                                                                 cache=os.fspath(cache) if cache else ""), *passes[at:]]
 
 
 def _check_float_type(model: ir.Model, target: str) -> None:

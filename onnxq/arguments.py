@@ -36,7 +36,7 @@ _ONE_TARGET = (
 def check_quantize_arguments(model: Any, calibration_data: Any, *, output: Any, recipe: Any, target: Any,
                              per_tensor: Any, calibrator: Any, rounding: Any, exclude: Any, op_types: Any,
                              activation_type: Any, format: Any, high_precision: Any, weight_type: Any,
-                             calibration_shapes: Any,
+                             calibration_shapes: Any, bits_budget: Any, bit_allocation: Any, bits_cache: Any, agq: Any,
                              batch_size: Any, max_samples: Any,
                              padding_mask: Any, allow_unknown_ops: Any, verify_exact: Any, show_progress: Any,
                              log: Any, example_inputs: Any) -> None:
@@ -82,6 +82,18 @@ def check_quantize_arguments(model: Any, calibration_data: Any, *, output: Any, 
             raise OnnxqValueError(f"{name}: {why}")
     if format == "fp8" and rounding in ("adaround", "flexround"):
         raise OnnxqValueError(f"format: rounding '{rounding}' learns integer weights; with fp8 use nearest or gptq")
+    _type("bits_budget", bits_budget, (int, float, type(None)), "an average number of weight bits (2 to 8) or None")
+    if bits_budget is not None and not 2 <= bits_budget <= 8:
+        raise OnnxqValueError(f"bits_budget: {bits_budget} is outside 2 to 8 average weight bits")
+    _type("bit_allocation", bit_allocation, (str,), "one of luq, sensitivity, uniform")
+    if bit_allocation not in ("luq", "sensitivity", "uniform"):
+        raise OnnxqValueError(f"bit_allocation: {bit_allocation!r} is not one of luq, sensitivity, uniform")
+    if bits_budget is not None and format == "fp8":
+        raise OnnxqValueError("bits_budget: mixed integer widths do not combine with format fp8")
+    _type("bits_cache", bits_cache, _PATH + (type(None),), "a path or None")
+    _type("agq", agq, (bool,), "True or False")
+    if agq and rounding not in (None, "gptq"):
+        raise OnnxqValueError(f"agq: weights GPTQ's statistics by the experts' gates; rounding {rounding!r} has none")
     _type("calibration_shapes", calibration_shapes, (str, Mapping, type(None)),
           "'NAME:D1xD2x...,...', a dict of input name to shape, or None")
     _names("exclude", exclude, "node names or regular expressions")

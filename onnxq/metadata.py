@@ -18,6 +18,7 @@ QUANTIZED_KEY = "onnxq.quantized"          # how quantize stored the node's inpu
 FLOAT_REASON_KEY = "onnxq.float_reason"    # why quantize kept an input in float
 CORRECTED_KEY = "onnxq.bias_corrected"     # the mean output shift bias correction removed
 INPUT_ROTATED_KEY = "onnxq.input_rotated"  # a linear layer whose input rotate rotated (smooth leaves it alone)
+WEIGHT_BITS_KEY = "onnxq.weight_bits"      # the width allocate_bits chose for this node's weight (quantize stores it so)
 RANGE_MARGIN_KEY = "onnxq.range_margin"    # widen this node's output range by the factor given (split_range → quantize)
 PE_KEY = "onnxq.petr_pe"          # a PETR position-embedding node, or the Add of the PE to the image features
 PASS_LINE_PREFIX = "onnxq.pass."  # model metadata: one readable line per pass run, onnxq.pass.NN.name

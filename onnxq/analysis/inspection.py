@@ -25,7 +25,7 @@ import onnx_ir as ir
 
 from onnxq.ir.checks import infer_shapes
 from onnxq.ir.graph import WEIGHTED_OPS, const_array, opset_version
-from onnxq.metadata import FIDELITY_KEY, FLOAT_REASON_KEY, QUANTIZED_KEY, REPLACEMENT_KEY
+from onnxq.metadata import FIDELITY_KEY, FLOAT_REASON_KEY, QUANTIZED_KEY, REPLACEMENT_KEY, WEIGHT_BITS_KEY
 from onnxq.pipeline import read_record
 from onnxq.quant.qdq_rules import NON_NUMERIC, NONLINEAR, NORMALISATION
 
@@ -52,6 +52,8 @@ class Inspection:
     nonlinear_coverage: float = 0.0   # (replaced + quantized) / nonlinear_ops; 1.0 when there are none
     replacements: int = 0             # replacement groups (each counted as one op in the coverage)
     fidelity: list[dict[str, Any]] = field(default_factory=list)
+    # mixed precision (allocate_bits): width -> [weight tensors, their values] over the layers it tagged
+    weight_widths: dict[int, list[int]] = field(default_factory=dict)
 
 
 def is_quantized(node: ir.Node) -> bool:
@@ -109,6 +111,8 @@ def inspect_model(model: ir.Model) -> Inspection:
     group_ops: Counter = Counter()                  # ops that belong to replacements
     nonlinear = set(NONLINEAR) | set(NORMALISATION)
     nl_total = nl_quantized = 0
+    widths: dict[int, list[int]] = {}
+    seen_weights: set[str] = set()
     for node in model.graph:
         if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
             key = node.op_type + (" (weight)" if const_array(node.inputs[0]) is not None else "")
@@ -130,6 +134,8 @@ def inspect_model(model: ir.Model) -> Inspection:
         if is_quantized(node):
             quantized[node.op_type] += 1
             quant_flops += flops
+        if WEIGHT_BITS_KEY in node.metadata_props:
+            _count_width(widths, node, seen_weights)
         reason = node.metadata_props.get(FLOAT_REASON_KEY)
         if reason:
             reasons[f"{node.op_type}: {reason}"].append(node.name)
@@ -154,4 +160,21 @@ def inspect_model(model: ir.Model) -> Inspection:
         metadata={k: v for k, v in model.metadata_props.items() if not k.startswith("onnxq.pass") and k != FIDELITY_KEY},
         nonlinear_ops=nl_total, nonlinear_replaced=replaced, nonlinear_quantized=nl_quantized, replacements=len(groups),
         nonlinear_coverage=(replaced + nl_quantized) / nl_total if nl_total else 1.0, fidelity=fidelity,
+        weight_widths=dict(sorted(widths.items())),
     )
+
+
+def _count_width(widths: dict[int, list[int]], node: ir.Node, seen: set[str]) -> None:
+    """Add a tagged layer's weight (read through its DequantizeLinear) to its width's row, once per weight."""
+    weight = node.inputs[1]
+    producer = weight.producer() if weight is not None else None
+    if producer is not None and producer.op_type == "DequantizeLinear":
+        weight = producer.inputs[0]
+    if weight is None or weight.name in seen:
+        return
+    seen.add(weight.name)
+    size = int(np.prod(weight.shape.numpy())) if weight is not None and weight.shape is not None and \
+        weight.shape.is_static() else 0
+    row = widths.setdefault(int(node.metadata_props[WEIGHT_BITS_KEY]), [0, 0])
+    row[0] += 1
+    row[1] += size

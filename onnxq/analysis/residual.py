@@ -42,13 +42,16 @@ class ResidualStream:
     values: list[ir.Value]  # the stream's tensors, in order
     adds: list[ir.Node]  # the residual Adds
     embeddings: list[Embedding]  # writers of the first value
-    writers: list[Linear]  # linears whose output is added into the stream
+    writers: list[Linear]  # linears whose output is added into the stream (every expert's down projection of a MoE)
     norms: list[Norm]  # norms that read the stream
     readers: list[Linear]  # linears that read those norms' outputs (or the stream directly)
     final_norm: Norm | None
     lm_head: Linear | None
     pre_norm: bool
     problems: list[str] = field(default_factory=list)  # why rotating the stream would not be exact
+    # constant tables added to the stream (learned position embeddings), each the initializer read by the Add
+    # or by the Slice of its first rows the Add reads; a rotation rotates them like the token embedding
+    position_tables: list[tuple[ir.Node, int]] = field(default_factory=list)  # (node reading the table, input index)
 
     @property
     def rotatable(self) -> bool:
@@ -78,13 +81,32 @@ def _stream_start(embeddings: list[Embedding], graph: ir.Graph) -> Embedding | N
     return max(candidates, key=lambda e: traced_const(e.table).shape[0])
 
 
-def find_residual_stream(graph: ir.Graph, linears: list[Linear], norms: list[Norm], embeddings: list[Embedding]
-                         ) -> ResidualStream | None:
+def _position_table(add: ir.Node, index: int, width: int) -> tuple[ir.Node, int] | None:
+    """(node, input index) holding the constant [positions, width] table that `add` adds at input `index`:
+    the Add itself, or the Slice of the table's rows that the Add reads (a learned position embedding cut to
+    the sequence length); None when that input is not such a table."""
+    value = add.inputs[index]
+    holder, slot = add, index
+    producer = value.producer()
+    if producer is not None and producer.op_type == "Slice" and len(producer.inputs) > 3:
+        axes = traced_const(producer.inputs[3])
+        if axes is None or any(int(a) not in (0, -2) for a in axes.reshape(-1)):
+            return None
+        holder, slot = producer, 0
+    table = traced_const(holder.inputs[slot])
+    if table is None or table.ndim != 2 or table.shape[-1] != width:
+        return None
+    return holder, slot
+
+
+def find_residual_stream(graph: ir.Graph, linears: list[Linear], norms: list[Norm], embeddings: list[Embedding],
+                         moes: list | None = None) -> ResidualStream | None:
     start = _stream_start(embeddings, graph)
     if start is None:
         return None
     width = int(traced_const(start.table).shape[1])
     by_output = {lin.output: lin for lin in linears}
+    moe_by_output = {moe.output: moe for moe in moes or []}
     by_input: dict[ir.Value, list[Linear]] = {}
     for lin in linears:
         by_input.setdefault(lin.input, []).append(lin)
@@ -93,12 +115,19 @@ def find_residual_stream(graph: ir.Graph, linears: list[Linear], norms: list[Nor
     norm_nodes = {node: n for n in norms for node in n.nodes}
     stream = ResidualStream(width, [start.output], [], [start], [], [], [], None, None, True)
     value = start.output
+    position_add = None
     for _ in range(10_000):
         nxt = None
         aliases = cast_aliases(value)  # float→float Casts of a stream tensor are the same stream tensor
         stream.values.extend(aliases[1:])
         readers = [(u, i) for a in aliases for u, i in data_readers(a) if u not in (a.producer() for a in aliases[1:])]
         for user, index in readers:
+            if value is start.output and user.op_type == "Add" and len(user.inputs) == 2:
+                table = _position_table(user, 1 - index, width)
+                if table is not None:
+                    stream.position_tables.append(table)
+                    nxt = position_add = user
+                    continue
             if user in norm_nodes and norm_nodes[user].input in aliases:
                 norm = norm_nodes[user]
                 if norm not in stream.norms:
@@ -108,6 +137,8 @@ def find_residual_stream(graph: ir.Graph, linears: list[Linear], norms: list[Nor
                 other = user.inputs[1 - index]
                 if other in by_output:
                     stream.writers.append(by_output[other])
+                elif other in moe_by_output:
+                    stream.writers += [e.mlp.down for e in moe_by_output[other].experts]
                 elif other in emb_by_output:
                     stream.embeddings.append(emb_by_output[other])
                 else:
@@ -126,7 +157,8 @@ def find_residual_stream(graph: ir.Graph, linears: list[Linear], norms: list[Nor
         if any(a.is_graph_output() for a in aliases):
             stream.problems.append(f"stream tensor '{value.name}' is a graph output")
         if nxt is not None:
-            stream.adds.append(nxt)
+            if nxt is not position_add:
+                stream.adds.append(nxt)
             value = nxt.outputs[0]
             stream.values.append(value)
             continue

@@ -9,6 +9,7 @@ onnxq.ir.linear and onnxq.ir.graph:
 | `Norm` | LayerNormalization / RMSNormalization / SimplifiedLayerNormalization ops and the decomposed RMS and LayerNorm forms; γ and β if present | norms |
 | `Attention` | Q/K/V projections, the per-head paths, QKᵀ MatMul, Softmax, PV MatMul, output projection; heads, KV heads (GQA), head dim, RoPE | attention |
 | `MLP` | SwiGLU (SiLU(gate)·up → down), GeGLU, or a plain act MLP (GELU in Erf or op form, ReLU, SiLU) | mlp |
+| `MoE` | a router (linear → top-k), its experts (MLPs whose outputs are weighted by per-token gates) and the summed output, in the dense form | moe |
 | `Embedding`, `ResidualStream` | token embedding Gathers; the stream through every residual Add, its writers and readers, the final norm, the LM head, and why a stream rotation would not be exact | residual |
 
 Three steps are kept apart, as in onnxscript's rewriter: *match* (a pattern or a graph walk finds
@@ -35,6 +36,7 @@ from onnxq.analysis.attention import Attention, find_attentions, find_softmaxes
 from onnxq.analysis.linears import find_linears
 from onnxq.analysis.matching import Rejection
 from onnxq.analysis.mlp import MLP, find_mlps
+from onnxq.analysis.moe import MoE, find_moes
 from onnxq.analysis.norms import Norm, find_norms
 from onnxq.analysis.residual import Embedding, ResidualStream, find_embeddings, find_residual_stream
 from onnxq.ir.linear import Linear
@@ -44,6 +46,7 @@ __all__ = [
     "Attention",
     "Embedding",
     "Linear",
+    "MoE",
     "Norm",
     "Rejection",
     "ResidualStream",
@@ -62,6 +65,7 @@ class Structure:
     norms: list[Norm] = field(default_factory=list)
     attentions: list[Attention] = field(default_factory=list)
     mlps: list[MLP] = field(default_factory=list)
+    moes: list[MoE] = field(default_factory=list)
     embeddings: list[Embedding] = field(default_factory=list)
     stream: ResidualStream | None = None
     lm_head: Linear | None = None
@@ -78,7 +82,8 @@ class Structure:
         out = {"linears": len(self.linears), "norms": len(self.norms),
                "norm_forms": sorted({f"{n.kind}:{n.form}" for n in self.norms}),
                "attentions": len(self.attentions), "mlps": sorted({m.kind for m in self.mlps}),
-               "embeddings": len(self.embeddings), "lm_head": self.lm_head.name if self.lm_head else None}
+               "embeddings": len(self.embeddings), **({"moe": f"{len(self.moes)} x {len(self.moes[0].experts)} experts"
+                                                      f" top-{self.moes[0].top_k}"} if self.moes else {}), "lm_head": self.lm_head.name if self.lm_head else None}
         if self.attentions:
             a = self.attentions[0]
             out.update(heads=a.num_heads, kv_heads=a.num_kv_heads, head_dim=a.head_dim, rope=a.rope)
@@ -96,8 +101,9 @@ def analyse(model: ir.Model) -> Structure:
     s.norms = find_norms(model, s.rejected)
     s.attentions = find_attentions(model, s.linears, s.norms, s.rejected)
     s.mlps = find_mlps(model, s.linears, s.rejected)
+    s.moes = find_moes(s.linears, s.mlps, s.rejected)
     s.embeddings = find_embeddings(graph)
-    s.stream = find_residual_stream(graph, s.linears, s.norms, s.embeddings)
+    s.stream = find_residual_stream(graph, s.linears, s.norms, s.embeddings, s.moes)
     if s.stream is not None:
         s.lm_head = s.stream.lm_head
     return s

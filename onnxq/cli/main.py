@@ -35,7 +35,7 @@ class Terminated(BaseException):
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser({"quantize": _quantize, "compare": _compare, "lint": _lint, "report": _report,
                            "inspect": _inspect, "build-engine": _build_engine, "recipes": _recipes, "view": _view,
-                           "export": _export})
+                           "export": _export, "ebss": _ebss})
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
         parser.print_help()
@@ -144,7 +144,8 @@ def _quantize(args) -> int:
                          per_tensor=True if args.per_tensor else None, calibrator=args.calibrator,
                          rounding=args.rounding, activation_type=args.activation_type, format=args.number_format,
                          high_precision=args.high_precision, weight_type=args.weight_type,
-                         calibration_shapes=args.calibration_shapes,
+                         bits_budget=args.bits_budget, bit_allocation=args.bit_allocation,
+                         bits_cache=args.bits_cache, agq=args.agq, calibration_shapes=args.calibration_shapes,
                          exclude=args.exclude or None,
                          op_types=[op for ops in args.op_types for op in ops] or None,
                          batch_size=args.batch_size, max_samples=args.max_samples,
@@ -355,6 +356,12 @@ def _inspect(args) -> int:
     if info.passes:
         rows = [(i + 1, p["name"], p["kind"], _summary(p["summary"])) for i, p in enumerate(info.passes)]
         _say("\n" + table(["#", "pass", "kind", "result"], rows, title="passes applied"))
+    if info.weight_widths:
+        total = sum(w for _, w in info.weight_widths.values()) or 1
+        rows = [(bits, tensors, values, f"{values / total:.1%}") for bits, (tensors, values) in info.weight_widths.items()]
+        average = sum(bits * w for bits, (_, w) in info.weight_widths.items()) / total
+        _say("\n" + table(["bits", "weight tensors", "values", "share"], rows,
+                           title=f"weight widths chosen by allocate_bits (average {average:.2f} bits)"))
     if info.float_reasons:
         rows = [(len(nodes), reason, ", ".join(nodes[:2]) + (" …" if len(nodes) > 2 else ""))
                 for reason, nodes in sorted(info.float_reasons.items(), key=lambda kv: -len(kv[1]))]
@@ -376,6 +383,13 @@ def _export(args) -> int:
 
     run_export(args.source, args.output, seq_len=args.seq_len, batch=args.batch, opset=args.opset,
                exporter=args.exporter, log=_say if args.level <= logging.INFO else (lambda *_: None))
+    return EXIT_OK
+
+
+def _ebss(args) -> int:
+    from onnxq.cli.ebss_cmd import run_ebss
+
+    run_ebss(args, show_progress=args.level <= logging.INFO, say=_say)
     return EXIT_OK
 
 

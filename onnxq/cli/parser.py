@@ -100,6 +100,16 @@ def _shapes(text: str) -> dict[str, tuple[int, ...]]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _bits_budget(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of bits, e.g. 4 or 3.5, not {text!r}") from None
+    if not 2 <= value <= 8:
+        raise argparse.ArgumentTypeError(f"{text}: the average weight bits must lie between 2 and 8")
+    return value
+
+
 def _op_list(text: str) -> list[str]:
     ops = [op.strip() for op in text.split(",")]
     if not all(ops):
@@ -172,6 +182,19 @@ def build_parser(runners: dict[str, Callable[[argparse.Namespace], int]]) -> arg
                    help="weight rounding (default: the recipe's): gptq chooses the integers against each layer's "
                         "calibration inputs; adaround/flexround learn them block by block (all use torch; "
                         "they matter most at 4 bits)")
+    q.add_argument("--bits-budget", type=_bits_budget, metavar="AVG",
+                   help="mixed-precision weights: each MatMul/Gemm gets 2, 3, 4, 6 or 8 bits, averaging at most AVG "
+                        "bits per weight (opset 21 INT4 below 5 bits), e.g. --bits-budget 4 --bit-allocation sensitivity")
+    q.add_argument("--bit-allocation", choices=["luq", "sensitivity", "uniform"], default="luq",
+                   help="how --bits-budget chooses the widths: luq (default; layers whose outputs have lower entropy "
+                        "get fewer bits, one calibration pass), sensitivity (the model's output error measured per "
+                        "layer and width: slower, usually better) or uniform")
+    q.add_argument("--bits-cache", metavar="JSON",
+                   help="with --bit-allocation sensitivity: keep the measured errors in this file and reuse them "
+                        "(several budgets, one measurement)")
+    q.add_argument("--agq", action="store_true",
+                   help="mixture-of-experts models: weigh each expert's GPTQ statistics by its router gate, so "
+                        "tokens routed elsewhere do not count (needs GPTQ rounding, as the transformer recipes use)")
     q.add_argument("--batch-size", type=_positive, default=1, help="calibration batch size for models with a dynamic batch (default 1)")
     q.add_argument("--calibration-shapes", metavar="SHAPES", type=_shapes,
                    help="the exact shape of every calibration batch, per input (the first dimension is the batch "
@@ -258,6 +281,13 @@ def build_parser(runners: dict[str, Callable[[argparse.Namespace], int]]) -> arg
     e.add_argument("--exporter", default="auto", choices=["auto", "dynamo", "torchscript"],
                    help="auto (default): dynamo, falling back to TorchScript if dynamo fails")
     e.set_defaults(run=runners["export"])
+
+    from onnxq.cli import ebss_cmd  # the ebss sub-command's help and options live with it
+
+    eb = sub.add_parser("ebss", help="build an expert-balanced calibration set for a mixture-of-experts LM (EBSS)",
+                        description=ebss_cmd.EBSS_DESCRIPTION, formatter_class=formatter, parents=common)
+    ebss_cmd.add_arguments(eb)
+    eb.set_defaults(run=runners["ebss"])
 
     r = sub.add_parser("recipes", help="list the built-in recipes and the passes they can use", parents=common)
     r.set_defaults(run=runners["recipes"])

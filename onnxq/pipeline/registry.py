@@ -37,6 +37,7 @@ PASS_TABLE: dict[str, str] = {
     "fold_position_bias": "petr.fold_position_bias:FoldPositionBias",
     "qfpe": "petr.qfpe:Qfpe",
     # quantization and fully quantized nonlinear ops
+    "allocate_bits": "quant.allocate_bits:AllocateBits",
     "quantize": "quant.quantize:Quantize",
     "half_float": "quant.half_float:HalfFloat",
     "dulut": "nonlinear.dulut:Dulut",

@@ -22,6 +22,7 @@ algebra and is imported only when this rounding is asked for.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,11 +65,17 @@ class SplitHessian:
 
 class HessianObserver:
     """Σ rowsᵀ·rows (float32) of each distinct reader input (input tensor and, for Conv, patch geometry),
-    kept apart for even and odd batches (SplitHessian)."""
+    kept apart for even and odd batches (SplitHessian).
 
-    def __init__(self, readers: dict[str, list[ir.Node]]):
-        self.sources = {_row_source(node): node for nodes in readers.values() for node in nodes}
-        self.names = sorted({node.inputs[0].name for node in self.sources.values()})
+    `affinities` (AGQ, for mixture-of-experts layers) names, per reader node, a tensor of one weight per
+    row (an expert's gate): that reader's H is Σ gₜ·xₜᵀxₜ, so the tokens routed to the expert count by
+    their gate weight and the others not at all."""
+
+    def __init__(self, readers: dict[str, list[ir.Node]], affinities: Mapping[str, str] | None = None):
+        self.affinities = dict(affinities or {})
+        self.sources = {_row_source(node, self.affinities): node for nodes in readers.values() for node in nodes}
+        self.names = sorted({node.inputs[0].name for node in self.sources.values()}
+                            | {source[-1] for source in self.sources if source[-1]})
         self.totals: dict[tuple, object] = {}  # (*source, parity) -> torch float32 matrix
         self.batches = 0
 
@@ -78,6 +85,9 @@ class HessianObserver:
         for source, node in self.sources.items():
             x = torch.from_numpy(np.asarray(values[node.inputs[0].name], dtype=np.float32))
             rows = _input_rows(node, x, torch)
+            if source[-1]:  # AGQ: row t weighted by the expert's gate g_t (rows·√g, so H sums g_t·x_tᵀx_t)
+                gate = np.asarray(values[source[-1]], dtype=np.float32).reshape(-1)
+                rows = rows * torch.from_numpy(np.sqrt(np.maximum(gate, 0.0)))[:, None]
             key = (*source, self.batches % 2)
             if key in self.totals:
                 self.totals[key].addmm_(rows.T, rows)  # in place: no second matrix while adding
@@ -91,7 +101,7 @@ class HessianObserver:
         for key, nodes in readers.items():
             halves = []
             for half in (0, 1):
-                parts = [self.totals.get((*_row_source(node), half)) for node in nodes]
+                parts = [self.totals.get((*_row_source(node, self.affinities), half)) for node in nodes]
                 halves.append(None if parts[0] is None else sum(parts[1:], parts[0]).numpy())
             fit, check = halves
             hessians[key] = SplitHessian(fit, check if check is not None else np.zeros_like(fit))
@@ -102,10 +112,12 @@ HESSIAN_BUDGET_BYTES = 1 << 30  # matrices held at once; more inputs than fit ar
 
 
 def collect_hessians(model: ir.Model, readers: dict[str, list[ir.Node]], data: CalibrationSet, *,
-                     show_progress: bool = True, budget_bytes: int = HESSIAN_BUDGET_BYTES) -> HessianStore:
+                     show_progress: bool = True, budget_bytes: int = HESSIAN_BUDGET_BYTES,
+                     affinities: Mapping[str, str] | None = None) -> HessianStore:
     """Per weight key, H (float32) over the inputs of that weight's reader nodes, split by batch parity,
-    as a HessianStore: `pop(key)` as each weight is rounded."""
-    return HessianStore(model, readers, data, show_progress=show_progress, budget_bytes=budget_bytes)
+    as a HessianStore: `pop(key)` as each weight is rounded. `affinities`: see HessianObserver."""
+    return HessianStore(model, readers, data, show_progress=show_progress, budget_bytes=budget_bytes,
+                        affinities=affinities)
 
 
 class HessianStore:
@@ -120,11 +132,13 @@ class HessianStore:
     snapshot shares the model's weight arrays. A model whose matrices fit the budget takes one pass."""
 
     def __init__(self, model: ir.Model, readers: dict[str, list[ir.Node]], data: CalibrationSet, *,
-                 show_progress: bool = True, budget_bytes: int = HESSIAN_BUDGET_BYTES):
+                 show_progress: bool = True, budget_bytes: int = HESSIAN_BUDGET_BYTES,
+                 affinities: Mapping[str, str] | None = None):
         self.readers = readers
+        self.affinities = affinities
         self.data = data
         self.show_progress = show_progress
-        self.groups = _groups(readers, budget_bytes)
+        self.groups = _groups(readers, budget_bytes, affinities or {})
         self.group_of = {key: i for i, keys in enumerate(self.groups) for key in keys}
         self.held: dict[str, SplitHessian] = {}
         self.collected: set[int] = set()
@@ -146,7 +160,7 @@ class HessianStore:
     def _collect(self, group: int) -> None:
         keys = self.groups[group]
         readers = {k: self.readers[k] for k in keys}
-        observer = HessianObserver(readers)
+        observer = HessianObserver(readers, self.affinities)
         desc = "GPTQ statistics" if len(self.groups) == 1 else f"GPTQ statistics {group + 1}/{len(self.groups)}"
         observe(self.snapshot, self.data, observer, desc=desc, show_progress=self.show_progress)
         self.held.update(observer.hessians(readers))
@@ -156,10 +170,13 @@ class HessianStore:
             self.snapshot = None
 
 
-def _groups(readers: dict[str, list[ir.Node]], budget_bytes: int) -> list[list[str]]:
+def _groups(readers: dict[str, list[ir.Node]], budget_bytes: int, affinities: Mapping[str, str]) -> list[list[str]]:
     """Weight keys in the readers' order, cut where the distinct inputs' matrices would pass the budget;
     keys that share an input (directly or through others) stay in one group."""
-    width = {_row_source(node): _row_width(node) for nodes in readers.values() for node in nodes}
+    def source(node: ir.Node) -> tuple:
+        return _row_source(node, affinities)
+
+    width = {source(node): _row_width(node) for nodes in readers.values() for node in nodes}
     parent: dict[str, str] = {}
     first_reader: dict[tuple, str] = {}
 
@@ -171,14 +188,14 @@ def _groups(readers: dict[str, list[ir.Node]], budget_bytes: int) -> list[list[s
     for key, nodes in readers.items():  # union-find: keys linked through a shared input
         parent.setdefault(key, key)
         for node in nodes:
-            parent[root(key)] = root(first_reader.setdefault(_row_source(node), key))
+            parent[root(key)] = root(first_reader.setdefault(source(node), key))
     units: dict[str, list[str]] = {}
     for key in readers:
         units.setdefault(root(key), []).append(key)
     groups: list[list[str]] = []
     size = 0
     for keys in units.values():
-        extra = sum(2 * 4 * width[src] ** 2 for src in {_row_source(n) for k in keys for n in readers[k]})
+        extra = sum(2 * 4 * width[src] ** 2 for src in {source(n) for k in keys for n in readers[k]})
         if not groups or size + extra > budget_bytes:
             groups.append([])
             size = 0
@@ -206,9 +223,11 @@ def _snapshot(model: ir.Model) -> ir.Model:
     return copy
 
 
-def _row_source(node: ir.Node) -> tuple:
-    """What determines a reader's input rows: the input tensor, and for Conv the patch geometry."""
-    return (node.inputs[0].name, *(_conv_geometry(node) if node.op_type == "Conv" else ()))
+def _row_source(node: ir.Node, affinities: Mapping[str, str]) -> tuple:
+    """What determines a reader's weighted input rows: the input tensor, for Conv the patch geometry, and
+    the tensor weighting its rows ("" when unweighted)."""
+    return (node.inputs[0].name, *(_conv_geometry(node) if node.op_type == "Conv" else ()),
+            affinities.get(node.name, ""))
 
 
 def _conv_geometry(node: ir.Node) -> tuple[tuple, tuple, tuple, tuple]:

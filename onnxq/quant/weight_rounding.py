@@ -39,6 +39,7 @@ class WeightJob:
     block: int
     hessian: object = None
     reader: object = None
+    fmt: Format | None = None  # this weight's own format (mixed precision); the call's format otherwise
 
 
 def round_weights(jobs: Iterable[WeightJob], fmt: Format, calibrator: str, dampings: tuple[float, ...],
@@ -47,10 +48,11 @@ def round_weights(jobs: Iterable[WeightJob], fmt: Format, calibrator: str, dampi
     where the job has a Hessian, rounded to nearest otherwise."""
 
     def round_one(job: WeightJob):
-        q, scale = quantize_weight(job.array, job.axis, fmt, calibrator, job.block)
+        own = job.fmt or fmt
+        q, scale = quantize_weight(job.array, job.axis, own, calibrator, job.block)
         if job.hessian is not None:
             q = gptq.gptq_round(job.array, scale_per_element(scale, job.array.shape, job.axis, job.block),
-                                job.hessian, fmt, job.reader, dampings)
+                                job.hessian, own, job.reader, dampings)
         return job, q, scale
 
     return in_order(round_one, jobs, workers or min(MAX_WORKERS, os.cpu_count() or 1))

@@ -24,15 +24,17 @@ from typing import ClassVar, Literal
 import numpy as np
 import onnx_ir as ir
 
+from onnxq.analysis.moe import expert_gates
 from onnxq.errors import OnnxqError
 from onnxq.ir.graph import Namer, const_array, opset_version
-from onnxq.metadata import FLOAT_REASON_KEY, QUANTIZED_KEY, RANGE_MARGIN_KEY
+from onnxq.metadata import FLOAT_REASON_KEY, QUANTIZED_KEY, RANGE_MARGIN_KEY, WEIGHT_BITS_KEY
 from onnxq.pipeline.options import option
 from onnxq.pipeline.passes import GraphPass, Kind, PassConditionError, PassContext, has_qdq
 from onnxq.progress import progress
 from onnxq.quant import gptq
 from onnxq.quant.bias_correction import correct_biases
 from onnxq.quant.bias_range import detach_overflowing_biases
+from onnxq.quant.bit_allocation import weight_format
 from onnxq.quant.calibrate import Range, collect_statistics
 from onnxq.quant.calibrator_choice import choose_calibrator, reference_outputs
 from onnxq.quant.qdq import (
@@ -77,6 +79,9 @@ class Quantize(GraphPass):
     rounding: Literal["nearest", "gptq", "adaround", "flexround"] = "nearest"
     learn_iterations: int = option(1000, low=1)  # optimisation steps per block for adaround/flexround
     gptq_dampings: tuple[float, ...] = option(gptq.DAMPINGS, above=0.0)  # tried per layer on held-out batches
+    # AGQ (mixture-of-experts models): each expert's GPTQ Hessian sums its tokens weighted by their gate, so
+    # tokens routed elsewhere (which the dense form still runs through it) do not count
+    agq: bool = False
     float_residual: bool = False  # keep Adds of two activations (the residual stream) in float
     # embedding tables (Gather on a constant): int8 stores them with one scale per row, whatever the weight format
     embeddings: Literal["float", "int8"] = "float"
@@ -103,10 +108,16 @@ class Quantize(GraphPass):
             object.__setattr__(self, "gptq_dampings", tuple(self.gptq_dampings))
         if not self.gptq_dampings:
             raise ValueError("gptq_dampings needs at least one value")
+        if self.agq and self.rounding != "gptq":
+            raise ValueError("agq weights GPTQ's statistics: it needs rounding gptq")
 
     def requires(self, model: ir.Model) -> None:
-        needed = 21 if (self.weight_bits == 4 or self.activation_bits == 4 or self.block_size) else (
-            21 if self.format == "fp8" else 13)
+        allocated = {int(n.metadata_props[WEIGHT_BITS_KEY]) for n in model.graph if WEIGHT_BITS_KEY in n.metadata_props}
+        if allocated and (self.format == "fp8" or self.weight_type == "uint8"):
+            raise PassConditionError("quantize: allocate_bits' mixed widths are integer grids: they do not combine "
+                                     "with format fp8 or weight_type uint8")
+        narrow = self.weight_bits == 4 or self.activation_bits == 4 or self.block_size or min(allocated, default=8) <= 4
+        needed = 21 if narrow or self.format == "fp8" else 13
         if opset_version(model) < needed:
             raise PassConditionError(f"quantize needs opset >= {needed} (model has {opset_version(model)}): "
                                      "put upgrade_opset before quantize in the recipe")
@@ -129,6 +140,8 @@ class Quantize(GraphPass):
         data = ctx.require_calibration(self.name)
         prepared = target.prepare(model, signed) if target.prepare else {}
         plan = self._plan(model, target)
+        # before any Q/DQ: the experts and their gates are recognised on the float graph
+        affinities = expert_gates(model) if self.agq else {}
         wanted = {plan.range_of.get(v, v).name for v in plan.activations}
         # the auto calibrator's float reference is an output of the model state the ranges are read from
         reference = reference_outputs(model) if self.calibrator == "auto" else None
@@ -156,26 +169,30 @@ class Quantize(GraphPass):
         float_weights = {node.name: const_array(weight) for (weight, _), slots in plan.weights.items()
                          for node, index in slots if index == 1} if self.bias_correction else {}
         fmt = FP8 if self.format == "fp8" else INT4_WEIGHT if self.weight_bits == 4 else INT8_WEIGHT
-        hessians, gptq_readers = self._gptq_statistics(model, plan, data, ctx)
-        layouts = {weight.name: self._layout(weight, axis) for weight, axis in plan.weights}
+        # allocate_bits' widths, where it ran; the step's own format elsewhere
+        fmt_of = {weight.name: _allocated_format(slots, fmt) for (weight, _), slots in plan.weights.items()}
+        hessians, gptq_readers = self._gptq_statistics(model, plan, data, ctx, affinities)
+        layouts = {weight.name: self._layout(weight, axis, fmt_of[weight.name]) for weight, axis in plan.weights}
         slots_of = {weight.name: (weight, slots) for (weight, _), slots in plan.weights.items()}
 
         def write(name: str, q, scale) -> None:
             weight, slots = slots_of.pop(name)
             axis, block = layouts[name]
-            stored, zero_point = (UINT8, 128) if self.weight_type == "uint8" else (fmt, 0)
+            stored, zero_point = (UINT8, 128) if self.weight_type == "uint8" else (fmt_of[name], 0)
             if zero_point:
                 q = (q.astype(np.int16) + zero_point).astype(stored.numpy)
             insert_weight_dq(graph, namer, weight, slots, q, scale, axis, stored, block, zero_point)
             granularity = (f"blocks of {block}" if block else
                            f"per-channel axis {axis}" if axis is not None else "per-tensor")
+            if stored is not fmt and stored is not UINT8:
+                granularity += f", {_width(stored)}-bit grid"
             for node, index in slots:
                 notes[node].append(f"input {index}: weight {stored.dtype.name.lower()} {granularity}")
 
         learned = self._learn_rounding(model, plan, layouts, fmt, data, write, ctx)
         # a Hessian is popped as its weight is handed out: a matrix is freed once its last reader is rounded
         jobs = (WeightJob(name, const_array(weight), *layouts[name], hessians.pop(name) if name in hessians else None,
-                          gptq_readers.get(name, [None])[0]) for name, (weight, _) in list(slots_of.items()))
+                          gptq_readers.get(name, [None])[0], fmt_of[name]) for name, (weight, _) in list(slots_of.items()))
         gptq_rounded = 0
         stage = "quantize: GPTQ" if hessians else f"quantize: weights ({self.weight_calibrator} scales)"
         rounded = round_weights(jobs, fmt, self.weight_calibrator, self.gptq_dampings)
@@ -252,11 +269,13 @@ class Quantize(GraphPass):
                 notes[node].append(f"input {index}: {act_fmt.dtype.name.lower()} per-tensor")
         return notes
 
-    def _layout(self, weight: ir.Value, axis: int | None) -> tuple[int | None, int]:
-        """(axis, block size) of a weight's scales: blocks apply to 2-D (MatMul/Gemm) weights, conv
-        kernels stay per channel."""
+    def _layout(self, weight: ir.Value, axis: int | None, fmt) -> tuple[int | None, int]:
+        """(axis, block size) of a weight's scales: blocks apply to 2-D (MatMul/Gemm) weights stored in 4 bits
+        or fewer; conv kernels, and wider weights of a mixed-precision plan, stay per channel (ONNX Runtime
+        fuses an INT8 weight's DequantizeLinear into its integer MatMul, which takes per-column scales only)."""
         rank = len(weight.shape) if weight.shape is not None else const_array(weight).ndim
-        block = self.block_size if rank == 2 and axis is not None else 0
+        narrow = fmt.dtype == INT4_WEIGHT.dtype
+        block = self.block_size if rank == 2 and axis is not None and narrow else 0
         return (axis if self.weights == "per-channel" or block else None), block
 
     def _learn_rounding(self, model: ir.Model, plan, layouts, fmt, data, write, ctx: PassContext) -> dict:
@@ -285,9 +304,11 @@ class Quantize(GraphPass):
                 f"-> {summary['block_mse_learned']:.3e})")
         return summary
 
-    def _gptq_statistics(self, model: ir.Model, plan, data, ctx: PassContext) -> tuple[dict, dict]:
+    def _gptq_statistics(self, model: ir.Model, plan, data, ctx: PassContext,
+                         affinities: dict[str, str]) -> tuple[dict, dict]:
         """GPTQ's H per weight name, over the inputs as quantized so far (weights still float); only for
-        weights whose every reader GPTQ supports. Empty unless rounding is gptq."""
+        weights whose every reader GPTQ supports; expert layers weighted by their gates (`affinities`, AGQ).
+        Empty unless rounding is gptq."""
         if self.rounding != "gptq":
             return {}, {}
         if importlib.util.find_spec("torch") is None:  # torch is optional; the recipe still runs
@@ -296,7 +317,23 @@ class Quantize(GraphPass):
         readers = {weight.name: [node for node, _ in slots] for (weight, _), slots in plan.weights.items()
                    if all(index == 1 and gptq.supported(node) for node, index in slots)}
         model.graph.sort()
-        return gptq.collect_hessians(model, readers, data, show_progress=ctx.show_progress), readers
+        if self.agq:
+            ctx.log(f"quantize: AGQ weights the statistics of {len(affinities)} expert layers by their gates")
+            if not affinities:
+                raise PassConditionError("quantize: agq found no mixture-of-experts layer (router → top-k → "
+                                         "gated experts) in the model")
+        return gptq.collect_hessians(model, readers, data, show_progress=ctx.show_progress,
+                                     affinities=affinities), readers
+
+
+def _allocated_format(slots, default):
+    """The format allocate_bits chose for a weight (the widest its readers were given), or `default`."""
+    widths = [int(node.metadata_props[WEIGHT_BITS_KEY]) for node, _ in slots if WEIGHT_BITS_KEY in node.metadata_props]
+    return weight_format(max(widths)) if widths else default
+
+
+def _width(fmt) -> int:
+    return int(fmt.qmax).bit_length() + 1
 
 
 def _quantize_tables(graph: ir.Graph, namer: Namer, plan, notes) -> int:

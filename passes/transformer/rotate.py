@@ -3,10 +3,12 @@
 Kind: exact. Row-vector convention y = x·W. For an orthogonal R (R·Rᵀ = I):
 
 * Residual stream (pre-norm models). Every tensor of the stream is replaced by x·R: embedding
-  tables T ← T·R, every writer (attention output and down projections) W ← W·R, b ← b·R. The norms
+  tables T ← T·R (learned position tables added to it too), every writer (attention output and down
+  projections; in a mixture of experts every expert's, since Σₑ gₑ·(yₑ·R) = (Σₑ gₑ·yₑ)·R for per-token
+  gates gₑ) W ← W·R, b ← b·R. The norms
   that read the stream have had γ/β folded into their readers first (fold_norm), and
   RMSNorm(x·R) = x·R / rms(x·R) = RMSNorm(x)·R because ‖x·R‖ = ‖x‖; so every reader (Q/K/V,
-  gate/up, LM head) gets W ← Rᵀ·W and computes (x̂·R)·(Rᵀ·W) = x̂·W: its output is unchanged.
+  gate/up, MoE router, LM head) gets W ← Rᵀ·W and computes (x̂·R)·(Rᵀ·W) = x̂·W: its output is unchanged.
   LayerNorm also subtracts the mean: (x·R − mean(x·R)) = (x − mean(x))·R holds only when R fixes the
   all-ones vector (R·1 = 1), so pre-norm LayerNorm models get such a rotation (a random orthogonal
   matrix on the complement of 1, conjugated by the Householder reflection that maps e₁ to 1/√d).

@@ -142,6 +142,9 @@ def rotate_stream(graph: ir.Graph, namer: Namer, s: st.Structure, r: np.ndarray,
         table = private_weight(graph, namer, emb.node, 0)
         replace_initializer(table, (const_array(table).astype(np.float64) @ r).astype(np.float32))
         mark_changed(emb.output, suffix, namer)
+    for holder, slot in stream.position_tables:  # (T + P)·R = T·R + P·R: position rows rotate with the tokens
+        table = private_weight(graph, namer, holder, slot)
+        replace_initializer(table, (const_array(table).astype(np.float64) @ r).astype(np.float32))
     for lin in stream.writers:
         set_weight_io(graph, namer, lin, lin.weight_io().astype(np.float64) @ r)
         if lin.bias is not None:
