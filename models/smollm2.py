@@ -156,8 +156,12 @@ def token_windows(split: str, count: int, seq_len: int = SEQ_LEN) -> np.ndarray:
     available = len(ids) // seq_len
     if available < count:
         raise ValueError(f"the {split} split has {available} windows of {seq_len} tokens, {count} asked")
-    starts = (np.linspace(0, available - 1, count).round().astype(np.int64)) * seq_len
-    return np.stack([ids[s:s + seq_len] for s in starts])
+    return np.stack([ids[i * seq_len:(i + 1) * seq_len] for i in _spread(available, count)])
+
+
+def _spread(available: int, count: int) -> np.ndarray:
+    """`count` indices spread evenly over range(available): which windows token_windows takes."""
+    return np.linspace(0, available - 1, count).round().astype(np.int64)
 
 
 def calibration_feeds(count: int = 16, seq_len: int = SEQ_LEN) -> dict[str, np.ndarray]:
@@ -179,9 +183,11 @@ def test_windows(count: int = 32, seq_len: int = SEQ_LEN) -> np.ndarray:
     design choice was measured on, spread evenly over what is left."""
     ids = _tokens("eval")
     available = len(ids) // seq_len
-    used = {int(i) for n in DEV_COUNTS for i in np.linspace(0, available - 1, n).round().astype(np.int64)}
+    used = {int(i) for n in DEV_COUNTS for i in _spread(available, n)}
     free = [i for i in range(available) if i not in used]
-    picked = [free[int(j)] for j in np.linspace(0, len(free) - 1, count).round().astype(np.int64)]
+    if count > len(free):
+        raise ValueError(f"{len(free)} windows of {seq_len} tokens are left outside the dev windows, {count} asked")
+    picked = [free[int(j)] for j in _spread(len(free), count)]
     return np.stack([ids[i * seq_len:(i + 1) * seq_len] for i in picked])
 
 

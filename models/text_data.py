@@ -33,17 +33,6 @@ def test_data_dir() -> Path:
 # ---------------------------------------------------------------- word similarity
 
 
-def document_similarity_spearman(embed: Callable[[Sequence[str]], np.ndarray]) -> float:
-    """Spearman ρ between embedding cosine and the human ratings over the Lee set's 1225 document
-    pairs; `embed` maps documents to L2-normalised embeddings."""
-    from scipy.stats import spearmanr
-
-    docs = (test_data_dir() / LEE_DOCUMENTS).read_text(encoding="latin-1").strip().splitlines()  # 1990s news text
-    human = np.loadtxt(test_data_dir() / LEE_SIMILARITIES)
-    vectors = embed(docs)
-    upper = np.triu_indices(len(docs), k=1)
-    return float(spearmanr((vectors @ vectors.T)[upper], human[upper]).statistic)
-
 def word_pairs(dataset: str) -> tuple[list[tuple[str, str]], np.ndarray]:
     """(pairs, human scores) of 'wordsim353' (353 pairs) or 'simlex999' (999 pairs)."""
     pairs, scores = [], []
@@ -138,3 +127,17 @@ def wiki_sentences(split: str, min_words: int = 4, max_words: int = 64) -> list[
                 if min_words <= len(sentence.split()) <= max_words:
                     out.append(sentence)
     return out
+
+
+# ---------------------------------------------------------------- document similarity
+
+
+def document_similarity_spearman(embed: Callable[[Sequence[str]], np.ndarray]) -> float:
+    """Spearman ρ between embedding cosine and the human ratings over the Lee set's 1225 document
+    pairs; `embed` maps documents to (n, d) embeddings."""
+    docs = (test_data_dir() / LEE_DOCUMENTS).read_text(encoding="latin-1").strip().splitlines()  # 1990s news text
+    human = np.loadtxt(test_data_dir() / LEE_SIMILARITIES)
+    vectors = np.asarray(embed(docs), dtype=np.float64)
+    vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    upper = np.triu_indices(len(docs), k=1)
+    return spearman((vectors @ vectors.T)[upper], human[upper])

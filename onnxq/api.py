@@ -59,7 +59,8 @@ def quantize(model: str | os.PathLike | onnx.ModelProto | ir.Model, calibration_
         activation_type: "int8" or "uint8" activations where the target takes both (ort-cpu; its default
             is uint8); None: the target's own (TensorRT: int8 only).
         format: "int8" or "fp8" (FP8 E4M3 weights and activations, TensorRT only, opset 21; weights
-            scaled by their max, activations calibrated with max unless `calibrator` names another);
+            scaled by their max, activations calibrated with max unless `calibrator` is percentile or auto;
+            entropy and mse are refused);
             None: the recipe's (int8 in every built-in recipe).
         weight_type: "int8" (default) or "uint8" weights (stored q + 128, zero point 128: ONNX Runtime's U8U8
             kernels), --target ort-cpu only.
@@ -232,10 +233,7 @@ def _with_overrides(model: ir.Model, passes: list, *, per_tensor: bool | None, c
             changes.setdefault("calibrator", "max")
     passes = [with_options(p, opset=max(p.opset, 21)) if number_format == "fp8" and p.name == "upgrade_opset" else p
               for p in passes]  # FP8 Q/DQ without a zero point need QuantizeLinear's output_dtype (opset 21)
-    if agq:
-        if (rounding or (step.rounding if step is not None else "nearest")) != "gptq":
-            raise OnnxqValueError("agq: weights GPTQ's statistics by the experts' gates, and this recipe's quantize "
-                                  "step rounds to nearest (give rounding='gptq' or a transformer recipe)")
+    if agq:  # the quantize step refuses it where the recipe rounds otherwise than with GPTQ
         changes["agq"] = True
     if allow_unknown_ops:
         changes["unknown_ops"] = "float"

@@ -104,3 +104,10 @@ def test_too_few_samples_for_the_batch_says_which_batch():
                        log=quiet)
     with pytest.raises(OnnxqError, match=r"fewer than the model's fixed batch size \(16\)"):
         onnxq.quantize(mobilenet_block_model(batch=16), few, show_progress=False, log=quiet)
+
+
+def test_an_input_of_unknown_rank_takes_any_given_shape():
+    model = mobilenet_block_model()
+    model.graph.input[0].type.tensor_type.ClearField("shape")  # rank unknown: nothing to check against
+    out = onnxq.quantize(model, CALIB, calibration_shapes="input:8x3x16x16", show_progress=False, log=quiet)
+    assert run(out, {"input": CALIB["input"][:2]})[0].shape[0] == 2

@@ -173,3 +173,17 @@ def test_subnormal_fp16_scales_are_reported():
     lines = []
     onnxq.quantize(model, CALIB, high_precision="fp16", show_progress=False, log=lines.append)
     assert any("Q/DQ scales are below FP16's normal range" in line for line in lines)
+
+
+def test_a_constant_node_past_fp16_range_is_refused_too():
+    model = _scaled_conv(1e5)
+    up = next(i for i in model.graph.initializer if i.name == "up")
+    model.graph.initializer.remove(up)
+    tiny = numpy_helper.from_array(np.array(1e-6, np.float32), "tiny")
+    model.graph.initializer.append(tiny)
+    model.graph.node.insert(0, helper.make_node("Constant", [], ["up"], name="make_up", value=up))
+    model.graph.node.insert(1, helper.make_node("Mul", ["input", "tiny"], ["small"], name="tiny"))
+    model.graph.node[2].input[0] = "small"
+    # no lift_constants: the Constant node stays a node, whose attribute half_float converts
+    with pytest.raises(OnnxqError, match="the constant made by node 'make_up' holds values up to 1e\\+05"):
+        onnxq.quantize(model, CALIB, recipe=["quantize", "half_float"], show_progress=False, log=quiet)

@@ -56,12 +56,31 @@ def test_rotation_through_experts_and_position_table_is_exact(tiny_moe):
     assert tables and not any(np.allclose(t.const_value.numpy(), original) for t in tables)
 
 
-def test_expert_gates_survive_split_range_and_cover_every_expert_layer(tiny_moe):
+def test_expert_gates_cover_every_expert_layer_also_after_split_range(tiny_moe):
     from onnxq.analysis.moe import expert_gates
+    from onnxq.pipeline import PassContext, load_recipe, run_pipeline
+    from onnxq.stats.calib_data import load_calibration
 
-    gates = expert_gates(ir.load(str(tiny_moe[0])))
+    path, feed = tiny_moe
+    model = ir.load(str(path))
+
+    def run_steps(steps):
+        _, passes = load_recipe(steps)
+        run_pipeline(model, passes, PassContext(calibration=load_calibration(feed, model, batch_size=4),
+                                                show_progress=False, log=lambda *_: None))
+
+    run_steps(["lift_constants", "fold_constants"])  # (these name the exporter's anonymous nodes)
+    gates = expert_gates(model)
     assert len(gates) == 2 * 4 * 3  # gate, up, down of every expert
     assert len(set(gates.values())) == 8  # one gate tensor per expert
+    # split_range cuts down projections into several MatMuls sharing one weight: each part is the expert's
+    before = {n.name for n in model.graph if n.op_type == "MatMul"}
+    run_steps([{"split_range": {"down_percentile": 90.0, "down_ratio": 2, "outlier_margin": 1}}])
+    split = expert_gates(model)
+    parts = {n.name: n.name.split("_inliers")[0] for n in model.graph if n.op_type == "MatMul" and n.name not in before}
+    expert_parts = {name for name, origin in parts.items() if origin in gates}
+    assert expert_parts and all(split[name] == gates[parts[name]] for name in expert_parts)  # each part, its expert
+    assert set(split.values()) == set(gates.values())
 
 
 def test_agq_hessian_weights_each_row_by_the_gate(tiny_moe):

@@ -13,7 +13,8 @@ computed from the router's output and is zero for the experts a token was not ro
   one tensor (the MoE output) that nothing else feeds.
 
 Sparse forms (gather tokens per expert, scatter back: data-dependent shapes) are not recognised: their
-experts read gathered tensors, which is reported as a rejection only when a TopK feeds a gather.
+experts read gathered tensors, so no MLP reads the router's input and the router is recorded as a
+rejection saying so.
 """
 
 from __future__ import annotations
@@ -33,10 +34,8 @@ _GATE_DEPTH = 16  # ops between the router's output and a gate (softmax, top-k m
 
 @dataclass(eq=False)
 class Expert:
-    index: int
     mlp: MLP
     gate: ir.Value  # the token's weight for this expert, [..., 1]; zero where the token is not routed here
-    product: ir.Node  # Mul(gate, expert output)
 
 
 @dataclass(eq=False)
@@ -47,15 +46,8 @@ class MoE:
     top_k: int | None
 
     @property
-    def input(self) -> ir.Value:
-        return self.router.input
-
-    @property
     def name(self) -> str:
         return self.router.name
-
-    def linears(self) -> list[Linear]:
-        return [self.router, *(lin for e in self.experts for lin in (e.mlp.gate, e.mlp.up, e.mlp.down) if lin)]
 
 
 def find_moes(linears: list[Linear], mlps: list[MLP], rejected: list[Rejection]) -> list[MoE]:
@@ -104,14 +96,14 @@ def _moe_of(router: Linear, topk: ir.Node, mlps: list[MLP]) -> tuple[MoE | None,
     if not experts:
         return None, "no MLP reading the router's input is multiplied by a gate computed from the router"
     for _, gate, _ in experts:
-        if gate.shape is not None and len(gate.shape) and gate.shape[-1] not in (1, None) and not isinstance(
-                gate.shape[-1], ir.SymbolicDim):
+        last = gate.shape[-1] if gate.shape is not None and len(gate.shape) else None
+        if isinstance(last, int) and last != 1:  # a symbolic or unknown last dimension is given the benefit
             return None, f"gate '{gate.name}' is not one value per token (shape {gate.shape})"
     total, why = _sum_of({mul.outputs[0] for _, _, mul in experts})
     if total is None:
         return None, why
     k = traced_const(topk.inputs[1]) if len(topk.inputs) > 1 else None
-    return MoE(router, [Expert(i, mlp, gate, mul) for i, (mlp, gate, mul) in enumerate(experts)], total,
+    return MoE(router, [Expert(mlp, gate) for mlp, gate, _ in experts], total,
                int(k.reshape(-1)[0]) if k is not None else None), ""
 
 

@@ -172,7 +172,7 @@ def build_parser(runners: dict[str, Callable[[argparse.Namespace], int]]) -> arg
                         "q + 128 with zero point 128, for CPUs whose kernels want U8U8), e.g. --weight-type uint8")
     q.add_argument("--format", choices=["int8", "fp8"], dest="number_format",
                    help="int8 (default) or fp8: FP8 E4M3 weights and activations for TensorRT on Hopper/Ada GPUs "
-                        "(opset 21; calibrated with max unless --calibrator says otherwise), e.g. --format fp8")
+                        "(opset 21; calibrated with max unless --calibrator names percentile or auto), e.g. --format fp8")
     q.add_argument("--high-precision", choices=["fp32", "fp16"], default="fp32",
                    help="type of what stays in float, and of the model's inputs and outputs: fp32 (default: the "
                         "model's own float type, unchanged) or fp16 "

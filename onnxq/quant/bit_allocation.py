@@ -129,7 +129,7 @@ def measure_sensitivity(model: ir.Model, weights: Sequence[str], quantized, feed
     from onnxq.ir.graph import Namer, add_initializer, const_array
     from onnxq.runtime.session import session
 
-    copy = ir.from_proto(ir.to_proto(model))
+    copy = model.clone()
     namer = Namer(copy.graph)
     inputs, arrays = {}, {}
     for name in weights:

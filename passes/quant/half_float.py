@@ -60,7 +60,7 @@ class HalfFloat(GraphPass):
         masks = _mask_values(graph)
         _check_ranges(model, masks, ctx)
         scales = {n.inputs[i] for n in graph if n.op_type in _SCALE_INPUT for i in (_SCALE_INPUT[n.op_type],)}
-        clipped = sum(_halve_initializer(v, floor=HALF_TINY if v in scales else 0.0, is_mask=_feeds_mask(v, masks))
+        clipped = sum(_halve_initializer(v, floor=HALF_TINY if v in scales else 0.0, is_mask=_is_mask(v, masks))
                       for v in graph.initializers.values() if v.dtype == FLOAT and not _float32_only(v))
         for node in graph:
             _halve_attributes(node, masks)
@@ -105,8 +105,19 @@ def _mask_values(graph: ir.Graph) -> set[ir.Value]:
     return found
 
 
-def _feeds_mask(value: ir.Value, masks: set[ir.Value]) -> bool:
-    return any(out in masks for user in value.consumers() for out in user.outputs)
+def _is_mask(value: ir.Value, masks: set[ir.Value]) -> bool:
+    """A mask tensor, or a constant that one op turns into a mask (e.g. the −inf of a Where)."""
+    return value in masks or any(out in masks for user in value.consumers() for out in user.outputs)
+
+
+def _to_half(array: np.ndarray, what: str, is_mask: bool) -> tuple[np.ndarray, int]:
+    """(array clipped to ±65504 as FP16, how many entries were clipped); past that range only a mask's
+    constant may be clipped (to a large finite value: still masks), data would be wrong in FP16."""
+    clipped = int(np.count_nonzero(np.abs(array) > HALF_MAX))
+    if clipped and not is_mask:
+        raise OnnxqError(f"half_float: {what} holds values up to {np.abs(array).max():.3g}, past FP16's ±65504, "
+                         "and is not an attention mask: keep --high-precision fp32 for this model")
+    return np.clip(array, -HALF_MAX, HALF_MAX).astype(np.float16), clipped
 
 
 def _check_ranges(model: ir.Model, masks: set[ir.Value], ctx: PassContext) -> None:
@@ -126,15 +137,10 @@ def _check_ranges(model: ir.Model, masks: set[ir.Value], ctx: PassContext) -> No
 def _halve_initializer(value: ir.Value, floor: float, is_mask: bool) -> int:
     """Round one FLOAT initializer to FP16 in place; returns how many entries were clipped to ±65504
     (a mask's; a data constant that large is an error: FP16 cannot hold it)."""
-    array = value.const_value.numpy()
-    clipped = int(np.count_nonzero(np.abs(array) > HALF_MAX))
-    if clipped and not is_mask:
-        raise OnnxqError(f"half_float: constant '{value.name}' holds values up to {np.abs(array).max():.3g}, past "
-                         "FP16's ±65504, and is not an attention mask: keep --high-precision fp32 for this model")
-    half = np.clip(array, -HALF_MAX, HALF_MAX)
+    half, clipped = _to_half(value.const_value.numpy(), f"constant '{value.name}'", is_mask)
     if floor:  # a scale: positive, and never 0 in FP16
-        half = np.maximum(half, floor)
-    value.const_value = ir.tensor(half.astype(np.float16), name=value.name)
+        half = np.maximum(half, np.float16(floor))
+    value.const_value = ir.tensor(half, name=value.name)
     value.dtype = HALF
     return clipped
 
@@ -148,11 +154,8 @@ def _halve_attributes(node: ir.Node, masks: set[ir.Value]) -> None:
     for key in ("value",):
         attribute = node.attributes.get(key)
         if attribute is not None and attribute.type == ir.AttributeType.TENSOR and attribute.value.dtype == FLOAT:
-            array = attribute.value.numpy()
-            if np.any(np.abs(array) > HALF_MAX) and not any(v in masks or _feeds_mask(v, masks) for v in node.outputs):
-                raise OnnxqError(f"half_float: node '{node.name}' makes a constant up to {np.abs(array).max():.3g}, "
-                                 "past FP16's ±65504, and it is not an attention mask: keep --high-precision fp32")
-            array = np.clip(array, -HALF_MAX, HALF_MAX).astype(np.float16)
+            array, _ = _to_half(attribute.value.numpy(), f"the constant made by node '{node.name}'",
+                                any(_is_mask(v, masks) for v in node.outputs))
             node.attributes[key] = ir.AttrTensor(key, ir.tensor(array))
 
 
