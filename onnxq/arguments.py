@@ -82,6 +82,9 @@ def check_quantize_arguments(model: Any, calibration_data: Any, *, output: Any, 
             raise OnnxqValueError(f"{name}: {why}")
     if format == "fp8" and rounding in ("adaround", "flexround"):
         raise OnnxqValueError(f"format: rounding '{rounding}' learns integer weights; with fp8 use nearest or gptq")
+    if format == "fp8" and calibrator in ("entropy", "mse"):
+        raise OnnxqValueError(f"format: calibrator '{calibrator}' chooses its clip for the uniform INT8 grid; with fp8 "
+                              "use max, percentile or auto")
     _type("bits_budget", bits_budget, (int, float, type(None)), "an average number of weight bits (2 to 8) or None")
     if bits_budget is not None and not 2 <= bits_budget <= 8:
         raise OnnxqValueError(f"bits_budget: {bits_budget} is outside 2 to 8 average weight bits")

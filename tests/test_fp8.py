@@ -247,3 +247,14 @@ def test_int8_grid_calibrators_are_refused_for_fp8():
     with pytest.raises(OnnxqError, match="chooses its clip for the uniform INT8 grid"):
         onnxq.quantize(mobilenet_block_model(), CALIB, format="fp8", calibrator="entropy", show_progress=False,
                        log=quiet)
+
+
+def test_auto_calibrator_tries_only_fp8_suited_candidates():
+    import json
+
+    model = onnxq.quantize(mobilenet_block_model(), CALIB, format="fp8", calibrator="auto", show_progress=False,
+                           log=quiet)
+    record = next(r for r in json.loads(next(p.value for p in model.metadata_props if p.key == "onnxq.passes"))
+                  if r["name"] == "quantize")
+    assert record["summary"]["calibrator_chosen"] in ("max", "percentile")
+    assert set(record["summary"]["calibrator_output_error"]) == {"max", "percentile"}

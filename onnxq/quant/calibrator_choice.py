@@ -32,6 +32,7 @@ from onnxq.stats.observers import BatchValues
 from onnxq.stats.service import observe, real_rows
 
 AUTO_CANDIDATES = ("entropy", "max", "mse", "percentile")
+FP8_CANDIDATES = ("max", "percentile")  # entropy and mse choose their clip for the uniform INT8 grid
 TRIAL_BATCHES = 4
 
 InsertActivationQDQ = Callable[[ir.Model, dict[str, Range]], None]
@@ -57,8 +58,9 @@ def reference_outputs(model: ir.Model) -> BatchValues:
 
 def choose_calibrator(model: ir.Model, stats: ActivationStatistics, insert_qdq: InsertActivationQDQ,
                       data: CalibrationSet, *, symmetric: bool, percentile: float, show_progress: bool = True,
-                      reference: BatchValues | None = None) -> tuple[str, dict[str, Range], dict[str, float]]:
-    """(best calibrator, its ranges, each candidate's relative output error). `reference`: the float
+                      reference: BatchValues | None = None, candidates: tuple[str, ...] = AUTO_CANDIDATES,
+                      ) -> tuple[str, dict[str, Range], dict[str, float]]:
+    """(best of `candidates`, its ranges, each candidate's relative output error). `reference`: the float
     model's outputs on the trial batches if already observed (reference_outputs), else they are run here."""
     if reference is None:
         reference = reference_outputs(model)
@@ -66,7 +68,7 @@ def choose_calibrator(model: ir.Model, stats: ActivationStatistics, insert_qdq: 
     errors: dict[str, float] = {}
     ranges: dict[str, dict[str, Range]] = {}
     shared: _SharedTrial | None = None
-    for method in progress(AUTO_CANDIDATES, desc="choosing calibrator", unit="calibrator", disable=not show_progress):
+    for method in progress(candidates, desc="choosing calibrator", unit="calibrator", disable=not show_progress):
         ranges[method] = stats.ranges(method, symmetric=symmetric, percentile=percentile)
         trial = model.clone()
         insert_qdq(trial, ranges[method])

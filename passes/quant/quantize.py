@@ -36,7 +36,7 @@ from onnxq.quant.bias_correction import correct_biases
 from onnxq.quant.bias_range import detach_overflowing_biases
 from onnxq.quant.bit_allocation import weight_format
 from onnxq.quant.calibrate import Range, collect_statistics
-from onnxq.quant.calibrator_choice import choose_calibrator, reference_outputs
+from onnxq.quant.calibrator_choice import AUTO_CANDIDATES, FP8_CANDIDATES, choose_calibrator, reference_outputs
 from onnxq.quant.qdq import (
     FP8,
     INT4_WEIGHT,
@@ -109,7 +109,8 @@ class Quantize(GraphPass):
         if not self.gptq_dampings:
             raise ValueError("gptq_dampings needs at least one value")
         if self.agq and self.rounding != "gptq":
-            raise ValueError("agq weights GPTQ's statistics: it needs rounding gptq")
+            raise ValueError("agq weights GPTQ's statistics by the experts' gates: it needs rounding gptq (the "
+                             "transformer recipes use it)")
 
     def requires(self, model: ir.Model) -> None:
         allocated = {int(n.metadata_props[WEIGHT_BITS_KEY]) for n in model.graph if WEIGHT_BITS_KEY in n.metadata_props}
@@ -155,7 +156,8 @@ class Quantize(GraphPass):
 
             calibrator, ranges, errors = choose_calibrator(model, stats, trial, data, symmetric=target.symmetric,
                                                            percentile=self.percentile, show_progress=ctx.show_progress,
-                                                           reference=reference)
+                                                           reference=reference,
+                                                           candidates=FP8_CANDIDATES if self.format == "fp8" else AUTO_CANDIDATES)
             choice = {"calibrator_chosen": calibrator,
                       "calibrator_output_error": {k: float(f"{v:.3e}") for k, v in errors.items()}}
             ctx.log(f"quantize: calibrator auto -> {calibrator} (relative output error, activations only: "
@@ -318,10 +320,10 @@ class Quantize(GraphPass):
                    if all(index == 1 and gptq.supported(node) for node, index in slots)}
         model.graph.sort()
         if self.agq:
-            ctx.log(f"quantize: AGQ weights the statistics of {len(affinities)} expert layers by their gates")
             if not affinities:
                 raise PassConditionError("quantize: agq found no mixture-of-experts layer (router → top-k → "
                                          "gated experts) in the model")
+            ctx.log(f"quantize: AGQ weights the statistics of {len(affinities)} expert layers by their gates")
         return gptq.collect_hessians(model, readers, data, show_progress=ctx.show_progress,
                                      affinities=affinities), readers
 
