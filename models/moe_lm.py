@@ -23,10 +23,12 @@ quantization calibration uses the enwiki calibration articles, disjoint from bot
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from onnxq_models import byte_lm
 
 CHECKPOINT_DIR = Path(__file__).parent / "checkpoints"
 FORTUNES = Path("/usr/share/games/fortunes")
@@ -175,44 +177,13 @@ def checkpoint_path(dense: bool = False) -> Path:
 
 
 def save(model, path: Path, extra: dict | None = None) -> None:
-    """Weights in FP16 (half the file; the model is defined by them) with the config and notes."""
-    import torch
-
-    state = {k: v.detach().cpu().half() for k, v in model.state_dict().items()}
-    torch.save({"config": asdict(model.config), "state": state, **(extra or {})}, path)
+    byte_lm.save(model, path, extra)
 
 
 def load(dense: bool = False, path: Path | None = None):
     """The committed checkpoint as an FP32 torch module in eval mode."""
-    import torch
-
-    saved = torch.load(path or checkpoint_path(dense), map_location="cpu", weights_only=True)
-    model = build(MoEConfig(**saved["config"]))
-    model.load_state_dict({k: v.float() for k, v in saved["state"].items()})
-    return model.eval()
+    return byte_lm.load(path or checkpoint_path(dense), MoEConfig, build)
 
 
-def export_onnx(model, path: str | Path, batch: int = 1) -> Path:
-    """ONNX of `model` (input_ids [batch, seq] int64 → logits [batch, seq, 256]), batch and sequence length
-    dynamic (up to seq_len: the position table and the causal mask are sliced), checked in ORT."""
-    import torch
-
-    import onnxq
-
-    ids = torch.zeros(batch, model.config.seq_len, dtype=torch.int64)
-    axes = {"input_ids": {0: "batch", 1: "sequence"}, "logits": {0: "batch", 1: "sequence"}}
-    return onnxq.export(model, ids, path, input_names=["input_ids"], output_names=["logits"], dynamic_axes=axes,
-                        log=lambda *_: None)
-
-
-def bits_per_byte(run, data: np.ndarray) -> float:
-    """Mean next-byte cross-entropy in bits over windows (count × seq_len), every position but the last
-    predicting the next; `run(ids) -> logits` (count × seq_len × 256)."""
-    total, n = 0.0, 0
-    for row in data:
-        logits = np.asarray(run(row[None]), dtype=np.float64)[0, :-1]
-        logits -= logits.max(-1, keepdims=True)
-        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-        total -= float(logp[np.arange(len(row) - 1), row[1:]].sum())
-        n += len(row) - 1
-    return total / n / math.log(2)
+export_onnx = byte_lm.export_onnx
+bits_per_byte = byte_lm.bits_per_byte
