@@ -77,7 +77,7 @@ def build(config: MambaConfig):
             self.out_proj = nn.Linear(inner, c.dim, bias=False)
 
         def forward(self, h):
-            b, t, _ = h.shape
+            t = h.shape[1]
             x, z = self.in_x(h), self.in_z(h)
             x = F.silu(self.conv(x.transpose(1, 2))[..., :t].transpose(1, 2))
             return self.out_proj(self.scan(x) * F.silu(z))

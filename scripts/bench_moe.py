@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchlib import log, repo_relative
+from benchlib import lm_anchors, log, repo_relative
 from benchlib.facts import lint_verdict
 
 CALIB_WINDOWS, CALIB_LEN, EVAL_WINDOWS = 64, 128, 64
@@ -82,8 +82,8 @@ def run(folder: Path, out: Path, quick: bool, skip_anchors: bool) -> None:
         log(key, results[key])
         _write(results, out)
     if not skip_anchors:
-        for key, tries in (("ort_quantize_static", _ort_tries()), ("modelopt", _modelopt_tries())):
-            results[key] = _best_anchor(model, sets["random"], tries, folder, ppl)
+        for key, tries in (("ort_quantize_static", lm_anchors.ort_tries()), ("modelopt", lm_anchors.modelopt_tries())):
+            results[key] = lm_anchors.best_anchor(model, sets["random"], tries, folder, ppl)
             log(key, results[key])
             _write(results, out)
 
@@ -97,35 +97,6 @@ def _onnxq_row(model: Path, calib: dict, recipe: str, options: dict, output: Pat
              log=lambda *_: None, **options)
     seconds = time.perf_counter() - start
     return {"ppl": ppl(output), "quantize_seconds": round(seconds, 1), **lint_verdict(load_model(str(output)))}
-
-
-def _ort_tries() -> list[tuple[str, dict]]:
-    return [("s8 per-tensor", {"per_channel": False}), ("s8 per-channel", {"per_channel": True}),
-            # ORT's documented setting for transformers: the MatMuls only
-            ("s8 per-channel, MatMul only", {"per_channel": True, "op_types_to_quantize": ["MatMul"]})]
-
-
-def _modelopt_tries() -> list[tuple[str, dict]]:
-    return [("INT8 entropy (default)", {"calibration_method": "entropy"}), ("INT8 max", {"calibration_method": "max"})]
-
-
-def _best_anchor(model: Path, calib: dict, tries, folder: Path, ppl) -> dict:
-    from benchlib import anchors
-
-    tried = {}
-    for label, options in tries:
-        output = folder / f"anchor_{len(tried)}.onnx"
-        if "calibration_method" in options:
-            result = anchors.modelopt_quantize(model, calib, output, timeout_s=1200, **options)
-        else:
-            result = anchors.ort_quantize(model, calib, output, batch_size=8, **options)
-        tried[label] = ({"ppl": ppl(output), "quantize_seconds": round(result.seconds, 1)} if result.ok else
-                        {"error": (result.error or "failed").strip().splitlines()[-1][:200]})
-    ok = {k: v for k, v in tried.items() if "ppl" in v}
-    if not ok:
-        return {"ppl": None, "tried": tried}
-    best = min(ok, key=lambda k: ok[k]["ppl"])
-    return {**ok[best], "setting": best, "tried": tried}
 
 
 def _coverage_facts(counts: np.ndarray) -> dict:
@@ -142,10 +113,7 @@ def _write(results: dict, out: Path) -> None:
     for key, row in results.items():
         if key == "calibration" or not isinstance(row, dict) or row.get("ppl") is None:
             continue
-        change = f"{100 * (row['ppl'] / fp32 - 1):+.2f}%"
-        label = key + (f" ({row['setting']})" if "setting" in row else "")
-        lines.append(f"| {label} | {row['ppl']} | {change} | {row.get('calibration', '')} | {row.get('lint', '')} | "
-                     f"{row.get('quantize_seconds', '')} |")
+        lines.append(lm_anchors.ppl_row(key, row, fp32, row.get("calibration", "")))
     for name, facts in results.get("calibration", {}).items():
         lines.append(f"\n- calibration set {name}: {facts['tokens']} tokens; fewest tokens on one expert "
                      f"{facts['min_tokens_per_expert']} (per layer {facts['min_per_layer']}); share std {facts['share_std']}")

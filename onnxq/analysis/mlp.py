@@ -31,7 +31,7 @@ class MLP:
     gelu_divisor: ir.Node | None = None  # Erf-form GELU: the Div(x, √2) (or Mul(x, 1/√2)) inside Erf
 
 
-def _silu_input(value: ir.Value) -> tuple[ir.Value, list[ir.Node]] | None:
+def silu_input(value: ir.Value) -> tuple[ir.Value, list[ir.Node]] | None:
     """x when value = x·Sigmoid(x) (either order) or Swish(x)."""
     p = value.producer()
     if p is None:
@@ -117,7 +117,7 @@ def _gated(model: ir.Model, p: ir.Node, down: Linear, by_output: dict[ir.Value, 
         up = by_output.get(u_val)
         if up is None:
             continue
-        silu = _silu_input(g_val)
+        silu = silu_input(g_val)
         gelu = None if silu is not None else _gelu_input(model, g_val)
         act = silu or (gelu[:2] if gelu else None)
         if act is None or act[0] not in by_output:
@@ -144,7 +144,7 @@ def find_mlps(model: ir.Model, linears: list[Linear], rejected: list[Rejection])
                 out.append(gated)
                 continue
             # not gated: a product of two activations is also how x·Sigmoid(x) and x·(½(1 + erf)) end
-        silu = _silu_input(a)
+        silu = silu_input(a)
         if silu is not None and silu[0] in by_output:
             out.append(MLP("silu", by_output[silu[0]], down, act_nodes=silu[1]))
             continue

@@ -10,6 +10,7 @@ onnxq.ir.linear and onnxq.ir.graph:
 | `Attention` | Q/K/V projections, the per-head paths, QKᵀ MatMul, Softmax, PV MatMul, output projection; heads, KV heads (GQA), head dim, RoPE | attention |
 | `MLP` | SwiGLU (SiLU(gate)·up → down), GeGLU, or a plain act MLP (GELU in Erf or op form, ReLU, SiLU) | mlp |
 | `MoE` | a router (linear → top-k), its experts (MLPs whose outputs are weighted by per-token gates) and the summed output, in the dense form | moe |
+| `MambaMixer`, `RWKVMix` | recurrent LM blocks: Mamba's in-projections, conv1d, scan and gated SiLU before out_proj; RWKV's token-shift mixes feeding key/value/receptance, time and channel mixing | recurrent |
 | `Embedding`, `ResidualStream` | token embedding Gathers; the stream through every residual Add, its writers and readers, the final norm, the LM head, and why a stream rotation would not be exact | residual |
 
 Three steps are kept apart, as in onnxscript's rewriter: *match* (a pattern or a graph walk finds
@@ -38,6 +39,7 @@ from onnxq.analysis.matching import Rejection
 from onnxq.analysis.mlp import MLP, find_mlps
 from onnxq.analysis.moe import MoE, find_moes
 from onnxq.analysis.norms import Norm, find_norms
+from onnxq.analysis.recurrent import MambaMixer, RWKVMix, find_mamba_mixers, find_rwkv_mixes
 from onnxq.analysis.residual import Embedding, ResidualStream, find_embeddings, find_residual_stream
 from onnxq.ir.linear import Linear
 
@@ -46,8 +48,10 @@ __all__ = [
     "Attention",
     "Embedding",
     "Linear",
+    "MambaMixer",
     "MoE",
     "Norm",
+    "RWKVMix",
     "Rejection",
     "ResidualStream",
     "Structure",
@@ -66,6 +70,8 @@ class Structure:
     attentions: list[Attention] = field(default_factory=list)
     mlps: list[MLP] = field(default_factory=list)
     moes: list[MoE] = field(default_factory=list)
+    mamba_mixers: list[MambaMixer] = field(default_factory=list)
+    rwkv_mixes: list[RWKVMix] = field(default_factory=list)
     embeddings: list[Embedding] = field(default_factory=list)
     stream: ResidualStream | None = None
     lm_head: Linear | None = None
@@ -75,6 +81,17 @@ class Structure:
     def is_transformer(self) -> bool:
         return bool(self.attentions) and bool(self.norms)
 
+    @property
+    def recurrent_family(self) -> str | None:
+        """"mamba" or "rwkv" when the graph's blocks are those recurrent LM blocks (and no attention)."""
+        if self.attentions:
+            return None
+        if self.mamba_mixers:
+            return "mamba"
+        if any(m.kind == "time" for m in self.rwkv_mixes) and any(m.kind == "channel" for m in self.rwkv_mixes):
+            return "rwkv"
+        return None
+
     def linear_at(self, node: ir.Node) -> Linear | None:
         return next((lin for lin in self.linears if lin.node is node), None)
 
@@ -83,7 +100,9 @@ class Structure:
                "norm_forms": sorted({f"{n.kind}:{n.form}" for n in self.norms}),
                "attentions": len(self.attentions), "mlps": sorted({m.kind for m in self.mlps}),
                "embeddings": len(self.embeddings), **({"moe": f"{len(self.moes)} x {len(self.moes[0].experts)} experts"
-                                                      f" top-{self.moes[0].top_k}"} if self.moes else {}), "lm_head": self.lm_head.name if self.lm_head else None}
+                                                      f" top-{self.moes[0].top_k}"} if self.moes else {}), "lm_head": self.lm_head.name if self.lm_head else None,
+               **({"mamba_mixers": len(self.mamba_mixers)} if self.mamba_mixers else {}),
+               **({"rwkv_mixes": sorted(m.kind for m in self.rwkv_mixes)} if self.rwkv_mixes else {})}
         if self.attentions:
             a = self.attentions[0]
             out.update(heads=a.num_heads, kv_heads=a.num_kv_heads, head_dim=a.head_dim, rope=a.rope)
@@ -102,6 +121,8 @@ def analyse(model: ir.Model) -> Structure:
     s.attentions = find_attentions(model, s.linears, s.norms, s.rejected)
     s.mlps = find_mlps(model, s.linears, s.rejected)
     s.moes = find_moes(s.linears, s.mlps, s.rejected)
+    s.mamba_mixers = find_mamba_mixers(s.linears, s.rejected)
+    s.rwkv_mixes = find_rwkv_mixes(s.linears, s.rejected)
     s.embeddings = find_embeddings(graph)
     s.stream = find_residual_stream(graph, s.linears, s.norms, s.embeddings, s.moes)
     if s.stream is not None:

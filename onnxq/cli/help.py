@@ -38,6 +38,10 @@ recipes (--recipe NAME or a YAML/JSON file; `onnxq recipes` lists them):
                    rotated, split heavy-tailed inputs, INT8 Q/DQ (also transformer-w4a8, transformer-w4a4)
   full-int8        transformer-w8a8 + every nonlinear op as a lookup table or integer subgraph
   petr-w8a8, petr-w8a8-pe-fold, petr-full-int8   PETR camera position embedding handled (QFPE / folded)
+  mamba-w8a8, mamba-w4a8   picked by itself for a recognised Mamba LM: KLT+Hadamard stream rotation,
+                   smooth-fused rotation at out_proj, selective scan kept float
+  rwkv-w8a8, rwkv-w4a8     picked by itself for a recognised RWKV LM: per layer, codebook (VQ) or
+                   scalar weights as RWKVQuant's proxy chooses
 
 targets:
   tensorrt   symmetric INT8, zero point 0, Q/DQ on weighted-layer inputs (TensorRT explicit quantization)

@@ -30,10 +30,17 @@ class RecipeChoice:
 
 
 def choose_recipe(model: ir.Model, sample: dict[str, np.ndarray] | None = None) -> RecipeChoice:
-    """The built-in recipe for `model` (read-only): transformer-w8a8 or default, with the reason."""
-    if not any(node.op_type == "Softmax" for node in model.graph):
+    """The built-in recipe for `model` (read-only): transformer-w8a8, mamba-w8a8, rwkv-w8a8 or default,
+    with the reason."""
+    ops = {node.op_type for node in model.graph}
+    if not {"Softmax", "Sigmoid"} & ops:  # no attention, no gate: nothing to recognise
         return RecipeChoice("default", "no attention (no Softmax in the graph)")
     structure = analyse(model)
+    recurrent = _recurrent_choice(structure)
+    if recurrent is not None:
+        return recurrent
+    if "Softmax" not in ops:
+        return RecipeChoice("default", "no attention (no Softmax in the graph)")
     if not structure.is_transformer:
         return RecipeChoice("default", "a Softmax but no attention block with a norm recognised")
     share = _transformer_share(model, structure, sample)
@@ -42,6 +49,19 @@ def choose_recipe(model: ir.Model, sample: dict[str, np.ndarray] | None = None) 
         return RecipeChoice("transformer-w8a8", f"transformer: {blocks} carry {share:.0%} of the weighted-layer FLOPs")
     return RecipeChoice("default", f"{blocks} recognised, but they carry only {share:.0%} of the weighted-layer "
                                    "FLOPs: quantized as a CNN")
+
+
+def _recurrent_choice(structure) -> RecipeChoice | None:
+    """mamba-w8a8 / rwkv-w8a8 for a graph of Mamba mixers or RWKV time and channel mixing (no attention)."""
+    family = structure.recurrent_family
+    if family == "mamba":
+        return RecipeChoice("mamba-w8a8", f"Mamba LM: {len(structure.mamba_mixers)} Mamba mixer(s) (in-projections, "
+                                          "conv1d, selective scan, gated SiLU) and no attention")
+    if family == "rwkv":
+        kinds = [m.kind for m in structure.rwkv_mixes]
+        return RecipeChoice("rwkv-w8a8", f"RWKV LM: {kinds.count('time')} time-mixing and {kinds.count('channel')} "
+                                         "channel-mixing block(s) and no attention")
+    return None
 
 
 def _transformer_share(model: ir.Model, structure, sample: dict[str, np.ndarray] | None) -> float:

@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 import onnx_ir as ir
 
 from onnxq.errors import OnnxqError
+from onnxq.metadata import CODEBOOK_KEY
 from onnxq.quant.scheme import QuantScheme
 from onnxq.stats.calib_data import CalibrationSet
 
@@ -89,7 +90,8 @@ class GraphPass(ir.passes.InPlacePass):
 
 
 def has_qdq(model: ir.Model) -> bool:
-    return any(node.op_type in QDQ_OPS for node in model.graph)
+    """Whether quantize has run: Q/DQ nodes other than the codebook weights vq_weights writes before it."""
+    return any(node.op_type in QDQ_OPS and CODEBOOK_KEY not in node.metadata_props for node in model.graph)
 
 
 def before_quantize(graph_pass: GraphPass, model: ir.Model) -> None:

@@ -31,6 +31,10 @@ PASS_TABLE: dict[str, str] = {
     "klt_rotate": "transformer.klt_rotate:KltRotate",
     "smooth": "transformer.smooth:Smooth",
     "split_range": "transformer.split_range:SplitRange",
+    # recurrent LMs
+    "smooth_fused_rotate": "mamba.smooth_fused_rotate:SmoothFusedRotate",
+    "scan_precision": "mamba.scan_precision:ScanPrecision",
+    "vq_weights": "rwkv.vq_weights:VectorQuantizeWeights",
     # PETR
     "petr_pe": "petr.tag_pe:PetrPE",
     "pe_fold": "petr.pe_fold:PeFold",

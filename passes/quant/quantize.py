@@ -27,7 +27,7 @@ import onnx_ir as ir
 from onnxq.analysis.moe import expert_gates
 from onnxq.errors import OnnxqError
 from onnxq.ir.graph import Namer, const_array, opset_version
-from onnxq.metadata import FLOAT_REASON_KEY, QUANTIZED_KEY, RANGE_MARGIN_KEY, WEIGHT_BITS_KEY
+from onnxq.metadata import FLOAT_REASON_KEY, KEEP_FLOAT_KEY, QUANTIZED_KEY, RANGE_MARGIN_KEY, WEIGHT_BITS_KEY
 from onnxq.pipeline.options import option
 from onnxq.pipeline.passes import GraphPass, Kind, PassConditionError, PassContext, has_qdq
 from onnxq.progress import progress
@@ -243,13 +243,16 @@ class Quantize(GraphPass):
                                                    "the nodes it named); skipped")
 
         on_missing = skip if self.exclude_missing == "warn" else None
+        tagged = [n for n in model.graph if KEEP_FLOAT_KEY in n.metadata_props]  # asked for by an earlier pass
         excluded = [*select_nodes(model.graph, self.exclude, "quantize: exclude", on_missing=on_missing),
-                    *outside_op_types(model.graph, self.op_types), *(n.name for n in residual)]
+                    *outside_op_types(model.graph, self.op_types), *(n.name for n in residual), *(n.name for n in tagged)]
         plan = Planner(model.graph, target.table, exclude=excluded,
                        unknown_ops=self.unknown_ops, target=target.name,
                        quantize_tables=self.embeddings == "int8").run()
         for node in residual:  # transformers: one token's massive activations rule out a per-tensor scale
             plan.float_reasons[node] = "residual-stream Add kept in float (float_residual): its range is set by outlier tokens"
+        for node in tagged:
+            plan.float_reasons[node] = node.metadata_props[KEEP_FLOAT_KEY]
         return plan
 
     @staticmethod

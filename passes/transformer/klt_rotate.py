@@ -32,6 +32,7 @@ from onnxq.passes.transformer.norm_folding import fold, linear_readers
 from onnxq.passes.transformer.rotation import (
     head_problem,
     insert_online_rotation,
+    klt,
     orthogonal,
     rotate_heads,
     rotate_stream,
@@ -76,7 +77,7 @@ class KltRotate(GraphPass):
                 stream_ok = True
         atts = [a for a in s.attentions if self.heads and head_problem(a) is None]
         mlps = list(s.mlps) if self.online_down else []
-        names = sorted({*(n.output.name for n in s.stream.norms if stream_ok), *(a.v.output.name for a in atts),
+        names = sorted({*(n.output.name for n in (s.stream.norms if stream_ok else [])), *(a.v.output.name for a in atts),
                         *(m.down.input.name for m in mlps)})
         moments = second_moments(model, names, data, show_progress=ctx.show_progress)
         if stream_ok:
@@ -98,15 +99,6 @@ class KltRotate(GraphPass):
             summary["online_rotations"] = len(mlps)
         graph.sort()
         return summary
-
-
-def klt(c: np.ndarray) -> np.ndarray:
-    """Orthonormal eigenvectors of the symmetric matrix c, as columns, largest eigenvalue first."""
-    c = (c + c.T) / 2
-    values, vectors = np.linalg.eigh(c)
-    k = vectors[:, np.argsort(values)[::-1]]
-    q, r = np.linalg.qr(k)  # re-orthonormalise (Gram–Schmidt) against round-off
-    return q * np.sign(np.diag(r))
 
 
 def second_moments(model: ir.Model, names: list[str], data, *, show_progress: bool = True) -> dict[str, np.ndarray]:

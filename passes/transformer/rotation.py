@@ -115,6 +115,15 @@ def orthogonal(n: int, kind: str, rng: np.random.Generator) -> np.ndarray:
     return random_orthogonal(n, rng)
 
 
+def klt(c: np.ndarray) -> np.ndarray:
+    """Orthonormal eigenvectors of the symmetric matrix c, as columns, largest eigenvalue first."""
+    c = (c + c.T) / 2
+    values, vectors = np.linalg.eigh(c)
+    k = vectors[:, np.argsort(values)[::-1]]
+    q, r = np.linalg.qr(k)  # re-orthonormalise (Gram–Schmidt) against round-off
+    return q * np.sign(np.diag(r))
+
+
 def ones_fixing_rotation(n: int, rng: np.random.Generator) -> np.ndarray:
     """An orthogonal R with R·1 = 1: P·diag(1, Q)·P, P the Householder reflection swapping e₁ and 1/√n."""
     u = np.full(n, 1 / math.sqrt(n))
