@@ -271,3 +271,19 @@ def test_smooth_fused_rotation_divides_an_in_z_bias_too(tmp_path):
     model, records = _run_passes(path, feed, ["lift_constants", "fold_constants", "smooth_fused_rotate"])
     assert records["smooth_fused_rotate"].summary["mixers"] == 1
     assert rel_change(run(path, feed)[0], run(ir.to_proto(model), feed)[0]) < 1e-4
+
+
+@pytest.mark.parametrize("family", ["mamba", "rwkv"])
+def test_torchscript_exports_are_recognised_too(family, tmp_path):
+    import onnxq
+
+    torch.manual_seed(0)
+    module = (mamba_lm.build(mamba_lm.MambaConfig(vocab=256, dim=32, layers=LAYERS, heads=2, state=4, seq_len=24))
+              if family == "mamba" else rwkv_lm.build(rwkv_lm.RWKVConfig(vocab=256, dim=16, layers=LAYERS, ffn=64, seq_len=24)))
+    axes = {"input_ids": {0: "batch", 1: "sequence"}, "logits": {0: "batch", 1: "sequence"}}
+    path = onnxq.export(module.eval(), torch.zeros(1, 24, dtype=torch.int64), tmp_path / "ts.onnx", input_names=["input_ids"],
+                        output_names=["logits"], dynamic_axes=axes, exporter="torchscript", log=lambda *_: None)
+    model = ir.load(str(path))
+    s = analyse(model)
+    assert len(s.mamba_mixers if family == "mamba" else s.rwkv_mixes) == LAYERS * (1 if family == "mamba" else 2)
+    assert choose_recipe(model).recipe == f"{family}-w8a8"
