@@ -25,7 +25,7 @@ import onnx_ir as ir
 
 from onnxq.ir.checks import infer_shapes
 from onnxq.ir.graph import WEIGHTED_OPS, const_array, opset_version
-from onnxq.metadata import FIDELITY_KEY, FLOAT_REASON_KEY, QUANTIZED_KEY, REPLACEMENT_KEY, WEIGHT_BITS_KEY
+from onnxq.metadata import CODEBOOK_KEY, FIDELITY_KEY, FLOAT_REASON_KEY, QUANTIZED_KEY, REPLACEMENT_KEY, WEIGHT_BITS_KEY
 from onnxq.pipeline import read_record
 from onnxq.quant.qdq_rules import NON_NUMERIC, NONLINEAR, NORMALISATION
 
@@ -114,6 +114,9 @@ def inspect_model(model: ir.Model) -> Inspection:
     widths: dict[int, list[int]] = {}
     seen_weights: set[str] = set()
     for node in model.graph:
+        if CODEBOOK_KEY in node.metadata_props:  # vq_weights' Cast/Gather/Reshape/DequantizeLinear: one weight
+            qdq["DequantizeLinear (codebook weight)"] += node.op_type == "DequantizeLinear"
+            continue
         if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
             key = node.op_type + (" (weight)" if const_array(node.inputs[0]) is not None else "")
             qdq[key] += 1

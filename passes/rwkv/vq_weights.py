@@ -142,6 +142,7 @@ def _replace_constant(graph: ir.Graph, namer: Namer, users: list[tuple[ir.Node, 
         n.outputs[0].name = namer.fresh(f"{base}_{n.op_type.lower()}")
         n.outputs[0].dtype, n.outputs[0].shape = dtype, ir.Shape(out_shape)
         graph.insert_before(node, n)
-    dq.metadata_props[CODEBOOK_KEY] = f"{len(book.values)} x {book.dim} int{codeword_bits} codewords"
+    for n in (cast, gather, reshape, dq):  # one weight: inspect and has_qdq read them as such
+        n.metadata_props[CODEBOOK_KEY] = f"{len(book.values)} x {book.dim} int{codeword_bits} codewords"
     for user, slot in users:
         user.replace_input_with(slot, dq.outputs[0])
