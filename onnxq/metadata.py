@@ -20,6 +20,7 @@ CORRECTED_KEY = "onnxq.bias_corrected"     # the mean output shift bias correcti
 INPUT_ROTATED_KEY = "onnxq.input_rotated"  # a linear layer whose input rotate rotated (smooth leaves it alone)
 WEIGHT_BITS_KEY = "onnxq.weight_bits"      # the width allocate_bits chose for this node's weight (quantize stores it so)
 CODEBOOK_KEY = "onnxq.codebook"            # a DequantizeLinear of a vq_weights codebook weight (written before quantize)
+SOURCE_NAME_KEY = "onnxq.source_name"      # the generic name a node had before the pipeline renamed it (--exclude matches it)
 KEEP_FLOAT_KEY = "onnxq.keep_float"        # an earlier pass asks quantize to keep this node in float; the value says why
 RANGE_MARGIN_KEY = "onnxq.range_margin"    # widen this node's output range by the factor given (split_range → quantize)
 PE_KEY = "onnxq.petr_pe"          # a PETR position-embedding node, or the Add of the PE to the image features

@@ -250,3 +250,20 @@ def test_activation_type_int8_for_ort_cpu_and_uint8_refused_for_tensorrt(files, 
     assert sqnr_db(run(mobilenet_block_model(), {"input": EVAL})[0], run(model, {"input": EVAL})[0]) > 20
     code, _, err = quantize_cli(capsys, files, "trt_u8.onnx", "--activation-type", "uint8")
     assert code == 1 and "TensorRT takes int8 activations only" in err and not (files / "trt_u8.onnx").exists()
+
+
+def test_exclude_names_a_node_as_the_input_model_calls_it(files, capsys, tmp_path):
+    """Generic exporter names (dynamo's node_*) are renamed by the pipeline; --exclude still finds the node by
+    the name the user's model gave it."""
+    model = mobilenet_block_model()
+    for node in model.graph.node:
+        node.name = "node_" + node.name.replace("/", "_").lower()
+    onnx.save(model, tmp_path / "generic.onnx")
+    code, _, err = cli(capsys, "quantize", tmp_path / "generic.onnx", "--calib", files / "calib.npz",
+                       "-o", tmp_path / "q.onnx", "--exclude", "node_fc_gemm")
+    out = onnx.load(tmp_path / "q.onnx")
+    gemm = next(n for n in out.graph.node if n.op_type == "Gemm")
+    meta = {p.key: p.value for p in gemm.metadata_props}
+    assert meta.get("onnxq.source_name") == "node_fc_gemm" and gemm.name != "node_fc_gemm"  # renamed, remembered
+    assert code == 4 and reads_dequantized(out, gemm.name) == [False, False] and "no node" not in err
+    assert meta[FLOAT_REASON_KEY] == "excluded by the user"

@@ -27,7 +27,8 @@ what happens:
   What ran is written into the model's metadata, visible in Netron and `onnxq inspect`.
 
 keeping nodes in float (like ORT's nodes_to_exclude / op_types_to_quantize, ModelOpt's --nodes_to_exclude):
-  --exclude NAME_OR_REGEX and --op-types OP,OP join the recipe's quantize-step exclude. A pattern that
+  --exclude NAME_OR_REGEX (node names as your model has them, also generic exporter names such as
+  node_matmul_3 that onnxq renames) and --op-types OP,OP join the recipe's quantize-step exclude. A pattern that
   matches no node, or an op type the model lacks, is a warning. A weighted layer kept in float breaks
   lint rule R8 (R8o for ort-cpu): the model is still written, the exit status is 4, stderr names the rule,
   the nodes, and that the failure follows from your exclusion.

@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from onnxq.metadata import SOURCE_NAME_KEY
+
 WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 
 
@@ -128,6 +130,8 @@ def name_anonymous(graph: ir.Graph) -> None:
         if anchor is None:
             continue
         if _generic(node.name):
+            if node.name and SOURCE_NAME_KEY not in node.metadata_props:  # users name nodes as their model had them
+                node.metadata_props[SOURCE_NAME_KEY] = node.name
             node.name = namer.fresh(anchor if anchor != node.outputs[0].name else f"{anchor}_{node.op_type}")
         for i, value in enumerate(node.outputs):
             if _generic(value.name) and not value.is_graph_output():

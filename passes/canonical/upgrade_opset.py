@@ -31,6 +31,8 @@ class UpgradeOpset(GraphPass):
         before = opset_version(model)
         if before >= self.opset:
             return {"opset": before}
+        # ONNX's converter (the fallback) rebuilds the nodes without their metadata: keep it by node name
+        metadata = {n.name: dict(n.metadata_props) for n in model.graph if n.name and n.metadata_props}
         try:
             # onnxscript logs a warning whenever it falls back to ONNX's converter, which is routine
             logging.getLogger("onnxscript").setLevel(logging.ERROR)
@@ -40,4 +42,7 @@ class UpgradeOpset(GraphPass):
                              f"{str(exc).splitlines()[0]}") from None
         if opset_version(model) < self.opset:
             raise OnnxqError(f"the opset converter left the model at opset {opset_version(model)}")
+        for node in model.graph:
+            for key, value in metadata.get(node.name, {}).items():
+                node.metadata_props.setdefault(key, value)
         return {"opset_before": before, "opset": opset_version(model)}
