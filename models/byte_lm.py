@@ -14,6 +14,28 @@ from pathlib import Path
 import numpy as np
 
 
+def rms_norm(dim: int):
+    """RMSNorm with a learned scale, x / rms(x) · γ (eps 1e-6): the norm of the LLaMA-style byte LMs."""
+    import torch
+    from torch import nn
+
+    class RMSNorm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(dim))
+
+        def forward(self, x):
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
+
+    return RMSNorm()
+
+
+def unigram_bits(train: np.ndarray, heldout: np.ndarray) -> float:
+    """Bits per byte of the held-out bytes under the training bytes' add-one unigram distribution."""
+    counts = np.bincount(train, minlength=256) + 1.0  # add-one: every byte possible
+    return float(-np.log2(counts / counts.sum())[heldout].mean())
+
+
 def save(model, path: Path, extra: dict | None = None) -> None:
     """Weights in FP16 (half the file; the model is defined by them) with the config and notes."""
     import torch

@@ -52,14 +52,6 @@ def build(config: MambaConfig):
     from torch import nn
     from torch.nn import functional as F
 
-    class RMSNorm(nn.Module):
-        def __init__(self, dim):
-            super().__init__()
-            self.weight = nn.Parameter(torch.ones(dim))
-
-        def forward(self, x):
-            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
-
     class Mixer(nn.Module):
         def __init__(self, c):
             super().__init__()
@@ -97,7 +89,7 @@ def build(config: MambaConfig):
     class Block(nn.Module):
         def __init__(self, c):
             super().__init__()
-            self.norm, self.mixer = RMSNorm(c.dim), Mixer(c)
+            self.norm, self.mixer = byte_lm.rms_norm(c.dim), Mixer(c)
 
         def forward(self, x):
             return x + self.mixer(self.norm(x))
@@ -108,7 +100,7 @@ def build(config: MambaConfig):
             self.config = c
             self.embed = nn.Embedding(c.vocab, c.dim)
             self.blocks = nn.ModuleList(Block(c) for _ in range(c.layers))
-            self.norm = RMSNorm(c.dim)
+            self.norm = byte_lm.rms_norm(c.dim)
             self.head = nn.Linear(c.dim, c.vocab, bias=False)
 
         def forward(self, input_ids):

@@ -86,14 +86,6 @@ def build(config: MoEConfig):
     import torch
     from torch import nn
 
-    class RMSNorm(nn.Module):
-        def __init__(self, dim):
-            super().__init__()
-            self.weight = nn.Parameter(torch.ones(dim))
-
-        def forward(self, x):
-            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
-
     class SwiGLU(nn.Module):
         def __init__(self, dim, hidden):
             super().__init__()
@@ -141,7 +133,7 @@ def build(config: MoEConfig):
     class Block(nn.Module):
         def __init__(self, c):
             super().__init__()
-            self.attn_norm, self.mlp_norm = RMSNorm(c.dim), RMSNorm(c.dim)
+            self.attn_norm, self.mlp_norm = byte_lm.rms_norm(c.dim), byte_lm.rms_norm(c.dim)
             self.attn = Attention(c)
             self.mlp = MoE(c) if c.experts else SwiGLU(c.dim, c.top_k * c.expert_ffn)
 
@@ -156,7 +148,7 @@ def build(config: MoEConfig):
             self.embed = nn.Embedding(c.vocab, c.dim)
             self.position = nn.Parameter(torch.zeros(c.seq_len, c.dim))
             self.blocks = nn.ModuleList(Block(c) for _ in range(c.layers))
-            self.norm = RMSNorm(c.dim)
+            self.norm = byte_lm.rms_norm(c.dim)
             self.head = nn.Linear(c.dim, c.vocab, bias=False)
             nn.init.normal_(self.position, std=0.02)
 

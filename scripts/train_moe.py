@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from onnxq_models import moe_lm
+from onnxq_models import byte_lm, moe_lm
 
 
 def write_data(folder: Path) -> None:
@@ -31,12 +31,6 @@ def write_data(folder: Path) -> None:
         data = moe_lm.corpus(split)
         (folder / f"{split}.bin").write_bytes(data)
         print(f"{split}: {len(data)} bytes")
-
-
-def unigram_bits(train: np.ndarray, heldout: np.ndarray) -> float:
-    counts = np.bincount(train, minlength=256) + 1.0  # add-one: every byte possible
-    logp = np.log2(counts / counts.sum())
-    return float(-logp[heldout].mean())
 
 
 def expert_shares(model, batches) -> list[list[float]]:
@@ -79,7 +73,7 @@ def main() -> None:
     log = {"config": asdict(config), "args": {
         k: str(v) for k, v in vars(args).items()}, "device": device,
            "parameters": sum(p.numel() for p in model.parameters()),
-           "unigram_heldout_bits_per_byte": unigram_bits(train, heldout), "curve": []}
+           "unigram_heldout_bits_per_byte": byte_lm.unigram_bits(train, heldout), "curve": []}
     start = time.time()
 
     def heldout_bits() -> float:

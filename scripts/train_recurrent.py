@@ -27,11 +27,6 @@ MODELS = {"rwkv": (rwkv_lm.RWKVConfig, rwkv_lm.build, rwkv_lm.CHECKPOINT),
           "mamba": (mamba_lm.MambaConfig, mamba_lm.build, mamba_lm.CHECKPOINT)}
 
 
-def unigram_bits(train: np.ndarray, heldout: np.ndarray) -> float:
-    counts = np.bincount(train, minlength=256) + 1.0  # add-one: every byte possible
-    return float(-np.log2(counts / counts.sum())[heldout].mean())
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=sorted(MODELS), required=True)
@@ -61,7 +56,7 @@ def main() -> None:
     rng = np.random.default_rng(args.seed)
     log = {"model": args.model, "config": asdict(config), "args": {k: str(v) for k, v in vars(args).items()},
            "device": device, "parameters": sum(p.numel() for p in model.parameters()),
-           "unigram_heldout_bits_per_byte": unigram_bits(train, heldout.astype(np.int64)), "curve": []}
+           "unigram_heldout_bits_per_byte": byte_lm.unigram_bits(train, heldout.astype(np.int64)), "curve": []}
     start = time.time()
     log["steps"] = args.steps
 
