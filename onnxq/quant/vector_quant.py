@@ -22,9 +22,9 @@ each replaced by one of K codewords; the fit minimises Σ h·(w − ŵ)² with a
 
 * MatMul weights W [in, out] (x @ W): h[i, j] = E[xᵢ²], the diagonal of the layer Hessian XᵀX / N, so errors
   on rows fed by large inputs count more (`hessian_importance`).
-* element-wise weights (RWKV's time-mix μ and the like, w ⊙ x): h[..., c] = E|x_c| of the multiplied channel;
-  RWKVQuant's M-step for these weights every element by its channel's calibrated mean |activation|
-  (`activation_importance`).
+* element-wise weights (RWKV's time-mix μ and the like, w ⊙ x): h[..., c] = a statistic of the multiplied
+  channel; RWKVQuant's M-step weights every element by its channel's calibrated activation size
+  (`activation_importance`; vq_weights passes E[x_c²], which matches the squared error).
 
 k-means++ seeds the codebook, then Lloyd iterations: the E-step assigns each vector to the codeword with the
 smallest Σⱼ h[n, j]·(w[n, j] − c[k, j])², the M-step sets each codeword coordinate to the importance-weighted
@@ -370,13 +370,14 @@ def _check_statistic(stat: np.ndarray, length: int, what: str) -> np.ndarray:
     return stat
 
 
-def activation_importance(mean_abs_activation: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """Importance of an element-wise weight (w ⊙ x, channels on the last axis): E|x_c| for every element of channel c.
+def activation_importance(channel_size: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Importance of an element-wise weight (w ⊙ x, channels on the last axis): the channel's activation size
+    (E|x_c|, or E[x_c²] for a squared-error fit) for every element of channel c.
 
     The error w − ŵ reaches the output multiplied by x, so channels with large activations weigh more.
     """
     shape = tuple(shape)
-    stat = _check_statistic(mean_abs_activation, shape[-1], "mean |activation|")
+    stat = _check_statistic(channel_size, shape[-1], "activation size")
     return np.ascontiguousarray(np.broadcast_to(stat, shape))
 
 

@@ -106,8 +106,8 @@ class VectorQuantizeWeights(GraphPass):
             # E[x²] of the channels μ multiplies (summed over its readers): the squared error's weight
             h = sum(stats.result[mul.inputs[1 - slot].name].mean_square for mul, slot in users)
             book = vq.fit_codebook(mu.reshape(-1, 1), dim=1, entries=self.mix_entries,
-                                   importance=np.broadcast_to(h, mu.shape).reshape(-1, 1), iterations=self.iterations,
-                                   seed=self.seed)
+                                   importance=vq.activation_importance(h, mu.shape).reshape(-1, 1),
+                                   iterations=self.iterations, seed=self.seed)
             book = vq.with_quantized_codewords(book, self.codeword_bits, reassign=(mu.reshape(-1, 1), None))
             _replace_constant(graph, namer, users, book, self.codeword_bits, f"{users[0][0].name}_mu_vq", shape=mu.shape)
         graph.sort()
