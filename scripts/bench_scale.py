@@ -1,16 +1,21 @@
 """Benchmark (not a test): quantize time and peak memory against model size.
 
     python scripts/bench_scale.py [--depths 1,2,4,6] [--calib-windows 16] [--out scripts/results/scale]
+    python scripts/bench_scale.py --same-run mobilenet,minilm,smollm2 [--out scripts/results/scale_same_run]
     PYTHONPATH=.:scripts python scripts/bench_scale.py --device-point 1b [--out DIR]
 
 Depth series: SmolLM2-135M made deeper by running its 30 decoder layers k times in a row, each copy with
 its own weights (benchlib.scale_models.repeat_layers; ×6 is about 2.7 GB of FP32 weights), saved with
 external data under .cache/scale/. Each is quantized with the transformer-w8a8 recipe on the same
-calibration windows, in a subprocess of its own, whose wall time and peak RSS (ru_maxrss of that process)
+calibration windows, in a subprocess of its own, whose wall time and peak RSS (VmHWM of that process)
 are reported against the parameter count. The deepest output is then loaded from its external data, run
 in ONNX Runtime on one evaluation window and linted (onnxq lint, TensorRT rules). Writes <out>.json,
 <out>.md and a plot <out>.html (and <out>.png where kaleido can render it). The repeated model's outputs
 mean nothing as language; it is a real graph and real weights at a larger size.
+
+Same run (--same-run): onnxq's default command, ORT quantize_static and ModelOpt INT8 on MobileNetV2,
+all-MiniLM-L6-v2 and SmolLM2-135M, one after the other, each in a process of its own (wall time, peak RSS
+of that process and of any it starts), with each output's accuracy beside it (benchlib.scale_anchors).
 
 Device points (--device-point 1b|3b|<hidden>x<intermediate>x<layers>x<heads>): a LLaMA-shaped model with
 random weights built directly in ONNX (no torch, no download), saved with external data, quantized and
@@ -23,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -56,16 +60,21 @@ def worker(spec: dict) -> dict:
 
         calib = dict(np.load(spec["calib"]))
         quantize(spec["source"], calib, output=spec["output"], recipe=spec["recipe"], show_progress=False,
-                 log=lambda *_: None)
+                 log=lambda *_: None, rounding=spec.get("rounding"))
     elif spec["step"] == "repeat":
         import onnx_ir as ir
 
         save_external(repeat_layers(ir.load(spec["source"]), spec["times"]), spec["output"])
+    elif spec["step"] == "same_run":
+        from benchlib.scale_anchors import quantize_step
+
+        return quantize_step(spec)
     elif spec["step"] == "random_llama":
         hidden, intermediate, layers, heads = spec["shape"]
         save_external(random_llama(hidden=hidden, intermediate=intermediate, layers=layers, heads=heads), spec["output"])
-    return {"seconds": round(time.perf_counter() - start, 1),
-            "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}
+    from benchlib.scale_anchors import own_peak_kib
+
+    return {"seconds": round(time.perf_counter() - start, 1), "peak_rss_gb": round(own_peak_kib() / 2**20, 3)}
 
 
 def in_subprocess(spec: dict) -> dict:
@@ -124,7 +133,9 @@ def depth_series(depths: list[int], calib_windows: int, out: str, argv) -> None:
         np.savez(calib, **smollm2.calibration_feeds(calib_windows))
     window = smollm2.eval_windows(1)
     feed = {"input_ids": window, "attention_mask": np.ones_like(window)}
-    rows = []
+    # rows of other depths from an earlier run into the same file stay (a series run in parts)
+    previous = json.loads(Path(out + ".json").read_text())["rows"] if Path(out + ".json").exists() else []
+    rows = [r for r in previous if r["depth"] not in depths]
     for k in depths:
         source = WORK / f"smollm2_x{k}.onnx"
         if not source.exists():
@@ -138,12 +149,12 @@ def depth_series(depths: list[int], calib_windows: int, out: str, argv) -> None:
         row = {"depth": k, "layers": 30 * k, "parameters": params, "fp32_gb": round(data_bytes(source) / 1e9, 3),
                "int8_gb": round(data_bytes(output) / 1e9, 3), **result}
         log(row)
-        rows.append(row)
+        rows = sorted([*rows, row], key=lambda r: r["depth"])
         write(rows, out, argv, calib_windows)
-    deepest = WORK / f"smollm2_x{max(depths)}.int8.onnx"
-    check = check_output(deepest, feed)
+    depth = max(r["depth"] for r in rows)  # the deepest of the whole series, this part or an earlier one
+    check = check_output(WORK / f"smollm2_x{depth}.int8.onnx", feed)
     log("check", check)
-    write(rows, out, argv, calib_windows, check={"model": f"x{max(depths)}", **check})
+    write(rows, out, argv, calib_windows, check={"model": f"x{depth}", **check})
     plot(rows, out)
 
 
@@ -155,7 +166,8 @@ def fit(rows: list[dict]) -> dict:
     rss_slope, rss_base = np.polyfit(p, [r["peak_rss_gb"] for r in rows], 1)
     s_slope, s_base = np.polyfit(p, [r["seconds"] for r in rows], 1)
     return {"rss_gb_per_billion": round(float(rss_slope), 2), "rss_gb_at_zero": round(float(rss_base), 2),
-            "bytes_per_parameter": round(float(rss_slope), 2), "seconds_per_billion": round(float(s_slope), 1),
+            # RSS is in GiB, parameters in units of 1e9
+            "bytes_per_parameter": round(float(rss_slope) * 2**30 / 1e9, 2), "seconds_per_billion": round(float(s_slope), 1),
             "seconds_at_zero": round(float(s_base), 1)}
 
 
@@ -166,7 +178,8 @@ def write(rows, out, argv, calib_windows, check=None) -> None:
     Path(out + ".json").write_text(json.dumps(result, indent=1) + "\n")
     setup = (f"SmolLM2-135M with its decoder stack repeated k times (own weights per copy), quantized with "
              f"{RECIPE} on {calib_windows} calibration windows of 256 tokens, each in a subprocess of its own "
-             "(peak RSS = that process's ru_maxrss). Timings are wall time on a shared, loaded 2-core machine.\n")
+             "(peak RSS = that process's VmHWM, in GiB; model sizes in GB of 1e9 bytes). Timings are wall time on "
+             "a 2-core machine.\n")
     lines = ["# Quantize time and peak memory against model size\n", f"Command: `{command}`\n", setup,
              "| depth | layers | parameters | FP32 GB | INT8 GB | quantize s | peak RSS GB |", "|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -208,7 +221,7 @@ def plot(rows, out) -> None:
 # device points: a random-weight LLaMA of a given size
 
 
-def device_point(size: str, calib_windows: int, out: str, work: Path, argv) -> None:
+def device_point(size: str, calib_windows: int, out: str, work: Path, argv, rounding: str | None = None) -> None:
     shape = DEVICE_POINTS.get(size) or tuple(int(x) for x in size.split("x"))
     hidden, intermediate, layers, heads = shape
     work.mkdir(parents=True, exist_ok=True)
@@ -222,34 +235,81 @@ def device_point(size: str, calib_windows: int, out: str, work: Path, argv) -> N
     built = in_subprocess({"step": "random_llama", "shape": list(shape), "output": str(source)})
     log("built", built)
     result = in_subprocess({"step": "quantize", "source": str(source), "calib": str(calib), "output": str(output),
-                            "recipe": RECIPE})
+                            "recipe": RECIPE, "rounding": rounding})
     log("quantized", result)
     check = check_output(output, {"input_ids": ids[-1:], "attention_mask": np.ones_like(ids[-1:])})
     row = {"size": size, "shape": dict(zip(("hidden", "intermediate", "layers", "heads"), shape)),
            "parameters": parameters(source), "fp32_gb": round(data_bytes(source) / 1e9, 3),
            "int8_gb": round(data_bytes(output) / 1e9, 3), "build": built, "quantize": result, "check": check,
            "calibration": f"{calib_windows} random windows x 256 tokens", "cpus": os.cpu_count(),
+           "rounding": rounding or "the recipe's (gptq)",
            "command": "python scripts/bench_scale.py " + " ".join(argv)}
     log(row)
     Path(out + ".json").write_text(json.dumps(row, indent=1) + "\n")
     Path(out + ".md").write_text(
         f"# Device point {size}\n\nCommand: `{row['command']}` on {os.cpu_count()} CPUs.\n\n"
         f"Random-weight LLaMA {row['shape']}, {row['parameters'] / 1e9:.2f} B parameters "
-        f"({row['fp32_gb']} GB FP32, {row['int8_gb']} GB quantized), {RECIPE}, {row['calibration']}.\n\n"
+        f"({row['fp32_gb']} GB FP32, {row['int8_gb']} GB quantized), {RECIPE} (rounding: {row['rounding']}), "
+        f"{row['calibration']}.\n\n"
         f"| step | seconds | peak RSS GB |\n|---|---|---|\n| build | {built['seconds']} | {built['peak_rss_gb']} |\n"
         f"| quantize | {result['seconds']} | {result['peak_rss_gb']} |\n\n"
         f"Check: ORT runs one window: {check['ort_runs']}; lint exit code {check['lint_exit_code']}.\n")
 
 
+def same_run(models: list[str], out: str, work: Path, argv) -> None:
+    from benchlib.scale_anchors import TASKS
+    from benchlib.scale_anchors import same_run as run_task
+
+    command = "python scripts/bench_scale.py " + " ".join(argv)
+    rows, evaluations = [], {}
+    for key in models:
+        task = TASKS[key]()
+        evaluations[task.name] = task.evaluation
+        rows += run_task(task, work / "same_run", in_subprocess, log)
+        Path(out + ".json").write_text(json.dumps({"command": command, "cpus": os.cpu_count(), "evaluation": evaluations,
+                                                   "rows": rows}, indent=1) + "\n")
+    Path(out + ".md").write_text(same_run_table(rows, evaluations, command))
+
+
+def same_run_table(rows: list[dict], evaluations: dict[str, str], command: str) -> str:
+    from benchlib.scale_anchors import QUANTIZERS
+
+    lines = ["# Quantize time and peak memory: onnxq, ORT and ModelOpt in one run\n",
+             f"Command: `{command}` ({os.cpu_count()} CPUs)\n",
+             "Each quantizer runs in a process of its own, one after the other; peak RSS is the largest of that "
+             "process and any it starts. Accuracy: " + "; ".join(f"{k}: {v}" for k, v in evaluations.items()) + ".\n",
+             "| model | quantizer | seconds | × ModelOpt | peak RSS GiB | × ModelOpt | accuracy |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        anchor = next((a for a in rows if a["model"] == r["model"] and a["quantizer"] == QUANTIZERS[2]), {})
+        accuracy = ", ".join(f"{k} {v}" for k, v in r.items()
+                             if k not in ("model", "quantizer", "options", "seconds", "peak_rss_gb", "error"))
+        if r.get("error"):
+            accuracy = f"failed: {r['error']}"
+        lines.append(f"| {r['model']} | {r['quantizer']} | {r.get('seconds', '-')} | {_ratio(r, anchor, 'seconds')} | "
+                     f"{r.get('peak_rss_gb', '-')} | {_ratio(r, anchor, 'peak_rss_gb')} | {accuracy} |")
+    return "\n".join(lines) + "\n"
+
+
+def _ratio(row: dict, anchor: dict, key: str) -> str:
+    ok = key in row and anchor.get(key) and not anchor.get("error")
+    return f"{row[key] / anchor[key]:.2f}" if ok else "-"
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--depths", default="1,2,4,6", help="repetitions of SmolLM2's decoder stack")
+    parser.add_argument("--depths", default="1,2,4,6", help="repetitions of SmolLM2's decoder stack (rows of other "
+                        "depths already in the results file are kept)")
     parser.add_argument("--calib-windows", type=int, default=16, help="calibration windows of 256 tokens")
     parser.add_argument("--out", default=None, help="output prefix (default scripts/results/scale, or "
                         "scripts/results/scale_device_<size> with --device-point)")
     parser.add_argument("--device-point", default=None,
                         help="1b, 3b or HIDDENxINTERMEDIATExLAYERSxHEADS: a random-weight LLaMA instead of the series")
+    parser.add_argument("--same-run", default=None,
+                        help="mobilenet,minilm,smollm2: onnxq, ORT and ModelOpt on these models instead of the series")
+    parser.add_argument("--rounding", default=None, choices=("nearest", "gptq"),
+                        help="device points: override the recipe's weight rounding (nearest: no GPTQ, to fit a time limit)")
     parser.add_argument("--work", default=None, help="folder for the models (default .cache/scale)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -258,9 +318,11 @@ def main(argv=None) -> int:
         Path(spec["result"]).write_text(json.dumps(worker(spec)))
         return 0
     work = Path(args.work) if args.work else WORK
-    if args.device_point:
+    if args.same_run:
+        same_run(args.same_run.split(","), args.out or str(REPO / "scripts" / "results" / "scale_same_run"), work, argv)
+    elif args.device_point:
         out = args.out or str(REPO / "scripts" / "results" / f"scale_device_{args.device_point}")
-        device_point(args.device_point, args.calib_windows, out, work, argv)
+        device_point(args.device_point, args.calib_windows, out, work, argv, args.rounding)
     else:
         depth_series([int(d) for d in args.depths.split(",")], args.calib_windows,
                      args.out or str(REPO / "scripts" / "results" / "scale"), argv)

@@ -41,6 +41,22 @@ def test_matmul_output_error_drops_on_held_out_inputs(fmt):
     assert err_gptq < 0.85 * err_nearest, (err_gptq, err_nearest)
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["one_hessian", "held_out_damping"])
+def test_output_channels_in_row_blocks_give_the_integers_of_one_block(monkeypatch, split):
+    """GPTQ's rows are independent under one H: rounding an LM head's rows a block at a time (to bound
+    its float64 copies) changes no integer, with the damping search as without."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(600, 48)) @ rng.normal(size=(48, 48))
+    w = rng.normal(size=(48, 1000)).astype(np.float32)  # MatMul: 1000 output channels
+    _, scale = quantize_weight(w, 1, INT4_WEIGHT, "max")
+    hessian = gptq.SplitHessian(x[:300].T @ x[:300], x[300:].T @ x[300:]) if split else x.T @ x
+    whole = gptq.gptq_round(w, scale, hessian, INT4_WEIGHT, _reader("MatMul", w.shape))
+    monkeypatch.setattr(gptq, "ROW_BLOCK", 96)  # 11 blocks, the last one short
+    blocked = gptq.gptq_round(w, scale, hessian, INT4_WEIGHT, _reader("MatMul", w.shape))
+    np.testing.assert_array_equal(blocked, whole)
+    assert np.any(whole != quantize_weight(w, 1, INT4_WEIGHT, "max")[0])  # GPTQ, not round-to-nearest
+
+
 def test_conv_rows_reproduce_the_convolution_and_error_drops():
     rng = np.random.default_rng(1)
     x = torch.nn.functional.conv2d(torch.randn(4, 8, 12, 12), torch.randn(8, 8, 3, 3), padding=1).relu()

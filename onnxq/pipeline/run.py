@@ -72,8 +72,14 @@ def _run(model: ir.Model, passes: list[GraphPass], ctx: PassContext, *, verify_e
 
 
 def _outputs(model: ir.Model, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    from onnxq.runtime.session import session  # deferred: ORT start-up is only paid when verifying
+    # deferred: ORT start-up is only paid when verifying
+    from onnxq.runtime.segments import SegmentedModel, worth_segmenting
+    from onnxq.runtime.session import session
 
+    if worth_segmenting(model):
+        taken = {i.name for i in model.graph.inputs}
+        return SegmentedModel(model, [o.name for o in model.graph.outputs]).collect(
+            [{k: v for k, v in feed.items() if k in taken}])[0]
     sess = session(model)
     names = [o.name for o in sess.get_outputs()]
     taken = {i.name for i in sess.get_inputs()}  # a pass may have removed an input (pe_fold folds a constant one)

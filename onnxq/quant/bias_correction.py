@@ -26,12 +26,14 @@ def correct_biases(model: ir.Model, float_weights: dict[str, np.ndarray], data: 
     """Adjust the biases of quantized Conv/Gemm layers in `model` in place; return how many changed.
 
     `float_weights` maps each layer name to its weight before quantization."""
+    if not any(node.name in float_weights and correctable(node) for node in model.graph):
+        return 0  # no copy of the model for nothing to correct (transformers: MatMuls without a bias)
     probe = ir.from_proto(ir.to_proto(model))  # a scratch copy that gets the float twins
     namer = Namer(probe.graph)
     pairs: dict[str, tuple[str, str, int]] = {}
     for node in list(probe.graph):
-        x = _float_source(node.inputs[0]) if node.op_type in _CORRECTABLE and node.inputs else None
-        if x is None or node.name not in float_weights or len(node.inputs) < 3 or const_array(node.inputs[2]) is None:
+        x = _float_source(node.inputs[0]) if correctable(node) else None
+        if x is None or node.name not in float_weights:
             continue
         weight = add_initializer(probe.graph, namer, f"{node.name}_float_weight", float_weights[node.name])
         twin = ir.node(node.op_type, [x, weight, node.inputs[2]], dict(node.attributes),
@@ -52,6 +54,12 @@ def correct_biases(model: ir.Model, float_weights: dict[str, np.ndarray], data: 
         replace_initializer(bias, (old - mean).astype(old.dtype))  # FP16 biases stay FP16
         nodes[layer].metadata_props[CORRECTED_KEY] = f"mean |shift| {float(np.abs(mean).mean()):.3g}"
     return len(pairs)
+
+
+def correctable(node: ir.Node) -> bool:
+    """A Conv or Gemm with a constant bias (the input its correction is subtracted from)."""
+    return (node.op_type in _CORRECTABLE and len(node.inputs) >= 3 and node.inputs[0] is not None
+            and node.inputs[2] is not None and const_array(node.inputs[2]) is not None)
 
 
 class OutputShift:

@@ -24,9 +24,11 @@ import onnx
 import onnx_ir as ir
 
 from onnxq.errors import OnnxqError
+from onnxq.ir.modelio import to_proto_without_weights
 from onnxq.progress import progress
 from onnxq.quant.calibrate import ActivationStatistics, Range
-from onnxq.runtime.session import detach, session
+from onnxq.runtime.segments import SegmentedModel, worth_segmenting
+from onnxq.runtime.session import DetachedModel, detach, session
 from onnxq.stats.calib_data import CalibrationSet
 from onnxq.stats.observers import BatchValues
 from onnxq.stats.service import observe, real_rows
@@ -87,7 +89,9 @@ class _SharedTrial:
         self.signature = _signature(first)
         self.parameters = sorted({v.name for node in first.graph if node.op_type in _QDQ
                                   for v in node.inputs[1:] if v is not None and v.is_initializer()})
-        detached = detach(first)
+        # a large model runs in segments (onnxq.runtime.segments): its weights stay out of the proto
+        self.segmented = worth_segmenting(first)
+        detached = DetachedModel(*to_proto_without_weights(first)) if self.segmented else detach(first)
         listed = {i.name for i in detached.proto.graph.input}
         initializers = {t.name: t for t in detached.proto.graph.initializer}
         for name in self.parameters:
@@ -95,8 +99,11 @@ class _SharedTrial:
                 tensor = initializers[name]
                 detached.proto.graph.input.append(
                     onnx.helper.make_tensor_value_info(name, tensor.data_type, tensor.dims))
-        self.session = session(detached)
         self.outputs_names = [o.name for o in first.graph.outputs]
+        if self.segmented:
+            self.runner = SegmentedModel(first, self.outputs_names, proto=detached.proto, weights=detached.weights)
+        else:
+            self.session = session(detached)
 
     def serves(self, trial: ir.Model) -> bool:
         return _signature(trial) == self.signature
@@ -108,9 +115,12 @@ class _SharedTrial:
         fed = {name: values[name].const_value.numpy() for name in self.parameters}
         padding = getattr(data, "padding_mask", None)
         result = []
-        for feed in itertools.islice(iter(data), TRIAL_BATCHES):
+        feeds = [{**feed, **fed} for feed in itertools.islice(iter(data), TRIAL_BATCHES)]
+        computed = self.runner.collect(feeds) if self.segmented else None
+        for b, feed in enumerate(feeds):
             try:
-                outputs = self.session.run(self.outputs_names, {**feed, **fed})
+                outputs = ([computed[b][n] for n in self.outputs_names] if computed is not None else
+                           self.session.run(self.outputs_names, feed))
             except Exception as exc:  # ORT raises its own exception types for bad feeds
                 raise OnnxqError(f"ONNX Runtime failed on a batch: {str(exc).splitlines()[0]}") from None
             mask = feed.get(padding) if padding else None

@@ -29,6 +29,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxq.quant.qdq import Format
+from onnxq.runtime.segments import Resume
 from onnxq.stats.calib_data import CalibrationSet
 from onnxq.stats.service import observe
 
@@ -77,23 +78,32 @@ class HessianObserver:
         self.names = sorted({node.inputs[0].name for node in self.sources.values()}
                             | {source[-1] for source in self.sources if source[-1]})
         self.totals: dict[tuple, object] = {}  # (*source, parity) -> torch float32 matrix
-        self.batches = 0
+        self.seen: dict[tuple, int] = dict.fromkeys(self.sources, 0)  # batches each source has had
+
+    tensorwise = True  # a batch's tensors may come in several calls (a model run in segments)
+
+    def units(self) -> list[list[str]]:
+        """The tensors one reader's H needs together: its input and, with AGQ, its gate."""
+        return [list(unit) for unit in dict.fromkeys(
+            tuple(n for n in (node.inputs[0].name, source[-1]) if n) for source, node in self.sources.items())]
 
     def update(self, values: dict[str, np.ndarray]) -> None:
         import torch
 
         for source, node in self.sources.items():
+            if node.inputs[0].name not in values or (source[-1] and source[-1] not in values):
+                continue  # this source's tensors come in another call for this batch
             x = torch.from_numpy(np.asarray(values[node.inputs[0].name], dtype=np.float32))
             rows = _input_rows(node, x, torch)
             if source[-1]:  # AGQ: row t weighted by the expert's gate g_t (rows·√g, so H sums g_t·x_tᵀx_t)
                 gate = np.asarray(values[source[-1]], dtype=np.float32).reshape(-1)
                 rows = rows * torch.from_numpy(np.sqrt(np.maximum(gate, 0.0)))[:, None]
-            key = (*source, self.batches % 2)
+            key = (*source, self.seen[source] % 2)
+            self.seen[source] += 1
             if key in self.totals:
                 self.totals[key].addmm_(rows.T, rows)  # in place: no second matrix while adding
             else:
                 self.totals[key] = rows.T @ rows
-        self.batches += 1
 
     def hessians(self, readers: dict[str, list[ir.Node]]) -> dict[str, SplitHessian]:
         """Per weight key, H over the inputs of that weight's reader nodes (readers of one input share it)."""
@@ -144,6 +154,7 @@ class HessianStore:
         self.collected: set[int] = set()
         self.snapshot = _snapshot(model) if len(self.groups) > 1 else model
         self.passes = 0
+        self.resume = Resume()  # a model run in segments: each group's pass starts where the last one stopped
 
     def __contains__(self, key: str) -> bool:
         return key in self.group_of
@@ -162,12 +173,12 @@ class HessianStore:
         readers = {k: self.readers[k] for k in keys}
         observer = HessianObserver(readers, self.affinities)
         desc = "GPTQ statistics" if len(self.groups) == 1 else f"GPTQ statistics {group + 1}/{len(self.groups)}"
-        observe(self.snapshot, self.data, observer, desc=desc, show_progress=self.show_progress)
+        observe(self.snapshot, self.data, observer, desc=desc, show_progress=self.show_progress, resume=self.resume)
         self.held.update(observer.hessians(readers))
         self.collected.add(group)
         self.passes += 1
         if len(self.collected) == len(self.groups):
-            self.snapshot = None
+            self.snapshot, self.resume = None, None
 
 
 def _groups(readers: dict[str, list[ir.Node]], budget_bytes: int, affinities: Mapping[str, str]) -> list[list[str]]:
@@ -249,6 +260,9 @@ def _input_rows(node: ir.Node, x, torch):
     return x.reshape(-1, x.shape[-1])
 
 
+ROW_BLOCK = 8192  # output channels rounded at a time: GPTQ's rows are independent under one H
+
+
 def gptq_round(weight: np.ndarray, scale: np.ndarray, hessian: np.ndarray | SplitHessian, fmt: Format,
                node: ir.Node, dampings: tuple[float, ...] = DAMPINGS) -> np.ndarray:
     """Integer weights (weight's layout and the format's dtype), GPTQ-rounded; `scale` has the weight's
@@ -257,29 +271,51 @@ def gptq_round(weight: np.ndarray, scale: np.ndarray, hessian: np.ndarray | Spli
     With a SplitHessian whose halves both hold rows, each damping is fitted on one half and scored on the
     other next to round-to-nearest, and the winner runs on all rows: where calibration rows barely outnumber
     the inputs, a light damping fits H's noise while a heavy one gives away GPTQ's gain on large sets, so
-    no single damping suits every layer. Otherwise the lightest."""
+    no single damping suits every layer. Otherwise the lightest.
+
+    Output channels are independent under one H (each row's errors propagate along its own inputs), and
+    the output error is a sum over them, so rows go ROW_BLOCK at a time: an LM head's float64 working
+    copies are those of one block, not of 49152 rows."""
     import torch
 
     w_oi, restore = _as_out_by_in(weight, node)
-    s = _as_out_by_in(_float64_broadcast(scale, weight.shape, torch), node)[0]
-    w = torch.from_numpy(np.array(w_oi, dtype=np.float64))
-    nearest = torch.from_numpy(fmt.to_grid((w / s).numpy()))
+    s_oi = _as_out_by_in(_float64_broadcast(scale, weight.shape, torch), node)[0]
+
+    def blocks():
+        for start in range(0, w_oi.shape[0], ROW_BLOCK):
+            w = torch.from_numpy(np.array(w_oi[start:start + ROW_BLOCK], dtype=np.float64))
+            s = s_oi[start:start + ROW_BLOCK]
+            yield w, s, torch.from_numpy(fmt.to_grid((w / s).numpy()))
+
+    def nearest_only() -> np.ndarray:
+        return restore(np.concatenate([nearest.numpy() for _, _, nearest in blocks()])).astype(fmt.numpy)
+
     if isinstance(hessian, SplitHessian) and np.any(hessian.check):
         fit, check = (torch.tensor(np.asarray(h, dtype=np.float64)) for h in (hessian.fit, hessian.check))
-        held_out = {d: _output_error(w, _gptq(w, s, fit, fmt, d) * s, check) for d in dampings}
+        factors = {d: _inverse_factor(fit, d) for d in dampings}
+        held_out, nearest_error = dict.fromkeys(dampings, 0.0), 0.0
+        for w, s, nearest in blocks():
+            nearest_error += _output_error(w, nearest * s, check)
+            for d, u in factors.items():
+                held_out[d] += _output_error(w, _gptq(w, s, u, fmt) * s, check)
         damping = min(held_out, key=held_out.get)
-        if _output_error(w, nearest * s, check) <= held_out[damping]:
-            return restore(nearest.numpy()).astype(fmt.numpy)
+        if nearest_error <= held_out[damping]:
+            return nearest_only()
         h = fit + check
     else:
         h = torch.tensor(np.array(hessian.total if isinstance(hessian, SplitHessian) else hessian, dtype=np.float64))
         damping = min(dampings)
-    q = _gptq(w, s, h, fmt, damping)
+    u = _inverse_factor(h, damping)
+    gptq_parts, nearest_parts, gptq_error, nearest_error = [], [], 0.0, 0.0
+    for w, s, nearest in blocks():
+        q = _gptq(w, s, u, fmt)
+        gptq_error += _output_error(w, q * s, h)
+        nearest_error += _output_error(w, nearest * s, h)
+        gptq_parts.append(q.numpy().astype(fmt.numpy))
+        nearest_parts.append(nearest.numpy().astype(fmt.numpy))
     # GPTQ's updates assume small rounding errors; where scales clip hard (mse, per tensor) the pushed-on
     # clip errors can end worse than plain rounding under GPTQ's own objective. Keep the better.
-    if _output_error(w, nearest * s, h) < _output_error(w, q * s, h):
-        q = nearest
-    return restore(q.numpy()).astype(fmt.numpy)
+    return restore(np.concatenate(nearest_parts if nearest_error < gptq_error else gptq_parts))
 
 
 def _float64_broadcast(scale: np.ndarray, shape: tuple, torch):
@@ -290,15 +326,22 @@ def _float64_broadcast(scale: np.ndarray, shape: tuple, torch):
     return torch.from_numpy(np.array(distinct, dtype=np.float64)).expand(shape)
 
 
-def _gptq(w, s, h, fmt: Format, damping: float):
-    """GPTQ's integers (out × in) for weights w at steps s under H = h + damping·mean(diag h)·I."""
+def _inverse_factor(h, damping: float):
+    """The upper Cholesky factor of (H + damping·mean(diag H)·I)⁻¹, inputs that were never non-zero
+    (nothing to compensate with) given a unit diagonal first."""
     import torch
 
-    w, h = w.clone(), h.clone()
-    dead = torch.diag(h) == 0  # inputs never non-zero on calibration data: nothing to compensate with
+    h = h.clone()
+    dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     h += damping * torch.mean(torch.diag(h)) * torch.eye(h.shape[0], dtype=h.dtype)
-    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+
+
+def _gptq(w, s, u, fmt: Format):
+    """GPTQ's integers (out × in) for weights w at steps s, `u` the factor _inverse_factor gives."""
+    import torch
+
     # The column loop runs in numpy on in × out copies, so that one input's column of W is a contiguous
     # row, with preallocated buffers: per-column vectors are small, and a torch call on them costs far
     # more in dispatch and thread hand-off than the arithmetic, while strided columns and a fresh

@@ -2,7 +2,10 @@
 
 Each observer names the tensors it reads (`names`), gets their values for one calibration batch at a
 time with padded positions already dropped (`update`, called by onnxq.stats.service), and keeps only
-its running statistic, so any number of them can share one pass over the data:
+its running statistic, so any number of them can share one pass over the data. An observer whose
+statistic is per tensor (`tensorwise = True`) may be handed a batch's tensors in several calls, as a
+model run in segments produces them (onnxq.stats.service); `units()`, where defined, names the tensors
+that must arrive together. The others get all their tensors of a batch in one call:
 - Ranges: min and max (optionally of x times a per-channel scale);
 - Histograms: fixed-range signed histograms, for the percentile, entropy and mse calibrators;
 - ChannelStatistics: per-channel max |x| and mean x² along one axis;
@@ -42,6 +45,8 @@ class Ranges:
     """Min and max of each tensor over every batch; with `scales`, of x · scale (scale broadcast
     against x, e.g. per channel on the last axis). Empty tensors are skipped."""
 
+    tensorwise = True  # one statistic per tensor: a batch's tensors may come in several calls
+
     def __init__(self, names: Sequence[str], scales: Mapping[str, np.ndarray] | None = None):
         self.names = list(names)
         self.scales = dict(scales or {})
@@ -62,6 +67,8 @@ class Histograms:
     """Signed histograms with 2×`bins` bins over [-amax, amax] of each tensor whose range (known from an
     earlier pass) is finite and non-zero; values beyond the range land in the outer bins. Large tensors
     contribute a regular subsample of at most MAX_HISTOGRAM_SAMPLES values per batch."""
+
+    tensorwise = True  # one statistic per tensor: a batch's tensors may come in several calls
 
     def __init__(self, ranges: Mapping[str, Range], bins: int = 2048):
         self.bins = bins
@@ -95,6 +102,8 @@ class ChannelStatistics:
     the tensor as observed: 1 for (batch, channel, ...) layouts, -1 for rows of channels (a sequence
     tensor with its padding dropped arrives as (rows, channel))."""
 
+    tensorwise = True  # one statistic per tensor: a batch's tensors may come in several calls
+
     def __init__(self, names: Sequence[str], *, axis: int = 1, mean_square: bool = True):
         self.names = list(names)
         self.axis = axis
@@ -124,10 +133,13 @@ class ChannelStatistics:
 
 
 class RowSample:
-    """Up to `per_batch` rows of each tensor from every batch, drawn without replacement by one seeded
-    generator (tensors drawn in `axes` order, batch after batch, so a sample is reproducible). A row is a
-    vector along the tensor's axis in `axes`; `in_order` keeps a batch's picks in their original order;
-    `limit` truncates the final sample."""
+    """Up to `per_batch` rows of each tensor from every batch, drawn without replacement by a generator of
+    its own per tensor (seeded with `seed` and the tensor's place in `axes`), batch after batch, so a
+    sample is reproducible and does not depend on which other tensors are sampled or in which order they
+    arrive. A row is a vector along the tensor's axis in `axes`; `in_order` keeps a batch's picks in their
+    original order; `limit` truncates the final sample."""
+
+    tensorwise = True  # each tensor's sample is its own: a batch's tensors may come in several calls
 
     def __init__(self, axes: Mapping[str, int], per_batch: int, seed: int, *, in_order: bool = False,
                  limit: int | None = None):
@@ -136,15 +148,14 @@ class RowSample:
         self.per_batch = per_batch
         self.in_order = in_order
         self.limit = limit
-        self.rng = np.random.default_rng(seed)
+        self.rngs = {n: np.random.default_rng([seed, i]) for i, n in enumerate(self.names)}
         self._kept: dict[str, list[np.ndarray]] = {n: [] for n in self.names}
 
     def update(self, values: dict[str, np.ndarray]) -> None:
-        for name in self.names:
-            x = values[name]
+        for name, x in values.items():
             axis = self.axes[name]
             rows = x.reshape(-1, x.shape[-1]) if axis == -1 else np.moveaxis(x, axis, -1).reshape(-1, x.shape[axis])
-            pick = self.rng.choice(len(rows), size=min(self.per_batch, len(rows)), replace=False)
+            pick = self.rngs[name].choice(len(rows), size=min(self.per_batch, len(rows)), replace=False)
             if self.in_order:
                 pick = np.sort(pick)
             self._kept[name].append(rows[pick].astype(np.float32, copy=True))
@@ -156,6 +167,8 @@ class RowSample:
 
 class SecondMoments:
     """E[xᵀx] (float64) over the rows of each tensor, the last axis being the channels."""
+
+    tensorwise = True  # one statistic per tensor: a batch's tensors may come in several calls
 
     def __init__(self, names: Sequence[str]):
         self.names = list(names)

@@ -32,7 +32,7 @@ from onnxq.pipeline.options import option
 from onnxq.pipeline.passes import GraphPass, Kind, PassConditionError, PassContext, has_qdq
 from onnxq.progress import progress
 from onnxq.quant import gptq
-from onnxq.quant.bias_correction import correct_biases
+from onnxq.quant.bias_correction import correct_biases, correctable
 from onnxq.quant.bias_range import detach_overflowing_biases
 from onnxq.quant.bit_allocation import weight_format
 from onnxq.quant.calibrate import Range, collect_statistics
@@ -168,8 +168,10 @@ class Quantize(GraphPass):
         graph, namer = model.graph, Namer(model.graph)
 
         tables = _quantize_tables(graph, namer, plan, notes)
+        # only the layers bias correction can correct keep their float weight (holding every weight, a
+        # transformer's MatMuls included, would keep a float copy of the model to the end)
         float_weights = {node.name: const_array(weight) for (weight, _), slots in plan.weights.items()
-                         for node, index in slots if index == 1} if self.bias_correction else {}
+                         for node, index in slots if index == 1 and correctable(node)} if self.bias_correction else {}
         fmt = FP8 if self.format == "fp8" else INT4_WEIGHT if self.weight_bits == 4 else INT8_WEIGHT
         # allocate_bits' widths, where it ran; the step's own format elsewhere
         fmt_of = {weight.name: _allocated_format(slots, fmt) for (weight, _), slots in plan.weights.items()}
