@@ -26,6 +26,7 @@ import onnxruntime as ort
 
 from onnxq.errors import OnnxqError
 from onnxq.ir.modelio import LARGE_TENSOR_BYTES, to_proto_without_weights, weight_bytes
+from onnxq.runtime.session import ARRAY_TYPES, DetachedModel, session
 
 SEGMENT_THRESHOLD_BYTES = 256 << 20  # models with more weights than this run in segments
 SEGMENT_BUDGET_BYTES = 128 << 20  # weights per segment
@@ -74,7 +75,7 @@ class SegmentedModel:
                  proto: onnx.ModelProto | None = None, weights: Mapping[str, ir.TensorProtocol] | None = None):
         if proto is None:
             proto, weights = to_proto_without_weights(model, min_bytes=LARGE_TENSOR_BYTES,
-                                                      keep=lambda t: t.dtype not in _ARRAY_TYPES)
+                                                      keep=lambda t: t.dtype not in ARRAY_TYPES)
         self.proto, self.weights = proto, dict(weights or {})
         self.wanted = list(dict.fromkeys(wanted))
         self.segments = _plan(proto, self.wanted, SEGMENT_BUDGET_BYTES if budget_bytes is None else budget_bytes)
@@ -154,8 +155,6 @@ class SegmentedModel:
         return [{n: r[n] for n in self.wanted if n in r} for r in result]
 
     def _session(self, segment: Segment, threads: int) -> ort.InferenceSession:
-        from onnxq.runtime.session import DetachedModel, session  # session imports this module
-
         proto = onnx.ModelProto()  # the skeleton's header; its graph is built from the segment's part
         for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version"):
             setattr(proto, field, getattr(self.proto, field))
@@ -173,11 +172,6 @@ class SegmentedModel:
 
     def _value_info(self, name: str) -> onnx.ValueInfoProto:
         return onnx.helper.make_tensor_value_info(name, self.types[name], None)
-
-
-_ARRAY_TYPES = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.INT8, ir.DataType.UINT8,
-                ir.DataType.INT16, ir.DataType.UINT16, ir.DataType.INT32, ir.DataType.UINT32, ir.DataType.INT64,
-                ir.DataType.UINT64, ir.DataType.BOOL}
 
 
 def _plan(proto: onnx.ModelProto, wanted: Sequence[str], budget_bytes: int) -> list[Segment]:

@@ -36,7 +36,7 @@ class DetachedModel:
 
 
 # element types numpy (and so OrtValue.ortvalue_from_numpy) holds natively; others stay in the proto
-_NUMPY_TYPES = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.INT8, ir.DataType.UINT8,
+ARRAY_TYPES = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.INT8, ir.DataType.UINT8,
                 ir.DataType.INT16, ir.DataType.UINT16, ir.DataType.INT32, ir.DataType.UINT32, ir.DataType.INT64,
                 ir.DataType.UINT64, ir.DataType.BOOL}
 
@@ -47,7 +47,7 @@ def detach(model: ir.Model) -> DetachedModel:
     them is cheap, and a model that fits runs exactly as it always did."""
     large = weight_bytes(model) > _PROTOBUF_LIMIT // 2
     proto, weights = to_proto_without_weights(model, min_bytes=LARGE_TENSOR_BYTES if large else _PROTOBUF_LIMIT,
-                                              keep=lambda t: t.dtype not in _NUMPY_TYPES)
+                                              keep=lambda t: t.dtype not in ARRAY_TYPES)
     return DetachedModel(proto, weights)
 
 
