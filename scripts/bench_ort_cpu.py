@@ -86,6 +86,25 @@ def unfused(path: Path) -> dict:
             "float_ops": dict(sorted(float_ops.items()))}
 
 
+def op_profile(path: Path, feed: dict, runs: int = 50) -> dict[str, float]:
+    """Microseconds per run spent in each op type's kernels, from ORT's own profiler (1 thread); the
+    profiler adds a little to every node, so compare op types, not totals with the latency columns."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads, options.enable_profiling = 1, True
+    with tempfile.TemporaryDirectory() as tmp:
+        options.profile_file_prefix = str(Path(tmp) / "profile")
+        s = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        for _ in range(runs):
+            s.run(None, feed)
+        events = json.loads(Path(s.end_profiling()).read_text())
+    spent: Counter = Counter()
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            spent[event["args"]["op_name"]] += event["dur"] / runs
+    return {op: round(us, 1) for op, us in spent.most_common()}
+
+
 def latency(paths: dict[str, Path], feed: dict, threads: int, rounds: int, runs: int) -> dict[str, dict]:
     """{name: {min_ms, median_ms}} over rounds × runs, models interleaved round by round."""
     sessions = {name: session(p, threads) for name, p in paths.items()}
@@ -103,10 +122,8 @@ def latency(paths: dict[str, Path], feed: dict, threads: int, rounds: int, runs:
             for name, t in times.items()}
 
 
-def models(quick: bool) -> dict:
+def models(quick: bool, inputs: Path | None = None) -> dict:
     """name → (fp32 path, input name, calibration batch, evaluation batch, accuracy function)."""
-    folder = ppocr.det_model_path().parent
-
     def top1(ref, out):
         return {"top1_agreement": round(float(np.mean(ref.argmax(1) == out.argmax(1))), 4)}
 
@@ -117,6 +134,11 @@ def models(quick: bool) -> dict:
                 "text_mask_iou": round(float(np.logical_and(mask_r, mask_o).sum() / max(union, 1)), 4)}
 
     n = 0.25 if quick else 1
+    if inputs is not None:  # models and data saved by --save-inputs on another machine
+        return {label: saved_inputs(inputs / _folder(label)) + (accuracy,)
+                for label, accuracy in (("MobileNetV2", top1), ("PP-OCRv4 det", det_map), ("PP-OCR cls", top1))
+                if (inputs / _folder(label)).is_dir()}
+    folder = ppocr.det_model_path().parent
     return {
         "MobileNetV2": (mobilenet_v2.cached_onnx(), "input", images.crops("calib", int(128 * n)),
                         images.crops("eval", int(300 * n)), top1),
@@ -125,6 +147,30 @@ def models(quick: bool) -> dict:
         "PP-OCR cls": (folder / "ch_ppocr_mobile_v2.0_cls_infer.onnx", "x", text_lines(int(64 * n), seed=0),
                        text_lines(int(200 * n), seed=1), top1),
     }
+
+
+def _folder(label: str) -> str:
+    return label.replace(" ", "_")
+
+
+def save_inputs(specs: dict, folder: Path) -> None:
+    """Each model with its calibration and evaluation batches, for --inputs on a machine without the photo
+    and text packages (the GPU machine's CPU has the VNNI int8 instructions this one lacks)."""
+    import shutil
+
+    for label, (fp32, input_name, calib, evaluation, _) in specs.items():
+        target = folder / _folder(label)
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(fp32, target / "fp32.onnx")
+        (target / "input.json").write_text(json.dumps(input_name))
+        # float16 halves what travels; every quantizer on the other machine gets the same rounded samples
+        np.savez(target / "data.npz", calib=calib.astype(np.float16), evaluation=evaluation.astype(np.float16))
+
+
+def saved_inputs(folder: Path) -> tuple:
+    data = np.load(folder / "data.npz")
+    return (folder / "fp32.onnx", json.loads((folder / "input.json").read_text()),
+            data["calib"].astype(np.float32), data["evaluation"].astype(np.float32))
 
 
 def opset13(fp32: Path, folder: Path) -> Path:
@@ -167,12 +213,32 @@ def ort_qoperator(source: Path, calib: dict, output: Path) -> float:
         return time.perf_counter() - start
 
 
+def _ort_rows(fp32, input_name, calib, out: Path, notes: list[str], paths: dict, quant_seconds: dict) -> None:
+    """ORT quantize_static's QDQ and QOperator outputs, added to `paths` (failures to `quant_seconds`)."""
+    ort_source = preprocessed(opset13(Path(fp32), out), out, notes)
+    name = "ORT quantize_static QDQ u8s8 per-channel"
+    result = anchors.ort_quantize(ort_source, {input_name: calib}, out / "ort_u8s8_pc.onnx", per_channel=True,
+                                  symmetric_activations=False, batch_size=8, preprocess=False)
+    if result.ok:
+        paths[name] = result.output
+        quant_seconds[name] = round(result.seconds, 1)
+    else:
+        quant_seconds[name] = f"failed: {result.error.strip().splitlines()[-1][:300]}"
+    qoperator = "ORT quantize_static QOperator u8s8 per-channel"
+    try:
+        quant_seconds[qoperator] = round(ort_qoperator(ort_source, {input_name: calib}, out / "ort_qoperator.onnx"), 1)
+        paths[qoperator] = out / "ort_qoperator.onnx"
+    except Exception as exc:  # reported in the table, like a failed QDQ run
+        quant_seconds[qoperator] = f"failed: {type(exc).__name__} {str(exc)[-200:]}"
+
+
 def evaluate(path: Path, name: str, batch: np.ndarray) -> np.ndarray:
     s = session(path)
     return np.concatenate([s.run(None, {name: batch[i:i + 8]})[0] for i in range(0, len(batch), 8)])
 
 
-def bench_model(label, fp32, input_name, calib, evaluation, accuracy, out: Path, quick: bool) -> dict:
+def bench_model(label, fp32, input_name, calib, evaluation, accuracy, out: Path, quick: bool,
+                profile: bool = False, anchors_too: bool = True) -> dict:
     paths = {"FP32": Path(fp32)}
     quant_seconds = {}
     start = time.perf_counter()
@@ -181,24 +247,16 @@ def bench_model(label, fp32, input_name, calib, evaluation, accuracy, out: Path,
     quant_seconds["onnxq --target ort-cpu"] = round(time.perf_counter() - start, 1)
     paths["onnxq --target ort-cpu"] = out / "onnxq_ort_cpu.onnx"
     notes: list[str] = []
-    ort_source = preprocessed(opset13(Path(fp32), out), out, notes)
-    result = anchors.ort_quantize(ort_source, {input_name: calib}, out / "ort_u8s8_pc.onnx", per_channel=True,
-                                  symmetric_activations=False, batch_size=8, preprocess=False)
-    if result.ok:
-        paths["ORT quantize_static QDQ u8s8 per-channel"] = result.output
-        quant_seconds["ORT quantize_static QDQ u8s8 per-channel"] = round(result.seconds, 1)
-    qoperator = "ORT quantize_static QOperator u8s8 per-channel"
-    try:
-        quant_seconds[qoperator] = round(ort_qoperator(ort_source, {input_name: calib}, out / "ort_qoperator.onnx"), 1)
-        paths[qoperator] = out / "ort_qoperator.onnx"
-    except Exception as exc:  # reported in the table, like a failed QDQ run
-        quant_seconds[qoperator] = f"failed: {type(exc).__name__} {str(exc)[-200:]}"
+    print(f"[{label}] onnxq {quant_seconds['onnxq --target ort-cpu']} s; ORT's quantizer ...", flush=True)
+    if anchors_too:
+        _ort_rows(fp32, input_name, calib, out, notes, paths, quant_seconds)
     for name in list(paths):  # a quantizer whose output ORT cannot load is reported, not timed
         try:
             session(paths[name])
         except Exception as exc:
             quant_seconds[name] = f"output does not load in ORT: {str(exc)[-200:]}"
             del paths[name]
+    print(f"[{label}] accuracy and latency ...", flush=True)
     reference = evaluate(paths["FP32"], input_name, evaluation)
     feed = {input_name: evaluation[:1]}
     rows = {}
@@ -206,14 +264,14 @@ def bench_model(label, fp32, input_name, calib, evaluation, accuracy, out: Path,
     for name, path in paths.items():
         row = {"accuracy": accuracy(reference, evaluate(path, input_name, evaluation)),
                "ort_graph": unfused(path), "quantize_s": quant_seconds.get(name)}
+        if profile:
+            row["kernel_us_per_op"] = op_profile(path, feed)
         for t in (1, 2):
             fp = timing[t]["FP32"]
             row[f"threads{t}"] = {**timing[t][name], "min_vs_fp32": round(timing[t][name]["min_ms"] / fp["min_ms"], 3),
                                   "median_vs_fp32": round(timing[t][name]["median_ms"] / fp["median_ms"], 3)}
         rows[name] = row
     rows["notes"] = notes
-    if not result.ok:
-        rows["ORT quantize_static QDQ u8s8 per-channel"] = {"error": result.error.strip().splitlines()[-1][:300]}
     for name, seconds in quant_seconds.items():
         if name not in rows:
             rows[name] = {"error": seconds}
@@ -244,6 +302,11 @@ def markdown(results: dict, command: str) -> str:
             lines.append(f"| {name} | {acc} | {t1['min_ms']} ({t1['min_vs_fp32']}) | {t1['median_ms']} | "
                          f"{t2['min_ms']} ({t2['min_vs_fp32']}) | {t2['median_ms']} | {g['dequantize_left']} | {floats} |")
         lines += [f"Note: {note}" for note in rows.get("notes", [])] + [""]
+        profiled = {name: r["kernel_us_per_op"] for name, r in rows.items() if name != "notes" and "kernel_us_per_op" in r}
+        if profiled:
+            lines += ["Kernel time per run by op type (ORT profiler, 1 thread, µs; the profiler's own cost included):", ""]
+            lines += [f"- {name}: " + ", ".join(f"{op} {us}" for op, us in list(ops.items())[:10]) for name, ops in profiled.items()]
+            lines.append("")
     return "\n".join(lines)
 
 
@@ -252,16 +315,24 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer samples and timed runs")
     parser.add_argument("--out", default="scripts/results/ort_cpu")
     parser.add_argument("--models", nargs="*", help="subset of the model names")
+    parser.add_argument("--save-inputs", type=Path, help="write the models and data to this folder and stop")
+    parser.add_argument("--onnxq-only", action="store_true", help="FP32 and onnxq rows only, no ORT quantizer")
+    parser.add_argument("--profile", action="store_true", help="also ORT's kernel time per op type, per quantizer")
+    parser.add_argument("--inputs", type=Path, help="take the models and data from a --save-inputs folder")
     args = parser.parse_args()
+    if args.save_inputs:
+        save_inputs({k: v for k, v in models(args.quick).items() if not args.models or k in args.models},
+                    args.save_inputs)
+        return
     work = cache_dir("bench_ort_cpu")
     results = {"onnxruntime": ort.__version__, "quick": args.quick, "models": {}}
-    for label, spec in models(args.quick).items():
+    for label, spec in models(args.quick, args.inputs).items():
         if args.models and label not in args.models:
             continue
-        folder = work / label.replace(" ", "_")
+        folder = work / _folder(label)
         folder.mkdir(parents=True, exist_ok=True)
         print(f"[{label}] ...", flush=True)
-        results["models"][label] = bench_model(label, *spec, folder, args.quick)
+        results["models"][label] = bench_model(label, *spec, folder, args.quick, args.profile, not args.onnxq_only)
         write(results, Path(args.out), args)  # after every model, so a late failure keeps the rest
     print(Path(args.out).with_suffix(".md").read_text())
 
@@ -270,6 +341,7 @@ def write(results: dict, out: Path, args) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(results, indent=1))
     command = "python scripts/bench_ort_cpu.py" + (" --quick" if args.quick else "") + (
+        " --profile" if args.profile else "") + (" --onnxq-only" if args.onnxq_only else "") + (f" --inputs {args.inputs}" if args.inputs else "") + (
         f" --models {' '.join(repr(m) for m in args.models)}" if args.models else "")
     out.with_suffix(".md").write_text(markdown(results, command))
 

@@ -171,3 +171,42 @@ def test_gptq_without_torch_rounds_to_nearest_and_says_so():
             "assert any('GPTQ rounding needs torch' in line for line in lines), lines; "
             "probe = {'input': random_images(2, seed=5)}; assert np.array_equal(run(a, probe)[0], run(b, probe)[0])")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=TESTS.parent, env=_with_tests_on_path())
+
+
+@pytest.mark.parametrize("pending_rows", [1, 7, 10**9], ids=["each-batch", "some-batches", "all-at-the-end"])
+def test_hessian_sums_are_the_inputs_gram_matrices_by_batch_parity(monkeypatch, pending_rows):
+    """H is gathered from several batches' rows per product; the sums are XᵀX of the even and of the odd
+    batches however many rows go into one product."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnxq.ir.modelio import load_model
+    from onnxq.stats.service import observe
+
+    monkeypatch.setattr(gptq, "PENDING_ROWS", pending_rows)
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 5, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(rng.normal(size=(8, 4)).astype(np.float32), "w")])
+    model = load_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8))
+    batches = [{"x": rng.normal(size=(2, 5, 8)).astype(np.float32)} for _ in range(9)]
+    node = next(n for n in model.graph if n.op_type == "MatMul")
+    observer = gptq.HessianObserver({"w": [node]})
+    observe(model, batches, observer, desc="H", show_progress=False)
+    split = observer.hessians({"w": [node]})["w"]
+    rows = [b["x"].reshape(-1, 8).astype(np.float64) for b in batches]
+    np.testing.assert_allclose(split.fit, sum(r.T @ r for r in rows[0::2]), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(split.check, sum(r.T @ r for r in rows[1::2]), rtol=1e-5, atol=1e-4)
+
+
+def test_inverse_factor_is_the_upper_cholesky_factor_of_the_damped_inverse():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 40))
+    h = x.T @ x
+    h[:, 7] = h[7, :] = 0.0  # an input that was never non-zero
+    u = gptq._inverse_factor(torch.from_numpy(h), 0.1).numpy()
+    assert np.allclose(u, np.triu(u)) and np.all(np.diag(u) > 0)
+    live = h.copy()
+    live[7, 7] = 1.0
+    live += 0.1 * np.mean(np.diag(live)) * np.eye(40)
+    np.testing.assert_allclose(u.T @ u, np.linalg.inv(live), rtol=1e-9, atol=1e-12)

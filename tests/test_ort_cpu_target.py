@@ -6,6 +6,8 @@ excitation gate with HardSigmoid, a ReLU after a residual Add, and a ConvTranspo
 reads the graph ORT itself optimised (SessionOptions.optimized_model_filepath).
 """
 
+import dataclasses
+import json
 from collections import Counter
 
 import numpy as np
@@ -18,6 +20,7 @@ from builders import conv_weights
 from conftest import run, sqnr_db
 from onnxq import quantize
 from onnxq.errors import OnnxqError
+from onnxq.quant import targets
 from onnxq.quant.ort_cpu import prepare
 
 C = 8
@@ -195,3 +198,48 @@ def test_uint8_weights_dequantize_to_the_int8_values_and_fuse(quantized, tmp_pat
 def test_uint8_weights_are_refused_for_tensorrt():
     with pytest.raises(OnnxqError, match="TensorRT takes signed weights only"):
         quantize(ppocr_like_model(), CALIB, weight_type="uint8", show_progress=False)
+
+
+def _conv_with_dead_channel() -> onnx.ModelProto:
+    """Conv → ReLU → Conv → Sigmoid, the second Conv's channel 1 having weights a million times smaller than its bias: with its own
+    per-channel step, b / (s_x·s_w) passes int32."""
+    rng = np.random.default_rng(3)
+    w1, w2 = conv_weights(rng, C, 3, 3, 1), conv_weights(rng, C, C, 1, 1)
+    w2[1] *= 1e-6
+    bias = rng.normal(size=C).astype(np.float32) * 0.2
+    bias[1] = 2.0
+    nodes = [helper.make_node("Conv", ["input", "w1"], ["a"], name="c1", pads=[1] * 4),
+             helper.make_node("Relu", ["a"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "w2", "b2"], ["c"], name="c2"),
+             helper.make_node("Sigmoid", ["c"], ["output"], name="sigmoid")]
+    graph = helper.make_graph(nodes, "dead_channel", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                                                                     ["N", 3, 16, 16])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, None)],
+                              [_init("w1", w1), _init("w2", w2), _init("b2", bias)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def _quantize_summary(model: onnx.ModelProto) -> dict:
+    meta = {p.key: p.value for p in model.metadata_props}
+    return next(r for r in json.loads(meta["onnxq.passes"]) if r["name"] == "quantize")["summary"]
+
+
+def test_an_overflowing_bias_widens_the_channel_step_so_ort_still_fuses_the_conv(tmp_path, monkeypatch):
+    """TensorRT takes a bias moved to an Add after its layer; ORT's CPU provider would leave that layer
+    in float. For ort-cpu the dead channel's weight step grows until the bias fits int32 instead."""
+    model = _conv_with_dead_channel()
+    quantized = quantize(model, CALIB, target="ort-cpu", show_progress=False)
+    summary = _quantize_summary(quantized)
+    assert summary["weight_scales_widened_for_bias"] == 1 and "biases_moved_to_add" not in summary
+    ops = Counter(n.op_type for n in ort_optimized(quantized, tmp_path).graph.node)
+    assert ops["QLinearConv"] == 2 and "Conv" not in ops and "Add" not in ops, ops  # Sigmoid: ORT has QLinearSigmoid
+    reference, got = run(model, EVAL)[0], run(quantized, EVAL)[0]
+    # as accurate as leaving the bias to a float Add (the old way, which left the Conv in float)
+    monkeypatch.setitem(targets.TARGETS, "ort-cpu", dataclasses.replace(targets.TARGETS["ort-cpu"], fit_biases=None))
+    detached = quantize(model, CALIB, target="ort-cpu", show_progress=False)
+    assert _quantize_summary(detached)["biases_moved_to_add"] == 1
+    assert sqnr_db(reference, got) > sqnr_db(reference, run(detached, EVAL)[0]) - 0.3 > 20
+    monkeypatch.undo()
+    np.testing.assert_allclose(got[:, 1], reference[:, 1], atol=0.01)  # the bias-only channel: σ(2), not garbage
+    for_tensorrt = _quantize_summary(quantize(model, CALIB, show_progress=False))
+    assert for_tensorrt["biases_moved_to_add"] == 1  # TensorRT fuses the Add: moved as before

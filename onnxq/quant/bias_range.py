@@ -7,6 +7,13 @@ output is garbage: a channel with tiny weights does it, and FP8's scales (amax/4
 12× sooner than INT8's. The optimizer leaves a bias added by a separate Add alone, so such a layer gets
 one: the float result is the same up to the order of one addition, and TensorRT fuses the Add into the
 layer as it fuses a bias.
+
+ONNX Runtime's CPU provider does not: a Conv whose bias is a separate Add stays a float Conv between a
+DequantizeLinear and a QuantizeLinear. For that target, `widen_weight_scales` fits the bias instead: an
+overflowing channel's weights are tiny next to its bias, so its weight step can grow to
+|b| / (s_x·2³⁰) and its integers be re-rounded on the coarser grid. Each weight then moves by at most
+half that step, and never by more than itself (a weight below half a step becomes 0), so the channel's
+output moves by at most its weights' own contribution, which is what made the step tiny to begin with.
 """
 
 from __future__ import annotations
@@ -19,6 +26,9 @@ from onnxq.ir.graph import Namer, add_initializer, const_array, take_over_output
 _LAYERS = ("Conv", "ConvTranspose", "Gemm")
 # int32's range, with room for the float rounding of b / (s_x·s_w) in ONNX Runtime's own arithmetic
 INT32_SAFE = float(2**31 - 2**10)
+# where a widened step puts the bias: the int32 accumulator adds Σ x_q·w_q to it, so half the range is
+# left for that sum (up to 2¹⁵ products of 255·127)
+WIDENED_BIAS_STEPS = float(2**30)
 
 
 def int32_bias_overflow(node: ir.Node) -> float | None:
@@ -61,6 +71,42 @@ def detach_overflowing_biases(graph: ir.Graph) -> list[str]:
             graph.initializers.pop(bias.name)
         moved.append(node.name)
     return moved
+
+
+def widen_weight_scales(graph: ir.Graph) -> list[str]:
+    """For each layer int32_bias_overflow flags whose weight has one integer scale per output channel,
+    raise the overflowing channels' scales to what the bias needs and re-round their integers (new
+    initializers: the old may be shared); returns the layers. Others are left for
+    detach_overflowing_biases."""
+    namer, widened = Namer(graph), []
+    for node in list(graph):
+        if int32_bias_overflow(node) is None or node.op_type == "Gemm":
+            continue
+        dq = node.inputs[1].producer()
+        q, scale = const_array(dq.inputs[0]), const_array(dq.inputs[1])
+        zero = const_array(dq.inputs[2]) if len(dq.inputs) > 2 and dq.inputs[2] is not None else None
+        bias = const_array(node.inputs[2]).astype(np.float64)
+        if q is None or q.dtype.kind not in "iu" or scale is None or scale.size != bias.size or scale.size == 1 \
+                or dq.attributes.get_int("axis", 1) != 0:
+            continue
+        s_x = float(_dequantize_scale(node.inputs[0]).reshape(()))
+        needed = np.abs(bias) / (s_x * WIDENED_BIAS_STEPS)
+        new_scale = np.maximum(scale.astype(np.float64), needed).astype(scale.dtype)
+        zp = np.zeros_like(scale, dtype=np.float64) if zero is None else zero.astype(np.float64).reshape(-1)
+        shape = (-1,) + (1,) * (q.ndim - 1)
+        info = np.iinfo(q.dtype)
+        real = (q.astype(np.float64) - zp.reshape(shape)) * scale.astype(np.float64).reshape(shape)
+        requantized = np.clip(np.round(real / new_scale.astype(np.float64).reshape(shape)) + zp.reshape(shape),
+                              info.min, info.max).astype(q.dtype)
+        for index, array in ((0, requantized), (1, new_scale)):
+            old = dq.inputs[index]
+            dq.replace_input_with(index, add_initializer(graph, namer, f"{old.name}_widened", array))
+            if not old.uses() and old.is_initializer() and not old.is_graph_input():
+                graph.initializers.pop(old.name)
+        dq.metadata_props["onnxq.scale_widened"] = (
+            f"{int(np.sum(new_scale > scale))} channel step(s) raised so the bias fits int32 (ORT fuses the layer)")
+        widened.append(node.name)
+    return widened
 
 
 def _rank(weight: ir.Value) -> int:

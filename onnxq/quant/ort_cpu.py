@@ -8,8 +8,9 @@ and it has no integer Div at all. Before the planner runs, `prepare` therefore
 - folds Mul/Add by a per-output-channel constant that directly follows a Conv into the Conv's
   weights and bias (W' = c·W, b' = c·b for Mul; b' = b + c for Add);
 - rewrites Div by a scalar constant as Mul by its reciprocal (QLinearMul exists, QLinearDiv not);
-- folds a Mul by a scalar constant read only by Convs (as their data input) into those Convs'
-  weights, Conv(c·x) = (c·W)·x + b (zero padding stays zero), e.g. hard-swish's /6;
+- folds a chain of Mul/Add by scalar constants read only by Convs (as their data input) into those
+  Convs, Conv(c·x + b) = (c·W)·x + b·ΣW where they do not pad; where they pad, only the scale goes into
+  the weights and one Add of b/c stays (hard-swish's /6 and the learnable affine block after it);
 - gives the remaining scalar constant operands of Add/Mul a DequantizeLinear of the activations' type
   that represents them exactly (UINT8: scale |c|/255, zero point 0 or 255; INT8: scale |c|/127, value
   ±127), so QLinearAdd/QLinearMul, whose inputs share one type, fire; attention-mask sized constants
@@ -35,7 +36,7 @@ def prepare(model: ir.Model, signed_activations: bool = False) -> dict[str, int]
     graph, namer = model.graph, Namer(model.graph)
     counts = {"folded_into_conv": _fold_affine_into_conv(graph, namer),
               "div_to_mul": _div_by_scalar_to_mul(graph, namer)}
-    counts["folded_into_next_conv"] = _fold_scalar_mul_into_next_conv(graph, namer)
+    counts["folded_into_next_conv"] = _fold_scalar_affine_into_next_conv(graph, namer)
     counts["scalar_operands_quantized"] = _quantize_scalar_operands(graph, namer, signed_activations)
     graph.sort()
     return counts
@@ -141,30 +142,84 @@ def _div_by_scalar_to_mul(graph: ir.Graph, namer: Namer) -> int:
     return rewritten
 
 
-def _fold_scalar_mul_into_next_conv(graph: ir.Graph, namer: Namer) -> int:
+def _fold_scalar_affine_into_next_conv(graph: ir.Graph, namer: Namer) -> int:
+    """A chain of Mul/Add by scalar constants read only by Convs (as their data input, weights constant),
+    y = c·x + b, leaves the graph: Conv(c·x + b) = (c·W)·x + b·ΣW + bias where no Conv pads (ΣW per output
+    channel, over its kernel); where one pads, the padding is zeros of y, not of x, so only the scale
+    goes: Conv(c·x + b) = (c·W)·(x + b/c), one Add instead of the chain (hard-swish's /6 and a learnable
+    affine block after it are three such ops on every feature map)."""
     folded = 0
-    for node in _standard_nodes(graph, ("Mul",)):
-        operand = _constant_operand(node)
-        result = node.outputs[0]
-        if operand is None or operand[1].size != 1 or result.is_graph_output() or not result.uses():
+    for conv in _standard_nodes(graph, ("Conv",)):
+        if conv.graph is None or conv.inputs[0] is None:  # a reader of a chain folded earlier
             continue
-        readers = result.uses()
-        if not all(user.op_type == "Conv" and user.domain in ("", "ai.onnx") and index == 0
-                   and const_array(user.inputs[1]) is not None for user, index in readers):
+        chain = _scalar_chain(conv.inputs[0])
+        readers = [user for user, _ in conv.inputs[0].uses()]
+        if not chain or not all(_folds_into(user, conv.inputs[0]) for user in readers):
             continue
-        data, constant, index = operand
-        c = np.float32(constant.reshape(-1)[0])
-        for user, _ in readers:
-            old = user.inputs[1]
-            user.replace_input_with(1, add_initializer(graph, namer, f"{user.name}_weight_folded",
-                                                       (const_array(old) * c).astype(np.float32)))
-            _drop_if_unused(graph, old)
+        c, b = np.float32(1.0), np.float32(0.0)
+        for node in chain:  # head to tail
+            k = np.float32(_constant_operand(node)[1].reshape(-1)[0])
+            c, b = (c * k, b * k) if node.op_type == "Mul" else (c, b + k)
+        if c == 0:
+            continue
+        data, padded = _constant_operand(chain[0])[0], any(_pads(user) for user in readers)
+        if padded and b != 0:
+            add = ir.node("Add", [data, add_initializer(graph, namer, f"{chain[-1].name}_shift",
+                                                        np.array(b / c, np.float32))],
+                          name=namer.fresh(f"{chain[-1].name}_shift"))
+            add.outputs[0].name, add.outputs[0].dtype = namer.fresh(f"{data.name}_shifted"), ir.DataType.FLOAT
+            add.outputs[0].shape = data.shape
+            graph.insert_after(chain[-1], add)
+            data = add.outputs[0]
+        for user in readers:
+            weight = const_array(user.inputs[1])
+            if not padded and b != 0:
+                bias = const_array(user.inputs[2]) if len(user.inputs) > 2 and user.inputs[2] is not None else None
+                bias = (np.zeros(weight.shape[0], np.float32) if bias is None else bias.astype(np.float32))
+                if len(user.inputs) < 3:
+                    user.resize_inputs(3)
+                _replace_constant(graph, namer, user, 2, f"{user.name}_bias_folded",
+                                  bias + b * weight.reshape(weight.shape[0], -1).sum(axis=1))
+            _replace_constant(graph, namer, user, 1, f"{user.name}_weight_folded", (weight * c).astype(np.float32))
             user.replace_input_with(0, data)
-        constant_value = node.inputs[index]
-        graph.remove(node, safe=True)
-        _drop_if_unused(graph, constant_value)
+        for node in reversed(chain):
+            constant = _constant_operand(node)[1:]
+            operand = node.inputs[constant[1]]
+            graph.remove(node, safe=True)
+            _drop_if_unused(graph, operand)
         folded += 1
     return folded
+
+
+def _scalar_chain(value: ir.Value) -> list[ir.Node]:
+    """The Mul/Add-by-scalar-constant nodes that end in `value`, head first, each read only by the next."""
+    chain: list[ir.Node] = []
+    node = value.producer()
+    while node is not None and node.op_type in _INT8_BINARY and node.domain in ("", "ai.onnx"):
+        operand = _constant_operand(node)
+        if operand is None or operand[1].size != 1 or (chain and only_consumer(node.outputs[0]) is not chain[0]):
+            break
+        chain.insert(0, node)
+        node = operand[0].producer()
+    return chain
+
+
+def _folds_into(user: ir.Node, value: ir.Value) -> bool:
+    return (user.op_type == "Conv" and user.domain in ("", "ai.onnx") and user.inputs[0] is value
+            and value not in user.inputs[1:] and const_array(user.inputs[1]) is not None
+            and not value.is_graph_output()
+            and (len(user.inputs) < 3 or user.inputs[2] is None or const_array(user.inputs[2]) is not None))
+
+
+def _pads(conv: ir.Node) -> bool:
+    pads = conv.attributes.get_ints("pads", [])
+    return any(pads) or conv.attributes.get_string("auto_pad", "NOTSET") in ("SAME_UPPER", "SAME_LOWER")
+
+
+def _replace_constant(graph: ir.Graph, namer: Namer, node: ir.Node, index: int, name: str, array: np.ndarray) -> None:
+    old = node.inputs[index]
+    node.replace_input_with(index, add_initializer(graph, namer, name, array))
+    _drop_if_unused(graph, old)
 
 
 def _quantize_scalar_operands(graph: ir.Graph, namer: Namer, signed: bool) -> int:

@@ -9,6 +9,7 @@ import onnx_ir as ir
 
 from onnxq.errors import OnnxqError
 from onnxq.quant import ort_cpu
+from onnxq.quant.bias_range import widen_weight_scales
 from onnxq.quant.qdq import INT8, UINT8, IntFormat
 from onnxq.quant.qdq_rules import ORT_CPU_TABLE, TENSORRT_TABLE, Treatment
 
@@ -23,6 +24,9 @@ class Target:
     # rewrites run just before Q/DQ placement so the target's runtime fuses what is placed
     # (called with the model and whether the activations are signed)
     prepare: Callable[[ir.Model, bool], dict[str, int]] | None = None
+    # how a bias past int32 (as the runtime re-quantizes it) is made to fit, where the target's runtime
+    # would otherwise leave the layer in float; what it leaves goes to an Add after the layer
+    fit_biases: Callable[[ir.Graph], list[str]] | None = None
 
 
 TARGETS = {
@@ -30,7 +34,7 @@ TARGETS = {
                        "TensorRT explicit quantization: symmetric INT8, zero point 0, Q/DQ on weighted-layer inputs"),
     "ort-cpu": Target("ort-cpu", ORT_CPU_TABLE, UINT8, False,
                       "ONNX Runtime CPU: asymmetric UINT8 (or INT8) activations and INT8 weights, Q/DQ around every op "
-                      "with an integer kernel so ORT fuses them into QLinear* kernels", ort_cpu.prepare),
+                      "with an integer kernel so ORT fuses them into QLinear* kernels", ort_cpu.prepare, widen_weight_scales),
 }
 
 

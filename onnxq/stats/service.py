@@ -3,7 +3,9 @@
 Passes register observers (onnxq.stats.observers, or their own) on a StatisticsService for the model
 as it stands; `run` exposes the union of the tensors they read as extra graph outputs, feeds the
 calibration batches once, and hands each observer its tensors batch by batch. Nothing is kept
-between batches but what the observers accumulate, so memory holds one batch's activations.
+between batches but what the observers accumulate, so memory holds one batch's activations (or those
+of a few small batches that ORT runs together, onnxq.runtime.batch_groups; observers still see them
+one batch at a time).
 
 A large model runs in segments (onnxq.runtime.segments): segment after segment over all batches, so
 memory holds one segment's session and the tensors crossing one cut, whatever the depth. A tensorwise
@@ -27,6 +29,7 @@ import onnx_ir as ir
 
 from onnxq.errors import OnnxqError
 from onnxq.progress import progress
+from onnxq.runtime.batch_groups import grouped_runs
 from onnxq.runtime.segments import Resume, SegmentedModel, worth_segmenting
 from onnxq.runtime.session import exposing, session
 
@@ -101,11 +104,15 @@ class StatisticsService:
         if self.max_batches is not None:
             batches = itertools.islice(batches, self.max_batches)
             total = self.max_batches if total is None else min(total, self.max_batches)
-        for feed in progress(batches, desc=desc, total=total, unit="batch", disable=not self.show_progress):
+
+        def run(fetch, feed):
             try:
-                outputs = sess.run(names, dict(feed))
+                return sess.run(fetch, feed)
             except Exception as exc:  # ORT raises its own exception types for bad feeds
                 raise OnnxqError(f"ONNX Runtime failed on a batch: {str(exc).splitlines()[0]}") from None
+
+        for feed, outputs in progress(grouped_runs(run, names, batches), desc=desc, total=total, unit="batch",
+                                      disable=not self.show_progress):
             mask = feed.get(self.padding_mask) if self.padding_mask else None
             if mask is not None and not mask.all():
                 keep = mask.astype(bool)

@@ -214,9 +214,14 @@ class Quantize(GraphPass):
             if node not in notes:
                 tag(node, FLOAT_REASON_KEY, reason)
         graph.sort()
+        # before bias correction runs the model (a wrapped int32 bias would be "corrected" for), and again
+        # after it, on the final biases
+        widened, moved = _fit_biases(graph, target)
         corrected = correct_biases(model, float_weights, data, show_progress=ctx.show_progress) if self.bias_correction else 0
-        moved = detach_overflowing_biases(graph)  # after bias correction: the final biases
+        widened_after, moved_after = _fit_biases(graph, target)
+        widened, moved = widened + widened_after, moved + moved_after
         return {"biases_corrected": corrected, **({"biases_moved_to_add": len(moved)} if moved else {}),
+                **({"weight_scales_widened_for_bias": len(widened)} if widened else {}),
                 "activations_quantized": sum(v not in plan.skipped for v in plan.activations),
                 "weights_quantized": len(plan.weights), "kept_float": len(plan.float_reasons),
                 "skipped": len(plan.skipped), "gptq_rounded": gptq_rounded,
@@ -376,3 +381,10 @@ def _share_group_ranges(ranges: dict[str, Range], groups: list[set[ir.Value]]) -
         for m in members:
             ranges[m] = union
     return ranges
+
+
+def _fit_biases(graph: ir.Graph, target) -> tuple[list[str], list[str]]:
+    """Biases ONNX Runtime would wrap past int32: fitted the target's way where it has one (ort-cpu widens
+    the weight steps, so ORT still fuses the layer), the rest moved to an Add after their layer."""
+    widened = target.fit_biases(graph) if target.fit_biases else []
+    return widened, detach_overflowing_biases(graph)

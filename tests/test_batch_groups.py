@@ -1,0 +1,86 @@
+"""Several calibration batches in one ONNX Runtime run (onnxq.runtime.batch_groups): every batch gets the
+tensors its own run would give, or grouping is not used."""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxq.runtime.batch_groups import grouped_runs
+
+D = 6
+
+
+def _model(batch: str | int = "N", sequence_first: bool = False) -> onnx.ModelProto:
+    """x (batch, 4, D) → MatMul → y; also the flattened (batch·4, D) product, a batch-independent table
+    (Shape-free: a constant MatMul), and, if asked, y laid out sequence-first (4, batch, D)."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y"]),
+             helper.make_node("Reshape", ["y", "flat_shape"], ["flat"]),
+             helper.make_node("MatMul", ["table_in", "w"], ["table"])]
+    outputs = ["y", "flat", "table"]
+    if sequence_first:
+        nodes.append(helper.make_node("Transpose", ["y"], ["y_t"], perm=[1, 0, 2]))
+        outputs.append("y_t")
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 4, D])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in outputs],
+        [numpy_helper.from_array(rng.normal(size=(D, D)).astype(np.float32), "w"),
+         numpy_helper.from_array(np.array([-1, D], np.int64), "flat_shape"),
+         numpy_helper.from_array(rng.normal(size=(3, D)).astype(np.float32), "table_in")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+class CountingSession:
+    """A real ORT session that counts its runs."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        self.runs = 0
+
+    def __call__(self, names, feed):
+        self.runs += 1
+        return self.session.run(list(names), feed)
+
+
+def _batches(n: int, size: int = 1, seed: int = 1, lengths=None):
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.normal(size=(size, (lengths or [4] * n)[i], D)).astype(np.float32)} for i in range(n)]
+
+
+def _check_against_single_runs(model, batches, names):
+    grouped = CountingSession(model)
+    single = CountingSession(model)
+    results = list(grouped_runs(grouped, names, batches))
+    assert [r[0] for r in results] == batches  # every batch, in order, with its own feed
+    for (feed, outputs) in results:
+        for got, want in zip(outputs, single(names, feed)):
+            assert got.shape == want.shape
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    return grouped.runs
+
+
+def test_stacked_flattened_and_batch_independent_tensors_come_back_per_batch():
+    batches = _batches(20)
+    runs = _check_against_single_runs(_model(), batches, ["y", "flat", "table"])
+    assert runs <= 4  # two single runs and the joint check, then the other 18 batches in one run
+
+
+def test_a_tensor_laid_out_sequence_first_keeps_one_run_per_batch():
+    batches = _batches(6)
+    runs = _check_against_single_runs(_model(sequence_first=True), batches, ["y", "y_t"])
+    assert runs == 6 + 1  # the joint check failed: no grouping
+
+
+def test_a_graph_with_a_fixed_batch_size_keeps_one_run_per_batch():
+    batches = _batches(5)
+    assert _check_against_single_runs(_model(batch=1), batches, ["y", "flat"]) == 5 + 1
+
+
+def test_batches_of_different_shapes_group_only_with_their_equals():
+    lengths = [4, 4, 4, 4, 3, 3, 3, 4, 4]
+    batches = _batches(len(lengths), lengths=lengths)
+    model = _model()
+    model.graph.input[0].type.tensor_type.shape.dim[1].dim_param = "S"
+    runs = _check_against_single_runs(model, batches, ["y", "flat"])
+    assert runs == 2 + 1 + 3  # 2 singles, the check, then runs of lengths 4·2, 3·3, 4·2
