@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
+from onnxq.ir.modelio import LARGE_TENSOR_BYTES
 from onnxq.quant.qdq import Format
 from onnxq.runtime.segments import Resume
 from onnxq.stats.calib_data import CalibrationSet
@@ -188,6 +189,7 @@ class HessianStore:
         observer = HessianObserver(readers, self.affinities)
         desc = "GPTQ statistics" if len(self.groups) == 1 else f"GPTQ statistics {group + 1}/{len(self.groups)}"
         observe(self.snapshot, self.data, observer, desc=desc, show_progress=self.show_progress, resume=self.resume)
+        _release(self.snapshot, self.resume.behind)
         self.held.update(observer.hessians(readers))
         self.collected.add(group)
         self.passes += 1
@@ -246,6 +248,18 @@ def _snapshot(model: ir.Model) -> ir.Model:
     for name, tensor in held.items():
         copy.graph.initializers[name].const_value = tensor
     return copy
+
+
+def _release(snapshot: ir.Model, names: frozenset[str]) -> None:
+    """The snapshot's large weights that no later pass reads (upstream of where passes resume) become
+    placeholders of their dtype and shape that hold no memory, so each float array goes as soon as the
+    model has its integers, not when the last group's Hessians are collected."""
+    for name in names:
+        value = snapshot.graph.initializers.get(name)
+        tensor = value.const_value if value is not None else None
+        if tensor is not None and tensor.nbytes >= LARGE_TENSOR_BYTES:
+            empty = np.broadcast_to(np.zeros((), tensor.dtype.numpy()), tuple(tensor.shape))
+            value.const_value = ir.Tensor(empty, name=name)
 
 
 def _row_source(node: ir.Node, affinities: Mapping[str, str]) -> tuple:
