@@ -247,7 +247,8 @@ def bench_model(label, fp32, input_name, calib, evaluation, accuracy, out: Path,
     quant_seconds["onnxq --target ort-cpu"] = round(time.perf_counter() - start, 1)
     paths["onnxq --target ort-cpu"] = out / "onnxq_ort_cpu.onnx"
     notes: list[str] = []
-    print(f"[{label}] onnxq {quant_seconds['onnxq --target ort-cpu']} s; ORT's quantizer ...", flush=True)
+    print(f"[{label}] onnxq {quant_seconds['onnxq --target ort-cpu']} s" + ("; ORT's quantizer ..." if anchors_too else ""),
+          flush=True)
     if anchors_too:
         _ort_rows(fp32, input_name, calib, out, notes, paths, quant_seconds)
     for name in list(paths):  # a quantizer whose output ORT cannot load is reported, not timed

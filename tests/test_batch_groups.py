@@ -84,3 +84,47 @@ def test_batches_of_different_shapes_group_only_with_their_equals():
     model.graph.input[0].type.tensor_type.shape.dim[1].dim_param = "S"
     runs = _check_against_single_runs(model, batches, ["y", "flat"])
     assert runs == 2 + 1 + 3  # 2 singles, the check, then runs of lengths 4·2, 3·3, 4·2
+
+
+def test_mask_sized_values_do_not_make_a_wrong_layout_pass():
+    """A sequence-first tensor that also holds float32's lowest value (an additive attention mask): the
+    check compares the other entries at their own scale, so the wrong layout is still refused."""
+    model = _model(sequence_first=True)
+    mask = np.zeros((4, 1, D), np.float32)
+    mask[0, 0, :2] = np.finfo(np.float32).min
+    model.graph.initializer.append(numpy_helper.from_array(mask, "mask"))
+    model.graph.node.append(helper.make_node("Add", ["y_t", "mask"], ["masked"]))
+    model.graph.output.append(helper.make_tensor_value_info("masked", TensorProto.FLOAT, None))
+    batches = _batches(5)
+    assert _check_against_single_runs(model, batches, ["masked"]) == 5 + 1
+
+
+def test_two_equal_first_batches_vouch_for_nothing():
+    batches = _batches(6)
+    batches[1] = {"x": batches[0]["x"].copy()}
+    assert _check_against_single_runs(_model(sequence_first=True), batches, ["y_t"]) == 6
+
+
+def test_a_graph_with_a_data_dependent_op_runs_batch_by_batch(monkeypatch):
+    """NonZero's length depends on the values: the statistics service does not group such a graph."""
+    from onnxq.ir.modelio import load_model
+    from onnxq.stats import service
+
+    model = _model()
+    model.graph.node.append(helper.make_node("NonZero", ["y"], ["nz"]))
+    model.graph.output.append(helper.make_tensor_value_info("nz", TensorProto.INT64, None))
+    calls, seen = [], []
+
+    def recording(run, names, batches, *, allowed=True):
+        calls.append(allowed)
+        return grouped_runs(run, names, batches, allowed=allowed)
+
+    class Seen:
+        names = ("y",)
+
+        def update(self, values):
+            seen.append(values["y"].shape)
+
+    monkeypatch.setattr(service, "grouped_runs", recording)
+    service.observe(load_model(model), _batches(4), Seen(), desc="", show_progress=False)
+    assert calls == [False] and seen == [(1, 4, D)] * 4

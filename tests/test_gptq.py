@@ -173,16 +173,18 @@ def test_gptq_without_torch_rounds_to_nearest_and_says_so():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=TESTS.parent, env=_with_tests_on_path())
 
 
-@pytest.mark.parametrize("pending_rows", [1, 7, 10**9], ids=["each-batch", "some-batches", "all-at-the-end"])
-def test_hessian_sums_are_the_inputs_gram_matrices_by_batch_parity(monkeypatch, pending_rows):
-    """H is gathered from several batches' rows per product; the sums are XᵀX of the even and of the odd
-    batches however many rows go into one product."""
+@pytest.mark.parametrize(("pending_rows", "thin_rows"), [(1, 64), (7, 64), (10**9, 64), (7, 1)],
+                         ids=["each-batch", "some-batches", "all-at-the-end", "thick-batches-at-once"])
+def test_hessian_sums_are_the_inputs_gram_matrices_by_batch_parity(monkeypatch, pending_rows, thin_rows):
+    """H is gathered from several thin batches' rows per product (thick ones are added at once); the sums
+    are XᵀX of the even and of the odd batches however many rows go into one product."""
     from onnx import TensorProto, helper, numpy_helper
 
     from onnxq.ir.modelio import load_model
     from onnxq.stats.service import observe
 
     monkeypatch.setattr(gptq, "PENDING_ROWS", pending_rows)
+    monkeypatch.setattr(gptq, "THIN_ROWS", thin_rows)
     rng = np.random.default_rng(0)
     graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 5, 8])],

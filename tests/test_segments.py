@@ -106,7 +106,6 @@ def test_the_service_serves_each_observer_the_same_statistics_in_segments():
 def test_hessians_collected_group_by_group_resume_where_the_last_group_stopped():
     """GPTQ's matrices in several budgeted groups: each group's run starts at the segment where the last
     one stopped (so all groups together cost about one pass), and the matrices are those of one pass."""
-    from onnxq.quant import gptq
     from onnxq.quant.gptq import collect_hessians
 
     model = typed(residual_stack())
@@ -118,23 +117,16 @@ def test_hessians_collected_group_by_group_resume_where_the_last_group_stopped()
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(segments, "SEGMENT_THRESHOLD_BYTES", 0)
         patch.setattr(segments, "SEGMENT_BUDGET_BYTES", ONE_LAYER)
-        patch.setattr(gptq, "LARGE_TENSOR_BYTES", 0)  # every weight behind the resume point is released
         grouped = collect_hessians(model, readers, data, show_progress=False, budget_bytes=2 * 4 * WIDTH**2)
         assert len(grouped.groups) == 12
-        starts, released = [], []
+        starts = []
         for key in readers:
             got = grouped.pop(key)
             starts.append(grouped.resume.segment if grouped.resume is not None else None)
-            if grouped.snapshot is not None:  # the snapshot's weights no later run reads hold no memory
-                released.append(sum(0 in v.const_value.numpy().strides for v in grouped.snapshot.graph.initializers.values()
-                                    if v.const_value is not None and v.const_value.numpy().ndim))
             np.testing.assert_allclose(got.fit, expected[key].fit, rtol=1e-5)
             np.testing.assert_allclose(got.check, expected[key].check, rtol=1e-5)
     assert grouped.passes == 12
     assert starts[:-1] == sorted(starts[:-1]) and starts[-2] >= 4, starts  # each run began further in
-    assert released == sorted(released) and released[-1] >= 4, released  # ... and let go of what lay behind
-    assert all(0 not in v.const_value.numpy().strides for v in model.graph.initializers.values()
-               if v.const_value.numpy().ndim)  # the model's own weights are untouched
 
 
 def test_small_models_and_control_flow_run_whole():

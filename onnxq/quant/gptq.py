@@ -28,7 +28,6 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from onnxq.ir.modelio import LARGE_TENSOR_BYTES
 from onnxq.quant.qdq import Format
 from onnxq.runtime.segments import Resume
 from onnxq.stats.calib_data import CalibrationSet
@@ -39,6 +38,7 @@ from onnxq.stats.service import observe
 DAMPINGS = (0.01, 0.1, 1.0)
 BLOCK = 128  # rows rounded per lazy update of the rest of the matrix
 PENDING_ROWS = 512  # input rows gathered before they are added to H (one product instead of many thin ones)
+THIN_ROWS = 64  # batches with fewer rows are gathered; larger ones are added at once (no buffer to hold)
 
 
 def supported(node: ir.Node) -> bool:
@@ -103,6 +103,9 @@ class HessianObserver:
                 rows = rows * torch.from_numpy(np.sqrt(np.maximum(gate, 0.0)))[:, None]
             key = (*source, self.seen[source] % 2)
             self.seen[source] += 1
+            if len(rows) >= THIN_ROWS and key not in self.pending:  # a batch of many rows: one product already
+                self._add(key, rows)
+                continue
             self.pending.setdefault(key, []).append(rows)
             if sum(len(r) for r in self.pending[key]) >= PENDING_ROWS:
                 self._add_pending(key)
@@ -112,7 +115,9 @@ class HessianObserver:
         which costs a whole pass over the d_in² matrix; gathered, the same sums cost a fraction."""
         import torch
 
-        rows = torch.cat(self.pending.pop(key))
+        self._add(key, torch.cat(self.pending.pop(key)))
+
+    def _add(self, key: tuple, rows) -> None:
         if key in self.totals:
             self.totals[key].addmm_(rows.T, rows)  # in place: no second matrix while adding
         else:
@@ -189,7 +194,6 @@ class HessianStore:
         observer = HessianObserver(readers, self.affinities)
         desc = "GPTQ statistics" if len(self.groups) == 1 else f"GPTQ statistics {group + 1}/{len(self.groups)}"
         observe(self.snapshot, self.data, observer, desc=desc, show_progress=self.show_progress, resume=self.resume)
-        _release(self.snapshot, self.resume.behind)
         self.held.update(observer.hessians(readers))
         self.collected.add(group)
         self.passes += 1
@@ -248,18 +252,6 @@ def _snapshot(model: ir.Model) -> ir.Model:
     for name, tensor in held.items():
         copy.graph.initializers[name].const_value = tensor
     return copy
-
-
-def _release(snapshot: ir.Model, names: frozenset[str]) -> None:
-    """The snapshot's large weights that no later pass reads (upstream of where passes resume) become
-    placeholders of their dtype and shape that hold no memory, so each float array goes as soon as the
-    model has its integers, not when the last group's Hessians are collected."""
-    for name in names:
-        value = snapshot.graph.initializers.get(name)
-        tensor = value.const_value if value is not None else None
-        if tensor is not None and tensor.nbytes >= LARGE_TENSOR_BYTES:
-            empty = np.broadcast_to(np.zeros((), tensor.dtype.numpy()), tuple(tensor.shape))
-            value.const_value = ir.Tensor(empty, name=name)
 
 
 def _row_source(node: ir.Node, affinities: Mapping[str, str]) -> tuple:

@@ -150,12 +150,12 @@ def _fold_scalar_affine_into_next_conv(graph: ir.Graph, namer: Namer) -> int:
     affine block after it are three such ops on every feature map)."""
     folded = 0
     for conv in _standard_nodes(graph, ("Conv",)):
-        if conv.graph is None or conv.inputs[0] is None:  # a reader of a chain folded earlier
-            continue
         chain = _scalar_chain(conv.inputs[0])
         readers = [user for user, _ in conv.inputs[0].uses()]
         if not chain or not all(_folds_into(user, conv.inputs[0]) for user in readers):
             continue
+        if len(chain) == 1 and chain[0].op_type == "Add" and any(_pads(user) for user in readers):
+            continue  # it would become the same Add (the shift this rewrite leaves before a padded Conv)
         c, b = np.float32(1.0), np.float32(0.0)
         for node in chain:  # head to tail
             k = np.float32(_constant_operand(node)[1].reshape(-1)[0])
@@ -199,6 +199,9 @@ def _scalar_chain(value: ir.Value) -> list[ir.Node]:
         operand = _constant_operand(node)
         if operand is None or operand[1].size != 1 or (chain and only_consumer(node.outputs[0]) is not chain[0]):
             break
+        data_shape = operand[0].shape
+        if operand[1].ndim > 1 and (data_shape is None or operand[1].ndim > len(data_shape)):
+            break  # a constant of higher rank broadcasts the data up: the Conv would read a lower rank
         chain.insert(0, node)
         node = operand[0].producer()
     return chain

@@ -9,8 +9,9 @@ Splitting assumes what ORT does not promise: that a fetched tensor either stacks
 axis 0 (an activation, a flattened (batch·sequence, features) matrix) or does not depend on the batch
 (a rotary table). It is checked, not assumed: the first two batches run alone and together, and
 grouping is used only if every tensor of the joint run is the two single runs' tensors stacked, or
-equal to both. Anything else (a tensor laid out sequence-first, a data-dependent shape, a graph input
-with a fixed batch size) keeps one run per batch.
+equal to both. Anything else (a tensor laid out sequence-first, a graph input with a fixed batch
+size, two equal first batches) keeps one run per batch, and so does a graph with an op whose output
+length depends on the values (DATA_DEPENDENT), which two batches cannot vouch for.
 """
 
 from __future__ import annotations
@@ -25,9 +26,19 @@ GROUP_BYTES = 64 << 20  # fetched bytes one joint run may return
 MAX_GROUP = 32  # batches in one joint run
 
 
-def grouped_runs(run, names: Sequence[str], batches: Iterable[Feed]) -> Iterator[tuple[Feed, list[np.ndarray]]]:
+# ops whose output length depends on the values (or whose bodies could couple samples): the check on
+# two batches cannot vouch for later ones, so a graph holding one runs batch by batch
+DATA_DEPENDENT = frozenset({"NonZero", "Compress", "Unique", "NonMaxSuppression", "TopK", "Loop", "If", "Scan"})
+
+
+def grouped_runs(run, names: Sequence[str], batches: Iterable[Feed], *,
+                 allowed: bool = True) -> Iterator[tuple[Feed, list[np.ndarray]]]:
     """(feed, outputs) per batch, in order, as `run(names, feed)` would give them one by one, but
-    running consecutive batches of equal input shapes together where the check above allows it."""
+    running consecutive batches of equal input shapes together where the check above allows it
+    (`allowed`: False keeps one run per batch, for a graph with a DATA_DEPENDENT op)."""
+    if not allowed:
+        yield from ((feed, run(names, dict(feed))) for feed in batches)
+        return
     batches = iter(batches)
     first = next(batches, None)
     if first is None:
@@ -39,21 +50,26 @@ def grouped_runs(run, names: Sequence[str], batches: Iterable[Feed]) -> Iterator
         return
     single.append(run(names, dict(second)))
     yield second, single[1]
-    try:
-        kinds = _split_kinds([first, second], single, run(names, _joined([first, second])))
-    except Exception:  # shapes that do not join, or a graph that takes one batch size only
-        kinds = None
+    kinds = None
+    if not _same_values(first, second):  # two equal batches would pass any tensor
+        try:
+            kinds = _split_kinds([first, second], single, run(names, _joined([first, second])))
+        except Exception:  # shapes that do not join, or a graph that takes one batch size only
+            kinds = None
     if kinds is None:
         for feed in batches:
             yield feed, run(names, dict(feed))
         return
-    per_batch = max(sum(x.nbytes for x in single[0]), 1)
-    limit = max(1, min(MAX_GROUP, GROUP_BYTES // per_batch))
+    per_batch, fed = max(sum(x.nbytes for x in single[0]), 1), _fed_bytes(first)
     group: list[Feed] = []
+    limit = 1
     for feed in batches:
-        if group and (len(group) == limit or not _same_shapes(group[0], feed)):
+        if group and (len(group) >= limit or not _same_shapes(group[0], feed)):
             yield from _run_group(run, names, group, kinds)
             group = []
+        if not group:  # fetched bytes taken to grow with the square of the feed (attention scores)
+            estimate = per_batch * max(1.0, _fed_bytes(feed) / fed) ** 2
+            limit = max(1, min(MAX_GROUP, int(GROUP_BYTES // estimate)))
         group.append(feed)
     if group:
         yield from _run_group(run, names, group, kinds)
@@ -99,11 +115,24 @@ def _split_kinds(feeds: list[Feed], single: list[list[np.ndarray]], joint: list[
 
 
 def _close(x: np.ndarray, y: np.ndarray) -> bool:
-    """Equal up to the summation-order differences of a larger matrix product."""
+    """Equal up to the summation-order differences of a larger matrix product. Mask-sized values
+    (|v| ≥ 1e30, ±inf, NaN) must match exactly and do not set the tolerance."""
     if x.dtype.kind not in "fc":
         return bool(np.array_equal(x, y))
-    scale = float(np.max(np.abs(y))) if y.size else 0.0
-    return bool(np.allclose(x, y, rtol=1e-4, atol=1e-5 * scale, equal_nan=True))
+    huge_x, huge_y = ~(np.abs(x) < 1e30), ~(np.abs(y) < 1e30)
+    if not np.array_equal(huge_x, huge_y) or not np.array_equal(x[huge_x], y[huge_y], equal_nan=True):
+        return False
+    rest_x, rest_y = x[~huge_x], y[~huge_y]
+    scale = float(np.max(np.abs(rest_y))) if rest_y.size else 0.0
+    return bool(np.allclose(rest_x, rest_y, rtol=1e-4, atol=1e-5 * scale))
+
+
+def _same_values(a: Feed, b: Feed) -> bool:
+    return _same_shapes(a, b) and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def _fed_bytes(feed: Feed) -> int:
+    return max(sum(np.asarray(v).nbytes for v in feed.values()), 1)
 
 
 def _same_shapes(a: Feed, b: Feed) -> bool:

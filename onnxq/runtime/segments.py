@@ -54,7 +54,6 @@ class Resume:
     cuts: tuple[str, ...] = ()
     segment: int = 0
     carried: list[dict[str, np.ndarray]] | None = None  # one dict per batch
-    behind: frozenset[str] = frozenset()  # initializers only segments before `segment` read
 
 
 def worth_segmenting(model: ir.Model, threshold_bytes: int | None = None) -> bool:
@@ -122,7 +121,6 @@ class SegmentedModel:
             segment = self.segments[k]
             if resume is not None and k == last:
                 resume.cuts, resume.segment, resume.carried = cuts, k, [dict(c) for c in carried]
-                resume.behind = frozenset(_initializers(self.segments[:k]) - _initializers(self.segments[k:]))
             sess = self._session(segment, threads)
             for b, feed in enumerate(batches):
                 inputs = {n: carried[b][n] if n in carried[b] else feed[n] for n in segment.inputs
@@ -242,10 +240,6 @@ def _topological(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
 def _nbytes(tensor: onnx.TensorProto) -> int:
     itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
     return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
-
-
-def _initializers(segments: Sequence[Segment]) -> set[str]:
-    return {name for segment in segments for name in segment.initializers}
 
 
 def _later_reads(segments: Sequence[Segment]) -> list[set[str]]:

@@ -29,7 +29,7 @@ import onnx_ir as ir
 
 from onnxq.errors import OnnxqError
 from onnxq.progress import progress
-from onnxq.runtime.batch_groups import grouped_runs
+from onnxq.runtime.batch_groups import DATA_DEPENDENT, grouped_runs
 from onnxq.runtime.segments import Resume, SegmentedModel, worth_segmenting
 from onnxq.runtime.session import exposing, session
 
@@ -111,8 +111,9 @@ class StatisticsService:
             except Exception as exc:  # ORT raises its own exception types for bad feeds
                 raise OnnxqError(f"ONNX Runtime failed on a batch: {str(exc).splitlines()[0]}") from None
 
-        for feed, outputs in progress(grouped_runs(run, names, batches), desc=desc, total=total, unit="batch",
-                                      disable=not self.show_progress):
+        groupable = not any(node.op_type in DATA_DEPENDENT for node in self.model.graph)
+        for feed, outputs in progress(grouped_runs(run, names, batches, allowed=groupable), desc=desc, total=total,
+                                      unit="batch", disable=not self.show_progress):
             mask = feed.get(self.padding_mask) if self.padding_mask else None
             if mask is not None and not mask.all():
                 keep = mask.astype(bool)

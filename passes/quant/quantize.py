@@ -187,7 +187,7 @@ class Quantize(GraphPass):
                 q = (q.astype(np.int16) + zero_point).astype(stored.numpy)
             insert_weight_dq(graph, namer, weight, slots, q, scale, axis, stored, block, zero_point)
             if weight.name not in graph.initializers and not weight.uses():
-                weight.const_value = None  # its float array goes now, not when the pass returns (plan holds the value)
+                weight.const_value = None  # an initializer's float array goes now, not when the pass returns (plan holds the value)
             granularity = (f"blocks of {block}" if block else
                            f"per-channel axis {axis}" if axis is not None else "per-tensor")
             if stored is not fmt and stored is not UINT8:
