@@ -94,6 +94,18 @@ def add_initializer(graph: ir.Graph, namer: Namer, base_name: str, array: np.nda
     return value
 
 
+def swap_initializer(graph: ir.Graph, namer: Namer, node: ir.Node, index: int, base_name: str,
+                     array: np.ndarray) -> ir.Value:
+    """Point `node.inputs[index]` at a new initializer holding `array`; the old one goes if nothing else
+    reads it (it may be shared, so it is not edited in place)."""
+    old = node.inputs[index]
+    new = add_initializer(graph, namer, base_name, array)
+    node.replace_input_with(index, new)
+    if old is not None and not old.uses() and old.is_initializer() and not old.is_graph_input():
+        graph.initializers.pop(old.name)
+    return new
+
+
 def replace_initializer(value: ir.Value, array: np.ndarray) -> None:
     """Give initializer `value` new contents, keeping its name and every reader."""
     value.const_value = ir.tensor(array, name=value.name)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from onnxq.ir.graph import Namer, add_initializer, const_array, take_over_output
+from onnxq.ir.graph import Namer, add_initializer, const_array, swap_initializer, take_over_output
 
 _LAYERS = ("Conv", "ConvTranspose", "Gemm")
 # int32's range, with room for the float rounding of b / (s_x·s_w) in ONNX Runtime's own arithmetic
@@ -99,10 +99,7 @@ def widen_weight_scales(graph: ir.Graph) -> list[str]:
         requantized = np.clip(np.round(real / new_scale.astype(np.float64).reshape(shape)) + zp.reshape(shape),
                               info.min, info.max).astype(q.dtype)
         for index, array in ((0, requantized), (1, new_scale)):
-            old = dq.inputs[index]
-            dq.replace_input_with(index, add_initializer(graph, namer, f"{old.name}_widened", array))
-            if not old.uses() and old.is_initializer() and not old.is_graph_input():
-                graph.initializers.pop(old.name)
+            swap_initializer(graph, namer, dq, index, f"{dq.inputs[index].name}_widened", array)
         dq.metadata_props["onnxq.scale_widened"] = (
             f"{int(np.sum(new_scale > scale))} channel step(s) raised so the bias fits int32 (ORT fuses the layer)")
         widened.append(node.name)

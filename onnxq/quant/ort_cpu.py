@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from onnxq.ir.graph import Namer, add_initializer, const_array, mark_changed, only_consumer
+from onnxq.ir.graph import Namer, add_initializer, const_array, mark_changed, only_consumer, swap_initializer
 from onnxq.quant.qdq import MASK_CONSTANT
 
 _INT8_BINARY = ("Add", "Mul")
@@ -100,11 +100,8 @@ def _fold_affine_into_conv(graph: ir.Graph, namer: Namer) -> int:
                 bias = bias + c
             if len(conv.inputs) < 3:
                 conv.resize_inputs(3)
-            old_inputs = conv.inputs[1:3]
-            conv.replace_input_with(1, add_initializer(graph, namer, f"{conv.name}_weight_folded", weight.astype(np.float32)))
-            conv.replace_input_with(2, add_initializer(graph, namer, f"{conv.name}_bias_folded", bias))
-            for old in old_inputs:
-                _drop_if_unused(graph, old)
+            swap_initializer(graph, namer, conv, 1, f"{conv.name}_weight_folded", weight.astype(np.float32))
+            swap_initializer(graph, namer, conv, 2, f"{conv.name}_bias_folded", bias)
             result, user_constant = user.outputs[0], [v for v in user.inputs if v is not out]
             was_output, name = result.is_graph_output(), result.name
             ir.convenience.replace_all_uses_with(result, out, replace_graph_outputs=True)
@@ -178,9 +175,9 @@ def _fold_scalar_affine_into_next_conv(graph: ir.Graph, namer: Namer) -> int:
                 bias = (np.zeros(weight.shape[0], np.float32) if bias is None else bias.astype(np.float32))
                 if len(user.inputs) < 3:
                     user.resize_inputs(3)
-                _replace_constant(graph, namer, user, 2, f"{user.name}_bias_folded",
-                                  bias + b * weight.reshape(weight.shape[0], -1).sum(axis=1))
-            _replace_constant(graph, namer, user, 1, f"{user.name}_weight_folded", (weight * c).astype(np.float32))
+                swap_initializer(graph, namer, user, 2, f"{user.name}_bias_folded",
+                                 bias + b * weight.reshape(weight.shape[0], -1).sum(axis=1))
+            swap_initializer(graph, namer, user, 1, f"{user.name}_weight_folded", (weight * c).astype(np.float32))
             user.replace_input_with(0, data)
         for node in reversed(chain):
             constant = _constant_operand(node)[1:]
@@ -217,12 +214,6 @@ def _folds_into(user: ir.Node, value: ir.Value) -> bool:
 def _pads(conv: ir.Node) -> bool:
     pads = conv.attributes.get_ints("pads", [])
     return any(pads) or conv.attributes.get_string("auto_pad", "NOTSET") in ("SAME_UPPER", "SAME_LOWER")
-
-
-def _replace_constant(graph: ir.Graph, namer: Namer, node: ir.Node, index: int, name: str, array: np.ndarray) -> None:
-    old = node.inputs[index]
-    node.replace_input_with(index, add_initializer(graph, namer, name, array))
-    _drop_if_unused(graph, old)
 
 
 def _quantize_scalar_operands(graph: ir.Graph, namer: Namer, signed: bool) -> int:
