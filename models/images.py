@@ -9,12 +9,17 @@ of an image it has seen, and results are reported on photos no design choice has
 - 'test' (23 photos from the Debian packages mate-backgrounds and plasma-workspace-wallpapers,
   `apt-get install mate-backgrounds plasma-workspace-wallpapers`): photos nothing was tuned on.
 
+Set ONNXQ_PHOTO_DIR to a folder that holds every photo as <name><suffix> (`export_photos` writes one)
+to read them from there instead: a machine without the packages then cuts the same crops.
+
 Every split draws many crops per photo (several scales, positions and horizontal flips),
 deterministically from a seed.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -60,8 +65,15 @@ MIN_SCALE = 0.35  # smallest crop side, as a fraction of the photo's shorter sid
 
 
 def photo_path(name: str) -> Path:
-    """File of one named photo inside its installed package (Python or Debian)."""
+    """File of one named photo inside its installed package (Python or Debian), or in ONNXQ_PHOTO_DIR."""
     import importlib
+
+    if os.environ.get("ONNXQ_PHOTO_DIR"):
+        folder = Path(os.environ["ONNXQ_PHOTO_DIR"])
+        found = [p for p in folder.iterdir() if p.is_file() and p.stem == name] if folder.is_dir() else []
+        if len(found) != 1:
+            raise FileNotFoundError(f"ONNXQ_PHOTO_DIR={folder} holds {len(found)} files named '{name}'; it needs one")
+        return found[0]
 
     if name in _DEBIAN_PHOTOS:
         package, path = _DEBIAN_PHOTOS[name]
@@ -71,6 +83,17 @@ def photo_path(name: str) -> Path:
         return Path(path)
     package, rel = _PHOTOS[name]
     return Path(importlib.import_module(package).__file__).parent / rel
+
+
+def export_photos(folder: str | os.PathLike) -> Path:
+    """Copy every photo of every split into `folder` as <name><suffix>, for ONNXQ_PHOTO_DIR elsewhere."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in {n for split in SPLITS.values() for n in split}:
+        source, target = photo_path(name), folder / f"{name}{photo_path(name).suffix}"
+        if source.resolve() != target.resolve():
+            shutil.copyfile(source, target)
+    return folder
 
 
 def load_photo(name: str) -> np.ndarray:

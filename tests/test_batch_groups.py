@@ -99,6 +99,19 @@ def test_mask_sized_values_do_not_make_a_wrong_layout_pass():
     assert _check_against_single_runs(model, batches, ["masked"]) == 5 + 1
 
 
+def test_batches_that_fill_a_joint_run_alone_skip_the_check(monkeypatch):
+    """With a budget that one batch's tensors half fill, grouping cannot gain: no joint check run is made
+    (one run per batch, not three extra), and the outputs are the single runs'."""
+    from onnxq.runtime import batch_groups
+
+    batches = _batches(6, size=4)
+    per_batch = sum(np.asarray(o).nbytes for o in CountingSession(_model())(["y", "flat"], batches[0]))
+    monkeypatch.setattr(batch_groups, "GROUP_BYTES", 2 * per_batch - 1)
+    assert _check_against_single_runs(_model(), batches, ["y", "flat"]) == 6
+    monkeypatch.setattr(batch_groups, "GROUP_BYTES", 6 * per_batch)  # room: two alone, the joint check, four in one
+    assert _check_against_single_runs(_model(), batches, ["y", "flat"]) == 4
+
+
 def test_two_equal_first_batches_vouch_for_nothing():
     batches = _batches(6)
     batches[1] = {"x": batches[0]["x"].copy()}

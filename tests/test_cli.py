@@ -129,3 +129,10 @@ def test_help_teaches():
 def test_recipes_lists_builtins(capsys):
     code, text, _ = cli(capsys, "recipes")
     assert code == 0 and "default" in text and "equalize" in text and "exact" in text
+    import yaml
+
+    from onnxq.pipeline.recipes import RECIPE_DIR, builtin_recipes
+
+    for name in builtin_recipes():  # every built-in recipe says what it costs in time
+        cost = yaml.safe_load((RECIPE_DIR / f"{name}.yaml").read_text()).get("cost")
+        assert cost and cost in text, name

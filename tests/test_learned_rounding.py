@@ -75,3 +75,23 @@ def test_learn_iterations_is_bounded():
     with pytest.raises(OnnxqError, match="learn_iterations"):
         quantize(mobilenet_block_model(), {"input": random_images(4)},
                  recipe=[{"quantize": {"rounding": "adaround", "learn_iterations": 0}}], **OPTS)
+
+
+def test_bert_layers_learn_at_a_batch_size_other_than_one(torch_one_thread, tmp_path):
+    """A BERT export computes its batch size once (Shape → Gather) and every layer's Reshape reads it: a
+    layer block then gets that number as a shared input, valid for batches of the captured size only.
+    Learning runs such blocks on batches of exactly that size, and every layer is learned."""
+    from transformer_builders import export, feeds_for, tiny_bert
+
+    path = export(tiny_bert(), tmp_path / "bert.onnx", "bert")
+    calib, held_out = feeds_for("bert", 32, seed=1), feeds_for("bert", 8, seed=2)
+    reference = run(onnx.load(str(path)), held_out)[0]
+    logs = []
+    errors = {}
+    for rounding in ("nearest", "flexround"):
+        steps = [{"include": "transformer-w4a8", "override": {"quantize": {"rounding": rounding, "learn_iterations": 60}}}]
+        model = quantize(path, calib, recipe=steps, batch_size=8, show_progress=False, log=logs.append)
+        errors[rounding] = float(np.mean((run(model, held_out)[0] - reference) ** 2))
+    assert any("runs 8 samples at a time" in str(line) for line in logs)  # said, not silent
+    assert any("flexround learned 12 weights" in str(line) for line in logs), [str(x) for x in logs if "learn" in str(x)]
+    assert errors["flexround"] < errors["nearest"], errors

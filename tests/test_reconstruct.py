@@ -24,7 +24,7 @@ from onnxq.quant.reconstruct.blocks import (
 )
 from onnxq.quant.reconstruct.fold_back import fold_back, insert_activation_points, learned_weights
 from onnxq.quant.reconstruct.points import ActivationPoint, QuantPoints, points_from_plan, weight_point
-from onnxq.quant.reconstruct.rounding import LearnConfig, block_output_mse, learn_rounding
+from onnxq.quant.reconstruct.rounding import LearnConfig, NothingToLearn, block_output_mse, learn_rounding
 from onnxq.quant.reconstruct.torch_block import BlockModule
 from onnxq.quant.reconstruct.torch_ops import UnsupportedOp
 from onnxq.quant.targets import get_target
@@ -100,6 +100,8 @@ CASES = {
                      node("Add", ["th", "ef"], ["y1"]), node("Add", ["hs", "hw"], ["y2"]), node("Add", ["y2", "cl"], ["y3"]),
                      node("Add", ["y0", "y1"], ["y4"]), node("Add", ["y3", "y4"], ["y"])],
                     {"x": X3}, {"lo": S(-0.5), "hi": S(0.8)}, 21),
+    "min_max_abs_variadic": ([node("Max", ["x", "lo"], ["a"]), node("Min", ["a", "hi", "x"], ["b"]), node("Abs", ["b"], ["y"])],
+                             {"x": X3}, {"lo": S(-0.5), "hi": S(np.linspace(0.1, 0.9, 8))}, 21),
     "gelu_exact_and_tanh": ([node("Gelu", ["x"], ["a"]), node("Gelu", ["x"], ["b"], approximate="tanh"),
                              node("Add", ["a", "b"], ["y"])], {"x": X3}, {}, 20),
     "softmax_13": ([node("Softmax", ["x"], ["y"], axis=1)], {"x": X3}, {}, 13),
@@ -411,3 +413,39 @@ def test_transformer_layer_block_matches_ort(tmp_path):
     report = learn_rounding(module, inputs, config=LearnConfig(method="flexround", iterations=60, batch_size=4),
                             shared=shared)
     assert report.mse_learned < 0.9 * report.mse_nearest, report
+
+
+def test_outputs_that_are_not_per_sample_floats_are_left_out_of_the_loss():
+    """A layer hands a shape scalar to later layers (as BERT exports do): the scalar is a block output but
+    not something rounding can move, so learning compares the float outputs only."""
+    proto = mlp_block()
+    proto.graph.node.extend([node("Shape", ["x"], ["shape"]), node("Gather", ["shape", "zero"], ["n"], axis=0)])
+    proto.graph.initializer.append(numpy_helper.from_array(np.array(0, np.int64), "zero"))
+    proto.graph.output.append(helper.make_tensor_value_info("n", I64, []))
+    x = np.random.default_rng(7).normal(size=(96, 16)).astype(np.float32)
+    model = ir.from_proto(proto)
+    block = block_from_nodes(model.graph, list(model.graph))
+    assert any(v.name == "n" for v in block.outputs)
+    module = BlockModule(block, weight_points(proto, 4), model=model)
+    report = learn_rounding(module, [x], config=LearnConfig(method="flexround", iterations=100, batch_size=32))
+    assert report.mse_learned < report.mse_nearest
+
+    only_scalar = ir.from_proto(make_model([node("Shape", ["x"], ["shape"]), node("Gather", ["shape", "zero"], ["n"], axis=0),
+                                            node("MatMul", ["x", "w"], ["m"]), node("Shape", ["m"], ["s2"]),
+                                            node("Gather", ["s2", "zero"], ["y"], axis=0)],
+                                           {"x": np.zeros((1, 16), np.float32)},
+                                           {"zero": np.array(0, np.int64), "w": np.ones((16, 4), np.float32)}, ["n", "y"],
+                                           batch=True))
+    block = block_from_nodes(only_scalar.graph, list(only_scalar.graph))
+    with pytest.raises(NothingToLearn):
+        learn_rounding(BlockModule(block, weight_points(ir.to_proto(only_scalar), 4), model=only_scalar), [x],
+                       config=LearnConfig(iterations=5))
+
+
+def test_a_block_whose_inputs_are_all_shared_has_nothing_to_learn():
+    """Only tables every sample shares (no per-sample input): there are no samples to fit."""
+    proto = mlp_block()
+    model = ir.from_proto(proto)
+    module = BlockModule(block_from_nodes(model.graph, list(model.graph)), weight_points(proto, 4), model=model)
+    with pytest.raises(NothingToLearn, match="shared"):
+        learn_rounding(module, [np.ones((3, 16), np.float32)], shared=[True], config=LearnConfig(iterations=5))

@@ -414,8 +414,9 @@ def _recipes(args) -> int:
     rows = []
     for name in builtin_recipes():
         spec = yaml.safe_load((RECIPE_DIR / f"{name}.yaml").read_text())
-        rows.append((name, spec.get("description", "")))
-    print(table(["recipe", "what it does"], rows, title="built-in recipes (onnxq quantize --recipe NAME)"))
+        rows.append((name, spec.get("description", ""), spec.get("cost", "")))
+    print(table(["recipe", "what it does", "time it takes (2-core CPU unless said)"], rows,
+                title="built-in recipes (onnxq quantize --recipe NAME)"))
     rows = [(name, cls.kind.value, textwrap.shorten((cls.__module__ and sys.modules[cls.__module__].__doc__ or "").split("\n")[0], 90))
             for name, cls in ((n, pass_class(n)) for n in pass_names())]
     print("\n" + table(["pass", "kind", "what it does"], rows, title="passes a recipe can name"))

@@ -10,7 +10,8 @@ axis 0 (an activation, a flattened (batch·sequence, features) matrix) or does n
 (a rotary table). It is checked, not assumed: the first two batches run alone and together, and
 grouping is used only if every tensor of the joint run is the two single runs' tensors stacked, or
 equal to both. Anything else (a tensor laid out sequence-first, a graph input with a fixed batch
-size, two equal first batches) keeps one run per batch, and so does a graph with an op whose output
+size, two equal first batches) keeps one run per batch, as do batches whose fetched tensors alone
+take half of a joint run's byte budget (nothing to gain, and the check would cost two batches' worth), and so does a graph with an op whose output
 length depends on the values (DATA_DEPENDENT), which two batches cannot vouch for.
 """
 
@@ -51,7 +52,11 @@ def grouped_runs(run, names: Sequence[str], batches: Iterable[Feed], *,
     single.append(run(names, dict(second)))
     yield second, single[1]
     kinds = None
-    if not _same_values(first, second):  # two equal batches would pass any tensor
+    per_batch, fed = max(sum(x.nbytes for x in single[0]), 1), _fed_bytes(first)
+    # batches that already fill a joint run's budget alone gain nothing: skip the check, which runs and
+    # compares two batches' worth of every fetched tensor
+    worth_it = GROUP_BYTES // per_batch >= 2
+    if worth_it and not _same_values(first, second):  # two equal batches would pass any tensor
         try:
             kinds = _split_kinds([first, second], single, run(names, _joined([first, second])))
         except Exception:  # shapes that do not join, or a graph that takes one batch size only
@@ -60,7 +65,6 @@ def grouped_runs(run, names: Sequence[str], batches: Iterable[Feed], *,
         for feed in batches:
             yield feed, run(names, dict(feed))
         return
-    per_batch, fed = max(sum(x.nbytes for x in single[0]), 1), _fed_bytes(first)
     group: list[Feed] = []
     limit = 1
     for feed in batches:

@@ -23,7 +23,7 @@ from onnxq.progress import progress
 from onnxq.quant.reconstruct.blocks import Block, cnn_blocks, transformer_blocks
 from onnxq.quant.reconstruct.fold_back import learned_weights
 from onnxq.quant.reconstruct.points import QuantPoints, WeightPoint
-from onnxq.quant.reconstruct.rounding import LearnConfig, learn_rounding
+from onnxq.quant.reconstruct.rounding import LearnConfig, NothingToLearn, learn_rounding
 from onnxq.quant.reconstruct.torch_block import BlockModule
 from onnxq.quant.reconstruct.torch_ops import UnsupportedOp
 from onnxq.runtime.session import exposing, session
@@ -51,9 +51,13 @@ def learn_model_rounding(model: ir.Model, weights: Mapping[str, WeightPoint], da
         points = QuantPoints({}, {name: weights[name] for name in names})
         try:
             module = BlockModule(block, points, model=model)
-            inputs, shared = capture(model, block, data)
-            report = learn_rounding(module, inputs, config=config, shared=shared)
-        except UnsupportedOp as exc:
+            inputs, shared, batch = capture(model, block, data)
+            fixed = batch if _holds_batch_size(inputs, shared, batch) else None
+            if fixed is not None and fixed < config.batch_size:
+                log(f"quantize: {config.method}: block {block.nodes[0].name!r} reads a shape value computed for "
+                    f"batches of {fixed}: it runs {fixed} samples at a time")
+            report = learn_rounding(module, inputs, config=config, shared=shared, fixed_batch=fixed)
+        except (UnsupportedOp, NothingToLearn) as exc:
             log(f"quantize: {config.method}: block {block.nodes[0].name!r} left to round-to-nearest ({exc})")
             continue
         log(f"quantize: {config.method} block '{block.nodes[0].name}'..'{block.nodes[-1].name}': output error "
@@ -70,6 +74,13 @@ def learn_model_rounding(model: ir.Model, weights: Mapping[str, WeightPoint], da
             "block_mse_nearest": float(f"{before:.4e}"), "block_mse_learned": float(f"{after:.4e}")}
 
 
+def _holds_batch_size(inputs: list[np.ndarray], shared: list[bool], batch: int) -> bool:
+    """Whether a shared integer input (a shape value computed outside the block) holds the captured batch
+    size: a Reshape reading it is then right for batches of that size only."""
+    return any(whole and np.issubdtype(x.dtype, np.integer) and x.ndim <= 1 and batch in x.reshape(-1).tolist()
+               for x, whole in zip(inputs, shared))
+
+
 def _learnable(block: Block, weights: Mapping[str, WeightPoint]) -> list[str]:
     """The block's weights in `weights` whose every reader is a node of the block."""
     inside = set(block.nodes)
@@ -77,9 +88,10 @@ def _learnable(block: Block, weights: Mapping[str, WeightPoint]) -> list[str]:
             if v.name in weights and all(user in inside for user in v.consumers())]
 
 
-def capture(model: ir.Model, block: Block, data: Iterable[Feed]) -> tuple[list[np.ndarray], list[bool]]:
-    """The block's inputs on every calibration batch, joined along the sample axis, and which of them
-    every sample shares (a causal mask or a position table whose first axis is not the batch's)."""
+def capture(model: ir.Model, block: Block, data: Iterable[Feed]) -> tuple[list[np.ndarray], list[bool], int]:
+    """The block's inputs on every calibration batch, joined along the sample axis; which of them every
+    sample shares (a causal mask or a position table whose first axis is not the batch's, a shape value);
+    and the size of the first batch, for which shared shape values were computed."""
     names = [v.name for v in block.inputs]
     internal = [n for n in names if not any(n == i.name for i in model.graph.inputs)]
     sess = session(exposing(model, internal))
@@ -96,4 +108,7 @@ def capture(model: ir.Model, block: Block, data: Iterable[Feed]) -> tuple[list[n
             parts[n].append(values[n])
     if not parts[names[0]]:
         raise OnnxqError("learned rounding needs calibration data")
-    return [parts[n][0] if shared[n] else np.concatenate(parts[n]) for n in names], [shared[n] for n in names]
+    first_batch = next(x.shape[0] for n in names if not shared[n] for x in parts[n][:1]) \
+        if not all(shared.values()) else 1
+    return ([parts[n][0] if shared[n] else np.concatenate(parts[n]) for n in names], [shared[n] for n in names],
+            first_batch)

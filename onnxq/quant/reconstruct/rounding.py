@@ -35,6 +35,10 @@ from onnxq.quant.reconstruct.torch_block import BlockModule
 ZETA, GAMMA = 1.1, -0.1
 
 
+class NothingToLearn(OnnxqError):
+    pass
+
+
 class AdaRoundWeight(WeightQuantizer):
     def __init__(self, point: WeightPoint, w: torch.Tensor):
         super().__init__(point)
@@ -130,11 +134,13 @@ Progress = Callable[[int, int, float], None]  # (iteration, iterations, loss)
 
 def learn_rounding(module: BlockModule, inputs: Sequence[np.ndarray], targets: Sequence[np.ndarray] | None = None,
                    config: LearnConfig = LearnConfig(), progress: Progress | None = None,
-                   shared: Sequence[bool] | None = None) -> LearnReport:
+                   shared: Sequence[bool] | None = None, fixed_batch: int | None = None) -> LearnReport:
     """Swap each quantized weight's quantizer for a learned one and fit it; the module ends in its final
     (hard-rounded) state, ready for fold_back. Inputs follow `module.block.inputs`, samples along axis 0,
     except those flagged in `shared` (a mask or rotary table every sample uses), which are passed whole.
-    `targets` default to the float block on `inputs`."""
+    `targets` default to the float block on `inputs`. `fixed_batch`: run the block on exactly that many
+    samples at a time (samples past a multiple of it are left out), for a block whose shared inputs
+    include shape values computed for a batch of that size (a Reshape's target batch)."""
     if config.method not in ("adaround", "flexround"):
         raise OnnxqError(f"unknown learned rounding '{config.method}' (choose adaround or flexround)")
     if not module.quantized_weights:
@@ -146,8 +152,20 @@ def learn_rounding(module: BlockModule, inputs: Sequence[np.ndarray], targets: S
     xs = [torch.as_tensor(np.asarray(x)).to(device) for x in inputs]
     xs = [x.float() if x.is_floating_point() else x for x in xs]
     shared = list(shared) if shared is not None else [False] * len(xs)
-    ys = _targets(module, xs, shared, targets)
-    mse_nearest = _mse(module, xs, shared, ys)
+    n = next((x.shape[0] for x, whole in zip(xs, shared) if not whole), None)
+    if n is None:
+        raise NothingToLearn("every input of the block is shared: there are no samples to learn from")
+    if fixed_batch:
+        n -= n % fixed_batch
+        if n == 0:
+            raise NothingToLearn(f"fewer samples than one batch of {fixed_batch}")
+        xs = [x if whole else x[:n] for x, whole in zip(xs, shared)]
+        targets = None if targets is None else [y[:n] if np.ndim(y) else y for y in map(np.asarray, targets)]
+    at_once = fixed_batch or EVAL_BATCH
+    ys = _targets(module, xs, shared, targets, at_once)
+    if all(y is None for y in ys):
+        raise NothingToLearn("the block has no per-sample float output to reconstruct")
+    mse_nearest = _mse(module, xs, shared, ys, at_once)
     nearest = {name: module.quantizer(name) for name in module.quantized_weights}
 
     cls = AdaRoundWeight if config.method == "adaround" else FlexRoundWeight
@@ -160,25 +178,32 @@ def learn_rounding(module: BlockModule, inputs: Sequence[np.ndarray], targets: S
     lr = config.lr or (3e-2 if config.method == "adaround" else 3e-4)
     optimizer = torch.optim.Adam(params, lr=lr)
     generator = torch.Generator(device="cpu").manual_seed(config.seed)
-    n = next(x.shape[0] for x, whole in zip(xs, shared) if not whole)
     every = max(1, config.iterations // 100)
+    batch = min(config.batch_size, n)
+    # a fixed batch size: the mini-batch is gathered from that many samples at a time (gradients summed)
+    chunk = fixed_batch or batch
+    chunks = max(1, -(-batch // chunk))
     for step in range(config.iterations):
-        index = torch.randint(0, n, (min(config.batch_size, n),), generator=generator).to(device)
-        outs = module(*[x if whole else x.index_select(0, index) for x, whole in zip(xs, shared)])
-        # the output error relative to round-to-nearest's, so that reg_weight means the same in every block
-        loss = sum(((o - y.index_select(0, index)) ** 2).mean() for o, y in zip(outs, ys)) / max(mse_nearest, 1e-30)
+        optimizer.zero_grad(set_to_none=True)
+        for _ in range(chunks):
+            index = torch.randint(0, n, (chunk,), generator=generator).to(device)
+            outs = module(*[x if whole else x.index_select(0, index) for x, whole in zip(xs, shared)])
+            # the output error relative to round-to-nearest's, so that reg_weight means the same in every block
+            error = sum(((o - y.index_select(0, index)) ** 2).mean() for o, y in zip(outs, ys) if y is not None)
+            (error / (max(mse_nearest, 1e-30) * chunks)).backward()
+        loss = error / max(mse_nearest, 1e-30)
         if config.method == "adaround":
             beta = _beta(step, config)
             if beta is not None:
-                loss = loss + config.reg_weight * sum(q.regularizer(beta) for q in learned.values()) / n_weights
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+                regularizer = config.reg_weight * sum(q.regularizer(beta) for q in learned.values()) / n_weights
+                regularizer.backward()
+                loss = loss + regularizer
         optimizer.step()
         if progress is not None and (step % every == 0 or step == config.iterations - 1):
             progress(step + 1, config.iterations, float(loss.detach()))
     for quantizer in learned.values():
         quantizer.finish()
-    mse_learned = _mse(module, xs, shared, ys)
+    mse_learned = _mse(module, xs, shared, ys, at_once)
     kept = config.keep_better and mse_learned > mse_nearest
     if kept:
         for name, quantizer in nearest.items():
@@ -200,27 +225,39 @@ EVAL_BATCH = 64  # samples per forward when computing targets and errors (no gra
 
 
 @torch.no_grad()
-def _targets(module: BlockModule, xs, shared, targets) -> list[torch.Tensor]:
+def _targets(module: BlockModule, xs, shared, targets, at_once: int = EVAL_BATCH) -> list[torch.Tensor | None]:
+    """The float block's outputs on all samples; None for an output that is not a per-sample float tensor
+    (a shape computed for the later layers, a table every sample shares): quantization cannot move those."""
     if targets is not None:
         return [torch.as_tensor(np.asarray(y, dtype=np.float32)).to(xs[0].device) for y in targets]
+    n = next(x.shape[0] for x, whole in zip(xs, shared) if not whole)
     module.quantized = False
     try:
-        return [torch.cat(parts) for parts in zip(*(module(*batch) for _, batch in _batches(xs, shared)))]
+        per_batch = [(rows, module(*batch)) for rows, batch in _batches(xs, shared, at_once)]
     finally:
         module.quantized = True
+    out = []
+    for i, first in enumerate(per_batch[0][1]):
+        batched = [outs[i] for _, outs in per_batch]
+        compare = first.is_floating_point() and all(o.dim() > 0 and o.shape[0] == len(range(n)[rows])
+                                                    for (rows, _), o in zip(per_batch, batched))
+        out.append(torch.cat(batched) if compare else None)
+    return out
 
 
-def _batches(xs, shared):
+def _batches(xs, shared, at_once: int = EVAL_BATCH):
     n = next(x.shape[0] for x, whole in zip(xs, shared) if not whole)
-    for i in range(0, n, EVAL_BATCH):
-        yield slice(i, i + EVAL_BATCH), [x if whole else x[i:i + EVAL_BATCH] for x, whole in zip(xs, shared)]
+    for i in range(0, n, at_once):
+        yield slice(i, i + at_once), [x if whole else x[i:i + at_once] for x, whole in zip(xs, shared)]
 
 
 @torch.no_grad()
-def _mse(module: BlockModule, xs, shared, ys) -> float:
+def _mse(module: BlockModule, xs, shared, ys, at_once: int = EVAL_BATCH) -> float:
     total, count = 0.0, 0
-    for rows, batch in _batches(xs, shared):
+    for rows, batch in _batches(xs, shared, at_once):
         for o, y in zip(module(*batch), ys):
+            if y is None:
+                continue
             total += float(((o - y[rows]) ** 2).sum())
             count += o.numel()
     return total / max(count, 1)

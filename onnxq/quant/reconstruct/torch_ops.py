@@ -303,6 +303,16 @@ def range_(node, start, limit, delta, *, opset):
     return torch.arange(start.item(), limit.item(), delta.item(), dtype=start.dtype, device=start.device)
 
 
+def _variadic(fn: Callable) -> Callable:
+    """ONNX Min/Max: any number of inputs, broadcast together."""
+    def run(node, *xs, opset):
+        out = xs[0]
+        for x in xs[1:]:
+            out = fn(out, x)
+        return out
+    return run
+
+
 def _one(fn: Callable) -> Callable:
     """A function of the inputs alone, ignoring attributes."""
     return lambda node, *xs, opset: fn(*xs)
@@ -312,7 +322,8 @@ OPS: dict[str, Callable] = {
     "Conv": conv, "Gemm": gemm, "MatMul": _one(torch.matmul),
     "Add": _one(torch.add), "Sub": _one(torch.sub), "Mul": _one(torch.mul), "Div": _one(_div),
     "Pow": _one(torch.pow), "Sqrt": _one(torch.sqrt), "Neg": _one(torch.neg), "Exp": _one(torch.exp),
-    "Reciprocal": _one(torch.reciprocal),
+    "Reciprocal": _one(torch.reciprocal), "Abs": _one(torch.abs),
+    "Min": _variadic(torch.minimum), "Max": _variadic(torch.maximum),  # a Clip split in two (ReLU6 as Max, Min)
     "Relu": _one(torch.relu), "Clip": clip, "Sigmoid": _one(torch.sigmoid), "HardSigmoid": hard_sigmoid,
     "HardSwish": _one(F.hardswish), "Tanh": _one(torch.tanh), "Erf": _one(torch.erf), "Gelu": gelu,
     "Softmax": softmax, "LayerNormalization": layer_norm, "BatchNormalization": batch_norm,
