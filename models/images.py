@@ -90,7 +90,8 @@ def export_photos(folder: str | os.PathLike) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for name in {n for split in SPLITS.values() for n in split}:
-        source, target = photo_path(name), folder / f"{name}{photo_path(name).suffix}"
+        source = photo_path(name)
+        target = folder / f"{name}{source.suffix}"
         if source.resolve() != target.resolve():
             shutil.copyfile(source, target)
     return folder

@@ -269,22 +269,27 @@ def lm_rows(args, report) -> list[dict]:
     from onnxq_models import smollm2
 
     rows: list[dict] = []
-    task = minilm_task(args.quick)
-    windows = smollm2.test_windows(4 if args.quick else 32)
-    fp32_ppl = []
 
-    def smollm2_ppl(path):
-        ppl = smollm2.perplexity(str(path), windows)["ppl"]
-        fp32_ppl[:] = fp32_ppl or [ppl]  # the first model evaluated is FP32
-        return {"ppl": round(ppl, 3), "ppl_increase_pct": round(100 * (ppl / fp32_ppl[0] - 1), 2)}
-    models = {
-        "MiniLM": (task.fp32, task.calib, 16, lambda p: {k: round(v, 4) for k, v in task.quality(p).items()}),
-        "SmolLM2": (smollm2.cached_onnx(), smollm2.calibration_feeds(2 if args.quick else 16), 1, smollm2_ppl),
-    }
+    def minilm():
+        task = minilm_task(args.quick)
+        return task.fp32, task.calib, 16, lambda p: {k: round(v, 4) for k, v in task.quality(p).items()}
+
+    def smollm2_model():
+        windows, fp32_ppl = smollm2.test_windows(4 if args.quick else 32), []
+
+        def perplexity(path):
+            ppl = smollm2.perplexity(str(path), windows)["ppl"]
+            fp32_ppl[:] = fp32_ppl or [ppl]  # the first model evaluated is FP32
+            return {"ppl": round(ppl, 3), "ppl_increase_pct": round(100 * (ppl / fp32_ppl[0] - 1), 2)}
+        return smollm2.cached_onnx(), smollm2.calibration_feeds(2 if args.quick else 16), 1, perplexity
+
+    # each built only when one of its rows is selected (an export takes minutes the first time)
+    models = {"MiniLM": minilm, "SmolLM2": smollm2_model}
     work = Path(tempfile.mkdtemp(prefix="bench-learned-lm-"))
-    for model_name, (source, calib, batch, evaluate) in models.items():
+    for model_name, build in models.items():
         if not any(SELECTED[0](f"{model_name} {x}") for x in ("FP32", "W4A8", "W4A4")):
             continue
+        source, calib, batch, evaluate = build()
         reference = qsur_by_layer(source, calib)
         rows.append({"quantizer": f"{model_name} FP32", **evaluate(source), **qsur_columns(reference, reference)})
         report(rows)

@@ -145,6 +145,20 @@ def append_bias(graph: ir.Graph, namer: Namer, node: ir.Node, bias: ir.Value, re
     return add
 
 
+def is_weight(value: ir.Value | None) -> bool:
+    """A constant, or the DQ of a constant (stored quantized, or quantized by a Q of a constant)."""
+    if value is None:
+        return False
+    if const_array(value) is not None:
+        return True
+    dq = value.producer()
+    if dq is None or dq.op_type != "DequantizeLinear":
+        return False
+    q = dq.inputs[0].producer()
+    return const_array(dq.inputs[0]) is not None or (q is not None and q.op_type == "QuantizeLinear"
+                                                     and const_array(q.inputs[0]) is not None)
+
+
 def dequantized_weight(value: ir.Value) -> np.ndarray | None:
     """The weight the runtime multiplies: a constant, or a per-tensor/per-axis DequantizeLinear of one
     (float64). None for a computed or block-quantized weight."""

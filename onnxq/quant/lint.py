@@ -20,6 +20,7 @@ import onnx_ir as ir
 
 from onnxq.errors import OnnxqError
 from onnxq.ir.graph import WEIGHTED_OPS, attr, const_array, opset_version
+from onnxq.ir.linear import is_weight
 from onnxq.quant.bias_range import int32_bias_overflow
 from onnxq.quant.qdq_rules import DATA_MOVEMENT
 
@@ -197,23 +198,9 @@ def _from_dq(value: ir.Value | None) -> bool:
     return value is not None and value.producer() is not None and value.producer().op_type == "DequantizeLinear"
 
 
-def _is_weight(value: ir.Value | None) -> bool:
-    """A constant, or the DQ of a constant (stored quantized, or quantized by a Q of a constant)."""
-    if value is None:
-        return False
-    if const_array(value) is not None:
-        return True
-    dq = value.producer()
-    if dq is None or dq.op_type != "DequantizeLinear":
-        return False
-    q = dq.inputs[0].producer()
-    return const_array(dq.inputs[0]) is not None or (q is not None and q.op_type == "QuantizeLinear"
-                                                     and const_array(q.inputs[0]) is not None)
-
-
 def _is_activation_product(node: ir.Node) -> bool:
     """A MatMul of two activations (attention's Q·Kᵀ and P·V): no weight on either side."""
-    return node.op_type == "MatMul" and not any(_is_weight(v) for v in node.inputs[:2])
+    return node.op_type == "MatMul" and not any(is_weight(v) for v in node.inputs[:2])
 
 
 def rule_weighted_inputs(graph, ops=WEIGHTED_OPS):

@@ -11,8 +11,9 @@ axis 0 (an activation, a flattened (batch·sequence, features) matrix) or does n
 grouping is used only if every tensor of the joint run is the two single runs' tensors stacked, or
 equal to both. Anything else (a tensor laid out sequence-first, a graph input with a fixed batch
 size, two equal first batches) keeps one run per batch, as do batches whose fetched tensors alone
-take half of a joint run's byte budget (nothing to gain, and the check would cost two batches' worth), and so does a graph with an op whose output
-length depends on the values (DATA_DEPENDENT), which two batches cannot vouch for.
+take half of a joint run's byte budget (nothing to gain, and the check would cost two batches'
+worth), and a graph with an op whose output length depends on the values (DATA_DEPENDENT), which
+two batches cannot vouch for.
 """
 
 from __future__ import annotations

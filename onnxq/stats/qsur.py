@@ -24,6 +24,7 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 import onnx_ir as ir
 
+from onnxq.ir.linear import is_weight
 from onnxq.runtime.session import exposing, session
 
 SIGMAS = 3.0
@@ -51,16 +52,6 @@ def utilisation(x: np.ndarray) -> float:
     return geometric_sd / half_side
 
 
-def _is_weight(value: ir.Value | None) -> bool:
-    """A constant, or the DequantizeLinear of one (a quantized model's weight)."""
-    if value is None:
-        return False
-    if value.const_value is not None or value.is_initializer():
-        return True
-    producer = value.producer()
-    return producer is not None and producer.op_type == "DequantizeLinear" and _is_weight(producer.inputs[0])
-
-
 def _before_qdq(value: ir.Value) -> ir.Value:
     """The tensor a QuantizeLinear → DequantizeLinear pair quantizes, or `value` itself."""
     dq = value.producer()
@@ -77,7 +68,7 @@ def linear_inputs(model: ir.Model) -> dict[str, str]:
     found: dict[str, str] = {}
     for node in model.graph:
         if node.op_type in ("MatMul", "Gemm") and len(node.inputs) >= 2 and node.inputs[0] is not None \
-                and _is_weight(node.inputs[1]):
+                and is_weight(node.inputs[1]):
             found[node.name] = _before_qdq(node.inputs[0]).name
     return found
 

@@ -108,7 +108,7 @@ def capture(model: ir.Model, block: Block, data: Iterable[Feed]) -> tuple[list[n
             parts[n].append(values[n])
     if not parts[names[0]]:
         raise OnnxqError("learned rounding needs calibration data")
-    first_batch = next(x.shape[0] for n in names if not shared[n] for x in parts[n][:1]) \
-        if not all(shared.values()) else 1
+    # no per-sample input at all: learn_rounding has nothing to learn from, whatever the batch
+    first_batch = next((parts[n][0].shape[0] for n in names if not shared[n]), 1)
     return ([parts[n][0] if shared[n] else np.concatenate(parts[n]) for n in names], [shared[n] for n in names],
             first_batch)

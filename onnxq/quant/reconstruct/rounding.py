@@ -230,17 +230,17 @@ def _targets(module: BlockModule, xs, shared, targets, at_once: int = EVAL_BATCH
     (a shape computed for the later layers, a table every sample shares): quantization cannot move those."""
     if targets is not None:
         return [torch.as_tensor(np.asarray(y, dtype=np.float32)).to(xs[0].device) for y in targets]
-    n = next(x.shape[0] for x, whole in zip(xs, shared) if not whole)
     module.quantized = False
-    try:
-        per_batch = [(rows, module(*batch)) for rows, batch in _batches(xs, shared, at_once)]
+    try:  # (samples in the batch, the block's outputs on it)
+        per_batch = [(next(x.shape[0] for x, whole in zip(batch, shared) if not whole), module(*batch))
+                     for _, batch in _batches(xs, shared, at_once)]
     finally:
         module.quantized = True
     out = []
     for i, first in enumerate(per_batch[0][1]):
         batched = [outs[i] for _, outs in per_batch]
-        compare = first.is_floating_point() and all(o.dim() > 0 and o.shape[0] == len(range(n)[rows])
-                                                    for (rows, _), o in zip(per_batch, batched))
+        compare = first.is_floating_point() and all(o.dim() > 0 and o.shape[0] == count
+                                                    for (count, _), o in zip(per_batch, batched))
         out.append(torch.cat(batched) if compare else None)
     return out
 
