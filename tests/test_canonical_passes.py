@@ -126,3 +126,17 @@ def test_pipeline_refuses_an_exact_pass_that_changes_outputs():
     ctx = PassContext(calibration=load_calibration({"input": X}, work), show_progress=False)
     with pytest.raises(OnnxqError, match="declared exact but changed the outputs"):
         run_pipeline(work, [Broken()], ctx)
+
+
+def test_fold_batchnorm_takes_a_bias_add_between_layer_and_bn():
+    """Paddle writes a ConvTranspose's bias as an Add of its own, between the layer and its BN: the Add
+    goes into the layer's bias, then the BN folds (grouped ConvTranspose, per-channel bias)."""
+    from test_ort_cpu_target import detector_and_classifier_model
+
+    model = detector_and_classifier_model()
+    work, records = apply(model, ["fold_batchnorm"])
+    assert "BatchNormalization" not in ops(work)
+    assert records[0].summary == {"bias_adds_absorbed": 1, "batchnorms_folded": 1, "batchnorms_left": 0}
+    feed = {"input": X[:, :3, :16, :16]}
+    for got, reference in zip(run(ir.to_proto(work), feed), run(model, feed)):
+        np.testing.assert_allclose(got, reference, rtol=1e-5, atol=1e-5)

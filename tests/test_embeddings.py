@@ -122,6 +122,9 @@ def test_ort_cpu_target_quantizes_the_table_and_the_gather_output():
     gather = next(n for n in quantized.graph.node if n.op_type == "Gather")
     assert producers[gather.input[0]].op_type == "DequantizeLinear"
     assert any(n.op_type == "QuantizeLinear" and n.input[0] == gather.output[0] for n in quantized.graph.node)
+    # the MatMul writing the model output "proj" has its output quantized too, or ORT would not fuse it
+    matmul = next(n for n in quantized.graph.node if n.op_type == "MatMul")
+    assert any(n.op_type == "QuantizeLinear" and n.input[0] == matmul.output[0] for n in quantized.graph.node)
     feed = _ids(4, seed=3)
     ref, out = _run(model, feed)["proj"], _run(quantized, feed)["proj"]
     assert np.abs(out - ref).max() < 0.05 * np.abs(ref).max()

@@ -105,12 +105,14 @@ def quantized():
 def test_ort_fuses_every_quantized_op(quantized, tmp_path):
     graph = ort_optimized(quantized, tmp_path).graph
     ops = Counter(n.op_type for n in graph.node)
-    assert ops["QLinearConv"] == 5  # every Conv, SE convs included
+    # every Conv, SE convs included, but the stem: 3 channels read from the model input stay float
+    assert ops["QLinearConv"] == 4 and ops["Conv"] == 1
     assert ops["QLinearAdd"] >= 3 and ops["QLinearMul"] >= 3  # hard-swish's + 3 and · x/6, the residual
     # no hard-swish, affine or ReLU piece left in float between the quantized convs
     assert not {"Div", "Clip", "Relu", "Add", "Mul"} & set(ops), ops
-    # DQ left only where ORT has no integer kernel: the SE gate's HardSigmoid, the float ConvTranspose
-    # head (its input, and the DQ ORT itself puts on its weight) and the Sigmoid writing the float output
+    # DQ left only where ORT has no integer kernel: the SE gate's HardSigmoid and the float ConvTranspose
+    # head (its input, and the DQ ORT itself puts on its weight); the head's Sigmoid writes the float
+    # output and reads the float ConvTranspose, so no Q/DQ pair sits between them
     readers = Counter(n.op_type for dq in graph.node if dq.op_type == "DequantizeLinear"
                       for n in graph.node if dq.output[0] in n.input)
     assert set(readers) <= {"HardSigmoid", "ConvTranspose", "Sigmoid"} and ops["DequantizeLinear"] <= 4, readers
@@ -129,8 +131,8 @@ def test_prepare_rewrites_are_float_exact_to_rounding():
     counts = prepare(model)
     # hs1's /6 is read by the depthwise conv alone and folds into its weights; hs2's output is also
     # read by the SE block and the residual Add, so its /6 stays a (quantized) Mul
-    assert counts == {"folded_into_conv": 4, "div_to_mul": 2, "folded_into_next_conv": 1,
-                      "scalar_operands_quantized": 3}
+    assert counts == {"folded_into_conv": 4, "div_to_mul": 2, "gemm_to_matmul": 0,
+                      "layer_outputs_given_a_reader": 0, "folded_into_next_conv": 1, "scalar_operands_quantized": 3}
     ops = Counter(n.op_type for n in model.graph)
     assert ops["Div"] == 0 and ops["Conv"] == 5
     assert all(v.uses() for v in model.graph.initializers.values())  # replaced constants are dropped
@@ -232,7 +234,8 @@ def test_an_overflowing_bias_widens_the_channel_step_so_ort_still_fuses_the_conv
     summary = _quantize_summary(quantized)
     assert summary["weight_scales_widened_for_bias"] == 1 and "biases_moved_to_add" not in summary
     ops = Counter(n.op_type for n in ort_optimized(quantized, tmp_path).graph.node)
-    assert ops["QLinearConv"] == 2 and "Conv" not in ops and "Add" not in ops, ops  # Sigmoid: ORT has QLinearSigmoid
+    # c2, the layer with the dead channel, fused; c1 is the float stem (3 channels from the model input)
+    assert ops["QLinearConv"] == 1 and ops["Conv"] == 1 and "Add" not in ops, ops
     reference, got = run(model, EVAL)[0], run(quantized, EVAL)[0]
     # as accurate as leaving the bias to a float Add (the old way, which left the Conv in float)
     monkeypatch.setitem(targets.TARGETS, "ort-cpu", dataclasses.replace(targets.TARGETS["ort-cpu"], fit_biases=None))
@@ -243,3 +246,89 @@ def test_an_overflowing_bias_widens_the_channel_step_so_ort_still_fuses_the_conv
     np.testing.assert_allclose(got[:, 1], reference[:, 1], atol=0.01)  # the bias-only channel: σ(2), not garbage
     for_tensorrt = _quantize_summary(quantize(model, CALIB, show_progress=False))
     assert for_tensorrt["biases_moved_to_add"] == 1  # TensorRT fuses the Add: moved as before
+
+
+def detector_and_classifier_model(seed: int = 5) -> onnx.ModelProto:
+    """A stem Conv from the 3-channel input, a MaxPool right after a Conv, a residual block, then two
+    heads: a DB-detector-like one (grouped ConvTranspose whose bias is an Add of its own, BN, ReLU,
+    ConvTranspose, a per-channel Mul, Sigmoid) and a classifier (MaxPool after the residual Add, GAP,
+    Flatten, Gemm)."""
+    rng = np.random.default_rng(seed)
+    inits = [_init("c1.w", conv_weights(rng, C, 3, 3)), _init("c1.b", rng.normal(size=C) * 0.1),
+             _init("c2.w", conv_weights(rng, C, C, 3)), _init("c2.b", rng.normal(size=C) * 0.1),
+             _init("up1.w", rng.normal(size=(C, C // 2, 2, 2)) * 0.3), _init("up1.b", rng.normal(size=(C, 1, 1))),
+             _init("bn.scale", rng.uniform(0.5, 1.5, C)), _init("bn.bias", rng.normal(size=C) * 0.1),
+             _init("bn.mean", rng.normal(size=C) * 0.2), _init("bn.var", rng.uniform(0.5, 2.0, C)),
+             _init("up2.w", rng.normal(size=(C, 1, 2, 2)) * 0.3), _init("gain", [[[1.5]]]),
+             _init("fc.w", rng.normal(size=(10, C)) * 0.3), _init("fc.b", rng.normal(size=10) * 0.1)]
+    nodes = [helper.make_node("Conv", ["input", "c1.w", "c1.b"], ["c1"], name="stem/Conv", pads=[1] * 4),
+             helper.make_node("Relu", ["c1"], ["r1"], name="stem/Relu"),
+             helper.make_node("MaxPool", ["r1"], ["p1"], name="stem/MaxPool", kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("Conv", ["p1", "c2.w", "c2.b"], ["c2"], name="block/Conv", pads=[1] * 4),
+             helper.make_node("Relu", ["c2"], ["r2"], name="block/Relu"),
+             helper.make_node("Add", ["r2", "p1"], ["res"], name="block/Add"),
+             helper.make_node("ConvTranspose", ["res", "up1.w"], ["up1"], name="head/up1", strides=[2, 2], group=2),
+             helper.make_node("Add", ["up1", "up1.b"], ["up1.biased"], name="head/up1_bias"),
+             helper.make_node("BatchNormalization", ["up1.biased", "bn.scale", "bn.bias", "bn.mean", "bn.var"],
+                              ["bn"], name="head/BN"),
+             helper.make_node("Relu", ["bn"], ["bn.relu"], name="head/Relu"),
+             helper.make_node("ConvTranspose", ["bn.relu", "up2.w"], ["up2"], name="head/up2", strides=[2, 2]),
+             helper.make_node("Mul", ["up2", "gain"], ["up2.gain"], name="head/gain"),
+             helper.make_node("Sigmoid", ["up2.gain"], ["map"], name="head/Sigmoid"),
+             helper.make_node("MaxPool", ["res"], ["p2"], name="cls/MaxPool", kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("GlobalAveragePool", ["p2"], ["gap"], name="cls/GAP"),
+             helper.make_node("Flatten", ["gap"], ["flat"], name="cls/Flatten"),
+             helper.make_node("Gemm", ["flat", "fc.w", "fc.b"], ["logits"], name="cls/Gemm", transB=1)]
+    graph = helper.make_graph(nodes, "det_and_cls", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                                                                    ["N", 3, 16, 16])],
+                              [helper.make_tensor_value_info("map", TensorProto.FLOAT, None),
+                               helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def _reader(graph, value: str):
+    return [n for n in graph.node if value in n.input]
+
+
+def _producer(graph, value: str):
+    return next((n for n in graph.node if value in n.output), None)
+
+
+def test_float_islands_get_no_qdq_and_the_classifier_fuses(tmp_path):
+    """What ORT runs for the two heads: the detector head after its input DQ is all float (no Q/DQ
+    pair between ops without an integer kernel), the Gemm is a QLinearMatMul, the stem Conv is float,
+    a MaxPool after a Conv runs on the integers and one after an Add in float."""
+    model = detector_and_classifier_model()
+    quantized = quantize(model, CALIB, target="ort-cpu", show_progress=False)
+    summary = _quantize_summary(quantized)
+    assert summary["gemm_to_matmul"] == 1 and summary["idle_qdq_dropped"] >= 2, summary
+    graph = ort_optimized(quantized, tmp_path).graph
+    ops = Counter(n.op_type for n in graph.node)
+    assert ops["QLinearMatMul"] == 1 and not {"Gemm", "MatMul", "BatchNormalization"} & set(ops), ops
+    assert ops["QLinearConv"] == 1 and ops["Conv"] == 1 and ops["ConvTranspose"] == 2, ops
+    head = [n for n in graph.node if n.op_type in ("ConvTranspose", "Relu", "Sigmoid")]
+    fed_by_dq = [n.op_type for n in head if (p := _producer(graph, n.input[0])) is not None
+                 and p.op_type == "DequantizeLinear"]
+    assert fed_by_dq == ["ConvTranspose"], fed_by_dq  # the head's first op only
+    assert not any(n.op_type == "QuantizeLinear" for h in head for n in _reader(graph, h.output[0]))
+    pools = {n.name: _producer(graph, n.input[0]).op_type for n in graph.node if n.op_type == "MaxPool"}
+    assert pools["cls/MaxPool"] == "DequantizeLinear" and pools["stem/MaxPool"] != "DequantizeLinear", pools
+    reference, got = run(model, EVAL), run(quantized, EVAL)
+    assert sqnr_db(reference[0], got[0]) > 25 and sqnr_db(reference[1], got[1]) > 25
+
+
+def test_prepare_folds_convtranspose_affines_and_splits_gemm_exactly():
+    import onnx_ir as ir
+
+    from onnxq.pipeline import PassContext, load_recipe, run_pipeline
+
+    model = ir.from_proto(onnx.shape_inference.infer_shapes(detector_and_classifier_model()))
+    _, passes = load_recipe(["fold_batchnorm"])
+    run_pipeline(model, passes, PassContext(show_progress=False), verify_exact=False)
+    counts = prepare(model)
+    assert counts["gemm_to_matmul"] == 1 and counts["folded_into_conv"] == 1  # the head's gain into up2
+    ops = Counter(n.op_type for n in model.graph)
+    assert not {"Gemm", "BatchNormalization", "Mul"} & set(ops) and ops["Add"] == 2, ops  # residual, fc bias
+    got, reference = run(ir.to_proto(model), EVAL), run(detector_and_classifier_model(), EVAL)
+    for g, r in zip(got, reference):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)

@@ -19,6 +19,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxq.errors import OnnxqError
+from onnxq.ir.conv import is_image_stem
 from onnxq.ir.graph import WEIGHTED_OPS, attr, const_array, opset_version
 from onnxq.ir.linear import is_weight
 from onnxq.quant.bias_range import int32_bias_overflow
@@ -308,7 +309,11 @@ _ORT_INTEGER_WEIGHTED = frozenset({"Conv", "Gemm", "MatMul"})  # ORT's CPU provi
 
 
 def rule_ort_weighted_inputs(graph):
-    return rule_weighted_inputs(graph, _ORT_INTEGER_WEIGHTED)
+    """As R8, less the image stem that `--target ort-cpu` leaves float on purpose (a Conv over at
+    most 4 channels read straight from the model input: ORT's float Conv is faster there)."""
+    stems = {n.name for n in graph if is_image_stem(n)}
+    return [(name, message) for name, message in rule_weighted_inputs(graph, _ORT_INTEGER_WEIGHTED)
+            if name not in stems]
 
 
 def rule_integer_types(graph):
@@ -363,7 +368,8 @@ RULES: list[Rule] = [
     Rule("QDQ", "every Q feeds only DQs with the same scale and zero point", "error", rule_q_dq_pairs, _BOTH),
     Rule("R8", "every input of a weighted Conv/ConvTranspose/Gemm/MatMul is quantized", "error", rule_weighted_inputs,
          _TRT),
-    Rule("R8o", "every input of a weighted Conv/Gemm/MatMul is quantized (ORT has no integer ConvTranspose)", "error",
+    Rule("R8o", "every input of a weighted Conv/Gemm/MatMul is quantized (ORT has no integer ConvTranspose; "
+                "an image stem may stay float)", "error",
          rule_ort_weighted_inputs, _ORT),
     Rule("R8b", "activation x activation MatMuls (attention) are quantized", "warning", rule_activation_products, _BOTH),
     Rule("R9", "weighted-layer outputs are not quantized directly", "warning", rule_weighted_output_not_quantized, _TRT),

@@ -5,9 +5,11 @@ comes from a DequantizeLinear; a float constant operand (the 3 and 6 of hard-swi
 shift of an affine block after a Conv) leaves the op in float with a DQ before and a Q after it,
 and it has no integer Div at all. Before the planner runs, `prepare` therefore
 
-- folds Mul/Add by a per-output-channel constant that directly follows a Conv into the Conv's
-  weights and bias (W' = c·W, b' = c·b for Mul; b' = b + c for Add);
+- folds Mul/Add by a per-output-channel constant that directly follows a Conv or ConvTranspose into
+  its weights and bias (W' = c·W, b' = c·b for Mul; b' = b + c for Add);
 - rewrites Div by a scalar constant as Mul by its reciprocal (QLinearMul exists, QLinearDiv not);
+- rewrites Gemm with constant weights as MatMul + bias Add (ORT fuses a QDQ Gemm only with an INT32
+  bias, a QDQ MatMul always);
 - folds a chain of Mul/Add by scalar constants read only by Convs (as their data input) into those
   Convs, Conv(c·x + b) = (c·W)·x + b·ΣW where they do not pad; where they pad, only the scale goes into
   the weights and one Add of b/c stays (hard-swish's /6 and the learnable affine block after it);
@@ -24,10 +26,22 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from onnxq.ir.graph import Namer, add_initializer, const_array, mark_changed, only_consumer, swap_initializer
-from onnxq.quant.qdq import MASK_CONSTANT
+from onnxq.ir.conv import CHANNEL_LAYERS, output_channels, per_channel, scale_output_channels
+from onnxq.ir.graph import (
+    Namer,
+    add_initializer,
+    attr,
+    const_array,
+    mark_changed,
+    only_consumer,
+    swap_initializer,
+    take_over_output,
+)
+from onnxq.quant.qdq import MASK_CONSTANT, Plan
+from onnxq.quant.qdq_rules import ORT_INTEGER_KERNELS, ORT_INTEGER_PASSTHROUGH, is_index_input
 
 _INT8_BINARY = ("Add", "Mul")
+_FLOAT_DATA = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 
 
 def prepare(model: ir.Model, signed_activations: bool = False) -> dict[str, int]:
@@ -35,7 +49,9 @@ def prepare(model: ir.Model, signed_activations: bool = False) -> dict[str, int]
     UINT8 otherwise); how many of each were made."""
     graph, namer = model.graph, Namer(model.graph)
     counts = {"folded_into_conv": _fold_affine_into_conv(graph, namer),
-              "div_to_mul": _div_by_scalar_to_mul(graph, namer)}
+              "div_to_mul": _div_by_scalar_to_mul(graph, namer),
+              "gemm_to_matmul": _gemm_to_matmul(graph, namer)}
+    counts["layer_outputs_given_a_reader"] = _read_layer_outputs(graph, namer)
     counts["folded_into_next_conv"] = _fold_scalar_affine_into_next_conv(graph, namer)
     counts["scalar_operands_quantized"] = _quantize_scalar_operands(graph, namer, signed_activations)
     graph.sort()
@@ -62,22 +78,12 @@ def _constant_operand(node: ir.Node) -> tuple[ir.Value, np.ndarray, int] | None:
     return node.inputs[1 - index], arrays[index], index
 
 
-def _per_channel(array: np.ndarray, rank: int, channels: int) -> np.ndarray | None:
-    """`array` as one value per output channel, if it broadcasts against a conv output of `rank` that way."""
-    if array.ndim > rank:
-        return None
-    shape = (1,) * (rank - array.ndim) + array.shape
-    if any(d != 1 for i, d in enumerate(shape) if i != 1) or shape[1] not in (1, channels):
-        return None
-    return np.broadcast_to(array.reshape(-1), (channels,)).astype(np.float32)
-
-
 def _fold_affine_into_conv(graph: ir.Graph, namer: Namer) -> int:
     folded = 0
     changed = True
     while changed:
         changed = False
-        for conv in _standard_nodes(graph, ("Conv",)):
+        for conv in _standard_nodes(graph, CHANNEL_LAYERS):
             weight = const_array(conv.inputs[1])
             bias = const_array(conv.inputs[2]) if len(conv.inputs) > 2 and conv.inputs[2] is not None else None
             if weight is None or (len(conv.inputs) > 2 and conv.inputs[2] is not None and bias is None):
@@ -88,13 +94,13 @@ def _fold_affine_into_conv(graph: ir.Graph, namer: Namer) -> int:
             if operand is None:
                 continue
             _, constant, _ = operand
-            channels = weight.shape[0]
-            c = _per_channel(constant, len(out.shape) if out.shape is not None else weight.ndim, channels)
+            channels = output_channels(conv, weight)
+            c = per_channel(constant, len(out.shape) if out.shape is not None else weight.ndim, channels)
             if c is None:
                 continue
             bias = np.zeros(channels, np.float32) if bias is None else bias.astype(np.float32)
             if user.op_type == "Mul":
-                weight = weight * c.reshape((-1,) + (1,) * (weight.ndim - 1))
+                weight = scale_output_channels(conv, weight, c)
                 bias = bias * c
             else:
                 bias = bias + c
@@ -137,6 +143,58 @@ def _div_by_scalar_to_mul(graph: ir.Graph, namer: Namer) -> int:
         _drop_if_unused(graph, divisor)
         rewritten += 1
     return rewritten
+
+
+def _gemm_to_matmul(graph: ir.Graph, namer: Namer) -> int:
+    """Gemm(A, B, C) with a constant B, α = β = 1 and no transposed A becomes MatMul(A, B') + C.
+
+    ORT fuses a QDQ Gemm only when its bias is an INT32 DequantizeLinear, and onnxq keeps biases in
+    float; a QDQ MatMul (DQ inputs, Q output) it fuses into QLinearMatMul, and the bias Add then runs
+    on the layer's outputs only, in integers or in float."""
+    rewritten = 0
+    for gemm in _standard_nodes(graph, ("Gemm",)):
+        weight = const_array(gemm.inputs[1])
+        if (weight is None or weight.ndim != 2 or attr(gemm, "transA", 0) or attr(gemm, "alpha", 1.0) != 1.0
+                or attr(gemm, "beta", 1.0) != 1.0):
+            continue
+        w_io = weight.T if attr(gemm, "transB", 0) else weight
+        w_value = add_initializer(graph, namer, f"{gemm.inputs[1].name}_io", np.ascontiguousarray(w_io))
+        result = gemm.outputs[0]
+        matmul = ir.node("MatMul", [gemm.inputs[0], w_value], name=namer.fresh(f"{gemm.name}_matmul"))
+        matmul.outputs[0].dtype, matmul.outputs[0].shape = result.dtype, result.shape
+        graph.insert_after(gemm, matmul)
+        last = matmul
+        bias = gemm.inputs[2] if len(gemm.inputs) > 2 else None
+        if bias is not None:
+            matmul.outputs[0].name = namer.fresh(f"{result.name}_unbiased")
+            last = ir.node("Add", [matmul.outputs[0], bias], name=namer.fresh(f"{gemm.name}_bias"))
+            last.outputs[0].dtype, last.outputs[0].shape = result.dtype, result.shape
+            graph.insert_after(matmul, last)
+        was_output, name, old_weight = result.is_graph_output(), result.name, gemm.inputs[1]
+        ir.convenience.replace_all_uses_with(result, last.outputs[0], replace_graph_outputs=True)
+        graph.remove(gemm, safe=True)
+        last.outputs[0].name = name if was_output else namer.fresh(name)
+        _drop_if_unused(graph, old_weight)
+        rewritten += 1
+    return rewritten
+
+
+def _read_layer_outputs(graph: ir.Graph, namer: Namer) -> int:
+    """A Conv/MatMul whose output is a model output gets an Identity to write it: the planner quantizes
+    a layer's output for its readers, and ORT leaves a layer without that Q in float, dequantizing its
+    weights on every run (an LM head: the whole vocabulary matrix). ORT removes the Identity."""
+    given = 0
+    for layer in _standard_nodes(graph, ("Conv", "MatMul", "Gemm")):
+        out = layer.outputs[0]
+        if not out.is_graph_output() or out.dtype not in _FLOAT_DATA:
+            continue
+        identity = ir.node("Identity", [out], name=namer.fresh(f"{layer.name}_output"))
+        identity.outputs[0].dtype, identity.outputs[0].shape = out.dtype, out.shape
+        graph.insert_after(layer, identity)
+        take_over_output(out, identity.outputs[0], keep=identity)
+        out.name = namer.fresh(f"{identity.outputs[0].name}_inner")
+        given += 1
+    return given
 
 
 def _fold_scalar_affine_into_next_conv(graph: ir.Graph, namer: Namer) -> int:
@@ -251,3 +309,51 @@ def _quantize_scalar_operands(graph: ir.Graph, namer: Namer, signed: bool) -> in
 def _drop_if_unused(graph: ir.Graph, value: ir.Value | None) -> None:
     if value is not None and not value.uses() and value.is_initializer() and not value.is_graph_input():
         graph.initializers.pop(value.name)
+
+
+def drop_idle_qdq(plan: Plan) -> int:
+    """Remove the planned Q/DQ pairs that no integer kernel would read or write; how many went.
+
+    ORT turns DQ → op → Q into an integer kernel only when every data input of the op is dequantized
+    and its output is quantized (on the CPU provider a QDQ MatMul without the Q runs in float, its
+    weight dequantized on every run). A
+    pair between ops that cannot become integer kernels (ConvTranspose, BatchNormalization, an Add
+    of a per-channel float constant, ...) would run as a quantize and a dequantize of its own, costing
+    time and precision for nothing. Ops that run on the integers or are dropped (Reshape, MaxPool,
+    Relu, ...) join the tensors on both sides into one region; a region is kept when any of its
+    tensors is written or read by an integer kernel. Removing an idle region cannot stop a kernel:
+    a kernel's own tensors are never idle."""
+    planned = set(plan.activations)
+    weights = {weight for weight, _ in plan.weights}
+
+    def quantized(node: ir.Node, index: int) -> bool:
+        value = node.inputs[index]
+        producer = value.producer()
+        return (value in planned or value in weights
+                or (producer is not None and producer.op_type == "DequantizeLinear"))
+
+    def fuses(node: ir.Node) -> bool:
+        if node.op_type not in ORT_INTEGER_KERNELS or node.domain not in ("", "ai.onnx"):
+            return False
+        data = [i for i, v in enumerate(node.inputs) if v is not None and not is_index_input(node, i)
+                and v.dtype in _FLOAT_DATA]
+        if node.op_type in ("Conv", "Gemm", "MatMul"):
+            data = [i for i in data if i < 2]  # the bias is ORT's to convert
+        return all(quantized(node, i) for i in data) and node.outputs[0] in planned
+
+    region = {value: {value} for value in planned}
+    for node in {user for slots in plan.activations.values() for user, _ in slots}:
+        if node.op_type in ORT_INTEGER_PASSTHROUGH and node.inputs[0] in region and node.outputs[0] in region:
+            joined = region[node.inputs[0]] | region[node.outputs[0]]
+            for value in joined:
+                region[value] = joined
+    useful: set[int] = set()
+    for value, slots in plan.activations.items():
+        producer = value.producer()
+        if (producer is not None and fuses(producer)) or any(fuses(user) for user, _ in slots):
+            useful.add(id(region[value]))
+    idle = [value for value in planned if id(region[value]) not in useful]
+    for value in idle:
+        del plan.activations[value]
+    return len(idle)
+

@@ -39,6 +39,7 @@ class Plan:
     scale_groups: list[set[ir.Value]] = field(default_factory=list)
     skipped: dict[ir.Value, str] = field(default_factory=dict)  # activations left float after calibration
     range_of: dict[ir.Value, ir.Value] = field(default_factory=dict)  # quantize with another tensor's range
+    idle_dropped: int = 0  # planned pairs the target dropped as idle (ort-cpu: no integer kernel beside them)
 
 
 class Planner:

@@ -10,7 +10,7 @@ import onnx_ir as ir
 from onnxq.errors import OnnxqError
 from onnxq.quant import ort_cpu
 from onnxq.quant.bias_range import widen_weight_scales
-from onnxq.quant.qdq import INT8, UINT8, IntFormat
+from onnxq.quant.qdq import INT8, UINT8, IntFormat, Plan
 from onnxq.quant.qdq_rules import ORT_CPU_TABLE, TENSORRT_TABLE, Treatment
 
 
@@ -27,6 +27,8 @@ class Target:
     # how a bias past int32 (as the runtime re-quantizes it) is made to fit, where the target's runtime
     # would otherwise leave the layer in float; what it leaves goes to an Add after the layer
     fit_biases: Callable[[ir.Graph], list[str]] | None = None
+    # drops planned Q/DQ pairs the target's runtime would gain nothing from; returns how many
+    settle_plan: Callable[[Plan], int] | None = None
 
 
 TARGETS = {
@@ -34,7 +36,8 @@ TARGETS = {
                        "TensorRT explicit quantization: symmetric INT8, zero point 0, Q/DQ on weighted-layer inputs"),
     "ort-cpu": Target("ort-cpu", ORT_CPU_TABLE, UINT8, False,
                       "ONNX Runtime CPU: asymmetric UINT8 (or INT8) activations and INT8 weights, Q/DQ around every op "
-                      "with an integer kernel so ORT fuses them into QLinear* kernels", ort_cpu.prepare, widen_weight_scales),
+                      "with an integer kernel so ORT fuses them into QLinear* kernels", ort_cpu.prepare, widen_weight_scales,
+                      ort_cpu.drop_idle_qdq),
 }
 
 

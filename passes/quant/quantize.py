@@ -227,6 +227,7 @@ class Quantize(GraphPass):
                 "activations_quantized": sum(v not in plan.skipped for v in plan.activations),
                 "weights_quantized": len(plan.weights), "kept_float": len(plan.float_reasons),
                 "skipped": len(plan.skipped), "gptq_rounded": gptq_rounded,
+                **({"idle_qdq_dropped": plan.idle_dropped} if plan.idle_dropped else {}),
                 **({"embedding_tables_quantized": tables} if self.embeddings == "int8" else {}),
                 **prepared, **learned, **choice}
 
@@ -262,6 +263,8 @@ class Quantize(GraphPass):
             plan.float_reasons[node] = "residual-stream Add kept in float (float_residual): its range is set by outlier tokens"
         for node in tagged:
             plan.float_reasons[node] = node.metadata_props[KEEP_FLOAT_KEY]
+        if target.settle_plan is not None:
+            plan.idle_dropped = target.settle_plan(plan)
         return plan
 
     @staticmethod
