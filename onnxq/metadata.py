@@ -22,6 +22,6 @@ WEIGHT_BITS_KEY = "onnxq.weight_bits"      # the width allocate_bits chose for t
 CODEBOOK_KEY = "onnxq.codebook"            # a DequantizeLinear of a vq_weights codebook weight (written before quantize)
 SOURCE_NAME_KEY = "onnxq.source_name"      # the generic name a node had before the pipeline renamed it (--exclude matches it)
 KEEP_FLOAT_KEY = "onnxq.keep_float"        # an earlier pass asks quantize to keep this node in float; the value says why
-RANGE_MARGIN_KEY = "onnxq.range_margin"    # widen this node's output range by the factor given (split_range → quantize)
+RANGE_MARGIN_KEY = "onnxq.range_margin"    # widen this node's output range by the factor given (split_range, ort-cpu MaxPool → quantize)
 PE_KEY = "onnxq.petr_pe"          # a PETR position-embedding node, or the Add of the PE to the image features
 PASS_LINE_PREFIX = "onnxq.pass."  # model metadata: one readable line per pass run, onnxq.pass.NN.name

@@ -65,6 +65,8 @@ def main() -> None:
     parser.add_argument("--inputs", type=Path, help="pack: a bench_ort_cpu.py --save-inputs folder")
     parser.add_argument("--out", type=Path, help="time: where latency.json goes")
     args = parser.parse_args()
+    if (args.step == "pack" and args.inputs is None) or (args.step == "time" and args.out is None):
+        parser.error("pack needs --inputs, time needs --out")
     if args.step == "pack":
         pack(args.folder, args.inputs)
         return

@@ -144,3 +144,54 @@ def concat_model() -> onnx.ModelProto:
 
 def random_images(n: int, size: int = 16, seed: int = 1) -> np.ndarray:
     return np.random.default_rng(seed).normal(size=(n, 3, size, size)).astype(np.float32)
+
+
+def detector_and_classifier_model(seed: int = 5, channels: int = 8) -> onnx.ModelProto:
+    """A stem Conv from the 3-channel input and a MaxPool after it, a residual block, then two heads: a
+    DB-detector-like one (grouped ConvTranspose whose bias is an Add of its own, BN, an uneven
+    per-channel scale, ReLU, ConvTranspose, a scalar gain, Sigmoid) and a classifier (a MaxPool after
+    a Conv + ReLU beside one after the residual Add, their sum, GAP, Flatten, Gemm)."""
+    rng = np.random.default_rng(seed)
+    c = channels
+
+    def init(name, array):
+        return numpy_helper.from_array(np.asarray(array, np.float32), name)
+
+    inits = [init("c1.w", conv_weights(rng, c, 3, 3)), init("c1.b", rng.normal(size=c) * 0.1),
+             init("c2.w", conv_weights(rng, c, c, 3)), init("c2.b", rng.normal(size=c) * 0.1),
+             init("c3.w", conv_weights(rng, c, c, 1)), init("c3.b", rng.normal(size=c) * 0.1),
+             init("up1.w", rng.normal(size=(c, c // 2, 2, 2)) * 0.3), init("up1.b", rng.normal(size=(c, 1, 1))),
+             init("bn.scale", rng.uniform(0.5, 1.5, c)), init("bn.bias", rng.normal(size=c) * 0.1),
+             init("bn.mean", rng.normal(size=c) * 0.2), init("bn.var", rng.uniform(0.5, 2.0, c)),
+             init("head.scale", rng.uniform(0.3, 3.0, size=(c, 1, 1))),
+             init("up2.w", rng.normal(size=(c, 1, 2, 2)) * 0.3), init("gain", [[[1.5]]]),
+             init("fc.w", rng.normal(size=(10, c)) * 0.3), init("fc.b", rng.normal(size=10) * 0.1)]
+    node = helper.make_node
+    nodes = [node("Conv", ["input", "c1.w", "c1.b"], ["c1"], name="stem/Conv", pads=[1] * 4),
+             node("Relu", ["c1"], ["r1"], name="stem/Relu"),
+             node("MaxPool", ["r1"], ["p1"], name="stem/MaxPool", kernel_shape=[2, 2], strides=[2, 2]),
+             node("Conv", ["p1", "c2.w", "c2.b"], ["c2"], name="block/Conv", pads=[1] * 4),
+             node("Relu", ["c2"], ["r2"], name="block/Relu"),
+             node("Add", ["r2", "p1"], ["res"], name="block/Add"),
+             node("ConvTranspose", ["res", "up1.w"], ["up1"], name="head/up1", strides=[2, 2], group=2),
+             node("Add", ["up1", "up1.b"], ["up1.biased"], name="head/up1_bias"),
+             node("BatchNormalization", ["up1.biased", "bn.scale", "bn.bias", "bn.mean", "bn.var"], ["bn"],
+                  name="head/BN"),
+             node("Mul", ["bn", "head.scale"], ["bn.scaled"], name="head/scale"),
+             node("Relu", ["bn.scaled"], ["bn.relu"], name="head/Relu"),
+             node("ConvTranspose", ["bn.relu", "up2.w"], ["up2"], name="head/up2", strides=[2, 2]),
+             node("Mul", ["up2", "gain"], ["up2.gain"], name="head/gain"),
+             node("Sigmoid", ["up2.gain"], ["map"], name="head/Sigmoid"),
+             node("Conv", ["res", "c3.w", "c3.b"], ["c3"], name="cls/Conv"),
+             node("Relu", ["c3"], ["r3"], name="cls/Relu"),
+             node("MaxPool", ["r3"], ["pa"], name="cls/MaxPool", kernel_shape=[2, 2], strides=[2, 2]),
+             node("MaxPool", ["res"], ["pb"], name="res/MaxPool", kernel_shape=[2, 2], strides=[2, 2]),
+             node("Add", ["pa", "pb"], ["pooled"], name="cls/Add"),
+             node("GlobalAveragePool", ["pooled"], ["gap"], name="cls/GAP"),
+             node("Flatten", ["gap"], ["flat"], name="cls/Flatten"),
+             node("Gemm", ["flat", "fc.w", "fc.b"], ["logits"], name="cls/Gemm", transB=1)]
+    graph = helper.make_graph(nodes, "det_and_cls", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                                                                    ["N", 3, 16, 16])],
+                              [helper.make_tensor_value_info("map", TensorProto.FLOAT, None),
+                               helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)

@@ -5,7 +5,7 @@ import onnx
 import onnx_ir as ir
 import pytest
 
-from builders import mobilenet_block_model, random_images
+from builders import detector_and_classifier_model, mobilenet_block_model, random_images
 from conftest import rel_change, run
 from onnxq.ir.graph import const_array
 from onnxq.pipeline import PassContext, load_recipe, run_pipeline
@@ -131,8 +131,6 @@ def test_pipeline_refuses_an_exact_pass_that_changes_outputs():
 def test_fold_batchnorm_takes_a_bias_add_between_layer_and_bn():
     """Paddle writes a ConvTranspose's bias as an Add of its own, between the layer and its BN: the Add
     goes into the layer's bias, then the BN folds (grouped ConvTranspose, per-channel bias)."""
-    from test_ort_cpu_target import detector_and_classifier_model
-
     model = detector_and_classifier_model()
     work, records = apply(model, ["fold_batchnorm"])
     assert "BatchNormalization" not in ops(work)
@@ -140,3 +138,24 @@ def test_fold_batchnorm_takes_a_bias_add_between_layer_and_bn():
     feed = {"input": X[:, :3, :16, :16]}
     for got, reference in zip(run(ir.to_proto(work), feed), run(model, feed)):
         np.testing.assert_allclose(got, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_fold_batchnorm_keeps_an_fp16_layer_fp16():
+    """The absorbed bias is stored in the layer's float type: an FP16 model stays valid."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    half = [numpy_helper.from_array(a.astype(np.float16), n) for n, a in (
+        ("w", rng.normal(size=(4, 3, 3, 3))), ("c", rng.normal(size=(4, 1, 1))), ("scale", rng.uniform(0.5, 1.5, 4)),
+        ("bias", rng.normal(size=4)), ("mean", rng.normal(size=4)), ("var", rng.uniform(0.5, 2.0, 4)))]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["y"], name="conv"),
+             helper.make_node("Add", ["y", "c"], ["yc"], name="bias"),
+             helper.make_node("BatchNormalization", ["yc", "scale", "bias", "mean", "var"], ["out"], name="bn")]
+    graph = helper.make_graph(nodes, "fp16", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT16, None)], half)
+    work, records = apply(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8),
+                          ["fold_batchnorm"])
+    assert ops(work) == ["Conv"] and records[0].summary["bias_adds_absorbed"] == 1
+    conv = next(iter(work.graph))
+    assert const_array(conv.inputs[2]).dtype == np.float16
+    onnx.checker.check_model(ir.to_proto(work), full_check=True)

@@ -48,10 +48,10 @@ STEM_MAX_CHANNELS = 4
 
 
 def is_image_stem(node: ir.Node) -> bool:
-    """A plain (ungrouped) Conv over at most STEM_MAX_CHANNELS input channels read straight from a
+    """A plain (ungrouped) 2-D Conv over at most STEM_MAX_CHANNELS input channels read straight from a
     graph input: the first layer of an image model, which `--target ort-cpu` leaves float."""
     if node.op_type != "Conv" or len(node.inputs) < 2 or node.inputs[0] is None:
         return False
     weight = const_array(node.inputs[1])
-    return (node.inputs[0].is_graph_input() and weight is not None and weight.ndim >= 3
+    return (node.inputs[0].is_graph_input() and weight is not None and weight.ndim == 4
             and attr(node, "group", 1) == 1 and weight.shape[1] <= STEM_MAX_CHANNELS)

@@ -204,10 +204,10 @@ def _is_activation_product(node: ir.Node) -> bool:
     return node.op_type == "MatMul" and not any(is_weight(v) for v in node.inputs[:2])
 
 
-def rule_weighted_inputs(graph, ops=WEIGHTED_OPS):
+def rule_weighted_inputs(graph, ops=WEIGHTED_OPS, allowed_float=lambda node: False):
     out = []
     for n in graph:
-        if n.op_type in ops and not _is_activation_product(n):
+        if n.op_type in ops and not _is_activation_product(n) and not allowed_float(n):
             for i, v in enumerate(n.inputs[:2]):
                 if v is not None and not _from_dq(v):
                     out.append((n.name, f"{n.op_type} '{n.name}': input {i} '{v.name}' not quantized"))
@@ -311,9 +311,7 @@ _ORT_INTEGER_WEIGHTED = frozenset({"Conv", "Gemm", "MatMul"})  # ORT's CPU provi
 def rule_ort_weighted_inputs(graph):
     """As R8, less the image stem that `--target ort-cpu` leaves float on purpose (a Conv over at
     most 4 channels read straight from the model input: ORT's float Conv is faster there)."""
-    stems = {n.name for n in graph if is_image_stem(n)}
-    return [(name, message) for name, message in rule_weighted_inputs(graph, _ORT_INTEGER_WEIGHTED)
-            if name not in stems]
+    return rule_weighted_inputs(graph, _ORT_INTEGER_WEIGHTED, allowed_float=is_image_stem)
 
 
 def rule_integer_types(graph):

@@ -30,7 +30,6 @@ from onnxq.ir.conv import CHANNEL_LAYERS, output_channels, per_channel, scale_ou
 from onnxq.ir.graph import (
     Namer,
     add_initializer,
-    attr,
     const_array,
     mark_changed,
     only_consumer,
@@ -42,6 +41,8 @@ from onnxq.quant.qdq_rules import ORT_INTEGER_KERNELS, ORT_INTEGER_PASSTHROUGH, 
 
 _INT8_BINARY = ("Add", "Mul")
 _FLOAT_DATA = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
+_IDLE_REASON = ("no integer kernel in ONNX Runtime reads or writes this op's tensors here: they stay float, "
+                "without a Q/DQ pair that would only cost time")
 
 
 def prepare(model: ir.Model, signed_activations: bool = False) -> dict[str, int]:
@@ -49,8 +50,7 @@ def prepare(model: ir.Model, signed_activations: bool = False) -> dict[str, int]
     UINT8 otherwise); how many of each were made."""
     graph, namer = model.graph, Namer(model.graph)
     counts = {"folded_into_conv": _fold_affine_into_conv(graph, namer),
-              "div_to_mul": _div_by_scalar_to_mul(graph, namer),
-              "gemm_to_matmul": _gemm_to_matmul(graph, namer)}
+              "div_to_mul": _div_by_scalar_to_mul(graph, namer)}
     counts["layer_outputs_given_a_reader"] = _read_layer_outputs(graph, namer)
     counts["folded_into_next_conv"] = _fold_scalar_affine_into_next_conv(graph, namer)
     counts["scalar_operands_quantized"] = _quantize_scalar_operands(graph, namer, signed_activations)
@@ -136,53 +136,17 @@ def _div_by_scalar_to_mul(graph: ir.Graph, namer: Namer) -> int:
         graph.insert_after(node, mul)
         result = node.outputs[0]
         mul.outputs[0].dtype, mul.outputs[0].shape = result.dtype, result.shape
-        was_output, name = result.is_graph_output(), result.name
-        ir.convenience.replace_all_uses_with(result, mul.outputs[0], replace_graph_outputs=True)
-        graph.remove(node, safe=True)
-        mul.outputs[0].name = name if was_output else namer.fresh(name)
+        _replace_node(graph, namer, node, mul.outputs[0])
         _drop_if_unused(graph, divisor)
         rewritten += 1
     return rewritten
 
 
-def _gemm_to_matmul(graph: ir.Graph, namer: Namer) -> int:
-    """Gemm(A, B, C) with a constant B, α = β = 1 and no transposed A becomes MatMul(A, B') + C.
-
-    ORT fuses a QDQ Gemm only when its bias is an INT32 DequantizeLinear, and onnxq keeps biases in
-    float; a QDQ MatMul (DQ inputs, Q output) it fuses into QLinearMatMul, and the bias Add then runs
-    on the layer's outputs only, in integers or in float."""
-    rewritten = 0
-    for gemm in _standard_nodes(graph, ("Gemm",)):
-        weight = const_array(gemm.inputs[1])
-        if (weight is None or weight.ndim != 2 or attr(gemm, "transA", 0) or attr(gemm, "alpha", 1.0) != 1.0
-                or attr(gemm, "beta", 1.0) != 1.0):
-            continue
-        w_io = weight.T if attr(gemm, "transB", 0) else weight
-        w_value = add_initializer(graph, namer, f"{gemm.inputs[1].name}_io", np.ascontiguousarray(w_io))
-        result = gemm.outputs[0]
-        matmul = ir.node("MatMul", [gemm.inputs[0], w_value], name=namer.fresh(f"{gemm.name}_matmul"))
-        matmul.outputs[0].dtype, matmul.outputs[0].shape = result.dtype, result.shape
-        graph.insert_after(gemm, matmul)
-        last = matmul
-        bias = gemm.inputs[2] if len(gemm.inputs) > 2 else None
-        if bias is not None:
-            matmul.outputs[0].name = namer.fresh(f"{result.name}_unbiased")
-            last = ir.node("Add", [matmul.outputs[0], bias], name=namer.fresh(f"{gemm.name}_bias"))
-            last.outputs[0].dtype, last.outputs[0].shape = result.dtype, result.shape
-            graph.insert_after(matmul, last)
-        was_output, name, old_weight = result.is_graph_output(), result.name, gemm.inputs[1]
-        ir.convenience.replace_all_uses_with(result, last.outputs[0], replace_graph_outputs=True)
-        graph.remove(gemm, safe=True)
-        last.outputs[0].name = name if was_output else namer.fresh(name)
-        _drop_if_unused(graph, old_weight)
-        rewritten += 1
-    return rewritten
-
-
 def _read_layer_outputs(graph: ir.Graph, namer: Namer) -> int:
-    """A Conv/MatMul whose output is a model output gets an Identity to write it: the planner quantizes
-    a layer's output for its readers, and ORT leaves a layer without that Q in float, dequantizing its
-    weights on every run (an LM head: the whole vocabulary matrix). ORT removes the Identity."""
+    """A Conv/MatMul/Gemm whose output is a model output gets an Identity to write it: the planner
+    quantizes a layer's output for its readers, and ORT leaves a layer without that Q in float,
+    dequantizing its weights on every run (MobileNetV2's classifier: 0.34 ms of 3.6 ms; an LM head: the
+    whole vocabulary matrix). The output is then 8-bit, per tensor. ORT removes the Identity."""
     given = 0
     for layer in _standard_nodes(graph, ("Conv", "MatMul", "Gemm")):
         out = layer.outputs[0]
@@ -306,6 +270,16 @@ def _quantize_scalar_operands(graph: ir.Graph, namer: Namer, signed: bool) -> in
     return quantized
 
 
+def _replace_node(graph: ir.Graph, namer: Namer, node: ir.Node, result: ir.Value) -> None:
+    """`result` (computed by nodes already in the graph) takes over `node`'s output, whose name it gets
+    where that is a model output; `node` goes."""
+    old = node.outputs[0]
+    was_output, name = old.is_graph_output(), old.name
+    ir.convenience.replace_all_uses_with(old, result, replace_graph_outputs=True)
+    graph.remove(node, safe=True)
+    result.name = name if was_output else namer.fresh(name)
+
+
 def _drop_if_unused(graph: ir.Graph, value: ir.Value | None) -> None:
     if value is not None and not value.uses() and value.is_initializer() and not value.is_graph_input():
         graph.initializers.pop(value.name)
@@ -316,24 +290,24 @@ def drop_idle_qdq(plan: Plan) -> int:
 
     ORT turns DQ → op → Q into an integer kernel only when every data input of the op is dequantized
     and its output is quantized (on the CPU provider a QDQ MatMul without the Q runs in float, its
-    weight dequantized on every run). A
-    pair between ops that cannot become integer kernels (ConvTranspose, BatchNormalization, an Add
-    of a per-channel float constant, ...) would run as a quantize and a dequantize of its own, costing
-    time and precision for nothing. Ops that run on the integers or are dropped (Reshape, MaxPool,
-    Relu, ...) join the tensors on both sides into one region; a region is kept when any of its
-    tensors is written or read by an integer kernel. Removing an idle region cannot stop a kernel:
-    a kernel's own tensors are never idle."""
+    weight dequantized on every run). A pair between ops that cannot become integer kernels
+    (ConvTranspose, BatchNormalization, an Add of a per-channel float constant, ...) would run as a
+    quantize and a dequantize of its own, costing time and precision for nothing. Ops that run on the
+    integers or are dropped (Reshape, Split, an integer MaxPool, Relu, ...) join the tensors on both
+    sides into one region; a region is kept when any of its tensors is written or read by an integer
+    kernel. Removing an idle region cannot stop a kernel: a kernel's own tensors are never idle. The
+    ops beside a removed pair are noted as float, with the reason."""
     planned = set(plan.activations)
     weights = {weight for weight, _ in plan.weights}
 
     def quantized(node: ir.Node, index: int) -> bool:
         value = node.inputs[index]
         producer = value.producer()
-        return (value in planned or value in weights
+        return ((node, index) in plan.activations.get(value, ()) or value in weights
                 or (producer is not None and producer.op_type == "DequantizeLinear"))
 
     def fuses(node: ir.Node) -> bool:
-        if node.op_type not in ORT_INTEGER_KERNELS or node.domain not in ("", "ai.onnx"):
+        if node.op_type not in ORT_INTEGER_KERNELS or node.domain not in ("", "ai.onnx") or node in plan.float_reasons:
             return False
         data = [i for i, v in enumerate(node.inputs) if v is not None and not is_index_input(node, i)
                 and v.dtype in _FLOAT_DATA]
@@ -343,17 +317,27 @@ def drop_idle_qdq(plan: Plan) -> int:
 
     region = {value: {value} for value in planned}
     for node in {user for slots in plan.activations.values() for user, _ in slots}:
-        if node.op_type in ORT_INTEGER_PASSTHROUGH and node.inputs[0] in region and node.outputs[0] in region:
-            joined = region[node.inputs[0]] | region[node.outputs[0]]
+        if node.op_type not in ORT_INTEGER_PASSTHROUGH or node in plan.float_reasons:
+            continue
+        sides = [v for v in (node.inputs[0], *node.outputs) if v in region]
+        if len(sides) > 1 and node.inputs[0] in region:
+            joined = set().union(*(region[v] for v in sides))
             for value in joined:
                 region[value] = joined
+    def guards(user: ir.Node) -> bool:
+        """A float MaxPool with a quantized output needs its input pair too: without that DQ, ORT moves
+        the output Q above the MaxPool and runs its slow 8-bit NCHW loop."""
+        return user.op_type == "MaxPool" and user in plan.float_reasons and user.outputs[0] in planned
+
     useful: set[int] = set()
     for value, slots in plan.activations.items():
         producer = value.producer()
-        if (producer is not None and fuses(producer)) or any(fuses(user) for user, _ in slots):
+        if (producer is not None and fuses(producer)) or any(fuses(user) or guards(user) for user, _ in slots):
             useful.add(id(region[value]))
     idle = [value for value in planned if id(region[value]) not in useful]
     for value in idle:
-        del plan.activations[value]
+        for node in [value.producer(), *(user for user, _ in plan.activations.pop(value))]:
+            if node is not None:
+                plan.float_reasons.setdefault(node, _IDLE_REASON)
     return len(idle)
 

@@ -199,26 +199,38 @@ class StemConv(Treatment):
     read straight from the model input) stays float, its output quantized by the next layers' rules;
     any other Conv is `otherwise`. ORT's integer Conv multiplies im2col rows of k·k·C_in, short for 3
     channels, and the float input would first need a quantize and a layout transpose: measured on
-    MobileNetV2 (VNNI CPU, one thread) the float stem saved 5 % of the model's latency."""
+    MobileNetV2 (VNNI CPU, one thread) the float stem saved 5 % of the model's latency.
+
+    Not when a MaxPool reads the stem (through a ReLU, as in ResNet): after a float stem ORT moves the
+    MaxPool's output Q above it and runs its 8-bit NCHW MaxPool loop (measured: 7 ms against 0.16 ms
+    in float), while after an integer stem it makes it an NHWC integer MaxPool."""
 
     otherwise: Treatment
 
     def plan(self, node, p):
-        if is_image_stem(node):
+        if is_image_stem(node) and not _feeds_maxpool(node.outputs[0]):
             p.keep_float(node, "image stem (a few channels from the model input): ORT's float Conv is faster "
                                "here than quantizing the input for its integer one")
         else:
             self.otherwise.plan(node, p)
 
 
+def _feeds_maxpool(value: ir.Value) -> bool:
+    for user, _ in value.uses():
+        if user.op_type == "MaxPool" or (user.op_type in ("Relu", "Clip") and _feeds_maxpool(user.outputs[0])):
+            return True
+    return False
+
+
 @dataclass(frozen=True)
 class MaxPoolAfterConv(Treatment):
-    """ONNX Runtime CPU: MaxPool on the integers only right after a Conv (through a ReLU/Clip), where
-    ORT's layout pass makes it an NHWC integer MaxPool; elsewhere ORT's 8-bit MaxPool is a plain NCHW
-    loop (0.17 ms on the PP-OCR direction classifier, where the float one takes 0.015 ms), so it stays
-    float between the Q/DQ of its neighbours. ORT would still drop that DQ/Q pair, and run the 8-bit
-    loop, when both carry one scale (max commutes with the quantizer, so calibration gives equal
-    ranges): the output's range is widened by `OUTPUT_MARGIN` to keep them apart."""
+    """ONNX Runtime CPU: MaxPool on the integers only right after a quantized Conv (through a ReLU/Clip),
+    where ORT's layout pass makes it an NHWC integer MaxPool; elsewhere (after an Add, a Mul, the float
+    image stem) ORT's 8-bit MaxPool is a plain NCHW loop (0.17 ms on the PP-OCR direction classifier,
+    where the float one takes 0.015 ms), so it stays float between the Q/DQ of its neighbours. ORT
+    would still drop that DQ/Q pair, and run the 8-bit loop, when both carry one scale (max commutes
+    with the quantizer, so calibration gives equal ranges): the output's range is widened by
+    `OUTPUT_MARGIN` (`onnxq.range_margin`) to keep them apart."""
 
     OUTPUT_MARGIN = 1.001
 
@@ -226,11 +238,13 @@ class MaxPoolAfterConv(Treatment):
         source = node.inputs[0].producer() if node.inputs[0] is not None else None
         while source is not None and source.op_type in ("Relu", "Clip"):
             source = source.inputs[0].producer()
-        if source is not None and source.op_type == "Conv":
+        if source is not None and source.op_type == "Conv":  # a stem before a MaxPool is quantized (StemConv)
             Int8Op(share_in_out=True).plan(node, p)
-        else:
+        else:  # its input keeps a DQ even after a float op: without one, ORT moves the output Q above it
+            p.activation(node, 0)
             node.metadata_props[RANGE_MARGIN_KEY] = f"{self.OUTPUT_MARGIN:g}"
-            p.keep_float(node, "MaxPool not right after a Conv: ORT's 8-bit MaxPool there is slower than float")
+            p.keep_float(node, "MaxPool not right after a quantized Conv: ORT's 8-bit MaxPool there is slower "
+                               "than float")
 
 
 @dataclass(frozen=True)

@@ -36,8 +36,8 @@ TARGETS = {
                        "TensorRT explicit quantization: symmetric INT8, zero point 0, Q/DQ on weighted-layer inputs"),
     "ort-cpu": Target("ort-cpu", ORT_CPU_TABLE, UINT8, False,
                       "ONNX Runtime CPU: asymmetric UINT8 (or INT8) activations and INT8 weights, Q/DQ around every op "
-                      "with an integer kernel so ORT fuses them into QLinear* kernels", ort_cpu.prepare, widen_weight_scales,
-                      ort_cpu.drop_idle_qdq),
+                      "with an integer kernel so ORT fuses them into QLinear* kernels",
+                      prepare=ort_cpu.prepare, fit_biases=widen_weight_scales, settle_plan=ort_cpu.drop_idle_qdq),
 }
 
 

@@ -59,7 +59,7 @@ def _foldable(graph: ir.Graph) -> list[ir.Node]:
 
 def _absorb_bias_adds(graph: ir.Graph) -> int:
     """Conv/ConvTranspose → Add(per-channel constant) → BN becomes Conv/ConvTranspose (bias b + c) → BN."""
-    absorbed = 0
+    absorbed, namer = 0, Namer(graph)
     for bn in [n for n in graph if n.op_type == "BatchNormalization"]:
         add = bn.inputs[0].producer()
         match = _bias_add(add) if add is not None and only_consumer(add.outputs[0]) is bn else None
@@ -68,8 +68,9 @@ def _absorb_bias_adds(graph: ir.Graph) -> int:
         layer, c, constant = match
         if len(layer.inputs) < 3:
             layer.resize_inputs(3)
+        dtype = const_array(layer.inputs[1]).dtype  # the layer's float type (FP16 models stay FP16)
         bias = const_array(layer.inputs[2]) if layer.inputs[2] is not None else np.zeros_like(c)
-        swap_initializer(graph, Namer(graph), layer, 2, f"{layer.name}_bias", (bias + c).astype(np.float32))
+        swap_initializer(graph, namer, layer, 2, f"{layer.name}_bias", (bias.astype(np.float32) + c).astype(dtype))
         bn.replace_input_with(0, layer.outputs[0])
         graph.remove(add, safe=True)
         if not constant.uses() and constant.is_initializer() and not constant.is_graph_input():
@@ -79,8 +80,8 @@ def _absorb_bias_adds(graph: ir.Graph) -> int:
 
 
 def _bias_add(add: ir.Node) -> tuple[ir.Node, np.ndarray, ir.Value] | None:
-    """(layer, c) when `add` adds a per-output-channel constant c to a constant-weight Conv or
-    ConvTranspose that only it reads, and the layer's bias (if any) is constant."""
+    """(layer, c, the constant's value) when `add` adds a per-output-channel constant c to a
+    constant-weight Conv or ConvTranspose that only it reads, and the layer's bias (if any) is constant."""
     if add.op_type != "Add" or len(add.inputs) != 2:
         return None
     for data, constant in (add.inputs, reversed(add.inputs)):

@@ -270,7 +270,14 @@ class Quantize(GraphPass):
     @staticmethod
     def _insert_activations(model: ir.Model, plan, ranges: dict[str, Range], act_fmt,
                             symmetric: bool) -> dict[ir.Node, list[str]]:
-        """Q/DQ on every planned activation with a usable range; the notes for each reader."""
+        """Q/DQ on every planned activation with a usable range; the notes for each reader. A margin a
+        pass asked for widens the range before a scale group shares it, so the group keeps one scale."""
+        ranges, widened = dict(ranges), set()
+        for value in plan.activations:
+            margin, name = _range_margin(value), plan.range_of.get(value, value).name
+            if margin != 1.0 and name in ranges and ranges[name].finite and name not in widened:
+                ranges[name] = Range(ranges[name].lo * margin, ranges[name].hi * margin)
+                widened.add(name)
         ranges = _share_group_ranges(ranges, plan.scale_groups)
         graph, namer = model.graph, Namer(model.graph)
         notes: dict[ir.Node, list[str]] = defaultdict(list)
@@ -279,8 +286,7 @@ class Quantize(GraphPass):
             if r is None or not r.finite or r.amax > 1e30:
                 plan.skipped[value] = f"calibrated range {r} is not usable: kept in float"
                 continue
-            margin = _range_margin(value)
-            scale, zero_point = activation_params(r.lo * margin, r.hi * margin, act_fmt, symmetric)
+            scale, zero_point = activation_params(r.lo, r.hi, act_fmt, symmetric)
             insert_activation_qdq(graph, namer, value, slots, scale, zero_point, act_fmt)
             for node, index in slots:
                 notes[node].append(f"input {index}: {act_fmt.dtype.name.lower()} per-tensor")
