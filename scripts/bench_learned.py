@@ -176,7 +176,7 @@ def mobilenet_rows(args, report) -> list[dict]:
     def onnxq_row(bits: int, weights: str, rounding: str):
         def go():
             passes = recipe_with("default", weights=weights, weight_bits=bits, rounding=rounding,
-                                 learn_iterations=args.iterations)
+                                 learn_iterations=args.iterations, learn_regulariser=args.learn_regulariser)
             info = timed_onnxq(source, calib, work / f"w{bits}_{weights}_{rounding}.onnx", passes)
             info["notes"] = f"learned on {learn_device()}; " + info["notes"] if rounding in ("adaround", "flexround") \
                 else info["notes"]
@@ -361,6 +361,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sections", default="mobilenet,repvgg,lm")
     parser.add_argument("--iterations", type=int, default=500, help="learn_iterations per block (adaround/flexround)")
+    parser.add_argument("--learn-regulariser", type=float, default=1000.0,
+                        help="AdaRound's λ (learn_regulariser) for the mobilenet rows (default 1000)")
     parser.add_argument("--quick", action="store_true", help="fewer crops, windows and calibration samples")
     parser.add_argument("--only", default="", help="comma-separated substrings of the row labels to run")
     parser.add_argument("--out", default="scripts/results/learned", help="output path without extension")
@@ -377,7 +379,8 @@ def main(argv=None) -> int:
         save_anchors(Path(args.anchors_to), args.quick)
         return 0
     setup = (f"learn_iterations {args.iterations} per block, learning on {learn_device()}; activations per-tensor INT8 "
-             "(W4A4: INT4)" + ("; --quick" if args.quick else ""))
+             "(W4A4: INT4)" + ("; --quick" if args.quick else "")
+             + (f"; AdaRound λ {args.learn_regulariser:g}" if args.learn_regulariser != 1000.0 else ""))
     results = {"setup": setup, "sections": {}}
     command = "python scripts/bench_learned.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
 

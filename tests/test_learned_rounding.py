@@ -77,6 +77,25 @@ def test_learn_iterations_is_bounded():
                  recipe=[{"quantize": {"rounding": "adaround", "learn_iterations": 0}}], **OPTS)
 
 
+def test_learn_regulariser_reaches_adaround_and_is_bounded(torch_one_thread):
+    """AdaRound's λ from the recipe is the one the learner uses: with the same seed, a λ far below and
+    one far above the default end on different integers."""
+    with pytest.raises(OnnxqError, match="learn_regulariser"):
+        quantize(mobilenet_block_model(), {"input": random_images(4)},
+                 recipe=[{"quantize": {"rounding": "adaround", "learn_regulariser": 0}}], **OPTS)
+    model = mobilenet_block_model(channels=8, seed=3)
+    calib = {"input": random_images(32, seed=1)}
+
+    def integers(regulariser: float) -> dict[str, np.ndarray]:
+        recipe = w4_recipe("adaround", 100)
+        recipe[-1]["quantize"]["learn_regulariser"] = regulariser
+        return quantized_weights(quantize(model, calib, recipe=recipe, batch_size=16, **OPTS))
+
+    weak, strong = integers(1e-3), integers(1e5)
+    assert weak.keys() == strong.keys()
+    assert any(not np.array_equal(weak[k], strong[k]) for k in weak)
+
+
 def test_bert_layers_learn_at_a_batch_size_other_than_one(torch_one_thread, tmp_path):
     """A BERT export computes its batch size once (Shape → Gather) and every layer's Reshape reads it: a
     layer block then gets that number as a shared input, valid for batches of the captured size only.

@@ -8,8 +8,9 @@ and it has no integer Div at all. Before the planner runs, `prepare` therefore
 - folds Mul/Add by a per-output-channel constant that directly follows a Conv or ConvTranspose into
   its weights and bias (W' = c·W, b' = c·b for Mul; b' = b + c for Add);
 - rewrites Div by a scalar constant as Mul by its reciprocal (QLinearMul exists, QLinearDiv not);
-- rewrites Gemm with constant weights as MatMul + bias Add (ORT fuses a QDQ Gemm only with an INT32
-  bias, a QDQ MatMul always);
+- gives a Conv/MatMul/Gemm that writes a model output an Identity to write it through, so that output
+  is quantized too and ORT fuses the layer (the model output is then 8-bit; exclude the layer to keep
+  it float);
 - folds a chain of Mul/Add by scalar constants read only by Convs (as their data input) into those
   Convs, Conv(c·x + b) = (c·W)·x + b·ΣW where they do not pad; where they pad, only the scale goes into
   the weights and one Add of b/c stays (hard-swish's /6 and the learnable affine block after it);
@@ -19,6 +20,7 @@ and it has no integer Div at all. Before the planner runs, `prepare` therefore
   are left as they are, for the planner to recognise.
 
 Each rewrite changes the float result by rounding only. The TensorRT target does not use this.
+After planning, `drop_idle_qdq` takes back the Q/DQ pairs no integer kernel would use.
 """
 
 from __future__ import annotations
@@ -324,6 +326,7 @@ def drop_idle_qdq(plan: Plan) -> int:
             joined = set().union(*(region[v] for v in sides))
             for value in joined:
                 region[value] = joined
+
     def guards(user: ir.Node) -> bool:
         """A float MaxPool with a quantized output needs its input pair too: without that DQ, ORT moves
         the output Q above the MaxPool and runs its slow 8-bit NCHW loop."""
@@ -340,4 +343,3 @@ def drop_idle_qdq(plan: Plan) -> int:
             if node is not None:
                 plan.float_reasons.setdefault(node, _IDLE_REASON)
     return len(idle)
-

@@ -225,8 +225,8 @@ def _feeds_maxpool(value: ir.Value) -> bool:
 @dataclass(frozen=True)
 class MaxPoolAfterConv(Treatment):
     """ONNX Runtime CPU: MaxPool on the integers only right after a quantized Conv (through a ReLU/Clip),
-    where ORT's layout pass makes it an NHWC integer MaxPool; elsewhere (after an Add, a Mul, the float
-    image stem) ORT's 8-bit MaxPool is a plain NCHW loop (0.17 ms on the PP-OCR direction classifier,
+    where ORT's layout pass makes it an NHWC integer MaxPool; elsewhere (after an Add, a Mul, a float
+    layer) ORT's 8-bit MaxPool is a plain NCHW loop (0.17 ms on the PP-OCR direction classifier,
     where the float one takes 0.015 ms), so it stays float between the Q/DQ of its neighbours. ORT
     would still drop that DQ/Q pair, and run the 8-bit loop, when both carry one scale (max commutes
     with the quantizer, so calibration gives equal ranges): the output's range is widened by

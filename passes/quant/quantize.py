@@ -78,6 +78,7 @@ class Quantize(GraphPass):
     # gptq: integers chosen for each layer's output error; adaround/flexround: learned per block (needs torch)
     rounding: Literal["nearest", "gptq", "adaround", "flexround"] = "nearest"
     learn_iterations: int = option(1000, low=1)  # optimisation steps per block for adaround/flexround
+    learn_regulariser: float = option(1000.0, above=0.0)  # AdaRound's λ: how hard h is pushed to 0 or 1
     gptq_dampings: tuple[float, ...] = option(gptq.DAMPINGS, above=0.0)  # tried per layer on held-out batches
     # AGQ (mixture-of-experts models): each expert's GPTQ Hessian sums its tokens weighted by their gate, so
     # tokens routed elsewhere (which the dense form still runs through it) do not count
@@ -319,7 +320,7 @@ class Quantize(GraphPass):
             _, scale = quantize_weight(const_array(weight), axis, fmt, self.weight_calibrator, block)
             points[weight.name] = WeightPoint(scale, axis, fmt, output_axis(*slots[0]), block)
         model.graph.sort()
-        config = LearnConfig(method=self.rounding, iterations=self.learn_iterations)
+        config = LearnConfig(method=self.rounding, iterations=self.learn_iterations, reg_weight=self.learn_regulariser)
         summary = learn_model_rounding(model, points, data, config, write, show_progress=ctx.show_progress,
                                        log=ctx.log)
         ctx.log(f"quantize: {self.rounding} learned {summary['learned_weights']} weights in "
