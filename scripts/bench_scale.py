@@ -2,7 +2,7 @@
 
     python scripts/bench_scale.py [--depths 1,2,4,6] [--calib-windows 16] [--out scripts/results/scale]
     python scripts/bench_scale.py --same-run mobilenet,minilm,smollm2 [--out scripts/results/scale_same_run]
-    PYTHONPATH=.:scripts python scripts/bench_scale.py --device-point 1b [--out DIR]
+    python scripts/bench_scale.py --device-point 1b [--out DIR]
 
 Depth series: SmolLM2-135M made deeper by running its 30 decoder layers k times in a row, each copy with
 its own weights (benchlib.scale_models.repeat_layers; ×6 is about 2.7 GB of FP32 weights), saved with
@@ -20,7 +20,9 @@ of that process and of any it starts), with each output's accuracy beside it (be
 Device points (--device-point 1b|3b|<hidden>x<intermediate>x<layers>x<heads>): a LLaMA-shaped model with
 random weights built directly in ONNX (no torch, no download), saved with external data, quantized and
 checked the same way; calibration = random token windows. Needs only onnx, onnx_ir, onnxruntime and
-numpy (torch for GPTQ rounding) with onnxq as source on PYTHONPATH. Writes <out>.json and <out>.md.
+numpy (torch for GPTQ rounding), and onnxq itself installed from the working tree without its
+dependencies (`pip install --no-deps --no-build-isolation -e . -e ./models`: the source tree alone does
+not import, as `passes/` installs as onnxq.passes). Writes <out>.json and <out>.md.
 """
 
 from __future__ import annotations
@@ -181,7 +183,7 @@ def write(rows, out, argv, calib_windows, check=None) -> None:
              "(peak RSS = that process's VmHWM, in GiB; model sizes in GB of 1e9 bytes). Timings are wall time on "
              "a 2-core machine.\n")
     lines = ["# Quantize time and peak memory against model size\n", f"Command: `{command}`\n", setup,
-             "| depth | layers | parameters | FP32 GB | INT8 GB | quantize s | peak RSS GB |", "|---|---|---|---|---|---|---|"]
+             "| depth | layers | parameters | FP32 GB | INT8 GB | quantize s | peak RSS GiB |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| x{r['depth']} | {r['layers']} | {r['parameters'] / 1e6:.0f} M | {r['fp32_gb']} | {r['int8_gb']} | "
                      f"{r['seconds']} | {r['peak_rss_gb']} |")
@@ -251,7 +253,7 @@ def device_point(size: str, calib_windows: int, out: str, work: Path, argv, roun
         f"Random-weight LLaMA {row['shape']}, {row['parameters'] / 1e9:.2f} B parameters "
         f"({row['fp32_gb']} GB FP32, {row['int8_gb']} GB quantized), {RECIPE} (rounding: {row['rounding']}), "
         f"{row['calibration']}.\n\n"
-        f"| step | seconds | peak RSS GB |\n|---|---|---|\n| build | {built['seconds']} | {built['peak_rss_gb']} |\n"
+        f"| step | seconds | peak RSS GiB |\n|---|---|---|\n| build | {built['seconds']} | {built['peak_rss_gb']} |\n"
         f"| quantize | {result['seconds']} | {result['peak_rss_gb']} |\n\n"
         f"Check: ORT runs one window: {check['ort_runs']}; lint exit code {check['lint_exit_code']}.\n")
 

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from onnxq.ir.spill import place_if_spilling
 from onnxq.metadata import SOURCE_NAME_KEY
 
 WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
@@ -91,6 +92,7 @@ def add_initializer(graph: ir.Graph, namer: Namer, base_name: str, array: np.nda
     value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
                      const_value=ir.tensor(array, name=name))
     graph.register_initializer(value)
+    place_if_spilling(value)
     return value
 
 
@@ -111,6 +113,7 @@ def replace_initializer(value: ir.Value, array: np.ndarray) -> None:
     value.const_value = ir.tensor(array, name=value.name)
     value.shape = ir.Shape(array.shape)
     value.type = ir.TensorType(ir.DataType.from_numpy(array.dtype))
+    place_if_spilling(value)
 
 
 def private_weight(graph: ir.Graph, namer: Namer, node: ir.Node, index: int) -> ir.Value:

@@ -252,24 +252,32 @@ WEIGHTS_IN_MEMORY = "onnxq-weights-held-in-memory"
 def to_proto_without_weights(model: ir.Model, *, min_bytes: int = LARGE_TENSOR_BYTES,
                              keep=lambda tensor: False) -> tuple[onnx.ModelProto, dict[str, ir.TensorProtocol]]:
     """`model` as a proto in which every main-graph initializer of at least `min_bytes`, and every one
-    still in an external file, is a data-less reference (location WEIGHTS_IN_MEMORY, offset 0, length
-    its byte size), plus those tensors by name. Type, dims and small constants are all there, so the
-    checker and shape inference see the model as it is, and a runtime given the tensors can run it;
-    the weights are never copied, so this works above protobuf's 2 GiB. `keep(tensor)` True keeps a
-    tensor inline. `model` is left as it was."""
-    held = {}
+    of at least LARGE_TENSOR_BYTES still in an external file, is a data-less reference (location
+    WEIGHTS_IN_MEMORY, offset 0, length its byte size), plus those tensors by name. Smaller tensors in
+    an external file are read in: ONNX Runtime's fusions need constants such as Clip's bounds in the
+    model. Type, dims and small constants are all there, so the checker and shape inference see the
+    model as it is, and a runtime given the tensors can run it; the weights are never copied, so this
+    works above protobuf's 2 GiB. `keep(tensor)` True keeps a tensor inline. `model` is left as it was."""
+    held, read_in = {}, {}
     for value in model.graph.initializers.values():
         tensor = value.const_value
-        if tensor is not None and (tensor.nbytes >= min_bytes or isinstance(tensor, ir.ExternalTensor)) and not keep(tensor):
+        if tensor is None:
+            continue
+        external = isinstance(tensor, ir.ExternalTensor)
+        if not keep(tensor) and (tensor.nbytes >= min_bytes or (external and tensor.nbytes >= LARGE_TENSOR_BYTES)):
             held[value.name] = tensor
+        elif external:
+            read_in[value.name] = tensor
     values = model.graph.initializers
     try:
         for name, tensor in held.items():
             values[name].const_value = ir.ExternalTensor(WEIGHTS_IN_MEMORY, 0, tensor.nbytes, tensor.dtype,
                                                          shape=tensor.shape, name=name)
+        for name, tensor in read_in.items():
+            values[name].const_value = ir.Tensor(tensor.numpy(), dtype=tensor.dtype, name=name)
         proto = ir.to_proto(model)
     finally:
-        for name, tensor in held.items():
+        for name, tensor in {**held, **read_in}.items():
             values[name].const_value = tensor
     return proto, held
 

@@ -77,7 +77,7 @@ def _transformer_share(model: ir.Model, structure, sample: dict[str, np.ndarray]
 
 def _weighted_flops(model: ir.Model, sample: dict[str, np.ndarray] | None) -> dict[str, float]:
     """FLOPs of each weighted node, with the graph's inputs fixed to the sample's shapes."""
-    copy = model.clone() if hasattr(model, "clone") else ir.from_proto(ir.to_proto(model))
+    copy = model.clone()
     for value in copy.graph.inputs:
         if sample is not None and value.name in sample:
             value.shape = ir.Shape(sample[value.name].shape)

@@ -5,10 +5,15 @@ and strict shape inference, and, for passes declared exact, compares the outputs
 calibration batch with those before the pass (a relative change above the tolerance is a bug in
 the pass and stops the run). The outputs are computed only where an exact pass needs them (before
 and after it), so approximate passes at the end of a recipe cost no extra run.
+
+A model with more than SPILL_THRESHOLD_BYTES of weights keeps its float weights on disk between
+passes (onnxq.ir.spill), so its resident memory does not hold a float copy of every layer; the
+model comes back with its usual tensors.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 
@@ -19,25 +24,41 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 from onnxq.errors import OnnxqError
 from onnxq.ir.checks import check_model, infer_shapes, input_problem
 from onnxq.ir.graph import name_anonymous
+from onnxq.ir.modelio import LARGE_TENSOR_BYTES, weight_bytes
+from onnxq.ir.spill import WeightSpill
 from onnxq.pipeline.passes import QDQ_OPS, GraphPass, Kind, PassContext
 from onnxq.pipeline.record import PassRecord, ir_version_for, read_record, write_record
 from onnxq.progress import bar_safe, progress, session
+
+SPILL_THRESHOLD_BYTES = 256 << 20  # models with more weights than this keep float weights on disk ...
+SPILL_TENSOR_BYTES = LARGE_TENSOR_BYTES  # ... those of at least this size
 
 
 def run_pipeline(model: ir.Model, passes: list[GraphPass], ctx: PassContext, *, verify_exact: bool = True,
                  exact_tolerance: float = 1e-4, recipe_name: str = "") -> list[PassRecord]:
     """Run `passes` on `model` in place, checking after each; return (and record) what ran."""
-    with session(ctx.show_progress):
-        return _run(model, passes, dataclasses.replace(ctx, log=bar_safe(ctx.log)), verify_exact=verify_exact,
-                    exact_tolerance=exact_tolerance, recipe_name=recipe_name)
+    spill = WeightSpill(SPILL_TENSOR_BYTES) if weight_bytes(model) > SPILL_THRESHOLD_BYTES else None
+    try:
+        with session(ctx.show_progress), (spill.activated() if spill is not None else contextlib.nullcontext()):
+            records = _run(model, passes, dataclasses.replace(ctx, log=bar_safe(ctx.log)),
+                           verify_exact=verify_exact, exact_tolerance=exact_tolerance, recipe_name=recipe_name,
+                           spill=spill)
+        if spill is not None:
+            spill.restore(model)
+        return records
+    finally:
+        if spill is not None:
+            spill.close()
 
 
 def _run(model: ir.Model, passes: list[GraphPass], ctx: PassContext, *, verify_exact: bool,
-         exact_tolerance: float, recipe_name: str) -> list[PassRecord]:
+         exact_tolerance: float, recipe_name: str, spill: WeightSpill | None) -> list[PassRecord]:
     quantized = sorted({n.op_type for n in model.graph if n.op_type in QDQ_OPS})
     if quantized and not read_record(model):
         raise OnnxqError(f"the model already contains {', '.join(quantized)} nodes: give onnxq the floating-point model")
     strict, known_problem = input_problem(model)
+    if spill is not None:
+        spill.absorb(model)
     infer_shapes(model)
     probe = ctx.calibration.first() if (verify_exact and ctx.calibration is not None) else None
     exact = [p.kind is Kind.EXACT for p in passes]
@@ -50,6 +71,8 @@ def _run(model: ir.Model, passes: list[GraphPass], ctx: PassContext, *, verify_e
         summary = graph_pass.apply(model, ctx) or {}
         RemoveUnusedNodesPass()(model)  # passes leave replaced constants behind; drop them here, once
         name_anonymous(model.graph)
+        if spill is not None:
+            spill.absorb(model)
         check_model(model, strict=strict, what=f"after pass '{graph_pass.name}'", tolerate=known_problem)
         infer_shapes(model)
         graph_pass.ensures(model)

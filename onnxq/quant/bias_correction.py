@@ -28,7 +28,7 @@ def correct_biases(model: ir.Model, float_weights: dict[str, np.ndarray], data: 
     `float_weights` maps each layer name to its weight before quantization."""
     if not any(node.name in float_weights and correctable(node) for node in model.graph):
         return 0  # no copy of the model for nothing to correct (transformers: MatMuls without a bias)
-    probe = ir.from_proto(ir.to_proto(model))  # a scratch copy that gets the float twins
+    probe = model.clone()  # a scratch copy (sharing the weights, wherever they are) that gets the float twins
     namer = Namer(probe.graph)
     pairs: dict[str, tuple[str, str, int]] = {}
     for node in list(probe.graph):

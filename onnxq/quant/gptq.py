@@ -172,7 +172,7 @@ class HessianStore:
         self.group_of = {key: i for i, keys in enumerate(self.groups) for key in keys}
         self.held: dict[str, SplitHessian] = {}
         self.collected: set[int] = set()
-        self.snapshot = _snapshot(model) if len(self.groups) > 1 else model
+        self.snapshot = model.clone() if len(self.groups) > 1 else model  # shares the weight tensors
         self.passes = 0
         self.resume = Resume()  # a model run in segments: each group's pass starts where the last one stopped
 
@@ -241,17 +241,6 @@ def _row_width(node: ir.Node) -> int:
     if node.op_type == "MatMul" or (node.op_type == "Gemm" and node.attributes.get_int("transB", 0) == 0):
         return int(shape[0])
     return int(np.prod(shape[1:]))
-
-
-def _snapshot(model: ir.Model) -> ir.Model:
-    """A copy of `model`'s graph that shares its weight arrays: later edits of `model` leave it as it is."""
-    from onnxq.ir.modelio import to_proto_without_weights
-
-    proto, held = to_proto_without_weights(model)
-    copy = ir.from_proto(proto)
-    for name, tensor in held.items():
-        copy.graph.initializers[name].const_value = tensor
-    return copy
 
 
 def _row_source(node: ir.Node, affinities: Mapping[str, str]) -> tuple:

@@ -111,7 +111,8 @@ def session(model: ir.Model | onnx.ModelProto | DetachedModel | str | Path, *, t
 
 def _detached_session(model: DetachedModel, options: ort.SessionOptions, providers: list[str]) -> ort.InferenceSession:
     names = list(model.weights)
-    values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(t.numpy())) for t in model.weights.values()]
+    # np.require, not ascontiguousarray: the latter makes a 0-d array 1-d, which ORT refuses
+    values = [ort.OrtValue.ortvalue_from_numpy(np.require(t.numpy(), requirements="C")) for t in model.weights.values()]
     if names:
         options.add_external_initializers(names, values)
     sess = ort.InferenceSession(model.proto.SerializeToString(), options, providers=providers)
@@ -123,6 +124,10 @@ def exposing(model: ir.Model, names: Sequence[str]) -> DetachedModel:
     """A copy of `model` (for `session`) whose graph outputs also include the intermediate tensors `names`."""
     detached = detach(model)
     proto = detached.proto
+    for init in proto.graph.initializer:  # ORT cannot hand out an initializer it was given as an external one
+        if init.name in names and init.name in detached.weights:
+            tensor = detached.weights.pop(init.name)
+            init.CopyFrom(ir.serde.serialize_tensor(ir.Tensor(tensor.numpy(), dtype=tensor.dtype, name=init.name)))
     existing = {o.name for o in proto.graph.output}
     types = _elem_types(model)
     for name in names:
