@@ -1,6 +1,11 @@
 """Float weights kept on disk during a large model's run (onnxq.ir.spill): read back unchanged, nothing
 held between reads, the same quantized model as a run in memory, and no trace left after the run."""
 
+import logging
+import os
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +19,7 @@ from onnxq.api import quantize
 from onnxq.errors import OnnxqError
 from onnxq.ir.graph import replace_initializer
 from onnxq.ir.modelio import load_model
-from onnxq.ir.spill import OnDemandTensor, WeightSpill
+from onnxq.ir.spill import FOLDER_PREFIX, OnDemandTensor, WeightSpill, spilling
 from onnxq.pipeline import run as pipeline_run
 from onnxq.pipeline.passes import GraphPass, Kind, PassContext
 from onnxq.runtime import segments
@@ -61,7 +66,7 @@ def test_spilled_weights_read_back_unchanged_and_are_not_held(tmp_path):
 def test_a_weight_written_while_spilling_goes_to_disk_at_once_and_its_predecessor_leaves_it():
     model = ir.from_proto(two_weights(np.random.default_rng(3)))
     value = model.graph.initializers["A"]
-    with WeightSpill(min_bytes=0) as spill, spill.activated():
+    with WeightSpill(min_bytes=0) as spill, spilling(spill):
         spill.absorb(model)
         assert len(list(spill.folder.iterdir())) == 2
         first = Path(value.const_value.path)
@@ -69,8 +74,36 @@ def test_a_weight_written_while_spilling_goes_to_disk_at_once_and_its_predecesso
         assert isinstance(value.const_value, OnDemandTensor) and value.const_value.scratch
         assert not first.exists() and len(list(spill.folder.iterdir())) == 2
         np.testing.assert_array_equal(value.const_value.numpy(), 3.0)
+        with spilling(None):  # a nested run of a small model keeps its weights in memory
+            replace_initializer(value, np.ones((512, 512), np.float32))
+            assert type(value.const_value) is ir.Tensor
     replace_initializer(value, np.zeros((512, 512), np.float32))  # outside a spilling run: in memory
-    assert type(value.const_value) is not OnDemandTensor
+    assert type(value.const_value) is ir.Tensor
+
+
+def test_a_disk_that_cannot_take_a_weight_leaves_it_in_memory_with_a_warning(caplog):
+    model = ir.from_proto(two_weights(np.random.default_rng(4)))
+    a = model.graph.initializers["A"].const_value.numpy().copy()
+    with WeightSpill(min_bytes=0) as spill:
+        spill.folder = spill.folder / "gone"  # writes there fail as on a full disk
+        with caplog.at_level(logging.WARNING, logger="onnxq"):
+            assert spill.absorb(model) == 0
+        assert spill.failed and "holding them in memory" in caplog.text
+        assert not isinstance(model.graph.initializers["A"].const_value, ir.ExternalTensor)
+        np.testing.assert_array_equal(model.graph.initializers["A"].const_value.numpy(), a)
+
+
+def test_folders_of_dead_runs_are_removed(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    dead = tmp_path / f"{FOLDER_PREFIX}{int(finished.stdout)}-abc"
+    live = tmp_path / f"{FOLDER_PREFIX}{os.getpid()}-def"
+    for folder in (dead, live):
+        folder.mkdir()
+        (folder / "1.bin").write_bytes(b"0" * 16)
+    with WeightSpill(min_bytes=0) as spill:
+        assert spill.folder.parent == tmp_path
+        assert not dead.exists() and live.exists()
 
 
 def test_weights_of_the_models_own_file_are_read_where_they_are(tmp_path):
@@ -139,8 +172,10 @@ class Failing(GraphPass):
         raise OnnxqError("this pass fails")
 
 
-def test_the_scratch_file_goes_when_a_pass_fails(spill_everything):
+def test_the_scratch_folder_goes_and_the_model_stays_whole_when_a_pass_fails(spill_everything):
     model = ir.from_proto(two_weights(np.random.default_rng(2)))
+    a = model.graph.initializers["A"].const_value.numpy().copy()
     with pytest.raises(OnnxqError, match="this pass fails"):
         pipeline_run.run_pipeline(model, [Failing()], PassContext(calibration=None, show_progress=False))
     assert len(spill_everything) == 1 and not spill_everything[0].folder.exists()
+    np.testing.assert_array_equal(model.graph.initializers["A"].const_value.numpy(), a)  # still readable

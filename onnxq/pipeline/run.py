@@ -13,7 +13,6 @@ model comes back with its usual tensors.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import time
 
@@ -25,7 +24,7 @@ from onnxq.errors import OnnxqError
 from onnxq.ir.checks import check_model, infer_shapes, input_problem
 from onnxq.ir.graph import name_anonymous
 from onnxq.ir.modelio import LARGE_TENSOR_BYTES, weight_bytes
-from onnxq.ir.spill import WeightSpill
+from onnxq.ir.spill import WeightSpill, spilling
 from onnxq.pipeline.passes import QDQ_OPS, GraphPass, Kind, PassContext
 from onnxq.pipeline.record import PassRecord, ir_version_for, read_record, write_record
 from onnxq.progress import bar_safe, progress, session
@@ -39,15 +38,12 @@ def run_pipeline(model: ir.Model, passes: list[GraphPass], ctx: PassContext, *, 
     """Run `passes` on `model` in place, checking after each; return (and record) what ran."""
     spill = WeightSpill(SPILL_TENSOR_BYTES) if weight_bytes(model) > SPILL_THRESHOLD_BYTES else None
     try:
-        with session(ctx.show_progress), (spill.activated() if spill is not None else contextlib.nullcontext()):
-            records = _run(model, passes, dataclasses.replace(ctx, log=bar_safe(ctx.log)),
-                           verify_exact=verify_exact, exact_tolerance=exact_tolerance, recipe_name=recipe_name,
-                           spill=spill)
-        if spill is not None:
-            spill.restore(model)
-        return records
+        with session(ctx.show_progress), spilling(spill):
+            return _run(model, passes, dataclasses.replace(ctx, log=bar_safe(ctx.log)), verify_exact=verify_exact,
+                        exact_tolerance=exact_tolerance, recipe_name=recipe_name, spill=spill)
     finally:
-        if spill is not None:
+        if spill is not None:  # also after a failure: the caller's model must not point into a deleted folder
+            spill.restore(model)
             spill.close()
 
 
