@@ -8,20 +8,44 @@ per split (dev: 300 crops of 5 photos, test: 1012 crops of 23 photos), FP32's to
 and the agreement of FP32 with itself when Gaussian noise of 0.3 %, 1 % and 3 % of the inputs' standard
 deviation is added to the input, and when only the input is rounded to INT8 (one scale for the whole
 tensor, max calibration, as a quantized model's first Q does): a floor that no quantizer of the whole
-network can be expected to beat.
+network can be expected to beat. Beside it, onnxq's default W8A8 model (128 calibration crops of 6
+other photos) as it is and with its activation Q/DQ pairs taken out (weights quantized, activations
+float), to show which half of W8A8 costs what.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
+
+import onnxq
 
 SPLITS = {"dev": 300, "test": 1012}
 NOISE = (0.003, 0.01, 0.03)
+
+
+def weights_only(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` with every activation QuantizeLinear → DequantizeLinear pair removed (weight DQs stay)."""
+    graph = model.graph
+    constants = {t.name for t in graph.initializer}
+    quantizers = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "QuantizeLinear"
+                  and n.input[0] not in constants}
+    bypass = {n.output[0]: quantizers[n.input[0]] for n in graph.node
+              if n.op_type == "DequantizeLinear" and n.input[0] in quantizers}
+    kept = [onnx.NodeProto.FromString(n.SerializeToString()) for n in graph.node  # copies: the field is cleared below
+            if n.output[0] not in bypass and n.output[0] not in quantizers]
+    for node in kept:
+        node.input[:] = [bypass.get(name, name) for name in node.input]
+    kept += [onnx.helper.make_node("Identity", [bypass[o.name]], [o.name]) for o in graph.output if o.name in bypass]
+    del graph.node[:]
+    graph.node.extend(kept)
+    return model
 
 
 def main(argv=None) -> int:
@@ -36,6 +60,16 @@ def main(argv=None) -> int:
 
     def logits(x):
         return np.concatenate([sess.run(None, {"input": x[i:i + 128]})[0] for i in range(0, len(x), 128)])
+
+    with tempfile.TemporaryDirectory() as tmp:
+        quantized = Path(tmp) / "w8a8.onnx"
+        onnxq.quantize(mobilenet_v2.cached_onnx(), {"input": images.crops("calib", 128)}, output=quantized,
+                       show_progress=False, log=lambda *_: None)
+        w8a8 = onnx.load(str(quantized))
+    variants = {"agreement_w8a8": w8a8, "agreement_weights_only": weights_only(onnx.ModelProto.FromString(
+        w8a8.SerializeToString()))}
+    variants = {k: ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"])
+                for k, m in variants.items()}
 
     rows = []
     for split, count in SPLITS.items():
@@ -52,11 +86,15 @@ def main(argv=None) -> int:
         scale = np.float32(np.abs(x).max() / 127)
         rounded = (np.clip(np.round(x / scale), -128, 127) * scale).astype(np.float32)
         row["agreement_input_int8"] = round(float((logits(rounded).argmax(1) == ref.argmax(1)).mean()), 4)
+        for key, variant in variants.items():
+            got = np.concatenate([variant.run(None, {"input": x[i:i + 128]})[0] for i in range(0, len(x), 128)])
+            row[key] = round(float((got.argmax(1) == ref.argmax(1)).mean()), 4)
         rows.append(row)
         print(row)
     Path(args.out + ".json").write_text(json.dumps(rows, indent=1) + "\n")
     header = ["split", "crops", "median top-1/top-2 margin", "share of margins < 0.1",
-              *(f"FP32 vs FP32 + {rel:.1%} noise" for rel in NOISE), "FP32 vs FP32 on INT8-rounded input"]
+              *(f"FP32 vs FP32 + {rel:.1%} noise" for rel in NOISE), "FP32 vs FP32 on INT8-rounded input",
+              "onnxq W8A8 (default)", "its weights only"]
     lines = ["# MobileNetV2 FP32: how fragile top-1 is on the benchmark crops\n",
              "Command: `python scripts/crop_noise_floor.py`\n",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

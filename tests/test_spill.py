@@ -85,9 +85,10 @@ def test_a_disk_that_cannot_take_a_weight_leaves_it_in_memory_with_a_warning(cap
     model = ir.from_proto(two_weights(np.random.default_rng(4)))
     a = model.graph.initializers["A"].const_value.numpy().copy()
     with WeightSpill(min_bytes=0) as spill:
-        spill.folder = spill.folder / "gone"  # writes there fail as on a full disk
+        folder, spill.folder = spill.folder, spill.folder / "gone"  # writes there fail as on a full disk
         with caplog.at_level(logging.WARNING, logger="onnxq"):
             assert spill.absorb(model) == 0
+        spill.folder = folder
         assert spill.failed and "holding them in memory" in caplog.text
         assert not isinstance(model.graph.initializers["A"].const_value, ir.ExternalTensor)
         np.testing.assert_array_equal(model.graph.initializers["A"].const_value.numpy(), a)

@@ -31,7 +31,7 @@ from onnxq.analysis.matching import (
     sole_reader,
 )
 from onnxq.analysis.norms import Norm
-from onnxq.ir.graph import attr, traced_const
+from onnxq.ir.graph import attr, is_traced_const, traced_const
 from onnxq.ir.linear import Linear
 
 
@@ -88,13 +88,13 @@ def _trace_to_linears(value: ir.Value, by_output: dict[ir.Value, Linear], barrie
         if v in barriers:
             return found, nodes, f"reaches '{v.name}' (a norm output) without passing a projection"
         producer = v.producer()
-        if producer is None or traced_const(v) is not None or producer.op_type not in _HEAD_OPS:
+        if producer is None or is_traced_const(v) or producer.op_type not in _HEAD_OPS:
             continue
         nodes.append(producer)
         if len(nodes) > limit:
             return found, nodes, "path longer than expected"
         inputs = producer.inputs[:1] if producer.op_type in _DATA_ONLY else producer.inputs
-        stack.extend(i for i in inputs if i is not None and traced_const(i) is None)
+        stack.extend(i for i in inputs if i is not None and not is_traced_const(i))
     return found, nodes, None
 
 
@@ -106,10 +106,10 @@ def _scores_matmul(softmax: ir.Node) -> ir.Node | None:
         if p is None:
             return None
         if p.op_type == "MatMul":
-            return p if all(traced_const(i) is None for i in p.inputs) else None
-        if p.op_type in ("Mul", "Div") and traced_const(p.inputs[1]) is not None:
+            return p if all(not is_traced_const(i) for i in p.inputs) else None
+        if p.op_type in ("Mul", "Div") and is_traced_const(p.inputs[1]):
             v = p.inputs[0]
-        elif p.op_type == "Mul" and traced_const(p.inputs[0]) is not None:
+        elif p.op_type == "Mul" and is_traced_const(p.inputs[0]):
             v = p.inputs[1]
         elif p.op_type == "Add":
             # the scores are the operand that is not the mask; the mask traces back to no MatMul
@@ -176,7 +176,7 @@ def skip_nan_guard(model: ir.Model, value: ir.Value, rejected: list[Rejection] |
 def _pv_matmul(model: ir.Model, softmax: ir.Node, rejected: list[Rejection] | None = None) -> ir.Node | None:
     v = skip_casts_forward(skip_nan_guard(model, skip_casts_forward(softmax.outputs[0]), rejected))
     user = sole_reader(v)
-    if user is not None and user.op_type == "MatMul" and user.inputs[0] is v and traced_const(user.inputs[1]) is None:
+    if user is not None and user.op_type == "MatMul" and user.inputs[0] is v and not is_traced_const(user.inputs[1]):
         return user
     return None
 
@@ -250,7 +250,7 @@ def find_attentions(model: ir.Model, linears: list[Linear], norms: list[Norm],
         o, o_nodes = _forward_to_linear(pv.outputs[0], by_input)
         if o is not None and o.in_features != q.out_features:
             o = None
-        rope = any(n.op_type in ("Neg", "Concat") or (n.op_type == "Mul" and all(traced_const(i) is None for i in n.inputs))
+        rope = any(n.op_type in ("Neg", "Concat") or (n.op_type == "Mul" and all(not is_traced_const(i) for i in n.inputs))
                    for n in q_nodes + k_nodes)
         heads, kv_heads = q.out_features // head_dim, k.out_features // head_dim
         if heads % kv_heads:

@@ -26,7 +26,7 @@ from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
 from onnxq.errors import OnnxqError
 from onnxq.ir.checks import infer_shapes
-from onnxq.ir.graph import attr, const_array, opset_version
+from onnxq.ir.graph import attr, is_const, opset_version
 from onnxq.progress import progress
 from onnxq.runtime.session import exposing, session
 from onnxq.stats.calib_data import float_input_types, load_calibration, model_inputs, with_float_types
@@ -90,7 +90,7 @@ def _is_linear_head(node: ir.Node) -> bool:
         return False
     sources = [v.producer() for v in node.inputs if v is not None]
     return any(p is not None and p.op_type == "MatMul" for p in sources) \
-        and any(v is not None and const_array(v) is not None for v in node.inputs)
+        and any(v is not None and is_const(v) for v in node.inputs)
 
 
 def _keep(mask: np.ndarray | None, x: np.ndarray) -> np.ndarray | None:

@@ -24,7 +24,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxq.ir.checks import infer_shapes
-from onnxq.ir.graph import WEIGHTED_OPS, const_array, opset_version
+from onnxq.ir.graph import WEIGHTED_OPS, is_const, opset_version
 from onnxq.metadata import CODEBOOK_KEY, FIDELITY_KEY, FLOAT_REASON_KEY, QUANTIZED_KEY, REPLACEMENT_KEY, WEIGHT_BITS_KEY
 from onnxq.pipeline import read_record
 from onnxq.quant.qdq_rules import NON_NUMERIC, NONLINEAR, NORMALISATION
@@ -67,7 +67,7 @@ def is_quantized(node: ir.Node) -> bool:
         producer = v.producer()
         if producer is not None and producer.op_type == "DequantizeLinear":
             continue
-        if const_array(v) is not None and index >= weight_inputs:
+        if is_const(v) and index >= weight_inputs:
             continue  # biases and scalar arguments are not quantized data
         return False
     return True
@@ -118,7 +118,7 @@ def inspect_model(model: ir.Model) -> Inspection:
             qdq["DequantizeLinear (codebook weight)"] += node.op_type == "DequantizeLinear"
             continue
         if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
-            key = node.op_type + (" (weight)" if const_array(node.inputs[0]) is not None else "")
+            key = node.op_type + (" (weight)" if is_const(node.inputs[0]) else "")
             qdq[key] += 1
             continue
         counts[node.op_type] += 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from onnxq.analysis.matching import sole_reader, vector_const
-from onnxq.ir.graph import attr, traced_const
+from onnxq.ir.graph import attr, is_traced_const, traced_const, traced_tensor
 from onnxq.ir.linear import Linear
 
 
@@ -13,16 +13,16 @@ def weight_of(node: ir.Node) -> tuple[ir.Value, bool] | None:
     """(weight value, transposed) when `node` is a MatMul/Gemm with a constant 2-D weight."""
     if node.op_type == "MatMul" and len(node.inputs) == 2:
         w = node.inputs[1]
-        a = traced_const(w)
-        if a is not None and a.ndim == 2 and traced_const(node.inputs[0]) is None:
+        a = traced_tensor(w)  # shape only: a weight kept on disk is not read
+        if a is not None and len(a.shape) == 2 and not is_traced_const(node.inputs[0]):
             return w, False
         return None
     if node.op_type == "Gemm":
         if attr(node, "transA", 0) or attr(node, "alpha", 1.0) != 1.0 or attr(node, "beta", 1.0) != 1.0:
             return None
         w = node.inputs[1]
-        a = traced_const(w)
-        if a is not None and a.ndim == 2 and traced_const(node.inputs[0]) is None:
+        a = traced_tensor(w)
+        if a is not None and len(a.shape) == 2 and not is_traced_const(node.inputs[0]):
             return w, bool(attr(node, "transB", 0))
     return None
 

@@ -16,7 +16,7 @@ from onnxscript.rewriter import pattern
 from onnxscript.rewriter.pattern import MatchResult
 
 from onnxq.analysis.matching import Rejection, match_or_reason, scalar, vector_const
-from onnxq.ir.graph import attr, traced_const
+from onnxq.ir.graph import attr, is_traced_const
 from onnxq.ir.linear import Linear
 
 
@@ -138,7 +138,7 @@ def find_mlps(model: ir.Model, linears: list[Linear], rejected: list[Rejection])
         p = a.producer()
         if p is None:
             continue
-        if p.op_type == "Mul" and len(p.inputs) == 2 and all(traced_const(i) is None for i in p.inputs):
+        if p.op_type == "Mul" and len(p.inputs) == 2 and all(not is_traced_const(i) for i in p.inputs):
             gated = _gated(model, p, down, by_output, rejected)
             if gated is not None:
                 out.append(gated)

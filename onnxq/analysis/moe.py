@@ -25,7 +25,7 @@ import onnx_ir as ir
 
 from onnxq.analysis.matching import Rejection, skip_casts_back
 from onnxq.analysis.mlp import MLP
-from onnxq.ir.graph import traced_const
+from onnxq.ir.graph import is_traced_const, traced_const
 from onnxq.ir.linear import Linear
 
 _ROUTER_TO_TOPK = ("Softmax", "Cast", "Identity", "Sigmoid")
@@ -116,7 +116,7 @@ def _derived_from(value: ir.Value) -> set[ir.Value]:
             for node in v.consumers():
                 if node.op_type == "MatMul":
                     continue
-                own = all(i is None or i in derived or traced_const(i) is not None or _is_shape(i) for i in node.inputs)
+                own = all(i is None or i in derived or is_traced_const(i) or _is_shape(i) for i in node.inputs)
                 if not own:
                     continue
                 for out in node.outputs:
@@ -171,7 +171,7 @@ def expert_gates(model: ir.Model) -> dict[str, str]:
         derived = _derived_from(router.output)
         for mul in {u for v in derived for u in v.consumers() if u.op_type == "Mul" and len(u.inputs) == 2}:
             inside = [i for i in mul.inputs if i not in derived]
-            if len(inside) != 1 or traced_const(inside[0]) is not None:
+            if len(inside) != 1 or is_traced_const(inside[0]):
                 continue
             nodes = _cone(inside[0], stop=router.input)
             if nodes is not None:
@@ -185,7 +185,7 @@ def _cone(value: ir.Value, stop: ir.Value) -> set[ir.Node] | None:
     nodes, pending = set(), [value]
     while pending:
         v = pending.pop()
-        if v is stop or traced_const(v) is not None:
+        if v is stop or is_traced_const(v):
             continue
         producer = v.producer()
         if producer is None:

@@ -29,7 +29,7 @@ from onnxq.analysis.matching import (
     sole_reader,
     vector_const,
 )
-from onnxq.ir.graph import attr, traced_const
+from onnxq.ir.graph import attr, is_traced_const, traced_const
 
 FUSED_NORMS = ("LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization")
 
@@ -58,7 +58,7 @@ class Norm:
     @property
     def width(self) -> int | None:
         for v in (self.scale, self.bias):
-            if v is not None and traced_const(v) is not None:
+            if v is not None and is_traced_const(v):
                 return int(traced_const(v).size)
         shape = self.input.shape
         if shape is not None and len(shape) and isinstance(shape[-1], int):

@@ -33,7 +33,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxq.errors import OnnxqError
-from onnxq.ir.graph import attr, const_array
+from onnxq.ir.graph import attr, const_array, is_const
 from onnxq.ir.linear import Linear
 from onnxq.metadata import PE_KEY
 
@@ -112,7 +112,7 @@ def find_pe(model: ir.Model, pe_input: str | None = None) -> PESite:
         raise OnnxqError(f"the model has no input '{pe_input}' (inputs: {', '.join(inputs)})")
     candidates: dict[str, list[tuple[ir.Node, int, ir.Value, ir.Node | None]]] = {}
     for node in graph:
-        if node.op_type != "Add" or len(node.inputs) != 2 or any(v is None or const_array(v) is not None for v in node.inputs):
+        if node.op_type != "Add" or len(node.inputs) != 2 or any(v is None or is_const(v) for v in node.inputs):
             continue
         for k in (0, 1):
             pe_side, mem_side = node.inputs[k], node.inputs[1 - k]
@@ -198,7 +198,7 @@ def _data_movement_chain(value: ir.Value) -> list[ir.Node]:
     chain = []
     node = value.producer()
     while node is not None and node.op_type in DATA_MOVEMENT and node.inputs[0] is not None \
-            and all(v is None or const_array(v) is not None or v.dtype not in _FLOAT for v in node.inputs[1:]):
+            and all(v is None or is_const(v) or v.dtype not in _FLOAT for v in node.inputs[1:]):
         chain.append(node)
         node = node.inputs[0].producer()
     return chain

@@ -22,7 +22,7 @@ from onnxq._version import __version__
 from onnxq.analysis.compare import compare_models
 from onnxq.analysis.inspection import inspect_model
 from onnxq.ir.checks import infer_shapes
-from onnxq.ir.graph import attr, const_array
+from onnxq.ir.graph import attr, const_array, is_const
 from onnxq.ir.modelio import load_model
 from onnxq.metadata import RECIPE_KEY, RECIPE_REASON_KEY, TARGET_KEY
 from onnxq.quant.lint import lint
@@ -96,7 +96,7 @@ def _activations(model: ir.Model, reference: ir.Model, data, batch_size, max_sam
     infer_shapes(model)
     rows: dict[str, dict] = {}
     for node in model.graph:
-        if node.op_type != "QuantizeLinear" or const_array(node.inputs[0]) is not None:
+        if node.op_type != "QuantizeLinear" or is_const(node.inputs[0]):
             continue
         x = node.inputs[0]
         scale = const_array(node.inputs[1])

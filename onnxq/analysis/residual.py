@@ -15,7 +15,7 @@ import onnx_ir as ir
 
 from onnxq.analysis.matching import cast_aliases, data_readers, skip_casts_back, sole_reader
 from onnxq.analysis.norms import Norm
-from onnxq.ir.graph import attr, traced_const
+from onnxq.ir.graph import attr, is_traced_const, traced_const
 from onnxq.ir.linear import Linear
 
 
@@ -65,7 +65,7 @@ def find_embeddings(graph: ir.Graph) -> list[Embedding]:
         if node.op_type != "Gather" or attr(node, "axis", 0) != 0 or len(node.inputs) != 2:
             continue
         table = traced_const(node.inputs[0])
-        if table is None or table.ndim != 2 or table.dtype.kind != "f" or traced_const(node.inputs[1]) is not None:
+        if table is None or table.ndim != 2 or table.dtype.kind != "f" or is_traced_const(node.inputs[1]):
             continue
         out.append(Embedding(node))
     return out
@@ -133,7 +133,7 @@ def find_residual_stream(graph: ir.Graph, linears: list[Linear], norms: list[Nor
                 if norm not in stream.norms:
                     stream.norms.append(norm)
                 continue
-            if user.op_type == "Add" and len(user.inputs) == 2 and traced_const(user.inputs[1 - index]) is None:
+            if user.op_type == "Add" and len(user.inputs) == 2 and not is_traced_const(user.inputs[1 - index]):
                 other = user.inputs[1 - index]
                 if other in by_output:
                     stream.writers.append(by_output[other])

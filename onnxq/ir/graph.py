@@ -20,23 +20,45 @@ WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 
 def const_array(value: ir.Value | None) -> np.ndarray | None:
     """The constant array behind `value` (initializer or Constant node), or None if it is computed."""
-    if value is None:
-        return None
-    if value.is_graph_input():
-        return None
-    tensor = ir.convenience.get_const_tensor(value)
+    tensor = const_tensor(value)
     return None if tensor is None else tensor.numpy()
+
+
+def const_tensor(value: ir.Value | None) -> ir.TensorProtocol | None:
+    """The constant tensor behind `value`, its data not read (a weight kept on disk stays there)."""
+    if value is None or value.is_graph_input():
+        return None
+    return ir.convenience.get_const_tensor(value)
+
+
+def is_const(value: ir.Value | None) -> bool:
+    """Whether `value` is a constant, without reading its data."""
+    return const_tensor(value) is not None
 
 
 def traced_const(value: ir.Value | None) -> np.ndarray | None:
     """`const_array` that also looks through Identity nodes (the legacy exporter writes one for every
     initializer it de-duplicates; fold_constants removes them later)."""
+    return const_array(_through_identities(value))
+
+
+def traced_tensor(value: ir.Value | None) -> ir.TensorProtocol | None:
+    """`const_tensor` through Identity nodes."""
+    return const_tensor(_through_identities(value))
+
+
+def is_traced_const(value: ir.Value | None) -> bool:
+    return traced_tensor(value) is not None
+
+
+def _through_identities(value: ir.Value | None) -> ir.Value | None:
+    """The value behind up to 4 Identity nodes; None past that."""
     for _ in range(4):
         if value is None:
             return None
         producer = value.producer()
         if producer is None or producer.op_type != "Identity":
-            return const_array(value)
+            return value
         value = producer.inputs[0]
     return None
 

@@ -21,6 +21,7 @@ from onnxq.ir.graph import (
     add_initializer,
     attr,
     const_array,
+    is_const,
     private_weight,
     replace_initializer,
     take_over_output,
@@ -149,14 +150,14 @@ def is_weight(value: ir.Value | None) -> bool:
     """A constant, or the DQ of a constant (stored quantized, or quantized by a Q of a constant)."""
     if value is None:
         return False
-    if const_array(value) is not None:
+    if is_const(value):
         return True
     dq = value.producer()
     if dq is None or dq.op_type != "DequantizeLinear":
         return False
     q = dq.inputs[0].producer()
-    return const_array(dq.inputs[0]) is not None or (q is not None and q.op_type == "QuantizeLinear"
-                                                     and const_array(q.inputs[0]) is not None)
+    return is_const(dq.inputs[0]) or (q is not None and q.op_type == "QuantizeLinear"
+                                                     and is_const(q.inputs[0]))
 
 
 def dequantized_weight(value: ir.Value) -> np.ndarray | None:

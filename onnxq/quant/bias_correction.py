@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from onnxq.ir.graph import Namer, add_initializer, const_array, replace_initializer
+from onnxq.ir.graph import Namer, add_initializer, const_array, is_const, replace_initializer
 from onnxq.metadata import CORRECTED_KEY
 from onnxq.stats.calib_data import CalibrationSet
 from onnxq.stats.service import observe
@@ -59,7 +59,7 @@ def correct_biases(model: ir.Model, float_weights: dict[str, np.ndarray], data: 
 def correctable(node: ir.Node) -> bool:
     """A Conv or Gemm with a constant bias (the input its correction is subtracted from)."""
     return (node.op_type in _CORRECTABLE and len(node.inputs) >= 3 and node.inputs[0] is not None
-            and node.inputs[2] is not None and const_array(node.inputs[2]) is not None)
+            and node.inputs[2] is not None and is_const(node.inputs[2]))
 
 
 class OutputShift:

@@ -20,7 +20,7 @@ import onnx_ir as ir
 
 from onnxq.errors import OnnxqError
 from onnxq.ir.conv import is_image_stem
-from onnxq.ir.graph import WEIGHTED_OPS, attr, const_array, opset_version
+from onnxq.ir.graph import WEIGHTED_OPS, attr, const_array, is_const, opset_version
 from onnxq.ir.linear import is_weight
 from onnxq.quant.bias_range import int32_bias_overflow
 from onnxq.quant.qdq_rules import DATA_MOVEMENT
@@ -97,7 +97,7 @@ def _on_weight(node: ir.Node) -> bool:
     source = node.inputs[0]
     if node.op_type == "DequantizeLinear" and source.producer() is not None and source.producer().op_type == "QuantizeLinear":
         source = source.producer().inputs[0]
-    return const_array(source) is not None
+    return is_const(source)
 
 
 def rule_per_axis_weights_only(graph):
@@ -241,7 +241,7 @@ def rule_weighted_output_not_quantized(graph):
 def rule_residual_add(graph):
     out = []
     for n in graph:
-        if n.op_type != "Add" or len(n.inputs) != 2 or any(const_array(v) is not None for v in n.inputs):
+        if n.op_type != "Add" or len(n.inputs) != 2 or any(is_const(v) for v in n.inputs):
             continue
         producers = [v.producer().op_type if v.producer() is not None else None for v in n.inputs]
         if any(p in WEIGHTED_OPS for p in producers):
@@ -284,7 +284,7 @@ def rule_embedding_tables(graph):
     out = []
     for n in graph:
         dq = n.inputs[0].producer() if n.op_type == "Gather" and n.inputs[0] is not None else None
-        if dq is None or dq.op_type != "DequantizeLinear" or const_array(dq.inputs[0]) is None:
+        if dq is None or dq.op_type != "DequantizeLinear" or not is_const(dq.inputs[0]):
             continue
         scale = const_array(dq.inputs[1])
         if _quantized_type(dq) != ir.DataType.INT8:

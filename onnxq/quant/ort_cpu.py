@@ -33,6 +33,7 @@ from onnxq.ir.graph import (
     Namer,
     add_initializer,
     const_array,
+    is_const,
     mark_changed,
     only_consumer,
     swap_initializer,
@@ -230,9 +231,9 @@ def _scalar_chain(value: ir.Value) -> list[ir.Node]:
 
 def _folds_into(user: ir.Node, value: ir.Value) -> bool:
     return (user.op_type == "Conv" and user.domain in ("", "ai.onnx") and user.inputs[0] is value
-            and value not in user.inputs[1:] and const_array(user.inputs[1]) is not None
+            and value not in user.inputs[1:] and is_const(user.inputs[1])
             and not value.is_graph_output()
-            and (len(user.inputs) < 3 or user.inputs[2] is None or const_array(user.inputs[2]) is not None))
+            and (len(user.inputs) < 3 or user.inputs[2] is None or is_const(user.inputs[2])))
 
 
 def _pads(conv: ir.Node) -> bool:

@@ -18,7 +18,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxq.errors import OnnxqError
-from onnxq.ir.graph import WEIGHTED_OPS, Namer, add_initializer, const_array
+from onnxq.ir.graph import WEIGHTED_OPS, Namer, add_initializer, const_tensor, is_const
 from onnxq.quant.qdq_rules import Treatment
 
 MASK_CONSTANT = 1e4  # constants at least this large in magnitude are masks or sentinels, not data
@@ -125,7 +125,7 @@ class Planner:
             self._group_of[v] = group
 
     def is_float_data(self, value: ir.Value) -> bool:
-        return value.dtype in _FLOAT_TYPES and const_array(value) is None
+        return value.dtype in _FLOAT_TYPES and not is_const(value)
 
     def is_weighted_output(self, value: ir.Value | None) -> bool:
         """Output of a weighted layer, possibly through its bias Add (what TensorRT fuses with)."""
@@ -137,7 +137,7 @@ class Planner:
         if producer.op_type == "Add" and len(producer.inputs) == 2:
             a, b = producer.inputs
             for x, bias in ((a, b), (b, a)):
-                if const_array(bias) is not None and x is not None and x.producer() is not None \
+                if is_const(bias) and x is not None and x.producer() is not None \
                         and x.producer().op_type in WEIGHTED_OPS:
                     return True
         return False
@@ -169,8 +169,10 @@ def mask_tainted(graph: ir.Graph) -> set[ir.Value]:
 
 
 def _is_mask_constant(value: ir.Value) -> bool:
-    array = const_array(value)
-    return array is not None and array.dtype.kind == "f" and array.size <= 16 and _is_huge(array)
+    tensor = const_tensor(value)  # size first: a weight is never read for this
+    if tensor is None or tensor.size > 16:
+        return False
+    return _is_huge(tensor.numpy())
 
 
 def _is_huge(array: np.ndarray) -> bool:

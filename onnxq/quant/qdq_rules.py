@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import onnx_ir as ir
 
 from onnxq.ir.conv import is_image_stem
-from onnxq.ir.graph import attr, const_array
+from onnxq.ir.graph import attr, const_array, is_const
 from onnxq.metadata import RANGE_MARGIN_KEY
 
 if TYPE_CHECKING:
@@ -44,7 +44,7 @@ class Weighted(Treatment):
             value = node.inputs[index]
             if value is None:
                 continue
-            if const_array(value) is not None:
+            if is_const(value):
                 p.weight(node, index, weight_axis(node, index))
             else:
                 p.activation(node, index)
@@ -77,7 +77,7 @@ class ResidualAdd(Treatment):
     def plan(self, node, p):
         inputs = [v for v in node.inputs if v is not None]
         fused = [v for v in inputs if p.is_weighted_output(v)]
-        if len(inputs) == 2 and len(fused) >= 1 and all(const_array(v) is None for v in inputs):
+        if len(inputs) == 2 and len(fused) >= 1 and all(not is_const(v) for v in inputs):
             other = 1 if inputs[0] is fused[0] else 0
             p.activation(node, other)
         else:
@@ -127,7 +127,7 @@ class EmbeddingTable(Treatment):
 
 def is_embedding_table(value: ir.Value | None) -> bool:
     """A 2-D float constant whose every reader is an axis-0 Gather reading it as data."""
-    if value is None or value.dtype not in _FLOAT_TABLE_TYPES or const_array(value) is None:
+    if value is None or value.dtype not in _FLOAT_TABLE_TYPES or not is_const(value):
         return False
     shape = value.shape if value.shape is not None else const_array(value).shape
     return len(shape) == 2 and all(user.op_type == "Gather" and index == 0 and attr(user, "axis", 0) == 0

@@ -24,7 +24,7 @@ from onnxscript.rewriter.rules.common import (
 )
 
 from onnxq.ir.conv import CHANNEL_LAYERS, output_channels, per_channel
-from onnxq.ir.graph import Namer, const_array, only_consumer, swap_initializer
+from onnxq.ir.graph import Namer, const_array, is_const, only_consumer, swap_initializer
 from onnxq.pipeline.passes import GraphPass, Kind, PassContext, before_quantize
 
 _RULES = [fuse_batchnorm_into_conv_rule, fuse_batchnorm_into_conv_transpose_rule, fuse_batchnorm_into_gemm_rule]
@@ -90,7 +90,7 @@ def _bias_add(add: ir.Node) -> tuple[ir.Node, np.ndarray, ir.Value] | None:
             continue
         weight = const_array(layer.inputs[1])
         has_bias = len(layer.inputs) > 2 and layer.inputs[2] is not None
-        if weight is None or (has_bias and const_array(layer.inputs[2]) is None) or data.shape is None:
+        if weight is None or (has_bias and not is_const(layer.inputs[2])) or data.shape is None:
             continue
         c = per_channel(c, len(data.shape), output_channels(layer, weight))
         if c is not None:

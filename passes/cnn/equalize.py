@@ -19,7 +19,16 @@ from typing import ClassVar
 import numpy as np
 import onnx_ir as ir
 
-from onnxq.ir.graph import Namer, add_initializer, attr, const_array, only_consumer, private_weight, replace_initializer
+from onnxq.ir.graph import (
+    Namer,
+    add_initializer,
+    attr,
+    const_array,
+    is_const,
+    only_consumer,
+    private_weight,
+    replace_initializer,
+)
 from onnxq.passes.cnn.equalization import ChainStats, SecondConv, best_scales, data_free_scales
 from onnxq.pipeline.options import option
 from onnxq.pipeline.passes import GraphPass, Kind, PassContext, before_quantize
@@ -100,7 +109,7 @@ def _chains(graph: ir.Graph) -> list[tuple[ir.Node, list[ir.Node], ir.Node]]:
     """(conv1, per-channel bound nodes between them, conv2) for every equalisable chain."""
     found = []
     for conv1 in graph:
-        if conv1.op_type != "Conv" or const_array(conv1.inputs[1]) is None:
+        if conv1.op_type != "Conv" or not is_const(conv1.inputs[1]):
             continue
         value, bounds = conv1.outputs[0], []
         node = only_consumer(value)
@@ -110,7 +119,7 @@ def _chains(graph: ir.Graph) -> list[tuple[ir.Node, list[ir.Node], ir.Node]]:
             value = node.outputs[0]
             node = only_consumer(value)
         if node is not None and node.op_type == "Conv" and node.inputs[0] is value \
-                and const_array(node.inputs[1]) is not None \
+                and is_const(node.inputs[1]) \
                 and _input_channels(node) == const_array(conv1.inputs[1]).shape[0]:
             found.append((conv1, bounds, node))
     return found
@@ -137,7 +146,7 @@ def _rename_rescaled(conv1: ir.Node, conv2: ir.Node) -> None:
 
 def _commutes_with_scaling(node: ir.Node) -> bool:
     if node.op_type in ("Relu", "LeakyRelu", "Clip"):
-        return all(v is None or const_array(v) is not None for v in node.inputs[1:])
+        return all(v is None or is_const(v) for v in node.inputs[1:])
     if node.op_type in _BOUNDS:  # only the per-channel bounds of shape (C, 1, 1) written here
         b = const_array(node.inputs[1]) if len(node.inputs) == 2 else None
         return b is not None and b.ndim == 3 and b.shape[1:] == (1, 1)

@@ -27,7 +27,7 @@ from typing import ClassVar
 import numpy as np
 import onnx_ir as ir
 
-from onnxq.ir.graph import Namer, add_initializer, attr, const_array, replace_initializer
+from onnxq.ir.graph import Namer, add_initializer, attr, const_array, is_const, replace_initializer
 from onnxq.ir.linear import Linear, dequantized_weight, replace_bias
 from onnxq.metadata import CORRECTED_KEY
 from onnxq.pipeline.passes import GraphPass, Kind, PassContext, after_quantize
@@ -193,7 +193,7 @@ def _as_linear(node: ir.Node) -> Linear:
     that alone reads a MatMul (channels last, so any bias shape ending in them takes a per-channel delta)."""
     lin = Linear(node, node.inputs[1], transposed=node.op_type == "Gemm" and bool(attr(node, "transB", 0)))
     if node.op_type in ("Conv", "Gemm"):
-        if len(node.inputs) > 2 and node.inputs[2] is not None and const_array(node.inputs[2]) is not None:
+        if len(node.inputs) > 2 and node.inputs[2] is not None and is_const(node.inputs[2]):
             lin.bias = node.inputs[2]
         return lin
     channels = dequantized_weight(node.inputs[1]).shape[1]

@@ -40,7 +40,7 @@ from typing import ClassVar, Literal
 import numpy as np
 import onnx_ir as ir
 
-from onnxq.ir.graph import Namer, attr, const_array
+from onnxq.ir.graph import Namer, attr, const_array, is_const
 from onnxq.passes.nonlinear.emit import Builder, dq_params, emit_dulut, emit_lut8, record_fidelity
 from onnxq.passes.nonlinear.lut import (
     FUNCTIONS,
@@ -223,7 +223,7 @@ def _upstream(value: ir.Value, depth: int = 4) -> list[ir.Value]:
             if node is None or node.op_type not in _BINARY | _UNARY:
                 continue
             for inp in node.inputs:
-                if inp is not None and const_array(inp) is None and inp not in found:
+                if inp is not None and not is_const(inp) and inp not in found:
                     found.append(inp)
                     nxt.append(inp)
         frontier = nxt

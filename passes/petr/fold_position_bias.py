@@ -23,7 +23,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from onnxq.ir.graph import Namer, const_array
+from onnxq.ir.graph import Namer, const_array, is_const
 from onnxq.ir.linear import Linear, fold_input_addend
 from onnxq.pipeline.passes import GraphPass, Kind, PassContext, before_quantize
 
@@ -59,7 +59,7 @@ def _positional_add(node: ir.Node) -> tuple[ir.Value, np.ndarray] | None:
         return None
     for index in (0, 1):
         position, x = const_array(node.inputs[index]), node.inputs[1 - index]
-        if position is not None and const_array(x) is None and position.ndim >= 2 \
+        if position is not None and not is_const(x) and position.ndim >= 2 \
                 and any(size > 1 for size in position.shape[:-1]):
             return x, position
     return None

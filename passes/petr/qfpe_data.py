@@ -30,7 +30,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxq.errors import OnnxqError
-from onnxq.ir.graph import const_array
+from onnxq.ir.graph import const_array, is_const
 
 FORMAT = "onnxq-qfpe-weights"
 VERSION = 1
@@ -150,7 +150,7 @@ def write_qfpe_weights_file(path: str | Path, config: dict, pe: dict[str, np.nda
     for node in reference.graph:
         # only scoped names carry the module path; unscoped ones (Identity_84) are export counters
         if node.name and node.name.startswith("/"):
-            slots = {str(i): key_of(v) for i, v in enumerate(node.inputs) if const_array(v) is not None}
+            slots = {str(i): key_of(v) for i, v in enumerate(node.inputs) if is_const(v)}
             nodes[node.name] = {"op_type": node.op_type, "inputs": slots}
     initializers = {name: key_of(value) for name, value in reference.graph.initializers.items()
                     if not name.startswith("onnx::") and value.const_value is not None}

@@ -25,7 +25,7 @@ import onnx
 import onnx_ir as ir
 
 from onnxq.errors import OnnxqError
-from onnxq.ir.graph import Namer, const_array
+from onnxq.ir.graph import Namer, is_const
 from onnxq.ir.modelio import to_proto_without_weights
 from onnxq.metadata import REPLACEMENT_KEY
 from onnxq.pipeline.passes import GraphPass, Kind, PassConditionError, PassContext, after_quantize
@@ -124,7 +124,7 @@ def _check_ranges(model: ir.Model, masks: set[ir.Value], ctx: PassContext) -> No
     """Refuse when a float tensor's calibrated range passes FP16's ±65504 (it would become inf there);
     mask tensors excepted."""
     names = [v.name for node in model.graph for v in node.outputs
-             if v.dtype == FLOAT and v not in masks and const_array(v) is None]
+             if v.dtype == FLOAT and v not in masks and not is_const(v)]
     ranges = collect_statistics(model, names, ctx.require_calibration("half_float"), histograms=False,
                                 show_progress=ctx.show_progress).ranges("max")
     over = sorted(((r.amax, name) for name, r in ranges.items() if r.finite and r.amax > HALF_MAX), reverse=True)

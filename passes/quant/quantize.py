@@ -26,7 +26,7 @@ import onnx_ir as ir
 
 from onnxq.analysis.moe import expert_gates
 from onnxq.errors import OnnxqError
-from onnxq.ir.graph import Namer, const_array, opset_version
+from onnxq.ir.graph import Namer, const_array, is_const, opset_version
 from onnxq.metadata import FLOAT_REASON_KEY, KEEP_FLOAT_KEY, QUANTIZED_KEY, RANGE_MARGIN_KEY, WEIGHT_BITS_KEY
 from onnxq.pipeline.options import option
 from onnxq.pipeline.passes import GraphPass, Kind, PassConditionError, PassContext, has_qdq
@@ -246,7 +246,7 @@ class Quantize(GraphPass):
         """Which tensors get Q/DQ, by the target's rule table; residual Adds float if asked (`trial`: the
         plan of a calibrator trial's copy, which warns about nothing)."""
         residual = [n for n in model.graph if self.float_residual and n.op_type == "Add"
-                    and len(n.inputs) == 2 and all(v is not None and const_array(v) is None for v in n.inputs)]
+                    and len(n.inputs) == 2 and all(v is not None and not is_const(v) for v in n.inputs)]
 
         def skip(message: str) -> None:
             if not trial:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import onnx_ir as ir
 
 from onnxq.errors import OnnxqError
-from onnxq.ir.graph import const_array
+from onnxq.ir.graph import const_array, is_const
 
 LEARNED_OPS = frozenset({"Conv", "Gemm", "MatMul"})  # weighted ops whose constant operand is learned
 
@@ -60,7 +60,7 @@ def block_from_nodes(graph: ir.Graph, nodes: Iterable[ir.Node]) -> Block:
     inputs: list[ir.Value] = []
     for node in ordered:
         for value in node.inputs:
-            if value is not None and value not in produced and const_array(value) is None and value not in inputs:
+            if value is not None and value not in produced and not is_const(value) and value not in inputs:
                 inputs.append(value)
     outputs = [value for node in ordered for value in node.outputs
                if value.is_graph_output() or any(user not in chosen for user in value.consumers())]
@@ -97,7 +97,7 @@ def block_between(graph: ir.Graph, inputs: Sequence[ir.Value], outputs: Sequence
     while pending:
         value = pending.pop()
         producer = value.producer()
-        if value in stop or producer is None or producer in nodes or const_array(value) is not None:
+        if value in stop or producer is None or producer in nodes or is_const(value):
             continue
         nodes.add(producer)
         pending.extend(v for v in producer.inputs if v is not None)
@@ -108,7 +108,7 @@ def block_between(graph: ir.Graph, inputs: Sequence[ir.Value], outputs: Sequence
 
 def _is_residual_add(node: ir.Node) -> bool:
     return node.op_type == "Add" and len(node.inputs) == 2 and all(
-        v is not None and const_array(v) is None for v in node.inputs)
+        v is not None and not is_const(v) for v in node.inputs)
 
 
 def cnn_blocks(graph: ir.Graph, max_weighted: int = 4) -> list[Block]:
