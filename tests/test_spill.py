@@ -23,7 +23,7 @@ from onnxq.ir.spill import FOLDER_PREFIX, OnDemandTensor, WeightSpill, spilling
 from onnxq.pipeline import run as pipeline_run
 from onnxq.pipeline.passes import GraphPass, Kind, PassContext
 from onnxq.runtime import segments
-from onnxq.runtime.session import session
+from onnxq.runtime.session import exposing, session
 from transformer_builders import export, feeds_for, tiny_llama
 
 
@@ -122,6 +122,19 @@ def test_weights_of_the_models_own_file_are_read_where_they_are(tmp_path):
     restored = model.graph.initializers["A"].const_value
     assert type(restored) is ir.ExternalTensor and Path(restored.path) == tmp_path / "m.onnx.data"
     np.testing.assert_array_equal(restored.numpy(), a)
+
+
+def test_a_weight_asked_for_as_an_output_comes_back_unchanged(tmp_path):
+    """A weight of the model's external file, handed to ORT as an external initializer, can be asked for
+    as an output (statistics of constant inputs) and comes back as it is."""
+    rng = np.random.default_rng(5)
+    path = tmp_path / "m.onnx"
+    onnx.save_model(two_weights(rng), str(path), save_as_external_data=True, location="m.onnx.data", size_threshold=0)
+    model = load_model(path)
+    a = np.array(model.graph.initializers["A"].const_value.numpy())
+    x = rng.normal(size=(2, 512)).astype(np.float32)
+    got = session(exposing(model, ["A"])).run(["A"], {"x": x})[0]
+    np.testing.assert_array_equal(got, a)
 
 
 @pytest.fixture

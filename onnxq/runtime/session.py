@@ -124,10 +124,6 @@ def exposing(model: ir.Model, names: Sequence[str]) -> DetachedModel:
     """A copy of `model` (for `session`) whose graph outputs also include the intermediate tensors `names`."""
     detached = detach(model)
     proto = detached.proto
-    for init in proto.graph.initializer:  # ORT cannot hand out an initializer it was given as an external one
-        if init.name in names and init.name in detached.weights:
-            tensor = detached.weights.pop(init.name)
-            init.CopyFrom(ir.serde.serialize_tensor(ir.Tensor(tensor.numpy(), dtype=tensor.dtype, name=init.name)))
     existing = {o.name for o in proto.graph.output}
     types = _elem_types(model)
     for name in names:
