@@ -58,8 +58,8 @@ def main(argv=None) -> int:
     options.log_severity_level = 3
     sess = ort.InferenceSession(str(mobilenet_v2.cached_onnx()), options, providers=["CPUExecutionProvider"])
 
-    def logits(x):
-        return np.concatenate([sess.run(None, {"input": x[i:i + 128]})[0] for i in range(0, len(x), 128)])
+    def logits(x, model=sess):
+        return np.concatenate([model.run(None, {"input": x[i:i + 128]})[0] for i in range(0, len(x), 128)])
 
     with tempfile.TemporaryDirectory() as tmp:
         quantized = Path(tmp) / "w8a8.onnx"
@@ -87,8 +87,7 @@ def main(argv=None) -> int:
         rounded = (np.clip(np.round(x / scale), -128, 127) * scale).astype(np.float32)
         row["agreement_input_int8"] = round(float((logits(rounded).argmax(1) == ref.argmax(1)).mean()), 4)
         for key, variant in variants.items():
-            got = np.concatenate([variant.run(None, {"input": x[i:i + 128]})[0] for i in range(0, len(x), 128)])
-            row[key] = round(float((got.argmax(1) == ref.argmax(1)).mean()), 4)
+            row[key] = round(float((logits(x, variant).argmax(1) == ref.argmax(1)).mean()), 4)
         rows.append(row)
         print(row)
     Path(args.out + ".json").write_text(json.dumps(rows, indent=1) + "\n")

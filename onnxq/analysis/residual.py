@@ -15,7 +15,7 @@ import onnx_ir as ir
 
 from onnxq.analysis.matching import cast_aliases, data_readers, skip_casts_back, sole_reader
 from onnxq.analysis.norms import Norm
-from onnxq.ir.graph import attr, is_traced_const, traced_const
+from onnxq.ir.graph import attr, is_traced_const, traced_const, traced_tensor
 from onnxq.ir.linear import Linear
 
 
@@ -59,13 +59,17 @@ class ResidualStream:
 
 
 
+_NUMPY_FLOATS = (ir.DataType.FLOAT16, ir.DataType.FLOAT, ir.DataType.DOUBLE)  # numpy's kind "f"
+
+
 def find_embeddings(graph: ir.Graph) -> list[Embedding]:
     out = []
     for node in graph:
         if node.op_type != "Gather" or attr(node, "axis", 0) != 0 or len(node.inputs) != 2:
             continue
-        table = traced_const(node.inputs[0])
-        if table is None or table.ndim != 2 or table.dtype.kind != "f" or is_traced_const(node.inputs[1]):
+        table = traced_tensor(node.inputs[0])  # shape and type only: the table is not read
+        if table is None or len(table.shape) != 2 or table.dtype not in _NUMPY_FLOATS \
+                or is_traced_const(node.inputs[1]):
             continue
         out.append(Embedding(node))
     return out
@@ -78,7 +82,7 @@ def _stream_start(embeddings: list[Embedding], graph: ir.Graph) -> Embedding | N
     candidates = [e for e in embeddings if skip_casts_back(e.node.inputs[1]) in inputs]
     if not candidates:
         return None
-    return max(candidates, key=lambda e: traced_const(e.table).shape[0])
+    return max(candidates, key=lambda e: traced_tensor(e.table).shape[0])
 
 
 def _position_table(add: ir.Node, index: int, width: int) -> tuple[ir.Node, int] | None:
@@ -104,7 +108,7 @@ def find_residual_stream(graph: ir.Graph, linears: list[Linear], norms: list[Nor
     start = _stream_start(embeddings, graph)
     if start is None:
         return None
-    width = int(traced_const(start.table).shape[1])
+    width = int(traced_tensor(start.table).shape[1])
     by_output = {lin.output: lin for lin in linears}
     moe_by_output = {moe.output: moe for moe in moes or []}
     by_input: dict[ir.Value, list[Linear]] = {}

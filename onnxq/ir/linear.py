@@ -156,8 +156,7 @@ def is_weight(value: ir.Value | None) -> bool:
     if dq is None or dq.op_type != "DequantizeLinear":
         return False
     q = dq.inputs[0].producer()
-    return is_const(dq.inputs[0]) or (q is not None and q.op_type == "QuantizeLinear"
-                                                     and is_const(q.inputs[0]))
+    return is_const(dq.inputs[0]) or (q is not None and q.op_type == "QuantizeLinear" and is_const(q.inputs[0]))
 
 
 def dequantized_weight(value: ir.Value) -> np.ndarray | None:
