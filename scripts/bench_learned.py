@@ -286,8 +286,14 @@ def lm_rows(args, report) -> list[dict]:
     # each built only when one of its rows is selected (an export takes minutes the first time)
     models = {"MiniLM": minilm, "SmolLM2": smollm2_model}
     work = Path(tempfile.mkdtemp(prefix="bench-learned-lm-"))
+    variants = [(recipe, rounding) for recipe in ("transformer-w4a8", "transformer-w4a4")
+                for rounding in ("nearest", "gptq", "flexround")]
+
+    def label(model_name: str, recipe: str, rounding: str) -> str:
+        return f"{model_name} {recipe.split('-')[1].upper()} {rounding}"
+
     for model_name, build in models.items():
-        if not any(SELECTED[0](f"{model_name} {x}") for x in ("FP32", "W4A8", "W4A4")):
+        if not (SELECTED[0](f"{model_name} FP32") or any(SELECTED[0](label(model_name, *v)) for v in variants)):
             continue
         source, calib, batch, evaluate = build()
         reference = qsur_by_layer(source, calib)
@@ -299,8 +305,7 @@ def lm_rows(args, report) -> list[dict]:
                                        recipe_with(recipe, rounding=rounding, learn_iterations=args.iterations),
                                        batch_size=batch)
 
-        quantizers = {f"{model_name} {recipe.split('-')[1].upper()} {rounding}": row(recipe, rounding)
-                      for recipe in ("transformer-w4a8", "transformer-w4a4") for rounding in ("nearest", "gptq", "flexround")}
+        quantizers = {label(model_name, recipe, rounding): row(recipe, rounding) for recipe, rounding in variants}
         def evaluate_with_qsur(path, evaluate=evaluate, calib=calib, reference=reference):
             return {**evaluate(path), **qsur_columns(qsur_by_layer(path, calib), reference)}
 
@@ -395,6 +400,8 @@ def main(argv=None) -> int:
     runners = {"mobilenet": mobilenet_rows, "repvgg": repvgg_rows, "lm": lm_rows}
     for section in args.sections.split(","):
         runners[section](args, report(section))
+    if not results["sections"]:
+        raise SystemExit(f"--only {args.only!r} selects no row of the sections {args.sections}")
     print(Path(args.out + ".md").read_text())
     return 0
 

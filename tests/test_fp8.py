@@ -117,6 +117,9 @@ def test_fp8_is_refused_where_it_cannot_work():
     recipe = [{"include": "default", "override": {"quantize": {"format": "fp8", "weight_bits": 4}}}]
     with pytest.raises(OnnxqError, match="format fp8 is 8-bit"):
         onnxq.quantize(model, CALIB, recipe=recipe, show_progress=False, log=quiet)
+    recipe = [{"include": "default", "override": {"quantize": {"format": "fp8", "head_bits": 8}}}]
+    with pytest.raises(OnnxqError, match="head_bits chooses an integer grid"):
+        onnxq.quantize(model, CALIB, recipe=recipe, show_progress=False, log=quiet)
     recipe = [{"include": "default", "override": {"quantize": {"format": "fp8"}}}]  # opset 19 from the recipe
     with pytest.raises(OnnxqError, match="opset >= 21"):
         onnxq.quantize(model, CALIB, recipe=recipe, show_progress=False, log=quiet)

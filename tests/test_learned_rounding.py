@@ -53,6 +53,23 @@ def test_adaround_writes_the_same_format_and_reports_its_blocks(torch_one_thread
     assert_same_format(quantize_w4(model, calib, "nearest"), learned, moved=False)
 
 
+@pytest.mark.parametrize("method", ["adaround", "flexround"])
+def test_learned_weights_keep_a_wider_head_on_its_own_grid(torch_one_thread, method):
+    """head_bits 8 under INT4: the classifier is learned and stored on the INT8 grid (a learned weight
+    once took the step's INT4 format whatever its own width, and ORT refused the model)."""
+    model = mobilenet_block_model(channels=8, seed=3)
+    calib = {"input": random_images(32, seed=1)}
+    steps = w4_recipe(method, 50)
+    steps[-1]["quantize"]["head_bits"] = 8
+    learned = quantize(model, calib, recipe=steps, batch_size=16, **OPTS)
+    weights = quantized_weights(learned)
+    head = next(v for k, v in weights.items() if k.startswith("fc.weight"))
+    assert head.dtype == np.int8 and np.abs(head.astype(int)).max() > 7  # uses the INT8 range
+    assert all(v.dtype != np.int8 for k, v in weights.items() if not k.startswith("fc.weight"))
+    assert sqnr_db(run(model, {"input": random_images(8, seed=2)})[0], run(learned, {"input": random_images(8, seed=2)})[0]) > 10
+    assert_lint_clean(learned)
+
+
 def assert_same_format(nearest: onnx.ModelProto, learned: onnx.ModelProto, moved: bool = True) -> None:
     """The same ops, INT4 weight tensors and scale shapes as round-to-nearest; lint clean."""
     assert sorted(n.op_type for n in learned.graph.node) == sorted(n.op_type for n in nearest.graph.node)

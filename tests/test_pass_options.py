@@ -98,7 +98,7 @@ def test_include_with_override_changes_only_the_named_options(tmp_path):
     assert (q_mine.weight_bits, q_mine.block_size) == (4, 32)
     assert dataclasses.replace(q_mine, weight_bits=8, block_size=0) == q_base
     _, w4a8 = load_recipe("transformer-w4a8")
-    assert w4a8[:-1] == mine[:-1] and w4a8[-1] == dataclasses.replace(q_mine, calibrator="max")
+    assert w4a8[:-1] == mine[:-1] and w4a8[-1] == dataclasses.replace(q_mine, calibrator="max", head_bits=8)
 
 
 def test_override_of_a_pass_the_recipe_lacks_is_an_error(tmp_path):

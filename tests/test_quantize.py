@@ -141,6 +141,56 @@ def test_int4_weights():
     assert_lint_clean(qmodel)
 
 
+@pytest.mark.parametrize("target", ["tensorrt", "ort-cpu"])
+def test_head_bits_keep_the_output_layer_wider(target):
+    """head_bits 8 with INT4 weights: the classifier (the Gemm writing the model output) is stored INT8,
+    every other weight INT4; the head's weight is then far nearer the float one, and the model runs."""
+    steps = ["fold_batchnorm", {"upgrade_opset": {"opset": 21}}, {"quantize": {"weight_bits": 4, "head_bits": 8}}]
+    model = mobilenet_block_model()
+    float_head = init(model, "fc.weight")
+
+    def head_weight_error(qmodel):
+        graph = ir.from_proto(qmodel).graph
+        dq = next(n for n in graph if n.op_type == "Gemm").inputs[1].producer()
+        q, scale = const_array(dq.inputs[0]), const_array(dq.inputs[1])
+        dequantized = q.astype(np.float32) * scale.reshape(-1, 1)  # per output channel (axis 0, transB)
+        return q.dtype, float(np.linalg.norm(dequantized - float_head) / np.linalg.norm(float_head))
+
+    qmodel = quantize(model, CALIB, recipe=steps, target=target, show_progress=False)
+    plain = quantize(model, CALIB, recipe=[*steps[:2], {"quantize": {"weight_bits": 4}}], target=target,
+                     show_progress=False)
+    (wide_dtype, wide_error), (narrow_dtype, narrow_error) = head_weight_error(qmodel), head_weight_error(plain)
+    assert (wide_dtype, narrow_dtype) == (np.int8, ir.DataType.INT4.numpy())
+    assert wide_error < 0.2 * narrow_error, (wide_error, narrow_error)
+    convs = {n.inputs[1].producer().inputs[0].dtype for n in ir.from_proto(qmodel).graph
+             if n.op_type == "Conv" and n.inputs[1].producer() is not None}  # ort-cpu keeps a 3-channel stem float
+    assert convs == {ir.DataType.INT4}
+    assert sqnr_db(run(model, EVAL)[0], run(qmodel, EVAL)[0]) > 10
+    if target == "tensorrt":
+        assert_lint_clean(qmodel)
+
+
+def test_the_output_layer_is_found_through_a_bias_add_and_a_softmax():
+    """A MatMul head whose output reaches the model output through a bias Add and a Softmax is the output
+    layer; a layer before a residual Add of two activations is not."""
+    from onnxq.passes.quant.quantize import _output_layers
+
+    rng = np.random.default_rng(0)
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 8])
+    inits = [onnx.numpy_helper.from_array(rng.normal(size=s).astype(np.float32), n)
+             for n, s in (("w1", (8, 8)), ("w2", (8, 4)), ("b2", (4,)))]
+    nodes = [onnx.helper.make_node("MatMul", ["x", "w1"], ["h"], name="inner"),
+             onnx.helper.make_node("Add", ["h", "x"], ["r"], name="residual"),
+             onnx.helper.make_node("MatMul", ["r", "w2"], ["z"], name="head"),
+             onnx.helper.make_node("Add", ["z", "b2"], ["zb"], name="bias"),
+             onnx.helper.make_node("Softmax", ["zb"], ["probs"], name="softmax")]
+    outputs = [onnx.helper.make_tensor_value_info("probs", onnx.TensorProto.FLOAT, [2, 4]),
+               onnx.helper.make_tensor_value_info("r", onnx.TensorProto.FLOAT, [2, 8])]
+    graph = onnx.helper.make_graph(nodes, "g", [x], outputs, inits)
+    model = ir.from_proto(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]))
+    assert {n.name for n in _output_layers(model.graph)} == {"head"}
+
+
 def test_weights_in_constant_nodes_quantize():
     qmodel = quantize(mobilenet_block_model(weights_as_constants=True), CALIB, show_progress=False)
     assert len([t for t in qmodel.graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) >= 2]) == 5
@@ -197,3 +247,27 @@ def test_auto_weight_calibrator_clips_per_tensor_only():
         expected = quantize_weight(w, axis, INT8_WEIGHT, "max" if axis is not None else "mse")[1]
         np.testing.assert_array_equal(auto, expected)
     assert quantize_weight(w, None, INT8_WEIGHT, "mse")[1] < quantize_weight(w, None, INT8_WEIGHT, "max")[1]
+
+
+def test_blocked_int4_mse_clips_each_block_and_weights_it_by_its_inputs(monkeypatch):
+    """INT4 blocks with weight_calibrator mse: each block's clip lowers its squared error below max's;
+    with input importances, the importance-weighted error (the layer's output error for uncorrelated
+    inputs) is lower than unweighted mse gives. Searching a few channels at a time changes nothing."""
+    from onnxq.quant import qdq
+    from onnxq.quant.qdq import INT4_WEIGHT, quantize_weight, scale_per_element
+
+    rng = np.random.default_rng(5)
+    w = rng.standard_t(4, size=(128, 48)).astype(np.float32)  # MatMul layout: in × out, blocks along the input
+    importance = np.geomspace(0.01, 100.0, 128)[rng.permutation(128)].astype(np.float32)
+
+    def errors(q, scale):
+        e = (q.astype(np.float32) * scale_per_element(scale, w.shape, 1, 32) - w) ** 2
+        return float(e.sum()), float((e * importance[:, None]).sum())
+
+    plain_max, plain_mse = (errors(*quantize_weight(w, 1, INT4_WEIGHT, m, 32)) for m in ("max", "mse"))
+    weighted = quantize_weight(w, 1, INT4_WEIGHT, "mse", 32, importance)
+    assert plain_mse[0] < 0.95 * plain_max[0], (plain_mse, plain_max)
+    assert errors(*weighted)[1] < 0.95 * plain_mse[1], (errors(*weighted), plain_mse)
+    assert quantize_weight(w, 1, INT4_WEIGHT, "auto", 32)[1].tolist() == quantize_weight(w, 1, INT4_WEIGHT, "max", 32)[1].tolist()
+    monkeypatch.setattr(qdq, "MSE_CHUNK_ELEMENTS", 4 * 32 * 5)  # 5 channels per search step, the last step short
+    np.testing.assert_array_equal(quantize_weight(w, 1, INT4_WEIGHT, "mse", 32, importance)[1], weighted[1])

@@ -12,7 +12,7 @@ import pytest
 
 from onnxq.errors import OnnxqError
 from onnxq.quant import gptq
-from onnxq.quant.qdq import INT4_WEIGHT, INT8_WEIGHT
+from onnxq.quant.qdq import INT4_WEIGHT, INT8_WEIGHT, quantize_weight
 from onnxq.quant.weight_rounding import WeightJob, in_order, round_weights
 
 pytest.importorskip("torch")
@@ -29,7 +29,7 @@ def _jobs(seed: int = 0) -> list[WeightJob]:
     jobs = []
     for i, (d_in, d_out) in enumerate([(48, 32), (32, 64), (64, 16), (24, 24), (40, 8)]):
         array = (rng.standard_normal((d_in, d_out)) * rng.uniform(0.2, 3, d_out)).astype(np.float32)
-        x = rng.standard_normal((200, d_in)).astype(np.float32) * rng.uniform(0.1, 4, d_in).astype(np.float32)
+        x = rng.standard_normal((800, d_in)).astype(np.float32) * rng.uniform(0.1, 4, d_in).astype(np.float32)
         half = len(x) // 2
         hessian = gptq.SplitHessian(x[:half].T @ x[:half], x[half:].T @ x[half:]) if i % 2 == 0 else None
         jobs.append(WeightJob(f"w{i}", array, 1 if i != 3 else None, 0, hessian, _matmul_reader(d_in, d_out)))
@@ -81,3 +81,18 @@ def test_an_error_in_one_weight_reaches_the_caller():
     jobs = [*_jobs()[:2], bad, *_jobs()[2:]]
     with pytest.raises(OnnxqError, match="NaN"):
         list(round_weights(jobs, INT8_WEIGHT, "max", gptq.DAMPINGS, workers=2))
+
+
+def test_blocked_jobs_with_a_hessian_clip_each_block_by_its_inputs():
+    """A blocked INT4 weight with GPTQ statistics gets the scales of an mse search weighted by diag H (what
+    each input's error costs the output), not of the unweighted search."""
+    rng = np.random.default_rng(7)
+    array = rng.standard_t(4, size=(64, 24)).astype(np.float32)
+    x = rng.standard_normal((512, 64)) * np.geomspace(0.01, 10.0, 64)[rng.permutation(64)]
+    hessian = gptq.SplitHessian((x[:256].T @ x[:256]).astype(np.float32), (x[256:].T @ x[256:]).astype(np.float32))
+    job = WeightJob("w", array, 1, 16, hessian, _matmul_reader(64, 24))
+    (_, _, scale), = round_weights([job], INT4_WEIGHT, "mse", gptq.DAMPINGS, workers=1)
+    weighted = quantize_weight(array, 1, INT4_WEIGHT, "mse", 16, gptq.input_mean_squares(hessian))[1]
+    unweighted = quantize_weight(array, 1, INT4_WEIGHT, "mse", 16)[1]
+    np.testing.assert_array_equal(scale, weighted)
+    assert not np.array_equal(scale, unweighted)

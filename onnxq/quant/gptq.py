@@ -273,9 +273,10 @@ ROW_BLOCK = 8192  # output channels rounded at a time: GPTQ's rows are independe
 
 
 def gptq_round(weight: np.ndarray, scale: np.ndarray, hessian: np.ndarray | SplitHessian, fmt: Format,
-               node: ir.Node, dampings: tuple[float, ...] = DAMPINGS) -> np.ndarray:
+               node: ir.Node, dampings: tuple[float, ...] = DAMPINGS, order: str = "activation") -> np.ndarray:
     """Integer weights (weight's layout and the format's dtype), GPTQ-rounded; `scale` has the weight's
-    shape (each weight's own step: per tensor, per channel and per block alike).
+    shape (each weight's own step: per tensor, per channel and per block alike). `order`: "activation"
+    rounds the inputs from the largest Σx² (diag H) down (GPTQ's act-order), "natural" in index order.
 
     With a SplitHessian whose halves both hold rows, each damping is fitted on one half and scored on the
     other next to round-to-nearest, and the winner runs on all rows: where calibration rows barely outnumber
@@ -289,11 +290,17 @@ def gptq_round(weight: np.ndarray, scale: np.ndarray, hessian: np.ndarray | Spli
 
     w_oi, restore = _as_out_by_in(weight, node)
     s_oi = _as_out_by_in(_float64_broadcast(scale, weight.shape, torch), node)[0]
+    permutation, restore = _activation_order(hessian, restore) if order == "activation" else (None, restore)
+    if permutation is not None:
+        hessian = _permuted(hessian, permutation)
 
     def blocks():
         for start in range(0, w_oi.shape[0], ROW_BLOCK):
-            w = torch.from_numpy(np.array(w_oi[start:start + ROW_BLOCK], dtype=np.float64))
+            w = np.array(w_oi[start:start + ROW_BLOCK], dtype=np.float64)
             s = s_oi[start:start + ROW_BLOCK]
+            if permutation is not None:
+                w, s = w[:, permutation], s[:, permutation]
+            w = torch.from_numpy(w)
             yield w, s, torch.from_numpy(fmt.to_grid((w / s).numpy()))
 
     def nearest_only() -> np.ndarray:
@@ -325,6 +332,30 @@ def gptq_round(weight: np.ndarray, scale: np.ndarray, hessian: np.ndarray | Spli
     # GPTQ's updates assume small rounding errors; where scales clip hard (mse, per tensor) the pushed-on
     # clip errors can end worse than plain rounding under GPTQ's own objective. Keep the better.
     return restore(np.concatenate(nearest_parts if nearest_error < gptq_error else gptq_parts))
+
+
+def input_mean_squares(hessian: np.ndarray | SplitHessian) -> np.ndarray:
+    """diag H (Σ x_i² per input over the calibration rows, float64): what an error in input i's weights
+    costs the layer's output when inputs are uncorrelated. Read from the diagonals only: no d_in² temporary."""
+    if isinstance(hessian, SplitHessian):
+        return np.diag(hessian.fit).astype(np.float64) + np.diag(hessian.check)
+    return np.diag(np.asarray(hessian)).astype(np.float64)
+
+
+def _activation_order(hessian, restore):
+    """GPTQ's activation order: inputs rounded from the largest Σx² (diag H) down, so the inputs
+    whose errors cost most are rounded while every other input can still absorb their error. The scales
+    are fixed before GPTQ runs (per block too), so the order changes which integers are chosen, not the
+    format. Returns (permutation, `restore` composed with the inverse permutation)."""
+    order = np.argsort(-input_mean_squares(hessian), kind="stable")
+    inverse = np.argsort(order)
+    return order, lambda m: restore(m[:, inverse])
+
+
+def _permuted(hessian, order):
+    if isinstance(hessian, SplitHessian):
+        return SplitHessian(*(np.asarray(h)[np.ix_(order, order)] for h in (hessian.fit, hessian.check)))
+    return np.asarray(hessian)[np.ix_(order, order)]
 
 
 def _float64_broadcast(scale: np.ndarray, shape: tuple, torch):

@@ -253,14 +253,17 @@ def activation_params(lo: float, hi: float, fmt: Format, symmetric: bool) -> tup
 
 
 def quantize_weight(w: np.ndarray, axis: int | None, fmt: Format = INT8_WEIGHT, method: str = "max",
-                    block_size: int = 0) -> tuple[np.ndarray, np.ndarray]:
+                    block_size: int = 0, importance: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric integer weights and scales: per tensor (axis None), per channel, or in blocks along the
-    input axis (block_size > 0; scales then have w's rank). Returns (q, scale)."""
+    input axis (block_size > 0; scales then have w's rank). Returns (q, scale). `importance` (blocks
+    with mse only): one non-negative weight per input, Σx² of what that input multiplies over the
+    calibration data, so a block's clipping minimises its share of the layer's output error rather than
+    of the weights'."""
     w = np.asarray(w, dtype=np.float32)
     if not np.isfinite(w).all():  # would cast to arbitrary integers: the float model itself is broken
         raise OnnxqError(f"a weight of shape {list(w.shape)} holds NaN or infinite values; fix the float model first")
     if block_size:
-        return _quantize_blocked(w, axis, fmt, method, block_size)
+        return _quantize_blocked(w, axis, fmt, method, block_size, importance)
     reduce_axes = tuple(i for i in range(w.ndim) if i != axis) if axis is not None else None
     amax = np.abs(w).max(axis=reduce_axes, keepdims=axis is not None)
     if method == "auto":  # clipping pays per tensor (one outlier sets the step); per channel it costs
@@ -316,8 +319,9 @@ def _mse_search(w, amax, reduce_axes, fmt, steps):
     return _best_candidate(amax, _candidate_errors(w, amax, reduce_axes, fmt, steps), steps)
 
 
-def _candidate_errors(w, amax, reduce_axes, fmt, steps) -> list:
-    """Σ (Q(w) − w)² over `reduce_axes` for each candidate clipping amax·r, r in linspace(0.5, 1, steps)."""
+def _candidate_errors(w, amax, reduce_axes, fmt, steps, weights=None) -> list:
+    """Σ (Q(w) − w)² over `reduce_axes` for each candidate clipping amax·r, r in linspace(0.5, 1, steps);
+    each squared error times `weights` (broadcast to w) where given."""
     keepdims = reduce_axes is not None and amax.ndim > 0
     errors = []
     # one weight-sized buffer, reused by every candidate in place (the same operations as
@@ -333,6 +337,8 @@ def _candidate_errors(w, amax, reduce_axes, fmt, steps) -> list:
         buffer *= scale
         buffer -= w
         buffer *= buffer
+        if weights is not None:
+            buffer *= weights
         errors.append(buffer.sum(axis=reduce_axes, keepdims=keepdims))
     return errors
 
@@ -351,7 +357,7 @@ def _best_candidate(amax, errors, steps):
     return best_amax
 
 
-def _quantize_blocked(w, axis, fmt, method, block_size):
+def _quantize_blocked(w, axis, fmt, method, block_size, importance=None):
     # blocks run along the reduction (input) axis, which is the axis other than the output channel
     if w.ndim != 2 or axis is None:
         raise OnnxqError("blocked weight quantization needs a 2-D weight with a channel axis")
@@ -361,11 +367,37 @@ def _quantize_blocked(w, axis, fmt, method, block_size):
         raise OnnxqError(f"weight dimension {n} is not a multiple of block size {block_size}")
     moved = np.moveaxis(w, block_axis, 0).reshape(n // block_size, block_size, -1)
     amax = np.abs(moved).max(axis=1, keepdims=True)
+    if method == "mse":  # "auto" keeps max: a block's 32 weights have no lone outlier to clip
+        amax = _mse_blocks(moved, amax, fmt, _error_weights(importance, block_size))
     scale = np.where(amax > 0, amax / fmt.qmax, 1.0).astype(np.float32)
     q = fmt.to_grid(moved / scale)
     q = np.moveaxis(q.reshape(n, -1), 0, block_axis).astype(fmt.numpy)
     scale = np.moveaxis(scale.reshape(n // block_size, -1), 0, block_axis)
     return q, scale
+
+
+def _error_weights(importance, block_size):
+    """`importance` as (blocks, block_size, 1) weights of the squared errors, floored at 1e-6 of its mean so a
+    block whose inputs never fired is clipped as plain mse would clip it, not at whatever tie comes first;
+    None without importance (or with none anywhere)."""
+    if importance is None:
+        return None
+    importance = np.asarray(importance, dtype=np.float64)
+    mean = importance.mean()
+    if not mean > 0:
+        return None
+    return (importance + 1e-6 * mean).astype(np.float32).reshape(-1, block_size, 1)
+
+
+def _mse_blocks(moved, amax, fmt, weights, steps: int = 40):
+    """Per-block clipping of (blocks, block_size, channels) weights, searched a few channels at a time
+    (blocks are independent), so the temporaries stay within MSE_CHUNK_ELEMENTS."""
+    step = max(1, MSE_CHUNK_ELEMENTS // (moved.shape[0] * moved.shape[1]))
+    parts = []
+    for start in range(0, moved.shape[2], step):
+        part, top = moved[:, :, start:start + step], amax[:, :, start:start + step]
+        parts.append(_best_candidate(top, _candidate_errors(part, top, (1,), fmt, steps, weights), steps))
+    return np.concatenate(parts, axis=2)
 
 
 # --- insertion --------------------------------------------------------------------------------------

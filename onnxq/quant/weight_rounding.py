@@ -43,16 +43,18 @@ class WeightJob:
 
 
 def round_weights(jobs: Iterable[WeightJob], fmt: Format, calibrator: str, dampings: tuple[float, ...],
-                  workers: int | None = None) -> Iterator[tuple[WeightJob, np.ndarray, np.ndarray]]:
+                  workers: int | None = None, order: str = "activation") -> Iterator[tuple[WeightJob, np.ndarray, np.ndarray]]:
     """(job, integers, scale) per job, in the jobs' order: scales from `calibrator`, integers GPTQ-rounded
-    where the job has a Hessian, rounded to nearest otherwise."""
+    (inputs in `order`, see gptq.gptq_round) where the job has a Hessian, rounded to nearest otherwise."""
 
     def round_one(job: WeightJob):
         own = job.fmt or fmt
-        q, scale = quantize_weight(job.array, job.axis, own, calibrator, job.block)
+        # blocks' clips weighted by what each input's error costs the output (diag H)
+        importance = gptq.input_mean_squares(job.hessian) if job.block and job.hessian is not None else None
+        q, scale = quantize_weight(job.array, job.axis, own, calibrator, job.block, importance)
         if job.hessian is not None:
             q = gptq.gptq_round(job.array, scale_per_element(scale, job.array.shape, job.axis, job.block),
-                                job.hessian, own, job.reader, dampings)
+                                job.hessian, own, job.reader, dampings, order)
         return job, q, scale
 
     return in_order(round_one, jobs, workers or min(MAX_WORKERS, os.cpu_count() or 1))

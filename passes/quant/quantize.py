@@ -5,12 +5,17 @@ error is at most s/2 inside the calibrated range and saturates outside it; `onnx
 the effect on the outputs. Weights are stored as integers with a DequantizeLinear (per output
 channel by default, per tensor with weights="per-tensor"); biases stay in float. With
 rounding="gptq" the integers are chosen against each layer's calibration inputs (onnxq.quant.gptq) at the
-same scales; with "adaround" or "flexround" they are learned block by block against the float block's
-outputs (onnxq.quant.reconstruct; FlexRound also learns the step). Either way the format is unchanged.
+same scales, the costliest inputs first (gptq_order); with "adaround" or "flexround" they are learned
+block by block against the float block's outputs (onnxq.quant.reconstruct; FlexRound also learns the
+step). Either way the format is unchanged.
 With format="fp8" (TensorRT only) weights and activations are FP8 E4M3 instead, scaled so the
 calibrated range maps to ±448: DQ(Q(x)) = s·fp8(clip(x/s, −448, 448)) (opset 21), whose error is relative (at most
 1/16 of |x| above s·2⁻⁶, s·2⁻¹⁰ below) rather than a fixed half-step. Embedding tables (a constant read by Gathers) stay float unless embeddings="int8", which stores them
 INT8 with one scale per row: each looked-up value is then within half its row's step of the float one.
+With head_bits=8 the output layer (a linear layer writing a model output: an LM head, a classifier) keeps
+8-bit weights (per channel, or per tensor with weights="per-tensor") under weight_bits=4; a width that
+allocate_bits chose for it wins. INT4 weights in blocks take weight_calibrator="mse" per block, each
+block's squared error weighted by Σx² of its input where GPTQ has gathered it.
 """
 
 from __future__ import annotations
@@ -65,6 +70,9 @@ class Quantize(GraphPass):
     weights: Literal["per-channel", "per-tensor"] = "per-channel"
     weight_calibrator: Literal["max", "mse", "auto"] = "mse"  # auto: max per channel or block, mse per tensor
     weight_bits: Literal[4, 8] = 8
+    # the output layer's weights (a linear layer writing a model output: an LM head, a classifier) at this
+    # width; 0: weight_bits. Its error reaches the outputs unattenuated, and an LM head is a fifth of a small LM
+    head_bits: Literal[0, 4, 8] = 0
     activation_bits: Literal[4, 8] = 8
     block_size: int = option(0, low=0)
     bins: int = option(2048, low=16)
@@ -80,6 +88,8 @@ class Quantize(GraphPass):
     learn_iterations: int = option(1000, low=1)  # optimisation steps per block for adaround/flexround
     learn_regulariser: float = option(1000.0, above=0.0)  # AdaRound's λ: how hard h is pushed to 0 or 1
     gptq_dampings: tuple[float, ...] = option(gptq.DAMPINGS, above=0.0)  # tried per layer on held-out batches
+    # activation: inputs rounded from the largest Σx² down (act-order); natural: in index order
+    gptq_order: Literal["activation", "natural"] = "activation"
     # AGQ (mixture-of-experts models): each expert's GPTQ Hessian sums its tokens weighted by their gate, so
     # tokens routed elsewhere (which the dense form still runs through it) do not count
     agq: bool = False
@@ -109,6 +119,10 @@ class Quantize(GraphPass):
             object.__setattr__(self, "gptq_dampings", tuple(self.gptq_dampings))
         if not self.gptq_dampings:
             raise ValueError("gptq_dampings needs at least one value")
+        if self.head_bits and self.format == "fp8":
+            raise ValueError("head_bits chooses an integer grid for the output layer; with format fp8 every weight is FP8")
+        if self.head_bits == 4 and self.weight_type == "uint8":
+            raise ValueError("weight_type uint8 is for 8-bit weights: head_bits 4 would store the head in 4 bits")
         if self.agq and self.rounding != "gptq":
             raise ValueError("agq weights GPTQ's statistics by the experts' gates: it needs rounding gptq (the "
                              "transformer recipes use it)")
@@ -118,7 +132,7 @@ class Quantize(GraphPass):
         if allocated and (self.format == "fp8" or self.weight_type == "uint8"):
             raise PassConditionError("quantize: allocate_bits' mixed widths are integer grids: they do not combine "
                                      "with format fp8 or weight_type uint8")
-        narrow = self.weight_bits == 4 or self.activation_bits == 4 or self.block_size or min(allocated, default=8) <= 4
+        narrow = 4 in (self.weight_bits, self.activation_bits, self.head_bits) or self.block_size or min(allocated, default=8) <= 4
         needed = 21 if narrow or self.format == "fp8" else 13
         if opset_version(model) < needed:
             raise PassConditionError(f"quantize needs opset >= {needed} (model has {opset_version(model)}): "
@@ -140,6 +154,11 @@ class Quantize(GraphPass):
         if self.weight_type == "uint8" and target.symmetric:
             raise PassConditionError(f"quantize: target {target.name} takes signed weights only, not uint8")
         data = ctx.require_calibration(self.name)
+        # before the target's preparation and any Q/DQ put nodes between a layer and an output
+        heads = _output_layers(model.graph) if self.head_bits else set()
+        if self.head_bits:
+            ctx.log(f"quantize: head_bits {self.head_bits}: " + (", ".join(sorted(n.name or n.op_type for n in heads))
+                                                                  or "no linear layer writes a model output"))
         prepared = target.prepare(model, signed) if target.prepare else {}
         plan = self._plan(model, target)
         # before any Q/DQ: the experts and their gates are recognised on the float graph
@@ -175,7 +194,9 @@ class Quantize(GraphPass):
                          for node, index in slots if index == 1 and correctable(node)} if self.bias_correction else {}
         fmt = FP8 if self.format == "fp8" else INT4_WEIGHT if self.weight_bits == 4 else INT8_WEIGHT
         # allocate_bits' widths, where it ran; the step's own format elsewhere
-        fmt_of = {weight.name: _allocated_format(slots, fmt) for (weight, _), slots in plan.weights.items()}
+        head_fmt = weight_format(self.head_bits) if self.head_bits else fmt
+        fmt_of = {weight.name: _allocated_format(slots, head_fmt if any(n in heads for n, _ in slots) else fmt)
+                  for (weight, _), slots in plan.weights.items()}
         hessians, gptq_readers = self._gptq_statistics(model, plan, data, ctx, affinities)
         layouts = {weight.name: self._layout(weight, axis, fmt_of[weight.name]) for weight, axis in plan.weights}
         slots_of = {weight.name: (weight, slots) for (weight, _), slots in plan.weights.items()}
@@ -196,13 +217,13 @@ class Quantize(GraphPass):
             for node, index in slots:
                 notes[node].append(f"input {index}: weight {stored.dtype.name.lower()} {granularity}")
 
-        learned = self._learn_rounding(model, plan, layouts, fmt, data, write, ctx)
+        learned = self._learn_rounding(model, plan, layouts, fmt_of, data, write, ctx)
         # a Hessian is popped as its weight is handed out: a matrix is freed once its last reader is rounded
         jobs = (WeightJob(name, const_array(weight), *layouts[name], hessians.pop(name) if name in hessians else None,
                           gptq_readers.get(name, [None])[0], fmt_of[name]) for name, (weight, _) in list(slots_of.items()))
         gptq_rounded = 0
         stage = "quantize: GPTQ" if hessians else f"quantize: weights ({self.weight_calibrator} scales)"
-        rounded = round_weights(jobs, fmt, self.weight_calibrator, self.gptq_dampings)
+        rounded = round_weights(jobs, fmt, self.weight_calibrator, self.gptq_dampings, order=self.gptq_order)
         for job, q, scale in progress(rounded, desc=stage, total=len(slots_of), unit="layer",
                                       disable=not ctx.show_progress):
             write(job.name, q, scale)
@@ -302,9 +323,10 @@ class Quantize(GraphPass):
         block = self.block_size if rank == 2 and axis is not None and narrow else 0
         return (axis if self.weights == "per-channel" or block else None), block
 
-    def _learn_rounding(self, model: ir.Model, plan, layouts, fmt, data, write, ctx: PassContext) -> dict:
-        """adaround/flexround: learn and write the weights of every block (onnxq.quant.reconstruct);
-        the weights it leaves are rounded to nearest by the caller."""
+    def _learn_rounding(self, model: ir.Model, plan, layouts, fmt_of, data, write, ctx: PassContext) -> dict:
+        """adaround/flexround: learn and write the weights of every block (onnxq.quant.reconstruct), each
+        on its own grid (`fmt_of`: mixed widths, a wider head); the weights it leaves are rounded to
+        nearest by the caller."""
         if self.rounding not in ("adaround", "flexround"):
             return {}
         if importlib.util.find_spec("torch") is None:
@@ -317,6 +339,7 @@ class Quantize(GraphPass):
         for (weight, _), slots in progress(list(plan.weights.items()), desc=f"quantize: {self.rounding} weight scales",
                                            unit="layer", disable=not ctx.show_progress):
             axis, block = layouts[weight.name]
+            fmt = fmt_of[weight.name]
             _, scale = quantize_weight(const_array(weight), axis, fmt, self.weight_calibrator, block)
             points[weight.name] = WeightPoint(scale, axis, fmt, output_axis(*slots[0]), block)
         model.graph.sort()
@@ -348,6 +371,33 @@ class Quantize(GraphPass):
             ctx.log(f"quantize: AGQ weights the statistics of {len(affinities)} expert layers by their gates")
         return gptq.collect_hessians(model, readers, data, show_progress=ctx.show_progress,
                                      affinities=affinities), readers
+
+
+# ops between an output layer and the model output that leave it the output layer (a bias Add on a constant,
+# reshapes, a final softmax)
+_PASS_THROUGH = ("Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Softmax", "LogSoftmax", "Add")
+
+
+def _output_layers(graph: ir.Graph) -> set[ir.Node]:
+    """The linear layers whose output is a model output (an LM head, a classifier), directly or through
+    _PASS_THROUGH ops."""
+    heads = set()
+    for value in graph.outputs:
+        node = value.producer()
+        while node is not None and node.op_type in _PASS_THROUGH:
+            node = _carried_from(node)
+        if node is not None and node.op_type in ("MatMul", "Gemm", "Conv"):
+            heads.add(node)
+    return heads
+
+
+def _carried_from(node: ir.Node) -> ir.Node | None:
+    """The producer of the activation a pass-through op carries; None after an Add of two activations
+    (a residual sum: no single layer before it is the output layer)."""
+    if node.op_type == "Add":
+        activations = [v for v in node.inputs if not is_const(v)]
+        return activations[0].producer() if len(activations) == 1 else None
+    return node.inputs[0].producer()
 
 
 def _allocated_format(slots, default):
