@@ -92,7 +92,7 @@ def test_blocked_jobs_with_a_hessian_clip_each_block_by_its_inputs():
     hessian = gptq.SplitHessian((x[:256].T @ x[:256]).astype(np.float32), (x[256:].T @ x[256:]).astype(np.float32))
     job = WeightJob("w", array, 1, 16, hessian, _matmul_reader(64, 24))
     (_, _, scale), = round_weights([job], INT4_WEIGHT, "mse", gptq.DAMPINGS, workers=1)
-    weighted = quantize_weight(array, 1, INT4_WEIGHT, "mse", 16, gptq.input_mean_squares(hessian))[1]
+    weighted = quantize_weight(array, 1, INT4_WEIGHT, "mse", 16, gptq.input_square_sums(hessian))[1]
     unweighted = quantize_weight(array, 1, INT4_WEIGHT, "mse", 16)[1]
     np.testing.assert_array_equal(scale, weighted)
     assert not np.array_equal(scale, unweighted)

@@ -334,7 +334,7 @@ def gptq_round(weight: np.ndarray, scale: np.ndarray, hessian: np.ndarray | Spli
     return restore(np.concatenate(nearest_parts if nearest_error < gptq_error else gptq_parts))
 
 
-def input_mean_squares(hessian: np.ndarray | SplitHessian) -> np.ndarray:
+def input_square_sums(hessian: np.ndarray | SplitHessian) -> np.ndarray:
     """diag H (Σ x_i² per input over the calibration rows, float64): what an error in input i's weights
     costs the layer's output when inputs are uncorrelated. Read from the diagonals only: no d_in² temporary."""
     if isinstance(hessian, SplitHessian):
@@ -347,7 +347,7 @@ def _activation_order(hessian, restore):
     whose errors cost most are rounded while every other input can still absorb their error. The scales
     are fixed before GPTQ runs (per block too), so the order changes which integers are chosen, not the
     format. Returns (permutation, `restore` composed with the inverse permutation)."""
-    order = np.argsort(-input_mean_squares(hessian), kind="stable")
+    order = np.argsort(-input_square_sums(hessian), kind="stable")
     inverse = np.argsort(order)
     return order, lambda m: restore(m[:, inverse])
 

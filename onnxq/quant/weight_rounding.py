@@ -50,7 +50,7 @@ def round_weights(jobs: Iterable[WeightJob], fmt: Format, calibrator: str, dampi
     def round_one(job: WeightJob):
         own = job.fmt or fmt
         # blocks' clips weighted by what each input's error costs the output (diag H)
-        importance = gptq.input_mean_squares(job.hessian) if job.block and job.hessian is not None else None
+        importance = gptq.input_square_sums(job.hessian) if job.block and job.hessian is not None else None
         q, scale = quantize_weight(job.array, job.axis, own, calibrator, job.block, importance)
         if job.hessian is not None:
             q = gptq.gptq_round(job.array, scale_per_element(scale, job.array.shape, job.axis, job.block),
