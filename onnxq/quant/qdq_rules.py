@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import onnx_ir as ir
 
 from onnxq.ir.conv import is_image_stem
-from onnxq.ir.graph import attr, const_array, is_const
+from onnxq.ir.graph import attr, const_tensor, is_const
 from onnxq.metadata import RANGE_MARGIN_KEY
 
 if TYPE_CHECKING:
@@ -129,7 +129,7 @@ def is_embedding_table(value: ir.Value | None) -> bool:
     """A 2-D float constant whose every reader is an axis-0 Gather reading it as data."""
     if value is None or value.dtype not in _FLOAT_TABLE_TYPES or not is_const(value):
         return False
-    shape = value.shape if value.shape is not None else const_array(value).shape
+    shape = value.shape if value.shape is not None else const_tensor(value).shape
     return len(shape) == 2 and all(user.op_type == "Gather" and index == 0 and attr(user, "axis", 0) == 0
                                    for user, index in value.uses())
 

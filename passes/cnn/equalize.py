@@ -24,6 +24,7 @@ from onnxq.ir.graph import (
     add_initializer,
     attr,
     const_array,
+    const_tensor,
     is_const,
     only_consumer,
     private_weight,
@@ -120,7 +121,7 @@ def _chains(graph: ir.Graph) -> list[tuple[ir.Node, list[ir.Node], ir.Node]]:
             node = only_consumer(value)
         if node is not None and node.op_type == "Conv" and node.inputs[0] is value \
                 and is_const(node.inputs[1]) \
-                and _input_channels(node) == const_array(conv1.inputs[1]).shape[0]:
+                and _input_channels(node) == const_tensor(conv1.inputs[1]).shape[0]:
             found.append((conv1, bounds, node))
     return found
 
@@ -158,7 +159,7 @@ def _clip_to_bounds(graph: ir.Graph, namer: Namer, conv1: ir.Node) -> None:
     node = only_consumer(conv1.outputs[0])
     while node is not None and node.op_type in ("Relu", "LeakyRelu", "Clip", *_BOUNDS):
         if node.op_type == "Clip":
-            channels = const_array(conv1.inputs[1]).shape[0]
+            channels = const_tensor(conv1.inputs[1]).shape[0]
             lo = const_array(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else None
             hi = const_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
             x, out, steps = node.inputs[0], node.outputs[0], []
@@ -187,7 +188,7 @@ def _clip_to_bounds(graph: ir.Graph, namer: Namer, conv1: ir.Node) -> None:
 
 
 def _input_channels(conv: ir.Node) -> int:
-    return const_array(conv.inputs[1]).shape[1] * attr(conv, "group", 1)
+    return const_tensor(conv.inputs[1]).shape[1] * attr(conv, "group", 1)
 
 
 def _scale_output_channels(graph: ir.Graph, namer: Namer, conv: ir.Node, factor: np.ndarray) -> None:
